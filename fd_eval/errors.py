@@ -1,0 +1,76 @@
+"""Exception classes. Every message is one line that names the file (or tensor) and the fix.
+
+The CLI prints ``error: <message>`` for any :class:`FDEvalError` and exits with status 1; Python
+callers catch the specific class.
+"""
+from __future__ import annotations
+
+
+class FDEvalError(Exception):
+    """Base class of every error fd-eval raises on purpose."""
+
+
+# --- inputs -------------------------------------------------------------------------------------
+class InputError(FDEvalError, ValueError):
+    """Images, arrays or tensors that cannot be evaluated as given."""
+
+
+class BadImageError(InputError):
+    """An image file that does not decode (corrupt, truncated, not an image, too large)."""
+
+
+class BadArrayError(InputError):
+    """An .npy/.npz image array of the wrong dtype, shape or value range."""
+
+
+class InputRangeError(InputError):
+    """A tensor whose values, dtype or channel count contradict its declared value range."""
+
+
+class EmptySourceError(InputError):
+    """A source that holds no images (empty directory, empty tar, empty array)."""
+
+
+class SourceError(InputError):
+    """A source spec that cannot be opened: missing path or shard, unknown format, not a (plain) tar/zip."""
+
+
+# --- statistics ----------------------------------------------------------------------------------
+class StatsError(FDEvalError, ValueError):
+    """Base class of statistics-file problems."""
+
+
+class StatsFormatError(StatsError):
+    """Unknown or unsupported format, missing keys, or a file that would need unpickling."""
+
+
+class InvalidStatsError(StatsError):
+    """Statistics with NaN/Inf, wrong shapes, non-symmetric or non-PSD covariance."""
+
+
+class StatsMismatchError(StatsError):
+    """Two statistics that were made differently (extractor, weights, preprocessing, dimension)."""
+
+
+# --- weights, downloads, references ---------------------------------------------------------------
+class WeightsError(FDEvalError):
+    """A checkpoint that cannot be loaded into the extractor (format, keys, shapes)."""
+
+
+class DownloadError(FDEvalError):
+    """A download that failed (network, offline mode, HTTP error)."""
+
+
+class ChecksumError(DownloadError):
+    """A file whose sha256 differs from the expected one (the file has been deleted)."""
+
+
+class GatedRepoError(DownloadError):
+    """Access to a gated Hugging Face repository was refused (401/403)."""
+
+
+class UnknownReferenceError(FDEvalError, LookupError):
+    """An unknown reference name or a bad registry entry."""
+
+    def __str__(self) -> str:  # LookupError would print the repr (quoted) of the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,129 @@
+"""Weights files: resolve (local path or cached official download) and load without unpickling code."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..download import download_url
+from ..errors import WeightsError
+from ..io_utils import cache_dir
+from ..stats import sniff_format
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where the official weights of an extractor live."""
+
+    url: str
+    filename: str
+    sha256: str | None = None  # full hex digest or a prefix (torch hub names carry one)
+
+
+def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, name: str) -> Path:
+    """A local weights file: ``weights`` if given, else the official file, downloaded once into the cache."""
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"{path}: weights file for {name} not found; check the --weights path")
+        return path
+    return download_url(source.url, cache_dir("weights") / source.filename, sha256=source.sha256,
+                        hint=f"; or download it yourself and pass --weights PATH (weights=PATH) for {name}")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a checkpoint as a flat ``{name: tensor}`` dict: safetensors, or torch.load(weights_only=True).
+
+    Unwraps the usual containers (``{"model": ...}``, ``{"state_dict": ...}``, ``{"teacher": ...}``).
+    """
+    path = Path(path)
+    fmt = sniff_format(path)
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every loader failure becomes one clear error
+        raise WeightsError(
+            f"{path}: cannot read as safetensors or a weights-only torch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); fd-eval never unpickles code"
+        ) from e
+    for key in ("state_dict", "model", "teacher", "model_ema"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{path}: does not hold a flat dict of tensors; not a weights file")
+    return sd
+
+
+def check_keys(path: str | os.PathLike, expected: Iterable[str], got: Iterable[str]) -> None:
+    """Missing or unexpected keys are an error (not a warning), listing a few of each."""
+    expected, got = set(expected), set(got)
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise WeightsError(f"{path}: keys do not match the model: {'; '.join(parts)}; is it the right checkpoint?")
+
+
+# --- digests of (large) weights files -----------------------------------------------------------------------
+_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
+_SHA256_INDEX = "sha256-index.json"
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a weights file, remembered by (real path, size, mtime_ns).
+
+    Hashing a 1.2 GB ViT-L checkpoint costs seconds on every start, so digests are kept in memory and in
+    ``$FD_EVAL_CACHE/weights/sha256-index.json``; a file whose size or modification time changed is hashed
+    again. A cache that cannot be written only costs the recomputation.
+    """
+    import json
+
+    from ..io_utils import atomic_write, file_lock, sha256_file
+
+    real = Path(path).resolve()
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    if key in _SHA256_MEMO:
+        return _SHA256_MEMO[key]
+
+    def read_index(p: Path) -> dict:
+        try:
+            data = json.loads(p.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        index_path = cache_dir("weights") / _SHA256_INDEX
+    except OSError:
+        index_path = None
+    hit = read_index(index_path).get(str(real)) if index_path else None
+    digest = None
+    if isinstance(hit, dict) and {k: hit.get(k) for k in entry} == entry:
+        cand = hit.get("sha256")
+        if isinstance(cand, str) and len(cand) == 64 and all(c in "0123456789abcdef" for c in cand):
+            digest = cand
+    if digest is None:
+        digest = sha256_file(real)
+        if index_path is not None:
+            try:
+                with file_lock(index_path, timeout=10):
+                    index = read_index(index_path)
+                    index[str(real)] = {**entry, "sha256": digest}
+                    with atomic_write(index_path, "w") as f:
+                        json.dump(index, f, indent=0, sort_keys=True)
+            except Exception:  # noqa: BLE001 - a read-only or contended cache only costs a recomputation
+                pass
+    _SHA256_MEMO[key] = digest
+    return digest

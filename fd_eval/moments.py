@@ -1,0 +1,108 @@
+"""Streaming float64 moments of feature rows with an exact parallel merge (Chan et al. 1979).
+
+The state is the triple (n, mean, M2) with M2 = sum_i (x_i - mean)(x_i - mean)^T. Each batch is centred on
+its own mean before the outer product, so nothing like sum(x x^T) - n mean mean^T cancels catastrophically;
+merging two triples is exact algebra, so batch size, batch order and the number of shards or processes change
+the result only at rounding level. Memory is O(D^2) whatever N is. The state lives on the device of the
+features; ``update`` performs no host synchronisation (n is a Python int known from shapes).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+
+class MomentAccumulator:
+    """Running count, mean (D,) and centred second moment M2 (D, D), all float64 on ``device``.
+
+    Optionally keeps the float32 feature rows (``keep_features=True``) for PRDC/MMD/bootstrap.
+    """
+
+    def __init__(self, dim: int, device: str | torch.device | None = None, keep_features: bool = False):
+        self.dim = int(dim)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.keep_features = keep_features
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.mean = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        self.m2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
+        self._features: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of feature rows x: (B, D), any float dtype, on ``self.device``."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise InputError(f"features must have shape (B, {self.dim}), got {tuple(x.shape)}")
+        b = x.shape[0]
+        if b == 0:
+            return
+        if self.keep_features:
+            self._features.append(x.detach().to(torch.float32))
+        xb = x.detach().to(torch.float64)
+        mb = xb.mean(dim=0)
+        xc = xb - mb
+        self._merge(b, mb, xc.T @ xc)
+
+    def _merge(self, nb: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        if nb == 0:
+            return
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, mean_b.clone(), m2_b.clone()
+            return
+        n = self.n + nb
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2_b + torch.outer(delta, delta) * (self.n * nb / n)
+        self.n = n
+
+    def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
+        """Fold ``other`` into ``self`` (in place; returns self). Merge order is the caller's choice."""
+        if other.dim != self.dim:
+            raise InputError(f"cannot merge moments of dimension {other.dim} into {self.dim}")
+        self._merge(other.n, other.mean.to(self.device), other.m2.to(self.device))
+        if self.keep_features:
+            self._features.extend(f.to(self.device) for f in other._features)
+        return self
+
+    def covariance(self) -> torch.Tensor:
+        """Unbiased covariance M2 / (n - 1), (D, D) float64, like ``np.cov(x, rowvar=False)``."""
+        if self.n < 2:
+            raise InputError(f"a covariance needs at least 2 samples, got {self.n}")
+        return self.m2 / (self.n - 1)
+
+    def features(self) -> torch.Tensor | None:
+        """The kept float32 feature rows (N, D), or None when ``keep_features`` is off."""
+        if not self.keep_features:
+            return None
+        if not self._features:
+            return torch.zeros(0, self.dim, dtype=torch.float32, device=self.device)
+        if len(self._features) > 1:
+            self._features = [torch.cat(self._features)]
+        return self._features[0]
+
+    def to(self, device: str | torch.device) -> "MomentAccumulator":
+        self.device = torch.device(device)
+        self.mean, self.m2 = self.mean.to(self.device), self.m2.to(self.device)
+        self._features = [f.to(self.device) for f in self._features]
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpointable copy of the state (tensors on CPU; ``n`` as a Python int)."""
+        state: dict[str, Any] = {"n": self.n, "mean": self.mean.cpu(), "m2": self.m2.cpu()}
+        if self.keep_features:
+            state["features"] = self.features().cpu()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mean = torch.as_tensor(state["mean"], dtype=torch.float64)
+        if mean.shape != (self.dim,):
+            raise InputError(f"state has dimension {mean.shape[0]}, accumulator has {self.dim}")
+        self.n = int(state["n"])
+        self.mean = mean.to(self.device)
+        self.m2 = torch.as_tensor(state["m2"], dtype=torch.float64).to(self.device)
+        feats = state.get("features")
+        self._features = [torch.as_tensor(feats).to(self.device)] if (self.keep_features and feats is not None) else []

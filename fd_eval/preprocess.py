@@ -1,0 +1,95 @@
+"""Preprocessing as data: how a decoded RGB uint8 image becomes a model input.
+
+A :class:`PreprocessSpec` is saved into every statistics file, and two statistics whose specs differ are not
+compared (resizing differences are the most common reason numbers from two tools disagree).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DECODE_PIL_RGB = "PIL.Image.open(f).convert('RGB')"
+
+_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Decoded image -> model input, as data.
+
+    The model input is ``(resize(image) / scale - mean) / std`` with the resize described by ``resize_library``
+    ("pil": Pillow on the uint8 image, uint8 out; "torch": ``F.interpolate`` on float; "tf1": TensorFlow 1
+    ``resize_bilinear`` semantics), ``resize_filter``, ``antialias`` and ``size`` = (H, W). ``crop`` is applied
+    before the resize ("none" here; source-level crops such as GPIC's reference preprocessing are recorded in
+    the statistics' source metadata). ``reference`` names the implementation this reproduces exactly.
+    """
+
+    resize_library: str  # "pil" | "torch" | "tf1"
+    resize_filter: str  # "bicubic" | "bilinear"
+    antialias: bool
+    size: tuple[int, int]  # (H, W) of the model input
+    scale: float  # divide uint8 values by this (255.0 or 1.0)
+    mean: tuple[float, float, float]  # subtracted after scaling
+    std: tuple[float, float, float]  # divided after subtracting the mean
+    decode: str = DECODE_PIL_RGB
+    crop: str = "none"
+    align_corners: bool = False
+    model_dtype: str = "float32"
+    reference: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for k in ("size", "mean", "std"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def differences(self, other: "PreprocessSpec | dict[str, Any]") -> list[str]:
+        """Human-readable ``field: a != b`` entries; empty when the specs agree."""
+        a = self.to_dict()
+        b = other.to_dict() if isinstance(other, PreprocessSpec) else dict(other)
+        return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """uint8 RGB (3, H, W) tensor -> PIL RGB image (copies to host memory)."""
+    arr = x.detach().to("cpu").permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> uint8 (3, H, W) tensor."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def pil_resize(img: Image.Image, size: tuple[int, int], resize_filter: str = "bicubic") -> Image.Image:
+    """Pillow resize to exactly (H, W), as torchvision ``Resize((H, W))`` does on a PIL image.
+
+    Pillow's uint8 path is antialiased (the kernel support scales with the downscale factor) and rounds
+    after each of its two separable passes; no torch resize reproduces it bit for bit.
+    """
+    h, w = size
+    return img.resize((w, h), _PIL_FILTERS[resize_filter])
+
+
+def center_crop_square(img: Image.Image) -> Image.Image:
+    """Crop the central square whose side is the shorter image side (GPIC App. B.1, torchvision rounding)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+    return img.crop((left, top, left + s, top + s))

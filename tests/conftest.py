@@ -1,0 +1,23 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Tests compare against reference code on the CPU in float32; keep results independent of core count noise.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache/config dirs, and no network unless it turns offline mode off."""
+    root = tmp_path_factory.mktemp("fd_eval_home")
+    monkeypatch.setenv("FD_EVAL_CACHE", str(root / "cache"))
+    monkeypatch.setenv("FD_EVAL_CONFIG", str(root / "config"))
+    monkeypatch.setenv("HF_HOME", str(root / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FD_EVAL_OFFLINE", "1")
+    yield root
