@@ -93,3 +93,62 @@ def center_crop_square(img: Image.Image) -> Image.Image:
     s = min(w, h)
     left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
     return img.crop((left, top, left + s, top + s))
+
+
+@dataclass(frozen=True)
+class HostPrepare:
+    """The per-image host step of an extractor, as a small picklable callable for DataLoader workers.
+
+    PIL RGB image -> uint8 (3, H, W): Pillow resize to ``size`` when given (reference protocols that resize
+    with Pillow), else the image unchanged (protocols that resize on the device).
+    """
+
+    size: tuple[int, int] | None
+    resize_filter: str = "bicubic"
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.size is not None:
+            img = pil_resize(img, self.size, self.resize_filter)
+        return pil_to_tensor(img)
+
+
+@dataclass(frozen=True)
+class SourceTransform:
+    """A named image transform applied to a source before any extractor (e.g. to reference images).
+
+    ``center-crop-256`` is GPIC's reference preprocessing (paper App. B.1): centre crop to a square along the
+    longer side, then Pillow bicubic to 256x256; the extractor's own preprocessing follows.
+    """
+
+    name: str
+    crop: str = "none"  # "none" | "center-square"
+    size: tuple[int, int] | None = None  # (H, W) Pillow resize after the crop
+    resize_filter: str = "bicubic"
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.crop == "center-square":
+            img = center_crop_square(img)
+        if self.size is not None and img.size != (self.size[1], self.size[0]):
+            img = pil_resize(img, self.size, self.resize_filter)
+        return img
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "crop": self.crop, "size": list(self.size) if self.size else None,
+                "resize_filter": self.resize_filter}
+
+
+SOURCE_TRANSFORMS: dict[str, SourceTransform | None] = {
+    "none": None,
+    "center-crop-256": SourceTransform("center-crop-256", crop="center-square", size=(256, 256)),
+}
+
+
+def source_transform(name: str | None) -> SourceTransform | None:
+    """Look up a named source transform ("none", "center-crop-256")."""
+    from .errors import FDEvalError
+
+    if name is None:
+        return None
+    if name not in SOURCE_TRANSFORMS:
+        raise FDEvalError(f"unknown image transform {name!r}; choose one of {', '.join(SOURCE_TRANSFORMS)}")
+    return SOURCE_TRANSFORMS[name]

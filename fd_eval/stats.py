@@ -177,16 +177,19 @@ def sniff_format(path: str | os.PathLike) -> str:
     return "unknown"
 
 
-def load_all_stats(path: str | os.PathLike) -> dict[str, Stats]:
-    """Every section of a statistics file, by name. Never unpickles."""
+def load_all_stats(path: str | os.PathLike, features: bool = True) -> dict[str, Stats]:
+    """Every section of a statistics file, by name. Never unpickles.
+
+    ``features=False`` skips stored feature rows (1M x 1024 float32 is 4 GB) when only mu/sigma are needed.
+    """
     path = Path(path)
     if not path.is_file():
         raise StatsFormatError(f"{path}: no such statistics file")
     fmt = sniff_format(path)
     if fmt == "safetensors":
-        return _load_safetensors(path)
+        return _load_safetensors(path, features)
     if fmt == "npz":
-        return _load_npz(path)
+        return _load_npz(path, features)
     if fmt == "pickle":
         raise StatsFormatError(
             f"{path}: is a pickle (e.g. a torch .pt or EDM2 .pkl); fd-eval never unpickles files. Convert it to "
@@ -197,14 +200,19 @@ def load_all_stats(path: str | os.PathLike) -> dict[str, Stats]:
     raise StatsFormatError(f"{path}: unknown statistics format; expected fd-eval .safetensors or an .npz with mu/sigma")
 
 
-def load_stats(path: str | os.PathLike, model: str | None = None) -> Stats:
+def load_stats(path: str | os.PathLike, model: str | None = None, features: bool = True) -> Stats:
     """One section of a statistics file; ``model`` selects it when there are several."""
-    sections = load_all_stats(path)
+    sections = load_all_stats(path, features=features)
     if model is not None:
         if model in sections:
             return sections[model]
         if len(sections) == 1 and _UNKNOWN in sections:
             return sections[_UNKNOWN]  # the file does not say which extractor made it
+        dino = sections.get(_NPZ_PREFIXES["dino_"])
+        if dino is not None and model.startswith("dinov2-") and dino.metadata.get("source_format", "").startswith("npz"):
+            # GPIC-layout npz: "dino_" holds DINOv2 statistics; which size is the caller's (registry's) word.
+            dino.metadata["extractor"] = model
+            return dino
         raise StatsMismatchError(
             f"{path}: holds statistics for {sorted(sections)}, not {model!r}; build them with "
             f"`fd-eval stats SOURCE -o FILE --model {model}`"
@@ -214,13 +222,13 @@ def load_stats(path: str | os.PathLike, model: str | None = None) -> Stats:
     return next(iter(sections.values()))
 
 
-def _load_safetensors(path: Path) -> dict[str, Stats]:
+def _load_safetensors(path: Path, features: bool = True) -> dict[str, Stats]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            arrays = {k: f.get_tensor(k) for k in f.keys() if features or not k.endswith(".features")}
     except (SafetensorError, OSError, ValueError) as e:
         raise StatsFormatError(f"{path}: corrupt or truncated safetensors file ({e}); download or rebuild it") from e
     try:
@@ -252,7 +260,7 @@ def _load_safetensors(path: Path) -> dict[str, Stats]:
     return out
 
 
-def _load_npz(path: Path) -> dict[str, Stats]:
+def _load_npz(path: Path, features: bool = True) -> dict[str, Stats]:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -270,11 +278,27 @@ def _load_npz(path: Path) -> dict[str, Stats]:
         def get(key: str) -> np.ndarray:
             try:
                 return npz[key]
-            except ValueError as e:  # object arrays need pickle
-                raise StatsFormatError(
-                    f"{path}: array {key!r} holds pickled Python objects; fd-eval never unpickles. Save it as a "
-                    "plain numeric/string array"
-                ) from e
+            except ValueError as e:
+                if "allow_pickle" in str(e) or "Object arrays" in str(e):
+                    raise StatsFormatError(
+                        f"{path}: array {key!r} holds pickled Python objects; fd-eval never unpickles. Save it "
+                        "as a plain numeric/string array"
+                    ) from e
+                raise StatsFormatError(f"{path}: array {key!r} is damaged ({e}); download or rebuild the file") from e
+            except (zipfile.BadZipFile, OSError, EOFError) as e:  # bad CRC, truncated member
+                raise StatsFormatError(f"{path}: array {key!r} is corrupt ({e}); download or rebuild the file") from e
+
+        def rows(key: str) -> int:
+            """Leading dimension of a member, from its .npy header only (no 4 GB read for 1M embeddings)."""
+            try:
+                with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, _ = read_header(f)
+                return int(shape[0])
+            except (zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
+                raise StatsFormatError(f"{path}: array {key!r} is corrupt ({e}); download or rebuild the file") from e
 
         out: dict[str, Stats] = {}
         for prefix, name in _NPZ_PREFIXES.items():
@@ -282,12 +306,15 @@ def _load_npz(path: Path) -> dict[str, Stats]:
                 meta: dict[str, Any] = {"source_format": f"npz ({prefix}mu/{prefix}sigma)"}
                 if name:
                     meta["extractor"] = name
-                feats = get(f"{prefix}embeddings") if f"{prefix}embeddings" in keys else None
+                has_feats = f"{prefix}embeddings" in keys
+                feats = get(f"{prefix}embeddings") if (has_feats and features) else None
                 mu, sigma = get(f"{prefix}mu"), get(f"{prefix}sigma")
-                if feats is not None:
-                    n = int(feats.shape[0])
-                elif "n" in keys or f"{prefix}n" in keys:
+                if "n" in keys or f"{prefix}n" in keys:
                     n = int(get(f"{prefix}n" if f"{prefix}n" in keys else "n"))
+                    meta["n_from"] = "n"
+                elif has_feats:  # N of the embeddings; a registry entry may know the N of mu/sigma better
+                    n = int(feats.shape[0]) if feats is not None else rows(f"{prefix}embeddings")
+                    meta["n_from"] = "embeddings"
                 else:
                     n = 0  # unrecorded; set below
                 extras = {k: get(k) for k in ("key", "tar_idx") if k in keys}

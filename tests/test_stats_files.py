@@ -151,3 +151,24 @@ def test_cli_fd_and_info(tmp_path):
     bad.write_bytes(b"\x00" * 64)
     r = CliRunner().invoke(main, ["fd", str(bad), str(tmp_path / "a.safetensors")])
     assert r.exit_code == 1 and "bad.bin" in r.output and r.output.count("\n") == 1
+
+
+def test_features_can_be_skipped_and_n_still_known(tmp_path):
+    emb = np.random.default_rng(4).standard_normal((123, 8)).astype(np.float32)
+    np.savez(tmp_path / "g.npz", dino_mu=emb.mean(0), dino_sigma=np.cov(emb, rowvar=False), dino_embeddings=emb)
+    s = load_stats(tmp_path / "g.npz", features=False)
+    assert s.features is None and s.n == 123
+    st = _stats()
+    st.save(tmp_path / "a.safetensors")
+    assert load_stats(tmp_path / "a.safetensors", features=False).features is None
+
+
+def test_npz_with_bad_crc_is_a_clear_error(tmp_path):
+    p = tmp_path / "crc.npz"
+    np.savez(p, mu=np.zeros(64), sigma=np.eye(64))
+    raw = bytearray(p.read_bytes())
+    i = raw.find(b"\x93NUMPY", raw.find(b"sigma.npy"))
+    raw[i + 200] ^= 0xFF  # flip a data byte inside the stored (uncompressed) sigma member
+    p.write_bytes(bytes(raw))
+    with pytest.raises(StatsFormatError, match="crc.npz"):
+        load_stats(p)

@@ -1,5 +1,7 @@
 """The ``fd-eval`` command line: a thin layer over the Python API (one module per command group)."""
 from ._common import main
 from . import stats_cmds  # noqa: F401  (registers `fd` and `info`)
+from . import ref_cmds  # noqa: F401  (registers `ref list|download|add|remove|info`)
+from . import compute_cmds  # noqa: F401  (registers `compute`, `stats`, `models`)
 
 __all__ = ["main"]

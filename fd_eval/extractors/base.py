@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ..errors import FDEvalError, InputRangeError
-from ..preprocess import PreprocessSpec, pil_to_tensor, tensor_to_pil
+from ..preprocess import HostPrepare, PreprocessSpec, tensor_to_pil
 
 
 class Extractor:
@@ -55,13 +55,14 @@ class Extractor:
         return self.preprocess_spec.resize_library == "pil"
 
     # --- the two halves ----------------------------------------------------------------------------------
+    def host_transform(self) -> HostPrepare:
+        """:meth:`prepare` as a small picklable callable (DataLoader workers must not carry the model)."""
+        spec = self.preprocess_spec
+        return HostPrepare(tuple(spec.size) if self.resizes_on_host else None, spec.resize_filter)
+
     def prepare(self, img: Image.Image) -> torch.Tensor:
         """PIL RGB image -> uint8 (3, H', W'); Pillow resize for host-resizing protocols, else unchanged."""
-        from ..preprocess import pil_resize
-
-        if self.resizes_on_host:
-            img = pil_resize(img, self.preprocess_spec.size, self.preprocess_spec.resize_filter)
-        return pil_to_tensor(img)
+        return self.host_transform()(img)
 
     def forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H', W') on ``self.device`` -> float32 (N, D). Implemented per family."""

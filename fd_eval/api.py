@@ -1,0 +1,303 @@
+"""Short functional entry points: images in, statistics or FD out.
+
+    fd_eval.compute_fd("gen_dir", ref="gpic-test")            # FD-DINOv2 against GPIC Test-1M
+    fd_eval.compute_fd("gen.npz", ref="ref_dir", models=("dinov2-vitl14", "fid"))
+    fd_eval.compute_stats("shards/gpic_test_{00000..00127}.tar", image_transform="center-crop-256")
+
+A reference (``ref``) is a :class:`Stats`, a statistics file (fd-eval safetensors, GPIC / pytorch-fid /
+clean-fid npz), a registry name (``fd-eval ref list``), or another image source, whose statistics are computed
+with the same extractors and cached (keyed by the source's fingerprint and the extractor's identity).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .errors import FDEvalError, StatsFormatError
+from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
+from .io_utils import cache_dir
+from .pipeline import auto_device, extract, extraction_stats
+from .preprocess import source_transform
+from .provenance import device_name, versions
+from .sources import ImageSource, open_source
+from .stats import Stats, compare_stats, load_stats, save_stats, sniff_format
+
+PROTOCOL_N = 50_000  # GPIC: 50K generated images against Test-1M
+ModelsArg = str | Sequence[str]
+WeightsArg = str | os.PathLike | Mapping[str, str | os.PathLike] | None
+
+
+@dataclass
+class EvalResult:
+    """FD per extractor, with provenance; ``to_dict()`` is the CLI's ``--json`` document.
+
+    results[model] = {"fd", "fd_mean", "fd_cov", "n", "n_ref", "floor", "floor_fd_mean", "floor_fd_cov",
+    "diagnostics"}.
+    """
+
+    results: dict[str, dict[str, Any]]
+    provenance: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # the generated set's statistics
+
+    def __getitem__(self, model: str) -> dict[str, Any]:
+        return self.results[resolve_name(model)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"results": self.results, "provenance": self.provenance, "warnings": self.warnings,
+                "skipped": self.skipped}
+
+
+# --- extractors ---------------------------------------------------------------------------------------------
+def load_extractors(models: ModelsArg = (DEFAULT_EXTRACTOR,), weights: WeightsArg = None,
+                    device: str | torch.device | None = None, resize: str | None = None) -> list[Extractor]:
+    """Extractors by name (aliases resolved, duplicates dropped). ``weights``: one path for a single model, or
+    ``{model: path}``; ``resize``: DINOv2's "pil" (reference) or "torch"."""
+    names = list(dict.fromkeys(resolve_name(m) for m in ([models] if isinstance(models, str) else models)))
+    if not names:
+        raise FDEvalError("no model given; pass at least one --model (e.g. dinov2-vitl14)")
+    if weights is not None and not isinstance(weights, Mapping):
+        if len(names) > 1:
+            raise FDEvalError(f"one weights path for {len(names)} models; pass --weights MODEL=PATH for each")
+        weights = {names[0]: weights}
+    wmap = {resolve_name(k): v for k, v in (weights or {}).items()}
+    unknown = set(wmap) - set(names)
+    if unknown:
+        raise FDEvalError(f"weights given for {', '.join(sorted(unknown))}, which is not among the models {names}")
+    out = []
+    for name in names:
+        opts = {"resize": resize} if (resize and name.startswith("dinov2")) else {}
+        out.append(load_extractor(name, weights=wmap.get(name), device=device, **opts))
+    return out
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+def _select(source: ImageSource, num: int | None, seed: int | None) -> ImageSource:
+    if num is None:
+        return source
+    if num > len(source):
+        raise FDEvalError(f"{source.spec}: asked for {num} images but the source holds {len(source)}")
+    return source.subset(num, seed=seed)
+
+
+def compute_stats(
+    source: str | os.PathLike | Any,
+    models: ModelsArg = (DEFAULT_EXTRACTOR,),
+    *,
+    extractors: Sequence[Extractor] | None = None,
+    weights: WeightsArg = None,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    num: int | None = None,
+    seed: int | None = None,
+    keep_features: bool = False,
+    skip_bad: bool = False,
+    image_transform: str | None = None,
+    resize: str | None = None,
+    progress: bool = True,
+) -> dict[str, Stats]:
+    """Statistics of an image source under each extractor, from one decoding pass.
+
+    Args:
+        source: directory, .zip, tar shard(s) / glob / brace range, .npz (arr_0), .npy, uint8 NHWC array.
+        num, seed: the first ``num`` images, or a seeded random ``num`` when ``seed`` is given.
+        image_transform: a named source transform applied before the extractors ("center-crop-256" is GPIC's
+            reference preprocessing, App. B.1).
+        keep_features: also store the (N, D) float32 features (for PRDC, MMD, bootstrap).
+    Returns:
+        {extractor name: Stats}; ``metadata["source"]`` records the source, its fingerprint, N and skipped items.
+    """
+    dev = auto_device(device)
+    exs = list(extractors) if extractors is not None else load_extractors(models, weights, dev, resize)
+    src = _select(open_source(source, skip_bad=skip_bad), num, seed)
+    tf = source_transform(image_transform)
+    ext = extract(src, exs, device=dev, batch_size=batch_size, num_workers=num_workers,
+                  keep_features=keep_features, skip_bad=skip_bad, image_transform=tf, progress=progress)
+    info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed,
+            "image_transform": tf.to_dict() if tf else None,
+            "skipped_items": [s.to_dict() for s in ext.skipped], "seconds": ext.seconds,
+            "images_per_s": ext.images_per_s}
+    return extraction_stats(ext, exs, src, info)
+
+
+# --- references ---------------------------------------------------------------------------------------------
+@dataclass
+class _Ref:
+    stats: dict[str, Stats]
+    identity: dict[str, Any]
+    registry_name: str | None = None
+
+
+def _is_stats_file(path: Path) -> bool:
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        return True
+    if fmt == "npz":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = {n.rsplit("/", 1)[-1] for n in zf.namelist()}
+        except zipfile.BadZipFile:
+            return True  # let the stats loader report the damage
+        return bool(names & {"mu.npy", "dino_mu.npy", "inception_mu.npy"})
+    return False
+
+
+def _ref_cache_key(src: ImageSource, ex: Extractor, tf: str | None) -> str:
+    ident = {"fingerprint": src.fingerprint(), "extractor": ex.metadata(), "image_transform": tf, "v": 1}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def resolve_reference(
+    ref: str | os.PathLike | Stats | Mapping[str, Stats],
+    extractors: Sequence[Extractor],
+    *,
+    offline: bool | None = None,
+    ref_image_transform: str | None = None,
+    cache: bool = True,
+    **extract_opts: Any,
+) -> _Ref:
+    """Reference statistics for each extractor, from whatever ``ref`` is (see the module docstring)."""
+    names = [ex.name for ex in extractors]
+    if isinstance(ref, Stats):
+        if len(names) != 1:
+            raise FDEvalError("a single Stats reference given for several models; pass {model: Stats}")
+        return _Ref({names[0]: ref}, {"kind": "stats", "origin": ref.origin})
+    if isinstance(ref, Mapping):
+        return _Ref({resolve_name(k): v for k, v in ref.items()}, {"kind": "stats"})
+    spec = os.fspath(ref)
+    path = Path(spec)
+    if path.is_file() and _is_stats_file(path):
+        from .io_utils import sha256_file_cached
+
+        return _Ref({n: load_stats(path, model=n, features=extract_opts.get("keep_features", False))
+                     for n in names}, {"kind": "file", "path": str(path), "sha256": sha256_file_cached(path)})
+    if not path.exists() and not any(c in spec for c in "*?{[") and "/" not in spec:
+        from .references import get_reference, load_reference
+
+        entry = get_reference(spec)  # raises UnknownReferenceError listing the known names
+        stats = {n: load_reference(spec, n, offline=offline, features=extract_opts.get("keep_features", False))
+                 for n in names}
+        return _Ref(stats, {"kind": "registry", **stats[names[0]].metadata.get("reference", {"name": entry.name})},
+                    registry_name=spec)
+    # an image source: compute its statistics with the same extractors, cached by content and extractor
+    src = open_source(spec)
+    tf = ref_image_transform
+    out: dict[str, Stats] = {}
+    todo = []
+    for ex in extractors:
+        f = cache_dir("ref_stats") / f"{_ref_cache_key(src, ex, tf)}.safetensors"
+        if cache and f.is_file():
+            try:
+                out[ex.name] = load_stats(f, model=ex.name)
+                continue
+            except StatsFormatError:
+                f.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+        todo.append((ex, f))
+    if todo:
+        opts = {k: v for k, v in extract_opts.items() if k in {"device", "batch_size", "num_workers", "progress",
+                                                                "skip_bad", "keep_features"}}
+        computed = compute_stats(src, extractors=[ex for ex, _ in todo], image_transform=tf, **opts)
+        for ex, f in todo:
+            out[ex.name] = computed[ex.name]
+            if cache:
+                save_stats(f, [computed[ex.name]])
+    return _Ref(out, {"kind": "source", "spec": spec, "fingerprint": src.fingerprint(), "image_transform": tf})
+
+
+# --- FD -----------------------------------------------------------------------------------------------------
+def _floor(ref: _Ref, model: str, n: int) -> Any:
+    if ref.registry_name is None:
+        return None
+    from .references import floor_for
+
+    return floor_for(ref.registry_name, model, n)
+
+
+def evaluate_stats(gen: Mapping[str, Stats], ref: _Ref, *, allow_mismatch: bool = False,
+                   device: str | torch.device | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """FD per model between generated and reference statistics, with floors and warnings."""
+    results, warnings = {}, []
+    for name, g in gen.items():
+        r = ref.stats[name]
+        res, w = compare_stats(g, r, allow_mismatch=allow_mismatch, device=device)
+        warnings += w
+        floor = _floor(ref, name, g.n)
+        results[name] = {
+            "fd": res.fd, "fd_mean": res.fd_mean, "fd_cov": res.fd_cov, "n": g.n,
+            "n_ref": None if r.metadata.get("n_unknown") else r.n,
+            "floor": floor.fd if floor else None,
+            "floor_fd_mean": floor.fd_mean if floor else None,
+            "floor_fd_cov": floor.fd_cov if floor else None,
+            "diagnostics": {k: v for k, v in res.to_dict().items() if k not in {"fd", "fd_mean", "fd_cov"}},
+        }
+        if ref.registry_name and ref.registry_name.startswith("gpic") and g.n < PROTOCOL_N:
+            warnings.append(f"{name}: N = {g.n} is below the GPIC protocol's {PROTOCOL_N:,}; FD is biased upward at "
+                            "small N and not comparable to published numbers")
+        if g.n <= g.dim:
+            warnings.append(f"{name}: N = {g.n} is not above the feature dimension {g.dim}; the covariance is "
+                            "rank-deficient and FD is dominated by sample-size bias")
+    return results, warnings
+
+
+def compute_fd(
+    gen: str | os.PathLike | Any,
+    ref: str | os.PathLike | Stats | Mapping[str, Stats] = "gpic-test",
+    models: ModelsArg = (DEFAULT_EXTRACTOR,),
+    *,
+    weights: WeightsArg = None,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    num: int | None = None,
+    seed: int | None = None,
+    skip_bad: bool = False,
+    resize: str | None = None,
+    allow_mismatch: bool = False,
+    offline: bool | None = None,
+    ref_image_transform: str | None = None,
+    keep_features: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """FD of generated images against a reference, per extractor, with provenance (see :class:`EvalResult`)."""
+    t0 = time.perf_counter()
+    dev = auto_device(device)
+    exs = load_extractors(models, weights, dev, resize)
+    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    t_ref = time.perf_counter()
+    reference = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform,
+                                  keep_features=keep_features, **opts)
+    t_ref = time.perf_counter() - t_ref
+    gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, skip_bad=skip_bad,
+                              keep_features=keep_features, **opts)
+    t_fd = time.perf_counter()
+    results, warnings = evaluate_stats(gen_stats, reference, allow_mismatch=allow_mismatch)
+    t_fd = time.perf_counter() - t_fd
+    first = next(iter(gen_stats.values()))
+    src_meta = first.metadata["source"]
+    skipped = src_meta.get("skipped_items", [])
+    if skipped:
+        warnings.append(f"{len(skipped)} unreadable image(s) skipped (--skip-bad); N counts only the rest")
+    provenance = {
+        "versions": versions(),
+        "device": device_name(dev),
+        "extractors": {ex.name: {"weights_sha256": ex.weights_sha256, "preprocess": ex.preprocess_spec.to_dict()}
+                       for ex in exs},
+        "reference": reference.identity,
+        "generated": {"spec": src_meta["spec"], "fingerprint": src_meta["fingerprint"], "n": first.n,
+                      "num": num, "seed": seed, "skipped": len(skipped)},
+        "seed": seed,
+        "timings": {"total_s": time.perf_counter() - t0, "reference_s": t_ref, "extract_s": src_meta["seconds"],
+                    "images_per_s": src_meta["images_per_s"], "fd_s": t_fd},
+    }
+    return EvalResult(results, provenance, warnings, skipped, gen_stats)

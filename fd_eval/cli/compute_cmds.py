@@ -1,0 +1,124 @@
+"""`fd-eval compute` (images in, FD out) and `fd-eval stats` (images in, statistics file out)."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ..api import compute_fd, compute_stats
+from ..preprocess import SOURCE_TRANSFORMS
+from ..stats import save_stats
+from ._common import echo_table, fmt_num, main, warn, write_json
+
+
+def _weights(values: tuple[str, ...]) -> Any:
+    """``--weights PATH`` (one model) or repeated ``--weights MODEL=PATH``."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r}: with several --weights use MODEL=PATH", param_hint="--weights")
+        k, path = v.split("=", 1)
+        out[k] = path
+    return out
+
+
+def _common(f):
+    """Options shared by `compute` and `stats`."""
+    opts = [
+        click.option("--model", "-m", "models", multiple=True, default=("dinov2-vitl14",), show_default=True,
+                     help="Extractor (repeatable; `fid` = inception-v3-tf). See `fd-eval models`."),
+        click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model."),
+        click.option("--num", "-n", type=int, default=None, help="Use the first N images (random N with --seed)."),
+        click.option("--seed", type=int, default=None, help="Seed of the random subset taken by --num."),
+        click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto."),
+        click.option("--batch-size", type=int, default=None, help="Images per batch (default 256 GPU / 32 CPU)."),
+        click.option("--num-workers", type=int, default=None, help="Decode workers (default from the CPU count)."),
+        click.option("--resize", type=click.Choice(["pil", "torch"]), default=None,
+                     help="DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant)."),
+        click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted and listed) instead of stopping."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@main.command("compute")
+@click.argument("gen")
+@click.option("--ref", "-r", default="gpic-test", show_default=True,
+              help="Reference: a registry name, a statistics file, or another image source.")
+@_common
+@click.option("--ref-transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
+              help="Transform reference images first when REF is an image source (center-crop-256 = GPIC B.1).")
+@click.option("--allow-mismatch", is_flag=True, help="Compare even if the reference was made differently.")
+@click.option("--offline", is_flag=True, default=None, help="Use cached references and weights only.")
+@click.option("--json", "json_path", default=None, help="Write results and provenance as JSON here.")
+@click.option("--save-stats", "save_stats_path", default=None, help="Also save the generated set's statistics (safetensors).")
+def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
+                seed: int | None, device: str, batch_size: int | None, num_workers: int | None, resize: str | None,
+                skip_bad: bool, quiet: bool, ref_transform: str | None, allow_mismatch: bool, offline: bool | None,
+                json_path: str | None, save_stats_path: str | None) -> None:
+    """FD of the images in GEN against REF, for each --model (default FD-DINOv2 against GPIC Test-1M)."""
+    res = compute_fd(gen, ref, models, weights=_weights(weights), device=device, batch_size=batch_size,
+                     num_workers=num_workers, num=num, seed=seed, skip_bad=skip_bad, resize=resize,
+                     allow_mismatch=allow_mismatch, offline=offline, ref_image_transform=ref_transform,
+                     progress=not quiet)
+    for w in res.warnings:
+        warn(w)
+    for s in res.skipped[:20]:
+        warn(f"skipped {s['name']}: {s['reason']}")
+    if len(res.skipped) > 20:
+        warn(f"... and {len(res.skipped) - 20} more skipped (see --json)")
+    rows = []
+    for model, r in res.results.items():
+        n = f"{r['n']:,}" + (f" (+{len(res.skipped)} skipped)" if res.skipped else "")
+        floor = f"{r['floor']:.2f}" if r["floor"] is not None else "-"
+        rows.append([model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), n,
+                     f"{r['n_ref']:,}" if r["n_ref"] else "?", floor])
+    echo_table(rows, ["model", "FD", "mean term", "cov term", "N", "N ref", "real-vs-real floor"])
+    if any(r["floor"] is not None for r in res.results.values()):
+        click.echo("floor: FD of real images of the same N against this reference (published); a perfect "
+                   "generator scores about this, not 0")
+    if save_stats_path:
+        save_stats(save_stats_path, list(res.stats.values()))
+    if json_path:
+        doc = res.to_dict()
+        doc["provenance"]["command"] = ["fd-eval", *sys.argv[1:]]
+        write_json(json_path, doc)
+
+
+@main.command("stats")
+@click.argument("source")
+@click.option("--output", "-o", required=True, help="Statistics file to write (safetensors).")
+@_common
+@click.option("--transform", "image_transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
+              help="Transform images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
+@click.option("--keep-features", is_flag=True, help="Store the (N, D) features too (for PRDC, MMD, bootstrap).")
+def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
+              seed: int | None, device: str, batch_size: int | None, num_workers: int | None, resize: str | None,
+              skip_bad: bool, quiet: bool, image_transform: str | None, keep_features: bool) -> None:
+    """Build a statistics file (one section per --model) from the images in SOURCE."""
+    stats = compute_stats(source, models, weights=_weights(weights), device=device, batch_size=batch_size,
+                          num_workers=num_workers, num=num, seed=seed, keep_features=keep_features,
+                          skip_bad=skip_bad, image_transform=image_transform, resize=resize, progress=not quiet)
+    save_stats(output, list(stats.values()))
+    first = next(iter(stats.values()))
+    skipped = first.metadata["source"].get("skipped_items", [])
+    for s in skipped[:20]:
+        warn(f"skipped {s['name']}: {s['reason']}")
+    click.echo(f"wrote {output}: {', '.join(stats)} over {first.n:,} images"
+               + (f" ({len(skipped)} skipped)" if skipped else ""))
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the extractors."""
+    from ..extractors import extractor_entry, list_extractors
+
+    echo_table([[n, str(extractor_entry(n).feature_dim), extractor_entry(n).description] for n in list_extractors()],
+               ["name", "D", "description"])
