@@ -52,6 +52,14 @@ class StatsMismatchError(StatsError):
     """Two statistics that were made differently (extractor, weights, preprocessing, dimension)."""
 
 
+class MissingFeaturesError(StatsError):
+    """Statistics without the (N, D) feature rows that PRDC, MMD, the bootstrap or FD-infinity need."""
+
+
+class CheckpointError(FDEvalError):
+    """A resume checkpoint (``fd-eval stats`` unit files) made with other settings, from changed data, or damaged."""
+
+
 # --- weights, downloads, references ---------------------------------------------------------------
 class WeightsError(FDEvalError):
     """A checkpoint that cannot be loaded into the extractor (format, keys, shapes)."""
