@@ -2,6 +2,9 @@
 
 Entry points::
 
+    fd_eval.compute_fd("gen_dir", ref="gpic-test")             # images in, FD out (EvalResult)
+    fd_eval.compute_stats(source, models=...) / build_stats(...)  # images in, statistics out
+    fd_eval.FDMetric(ref="gpic-test", value_range=(-1, 1))     # training loops, torch.distributed
     fd_eval.frechet_distance(mu1, sigma1, mu2, sigma2) -> float
     fd_eval.Stats.load(path) / Stats.save(path)
     fd_eval.load_extractor("dinov2-vitl14")
@@ -10,6 +13,7 @@ from ._version import __version__
 from .errors import (
     BadArrayError,
     BadImageError,
+    CheckpointError,
     ChecksumError,
     DownloadError,
     EmptySourceError,
@@ -18,6 +22,7 @@ from .errors import (
     InputError,
     InputRangeError,
     InvalidStatsError,
+    MissingFeaturesError,
     SourceError,
     StatsError,
     StatsFormatError,
@@ -25,11 +30,17 @@ from .errors import (
     UnknownReferenceError,
     WeightsError,
 )
+from .analysis import AnalysisSpec, analyze
 from .api import EvalResult, compute_fd, compute_stats, load_extractors
+from .build import build_stats
+from .ceiling import CeilingResult, ceiling, split_half
 from .extractors import Extractor, list_extractors, load_extractor
+from .feature_metrics import mmd, mmd_subsets, prdc
 from .frechet import FDResult, frechet_distance, frechet_distance_breakdown
+from .metric import FDMetric, evaluate_generator, to_uint8
 from .moments import MomentAccumulator
 from .preprocess import PreprocessSpec
+from .prompts import evaluation_prompts, read_prompts, write_prompts
 from .references import (
     Floor,
     Reference,
@@ -43,18 +54,25 @@ from .references import (
 )
 from .sources import ImageSource, SkippedItem, open_source
 from .stats import Stats, check_compatible, compare_stats, load_all_stats, load_stats, save_stats
+from .uncertainty import BootstrapResult, FDInfinityResult, bootstrap_fd, default_ns, fd_infinity
 
 __all__ = [
     "__version__",
-    "BadArrayError", "BadImageError", "ChecksumError", "DownloadError", "EmptySourceError", "FDEvalError",
-    "GatedRepoError", "InputError", "InputRangeError", "InvalidStatsError", "SourceError", "StatsError",
-    "StatsFormatError", "StatsMismatchError", "UnknownReferenceError", "WeightsError",
-    "EvalResult", "compute_fd", "compute_stats", "load_extractors",
-    "Floor", "Reference", "add_reference", "fetch_reference", "floor_for", "get_reference", "list_references",
-    "load_reference", "remove_reference",
+    # errors
+    "BadArrayError", "BadImageError", "CheckpointError", "ChecksumError", "DownloadError", "EmptySourceError",
+    "FDEvalError", "GatedRepoError", "InputError", "InputRangeError", "InvalidStatsError", "MissingFeaturesError",
+    "SourceError", "StatsError", "StatsFormatError", "StatsMismatchError", "UnknownReferenceError", "WeightsError",
+    # images -> numbers
+    "EvalResult", "compute_fd", "compute_stats", "load_extractors", "build_stats",
+    "FDMetric", "evaluate_generator", "to_uint8",
+    "Extractor", "list_extractors", "load_extractor", "PreprocessSpec",
     "ImageSource", "SkippedItem", "open_source",
-    "Extractor", "list_extractors", "load_extractor",
-    "FDResult", "frechet_distance", "frechet_distance_breakdown",
-    "MomentAccumulator", "PreprocessSpec",
+    # numbers
+    "FDResult", "frechet_distance", "frechet_distance_breakdown", "MomentAccumulator",
     "Stats", "check_compatible", "compare_stats", "load_all_stats", "load_stats", "save_stats",
+    "AnalysisSpec", "analyze", "CeilingResult", "ceiling", "split_half",
+    "mmd", "mmd_subsets", "prdc", "BootstrapResult", "FDInfinityResult", "bootstrap_fd", "default_ns", "fd_infinity",
+    # references
+    "Floor", "Reference", "add_reference", "fetch_reference", "floor_for", "get_reference", "list_references",
+    "load_reference", "remove_reference", "evaluation_prompts", "read_prompts", "write_prompts",
 ]

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .distributed import resolve_world
 from .errors import FDEvalError, StatsFormatError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
 from .io_utils import cache_dir
@@ -104,6 +105,8 @@ def compute_stats(
     image_transform: str | None = None,
     resize: str | None = None,
     progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> dict[str, Stats]:
     """Statistics of an image source under each extractor, from one decoding pass.
 
@@ -113,16 +116,21 @@ def compute_stats(
         image_transform: a named source transform applied before the extractors ("center-crop-256" is GPIC's
             reference preprocessing, App. B.1).
         keep_features: also store the (N, D) float32 features (for PRDC, MMD, bootstrap).
+        rank, world_size: unset = detect torch.distributed (an initialised process group, or torchrun's
+            environment, whose group is then initialised): each rank extracts its block and every rank gets the
+            merged statistics (every rank must call this). ``world_size=1`` forces a single-process run.
     Returns:
         {extractor name: Stats}; ``metadata["source"]`` records the source, its fingerprint, N and skipped items.
     """
     dev = auto_device(device)
+    rank, world_size = resolve_world(rank, world_size, device=dev)
     exs = list(extractors) if extractors is not None else load_extractors(models, weights, dev, resize)
     src = _select(open_source(source, skip_bad=skip_bad), num, seed)
     tf = source_transform(image_transform)
     ext = extract(src, exs, device=dev, batch_size=batch_size, num_workers=num_workers,
-                  keep_features=keep_features, skip_bad=skip_bad, image_transform=tf, progress=progress)
-    info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed,
+                  keep_features=keep_features, skip_bad=skip_bad, image_transform=tf, progress=progress,
+                  rank=rank, world_size=world_size)
+    info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed, "world_size": world_size,
             "image_transform": tf.to_dict() if tf else None,
             "skipped_items": [s.to_dict() for s in ext.skipped], "seconds": ext.seconds,
             "images_per_s": ext.images_per_s}
@@ -194,23 +202,31 @@ def resolve_reference(
     src = open_source(spec)
     tf = ref_image_transform
     out: dict[str, Stats] = {}
-    todo = []
-    for ex in extractors:
-        f = cache_dir("ref_stats") / f"{_ref_cache_key(src, ex, tf)}.safetensors"
+    files = [cache_dir("ref_stats") / f"{_ref_cache_key(src, ex, tf)}.safetensors" for ex in extractors]
+    for ex, f in zip(extractors, files):
         if cache and f.is_file():
             try:
                 out[ex.name] = load_stats(f, model=ex.name)
-                continue
             except StatsFormatError:
                 f.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
-        todo.append((ex, f))
+    hits = [ex.name in out for ex in extractors]
+    world_size = extract_opts.get("world_size") or 1
+    if world_size > 1:
+        # the computation below is collective: run it on every rank unless every rank found the cache entry
+        # (nodes may not share a cache directory)
+        from .distributed import all_true
+
+        hits = all_true(hits)
+    todo = [(ex, f) for ex, f, hit in zip(extractors, files, hits) if not hit]
     if todo:
         opts = {k: v for k, v in extract_opts.items() if k in {"device", "batch_size", "num_workers", "progress",
-                                                                "skip_bad", "keep_features"}}
+                                                                "skip_bad", "keep_features", "rank", "world_size"}}
         computed = compute_stats(src, extractors=[ex for ex, _ in todo], image_transform=tf, **opts)
+        from .distributed import local_rank
+
         for ex, f in todo:
             out[ex.name] = computed[ex.name]
-            if cache:
+            if cache and (world_size == 1 or local_rank() == 0):  # one writer per node (atomic rename)
                 save_stats(f, [computed[ex.name]])
     return _Ref(out, {"kind": "source", "spec": spec, "fingerprint": src.fingerprint(), "image_transform": tf})
 
@@ -268,12 +284,20 @@ def compute_fd(
     ref_image_transform: str | None = None,
     keep_features: bool = False,
     progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> EvalResult:
-    """FD of generated images against a reference, per extractor, with provenance (see :class:`EvalResult`)."""
+    """FD of generated images against a reference, per extractor, with provenance (see :class:`EvalResult`).
+
+    Under torch.distributed (see :func:`compute_stats`; every rank calls this) both the generated images and a
+    reference given as an image source are sharded over the ranks; every rank returns the same result.
+    """
     t0 = time.perf_counter()
     dev = auto_device(device)
+    rank, world_size = resolve_world(rank, world_size, device=dev)
     exs = load_extractors(models, weights, dev, resize)
-    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress, rank=rank,
+                world_size=world_size)
     t_ref = time.perf_counter()
     reference = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform,
                                   keep_features=keep_features, **opts)
@@ -297,6 +321,7 @@ def compute_fd(
         "generated": {"spec": src_meta["spec"], "fingerprint": src_meta["fingerprint"], "n": first.n,
                       "num": num, "seed": seed, "skipped": len(skipped)},
         "seed": seed,
+        "world_size": world_size,
         "timings": {"total_s": time.perf_counter() - t0, "reference_s": t_ref, "extract_s": src_meta["seconds"],
                     "images_per_s": src_meta["images_per_s"], "fd_s": t_fd},
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import EmptySourceError
+from .errors import EmptySourceError, FDEvalError
 from .extractors import Extractor
 from .moments import MomentAccumulator
 from .provenance import environment
@@ -46,8 +46,12 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def auto_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> cuda when available, else cpu."""
+    """``None``/"auto" -> cuda when available (``cuda:LOCAL_RANK`` under torchrun), else cpu."""
     if device is None or str(device) == "auto":
+        from .distributed import default_device, launched_distributed
+
+        if launched_distributed():
+            return default_device()
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
@@ -105,7 +109,8 @@ def extract(
     """Run every extractor over ``source`` (this rank's block of it) in one decoding pass.
 
     Returns the per-extractor float64 moment accumulators (on ``device``), merged over ranks when
-    ``world_size > 1`` (see :mod:`fd_eval.distributed`).
+    ``world_size > 1`` (a collective on the default process group, see :mod:`fd_eval.distributed`: every rank
+    must call it; every rank gets the merged result; an :class:`FDEvalError` on any rank is raised on all).
     """
     dev = auto_device(device)
     if len(source) == 0:
@@ -123,18 +128,27 @@ def extract(
     accs = [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
     result = Extraction(accs)
     t0 = time.perf_counter()
-    with tqdm(total=len(part), unit="img", desc=desc, disable=not progress, smoothing=0.1) as bar:
-        for batch in loader:
-            result.skipped += ds.check(batch)  # raises the one-line BadImageError unless skip_bad
-            if len(batch):
-                for ex, acc, x in zip(extractors, accs, batch.inputs):
-                    acc.update(_forward(ex, x, dev))
-            result.n_images += len(batch)
-            bar.update(len(batch) + len(batch.skipped))
+    error: FDEvalError | None = None
+    with tqdm(total=len(part), unit="img", desc=desc, disable=not progress or rank != 0, smoothing=0.1) as bar:
+        try:
+            for batch in loader:
+                result.skipped += ds.check(batch)  # raises the one-line BadImageError unless skip_bad
+                if len(batch):
+                    for ex, acc, x in zip(extractors, accs, batch.inputs):
+                        acc.update(_forward(ex, x, dev))
+                result.n_images += len(batch)
+                bar.update(len(batch) + len(batch.skipped))
+        except FDEvalError as e:
+            if world_size == 1:
+                raise
+            error = e  # the other ranks are about to wait for this one in the merge: tell them instead
     if world_size > 1:
         from .distributed import merge_extraction
 
-        merge_extraction(result)
+        # skipped indices are positions in this rank's block; report them as indices into the source
+        result.skipped = [replace(s, index=None if s.index is None else int(part.indices[s.index]))
+                          for s in result.skipped]
+        merge_extraction(result, error=error)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     result.seconds = time.perf_counter() - t0

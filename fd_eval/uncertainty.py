@@ -339,6 +339,8 @@ def bootstrap_fd(
     else:
         q_lo, q_hi = np.quantile(values, [(1.0 - ci) / 2.0, (1.0 + ci) / 2.0])
         low, high = fd_n - shift - (q_hi - boot_mean), fd_n - shift - (q_lo - boot_mean)
+    # FD is a squared distance: an interval reaching below 0 only says "indistinguishable from 0" there.
+    low, high = max(low, 0.0), max(high, 0.0)
     return BootstrapResult(
         fd=fd_n, low=float(low), high=float(high), ci=float(ci), n_boot=int(n_boot), seed=int(seed),
         method=method, target=target, n=n, fd_plugin=fd_plugin, boot_mean=boot_mean, boot_std=boot_std, bias=bias,

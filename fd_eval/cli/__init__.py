@@ -3,5 +3,7 @@ from ._common import main
 from . import stats_cmds  # noqa: F401  (registers `fd` and `info`)
 from . import ref_cmds  # noqa: F401  (registers `ref list|download|add|remove|info`)
 from . import compute_cmds  # noqa: F401  (registers `compute`, `stats`, `models`)
+from . import analysis_cmds  # noqa: F401  (registers `ceiling`; `compute`'s analysis options)
+from . import prompts_cmds  # noqa: F401  (registers `prompts`)
 
 __all__ = ["main"]

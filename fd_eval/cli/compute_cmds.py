@@ -6,10 +6,15 @@ from typing import Any
 
 import click
 
-from ..api import compute_fd, compute_stats
+from ..analysis import check_reference_features
+from ..api import compute_fd
+from ..build import DEFAULT_BLOCK, build_stats
+from ..distributed import destroy, get_rank, init_distributed
+from ..errors import FDEvalError
 from ..preprocess import SOURCE_TRANSFORMS
 from ..stats import save_stats
 from ._common import echo_table, fmt_num, main, warn, write_json
+from .analysis_cmds import analysis_options, analysis_spec, run_analysis
 
 
 def _weights(values: tuple[str, ...]) -> Any:
@@ -59,15 +64,36 @@ def _common(f):
 @click.option("--offline", is_flag=True, default=None, help="Use cached references and weights only.")
 @click.option("--json", "json_path", default=None, help="Write results and provenance as JSON here.")
 @click.option("--save-stats", "save_stats_path", default=None, help="Also save the generated set's statistics (safetensors).")
+@analysis_options
 def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
                 seed: int | None, device: str, batch_size: int | None, num_workers: int | None, resize: str | None,
                 skip_bad: bool, quiet: bool, ref_transform: str | None, allow_mismatch: bool, offline: bool | None,
-                json_path: str | None, save_stats_path: str | None) -> None:
-    """FD of the images in GEN against REF, for each --model (default FD-DINOv2 against GPIC Test-1M)."""
-    res = compute_fd(gen, ref, models, weights=_weights(weights), device=device, batch_size=batch_size,
-                     num_workers=num_workers, num=num, seed=seed, skip_bad=skip_bad, resize=resize,
-                     allow_mismatch=allow_mismatch, offline=offline, ref_image_transform=ref_transform,
-                     progress=not quiet)
+                json_path: str | None, save_stats_path: str | None, **analysis_opts: Any) -> None:
+    """FD of the images in GEN against REF, for each --model (default FD-DINOv2 against GPIC Test-1M).
+
+    Under torchrun (``torchrun --nproc_per_node 8 -m fd_eval compute ...``) every process extracts its share of
+    the images on its own GPU (NCCL; gloo with --device cpu), the statistics are merged exactly, and rank 0
+    alone prints and writes the outputs.
+    """
+    spec = analysis_spec(**analysis_opts)  # None unless --ci/--bootstrap/--fd-infinity/--prdc/--mmd
+    if spec is not None and spec.needs_reference_features:
+        check_reference_features(ref, models, offline=offline)  # fail before extracting, not after
+    created = init_distributed(device)  # joins torchrun's process group; a no-op for a single process
+    rank = get_rank()
+    try:
+        res = compute_fd(gen, ref, models, weights=_weights(weights), device=device, batch_size=batch_size,
+                         num_workers=num_workers, num=num, seed=seed, skip_bad=skip_bad, resize=resize,
+                         allow_mismatch=allow_mismatch, offline=offline, ref_image_transform=ref_transform,
+                         progress=not quiet, keep_features=spec is not None)
+    except FDEvalError:
+        if rank != 0:  # every rank raises the same error; rank 0 prints it once
+            sys.exit(1)
+        raise
+    finally:
+        if created:
+            destroy()
+    if rank != 0:
+        return
     for w in res.warnings:
         warn(w)
     for s in res.skipped[:20]:
@@ -84,10 +110,15 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     if any(r["floor"] is not None for r in res.results.values()):
         click.echo("floor: FD of real images of the same N against this reference (published); a perfect "
                    "generator scores about this, not 0")
+    analyses = {} if spec is None else run_analysis(
+        res, ref, spec, weights=_weights(weights), device=device, resize=resize, offline=offline,
+        ref_image_transform=ref_transform, batch_size=batch_size, num_workers=num_workers, progress=not quiet)
     if save_stats_path:
         save_stats(save_stats_path, list(res.stats.values()))
     if json_path:
         doc = res.to_dict()
+        for model, a in analyses.items():
+            doc["results"][model]["analysis"] = a
         doc["provenance"]["command"] = ["fd-eval", *sys.argv[1:]]
         write_json(json_path, doc)
 
@@ -99,20 +130,37 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
 @click.option("--transform", "image_transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
 @click.option("--keep-features", is_flag=True, help="Store the (N, D) features too (for PRDC, MMD, bootstrap).")
+@click.option("--checkpoint-dir", default=None,
+              help="Where finished units are saved for resuming (default OUTPUT.partial; shared by all ranks).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
+              help=f"Images per resumable unit (default: one unit per tar shard, else {DEFAULT_BLOCK:,}).")
 def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
               seed: int | None, device: str, batch_size: int | None, num_workers: int | None, resize: str | None,
-              skip_bad: bool, quiet: bool, image_transform: str | None, keep_features: bool) -> None:
-    """Build a statistics file (one section per --model) from the images in SOURCE."""
-    stats = compute_stats(source, models, weights=_weights(weights), device=device, batch_size=batch_size,
-                          num_workers=num_workers, num=num, seed=seed, keep_features=keep_features,
-                          skip_bad=skip_bad, image_transform=image_transform, resize=resize, progress=not quiet)
-    save_stats(output, list(stats.values()))
+              skip_bad: bool, quiet: bool, image_transform: str | None, keep_features: bool,
+              checkpoint_dir: str | None, checkpoint_every: int | None) -> None:
+    """Build a statistics file (one section per --model) from the images in SOURCE.
+
+    Resumable: finished units (tar shards, or blocks of --checkpoint-every images) are saved as the run goes;
+    after a crash or kill the same command continues where it stopped and writes bit-identical statistics.
+    Under `torchrun --nproc_per_node N -m fd_eval stats ...` each process takes every N-th unit.
+    """
+    stats = build_stats(source, output, models, weights=_weights(weights), device=device, batch_size=batch_size,
+                        num_workers=num_workers, num=num, seed=seed, keep_features=keep_features,
+                        skip_bad=skip_bad, image_transform=image_transform, resize=resize,
+                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=not quiet,
+                        log=lambda msg: click.echo(msg, err=True))
+    if stats is None:  # not rank 0: rank 0 writes the file
+        return
     first = next(iter(stats.values()))
     skipped = first.metadata["source"].get("skipped_items", [])
     for s in skipped[:20]:
         warn(f"skipped {s['name']}: {s['reason']}")
+    if len(skipped) > 20:
+        warn(f"... and {len(skipped) - 20} more skipped (all listed by `fd-eval info --json {output}`)")
+    build = first.metadata["source"]["build"]
+    resumed = f", {build['resumed_units']} resumed" if build["resumed_units"] else ""
     click.echo(f"wrote {output}: {', '.join(stats)} over {first.n:,} images"
-               + (f" ({len(skipped)} skipped)" if skipped else ""))
+               + (f" ({len(skipped)} skipped)" if skipped else "") + f" from {build['units']} units{resumed}")
 
 
 @main.command("models")

@@ -1,0 +1,225 @@
+"""The best FD a perfect generator can reach: real images scored like generated ones.
+
+FD from N samples is biased upwards by roughly c / N (PROTOCOL.md: real GPIC test images score 7.44 FD-DINOv2
+against Test-1M at N = 50K, almost all of it covariance bias), so a score means little without the score of real
+data at the same N. Two checks:
+
+* :func:`ceiling` -- a real sample of size n (GPIC val, a held-out test subset, ...) against the reference: the
+  statistics of the sample against the reference's, exactly how the GPIC paper defines its Table 2 rows (e.g.
+  "Test-50K vs Test-1M", where the 50K are a subset of the 1M). A generator indistinguishable from the real data
+  scores about this at this n; the registry's published floors are reported beside it.
+
+      fd_eval.ceiling("gpic/val/gpic_val_{00000..00031}.tar", ref="gpic-test", n=50_000,
+                      image_transform="center-crop-256")
+
+* :func:`split_half` -- real against real for one source, no reference needed: two disjoint seeded halves of n
+  images each. Both sides are now finite samples, so its bias is about twice the one-sided bias of
+  :func:`ceiling` at the same n (against a much larger reference); use it to judge a metric on your own data.
+
+Both reuse :mod:`fd_eval.api` (extraction, reference resolution, FD) and return a :class:`CeilingResult` whose
+``to_dict()`` is the ``fd-eval ceiling --json`` document.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .api import (
+    PROTOCOL_N,
+    ModelsArg,
+    WeightsArg,
+    compute_stats,
+    evaluate_stats,
+    load_extractors,
+    resolve_reference,
+)
+from .errors import InputError
+from .extractors import DEFAULT_EXTRACTOR, Extractor, resolve_name
+from .pipeline import auto_device
+from .provenance import device_name, versions
+from .sources import SubsetSource, open_source
+from .stats import Stats
+
+# How the halves of split_half are drawn (recorded in the results).
+SPLIT_SAMPLING = ("p = numpy.random.RandomState(seed).permutation(len(source)); half a = sorted(p[:n]) "
+                  "(= source.subset(n, seed)), half b = sorted(p[n:2n])")
+
+
+@dataclass
+class CeilingResult:
+    """Real-vs-reference (``mode="reference"``) or real-vs-real (``mode="split-half"``) FD per extractor.
+
+    results[model] = {"fd", "fd_mean", "fd_cov", "n", "n_ref", "floor", "floor_fd_mean", "floor_fd_cov",
+    "floors", "diagnostics"}: ``n`` is the size of the real sample (of each half for split-half), ``n_ref`` that of
+    the reference (of the other half); ``floor*`` is the published floor at exactly this n (None when the registry
+    has none), ``floors`` every published floor of the reference for this model (``[{n, fd, fd_mean, fd_cov,
+    label, source}]``; empty for references outside the registry and for split-half).
+    """
+
+    mode: str
+    results: dict[str, dict[str, Any]]
+    provenance: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # the real sample's (half a's) statistics
+
+    def __getitem__(self, model: str) -> dict[str, Any]:
+        return self.results[resolve_name(model)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "results": self.results, "provenance": self.provenance,
+                "warnings": self.warnings, "skipped": self.skipped}
+
+
+def _extractors(models: ModelsArg, extractors: Sequence[Extractor] | None, weights: WeightsArg,
+                device: torch.device, resize: str | None) -> list[Extractor]:
+    return list(extractors) if extractors is not None else load_extractors(models, weights, device, resize)
+
+
+def _provenance(exs: Sequence[Extractor], dev: torch.device, t0: float, **parts: Any) -> dict[str, Any]:
+    return {
+        "versions": versions(),
+        "device": device_name(dev),
+        "extractors": {ex.name: {"weights_sha256": ex.weights_sha256, "preprocess": ex.preprocess_spec.to_dict()}
+                       for ex in exs},
+        **parts,
+        "timings": {"total_s": time.perf_counter() - t0},
+    }
+
+
+def _skipped(stats: dict[str, Stats]) -> list[dict[str, Any]]:
+    return list(next(iter(stats.values())).metadata["source"].get("skipped_items", []))
+
+
+def ceiling(
+    real: str | os.PathLike | Any,
+    ref: str | os.PathLike | Stats | dict[str, Stats] = "gpic-test",
+    models: ModelsArg = (DEFAULT_EXTRACTOR,),
+    *,
+    n: int | None = PROTOCOL_N,
+    seed: int | None = 0,
+    extractors: Sequence[Extractor] | None = None,
+    weights: WeightsArg = None,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    skip_bad: bool = False,
+    resize: str | None = None,
+    image_transform: str | None = None,
+    ref_image_transform: str | None = None,
+    allow_mismatch: bool = False,
+    offline: bool | None = None,
+    progress: bool = True,
+) -> CeilingResult:
+    """FD of n real images against the reference: the score of a perfect generator at this n (GPIC Table 2).
+
+    Args:
+        real: an image source of real images (any format :func:`fd_eval.open_source` reads).
+        ref: as in :func:`fd_eval.compute_fd` (registry name, statistics file, ``Stats``, or an image source).
+        n: sample size (default 50,000, GPIC's protocol); None: the whole source.
+        seed: the sample is ``source.subset(n, seed)``, i.e. ``RandomState(seed).permutation(len)[:n]`` sorted;
+            None takes the first n items (use it when the source order is already random).
+        image_transform: a named transform for the real images ("center-crop-256" = how GPIC's reference images
+            were made, App. B.1: pass it for raw GPIC shards).
+        extractors: already loaded extractors (then ``models``, ``weights``, ``resize`` are ignored).
+
+    Returns:
+        :class:`CeilingResult` with ``mode="reference"``.
+    """
+    t0 = time.perf_counter()
+    dev = auto_device(device)
+    exs = _extractors(models, extractors, weights, dev, resize)
+    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    reference = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform, **opts)
+    real_stats = compute_stats(real, extractors=exs, num=n, seed=seed if n is not None else None,
+                               skip_bad=skip_bad, image_transform=image_transform, **opts)
+    results, warnings = evaluate_stats(real_stats, reference, allow_mismatch=allow_mismatch, device=dev)
+    for name, r in results.items():
+        r["floors"] = list(reference.stats[name].metadata.get("floors") or [])
+    if reference.registry_name and reference.registry_name.startswith("gpic") and image_transform is None:
+        warnings.append(f"{reference.registry_name}'s images were centre-cropped and resized to 256x256 before "
+                        "feature extraction (GPIC App. B.1); if the real images are raw GPIC samples, pass "
+                        "--transform center-crop-256 (image_transform=) or the FD measures the crop, not the data")
+    src = next(iter(real_stats.values())).metadata["source"]
+    skipped = _skipped(real_stats)
+    if skipped:
+        warnings.append(f"{len(skipped)} unreadable image(s) skipped (--skip-bad); N counts only the rest")
+    prov = _provenance(exs, dev, t0, reference=reference.identity, real={
+        "spec": src["spec"], "fingerprint": src["fingerprint"], "n": next(iter(real_stats.values())).n,
+        "num": n, "seed": src["seed"], "image_transform": src.get("image_transform"),
+        "sampling": "source.subset(n, seed): sorted(numpy.random.RandomState(seed).permutation(len(source))[:n])"
+                    if src["seed"] is not None else ("the first n items" if n is not None else "every item"),
+        "skipped": len(skipped)})
+    return CeilingResult("reference", results, prov, warnings, skipped, real_stats)
+
+
+def split_indices(total: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint sorted index sets of size n from range(total) (see ``SPLIT_SAMPLING``); int64."""
+    if not 0 <= int(seed) < 2**32:
+        raise InputError(f"seed must be in 0..2**32-1, got {seed}")
+    perm = np.random.RandomState(int(seed)).permutation(total)
+    return np.sort(perm[:n]).astype(np.int64), np.sort(perm[n:2 * n]).astype(np.int64)
+
+
+def split_half(
+    real: str | os.PathLike | Any,
+    models: ModelsArg = (DEFAULT_EXTRACTOR,),
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    extractors: Sequence[Extractor] | None = None,
+    weights: WeightsArg = None,
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    skip_bad: bool = False,
+    resize: str | None = None,
+    image_transform: str | None = None,
+    progress: bool = True,
+) -> CeilingResult:
+    """FD between two disjoint seeded halves of one real source (real vs real; no reference needed).
+
+    Args:
+        real: an image source with at least 2 n images.
+        n: images per half; default min(50,000, len(source) // 2).
+        seed: seed of the split (``SPLIT_SAMPLING``; half a equals ``source.subset(n, seed)``).
+
+    Returns:
+        :class:`CeilingResult` with ``mode="split-half"``: results[model]["fd"] is FD(half a, half b), ``n`` and
+        ``n_ref`` the sizes of half a and half b (after skipped items).
+    """
+    t0 = time.perf_counter()
+    dev = auto_device(device)
+    src = open_source(real, skip_bad=skip_bad)
+    total = len(src)
+    if n is None:
+        n = min(PROTOCOL_N, total // 2)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise InputError(f"{src.spec}: split-half needs at least 2 images per half, got n = {n!r}"
+                         + (f" (the source holds {total})" if total < 4 else ""))
+    if 2 * n > total:
+        raise InputError(f"{src.spec}: split-half needs 2 x {n} = {2 * n} images but the source holds {total}; "
+                         f"lower -n to at most {total // 2}")
+    exs = _extractors(models, extractors, weights, dev, resize)
+    idx_a, idx_b = split_indices(total, int(n), seed)
+    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                skip_bad=skip_bad, image_transform=image_transform)
+    half_a = compute_stats(SubsetSource(src, idx_a), extractors=exs, **opts)
+    half_b = compute_stats(SubsetSource(src, idx_b), extractors=exs, **opts)
+    results, warnings = evaluate_stats(half_a, resolve_reference(half_b, exs), device=dev)
+    for r in results.values():
+        r["floors"] = []
+    skipped = _skipped(half_a) + _skipped(half_b)
+    if skipped:
+        warnings.append(f"{len(skipped)} unreadable image(s) skipped (--skip-bad); the halves count only the rest")
+    first_a, first_b = next(iter(half_a.values())), next(iter(half_b.values()))
+    prov = _provenance(exs, dev, t0, reference={"kind": "split-half"}, real={
+        "spec": src.spec, "fingerprint": src.fingerprint(), "total": total, "n": int(n),
+        "n_a": first_a.n, "n_b": first_b.n, "seed": int(seed), "image_transform": image_transform,
+        "sampling": SPLIT_SAMPLING, "skipped": len(skipped)})
+    return CeilingResult("split-half", results, prov, warnings, skipped, half_a)

@@ -1,0 +1,171 @@
+"""`fd-eval ceiling` (real images scored like generated ones) and the analysis options of `fd-eval compute`
+(``--ci/--bootstrap``, ``--fd-infinity``, ``--prdc``, ``--mmd``, ``--analysis-seed``)."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ..analysis import AnalysisSpec, analyze_result
+from ..ceiling import ceiling as real_ceiling, split_half as real_split_half
+from ..preprocess import SOURCE_TRANSFORMS
+from ._common import echo_table, fmt_num, main, warn, write_json
+
+
+# --- the analysis options of `compute` ----------------------------------------------------------------------
+def analysis_options(f):
+    """Adds the analysis options; the command receives them as keyword arguments for :func:`analysis_spec`."""
+    opts = [
+        click.option("--ci", type=float, default=None,
+                     help="Bootstrap confidence interval for FD at this level, e.g. 0.95 (for E[FD] at this N)."),
+        click.option("--bootstrap", "n_boot", type=int, default=None,
+                     help="Bootstrap replicates (default 100 with --ci; alone it implies --ci 0.95)."),
+        click.option("--fd-infinity", is_flag=True,
+                     help="Extrapolate FD to infinitely many samples (fit in 1/N; Chong & Forsyth 2020)."),
+        click.option("--prdc", is_flag=True,
+                     help="Precision, recall, density, coverage (k=5, seeded subsets of <= 10K); needs reference "
+                          "features."),
+        click.option("--mmd", is_flag=True,
+                     help="Polynomial-kernel MMD (KID: degree 3, 100 seeded subsets of 1000); needs reference "
+                          "features."),
+        click.option("--analysis-seed", type=int, default=0, show_default=True,
+                     help="Seed of every analysis draw (bootstrap, FD-infinity, PRDC/MMD subsets); recorded."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def analysis_spec(ci: float | None = None, n_boot: int | None = None, fd_infinity: bool = False,
+                  prdc: bool = False, mmd: bool = False, analysis_seed: int = 0) -> AnalysisSpec | None:
+    """The options of :func:`analysis_options` as an :class:`AnalysisSpec`; None when none was given."""
+    if ci is None and n_boot is not None:
+        ci = 0.95
+    spec = AnalysisSpec(ci=ci, n_boot=100 if n_boot is None else n_boot, fd_infinity=fd_infinity, prdc=prdc,
+                        mmd=mmd, seed=analysis_seed)
+    return spec if spec.requested else None
+
+
+def run_analysis(res: Any, ref: Any, spec: AnalysisSpec, **opts: Any) -> dict[str, dict[str, Any]]:
+    """Analyses of a `compute` result (see :func:`fd_eval.analysis.analyze_result`), printed as a compact table."""
+    analyses = analyze_result(res, ref, spec, **opts)
+    for a in analyses.values():
+        for w in a["warnings"]:
+            warn(w)
+    echo_analysis(analyses, spec)
+    return analyses
+
+
+def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec) -> None:
+    header = ["model"]
+    if spec.bootstrap:
+        header.append(f"FD {spec.ci * 100:g}% CI")
+    if spec.fd_infinity:
+        header += ["FD-infinity", "fit R^2"]
+    if spec.prdc:
+        header += ["precision", "recall", "density", "coverage"]
+    if spec.mmd:
+        header.append("MMD")
+    rows = []
+    for model, a in analyses.items():
+        row = [model]
+        if spec.bootstrap:
+            b = a["bootstrap"]
+            row.append(f"[{fmt_num(b['low'])}, {fmt_num(b['high'])}]")
+        if spec.fd_infinity:
+            row += [fmt_num(a["fd_infinity"]["fd_infinity"]), f"{a['fd_infinity']['r2']:.3f}"]
+        if spec.prdc:
+            row += [f"{a['prdc'][k]:.4f}" for k in ("precision", "recall", "density", "coverage")]
+        if spec.mmd:
+            row.append(fmt_num(a["mmd"]["mmd"]))
+        rows.append(row)
+    click.echo("")
+    echo_table(rows, header)
+    notes = [f"seed {spec.seed}"]
+    if spec.bootstrap:
+        notes.append(f"bootstrap: {spec.n_boot} replicates, interval for E[FD] at this N")
+    if spec.prdc:
+        notes.append(f"PRDC: k={spec.nearest_k}, <= {spec.prdc_max:,} rows each")
+    if spec.mmd:
+        notes.append(f"MMD^2: {spec.mmd_subsets} subsets of <= {spec.mmd_subset_size}")
+    click.echo("analysis: " + "; ".join(notes) + " (details in --json)")
+
+
+# --- `fd-eval ceiling` --------------------------------------------------------------------------------------
+def _short_n(n: int) -> str:
+    return f"{n // 1000}K" if n >= 1000 and n % 1000 == 0 else f"{n:,}"
+
+
+@main.command("ceiling")
+@click.option("--real", "real", required=True, help="Real images (GPIC val, a held-out test subset, ...).")
+@click.option("--ref", "-r", default=None,
+              help="Reference: a registry name, a statistics file or an image source [default: gpic-test].")
+@click.option("--split-half", is_flag=True,
+              help="Real vs real: two disjoint seeded halves of --real against each other (no --ref).")
+@click.option("--num", "-n", type=int, default=None,
+              help="Real images (per half with --split-half) [default: 50,000; split-half: min(50,000, half)].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample (of the split).")
+@click.option("--model", "-m", "models", multiple=True, default=("dinov2-vitl14",), show_default=True,
+              help="Extractor (repeatable; `fid` = inception-v3-tf). See `fd-eval models`.")
+@click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model.")
+@click.option("--transform", "image_transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
+              help="Transform the real images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
+@click.option("--ref-transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
+              help="Transform reference images first when REF is an image source.")
+@click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto.")
+@click.option("--batch-size", type=int, default=None, help="Images per batch (default 256 GPU / 32 CPU).")
+@click.option("--num-workers", type=int, default=None, help="Decode workers (default from the CPU count).")
+@click.option("--resize", type=click.Choice(["pil", "torch"]), default=None,
+              help="DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant).")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted and listed) instead of stopping.")
+@click.option("--allow-mismatch", is_flag=True, help="Compare even if the reference was made differently.")
+@click.option("--offline", is_flag=True, default=None, help="Use cached references and weights only.")
+@click.option("--json", "json_path", default=None, help="Write results and provenance as JSON here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, seed: int, models: tuple[str, ...],
+                weights: tuple[str, ...], image_transform: str | None, ref_transform: str | None, device: str,
+                batch_size: int | None, num_workers: int | None, resize: str | None, skip_bad: bool,
+                allow_mismatch: bool, offline: bool | None, json_path: str | None, quiet: bool) -> None:
+    """The best FD a perfect generator can reach: N real images against REF (GPIC Table 2's definition: the
+    sample's statistics against the reference's), shown beside the published floors; or, with --split-half,
+    two disjoint halves of the real images against each other."""
+    from .compute_cmds import _weights  # (compute_cmds imports this module)
+
+    opts = dict(weights=_weights(weights), device=device, batch_size=batch_size, num_workers=num_workers,
+                skip_bad=skip_bad, resize=resize, image_transform=image_transform, progress=not quiet)
+    if split_half:
+        if ref is not None:
+            raise click.UsageError("--split-half compares --real with itself; drop --ref (or drop --split-half)")
+        res = real_split_half(real, models, n=num, seed=seed, **opts)
+    else:
+        res = real_ceiling(real, ref or "gpic-test", models, n=50_000 if num is None else num, seed=seed,
+                      ref_image_transform=ref_transform, allow_mismatch=allow_mismatch, offline=offline, **opts)
+    for w in res.warnings:
+        warn(w)
+    for s in res.skipped[:20]:
+        warn(f"skipped {s['name']}: {s['reason']}")
+    rows = []
+    for model, r in res.results.items():
+        floor = f"{r['floor']:.2f}" if r["floor"] is not None else "-"
+        row = [model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), f"{r['n']:,}",
+               f"{r['n_ref']:,}" if r["n_ref"] else "?"]
+        rows.append(row if split_half else row + [floor])
+    if split_half:
+        echo_table(rows, ["model", "FD half a vs b", "mean term", "cov term", "N a", "N b"])
+        click.echo("split-half: two disjoint real samples of N images; their FD is about twice the FD of one such "
+                   "sample against a much larger reference")
+    else:
+        echo_table(rows, ["model", "real-vs-ref FD", "mean term", "cov term", "N", "N ref", "published floor"])
+        name = res.provenance["reference"].get("name") or ref or "gpic-test"
+        for model, r in res.results.items():
+            if r["floors"]:
+                listed = ", ".join(f"{f['fd']:g} at N={_short_n(f['n'])} ({f['label']})" for f in r["floors"])
+                click.echo(f"published floors, {name} / {model}: {listed}; {r['floors'][0]['source']}")
+        click.echo("real-vs-ref FD: what a generator indistinguishable from these real images scores at this N; "
+                   "compare generated sets at the same N")
+    if json_path:
+        doc = res.to_dict()
+        doc["provenance"]["command"] = ["fd-eval", *sys.argv[1:]]
+        write_json(json_path, doc)
+
