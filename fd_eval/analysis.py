@@ -228,6 +228,8 @@ def reference_stats(
     batch_size: int | None = None,
     num_workers: int | None = None,
     progress: bool = False,
+    precision: str | None = None,
+    decode: str = "pil",
 ) -> dict[str, Stats]:
     """The reference statistics ``compute_fd(gen, ref, models)`` compared against, with feature rows when
     ``features`` (what :func:`analyze` needs after an :class:`EvalResult`, which does not carry them).
@@ -247,9 +249,10 @@ def reference_stats(
 
         return {n: load_reference(os.fspath(ref), n, offline=offline, features=features) for n in names}
     dev = auto_device(device)
-    exs = load_extractors(names, weights, dev, resize)
+    exs = load_extractors(names, weights, dev, resize, precision=precision)
     # world_size=1: this runs on one process; the extraction must not join a (finished) torchrun group
-    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress, rank=0, world_size=1)
+    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress, rank=0, world_size=1,
+                decode=decode)
     got = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform,
                             keep_features=features, **opts)
     if features and any(s.features is None for s in got.stats.values()):
@@ -271,11 +274,14 @@ def analyze_result(
     batch_size: int | None = None,
     num_workers: int | None = None,
     progress: bool = False,
+    precision: str | None = None,
+    decode: str = "pil",
 ) -> dict[str, dict[str, Any]]:
     """:func:`analyze` for every model of ``compute_fd(..., keep_features=True)``'s result; ``ref`` and the
     options are those given to ``compute_fd``. Returns {model: analysis record}."""
     refs = reference_stats(ref, list(result.stats), features=spec.needs_reference_features, weights=weights,
                            device=device, resize=resize, offline=offline, ref_image_transform=ref_image_transform,
-                           batch_size=batch_size, num_workers=num_workers, progress=progress)
+                           batch_size=batch_size, num_workers=num_workers, progress=progress, precision=precision,
+                           decode=decode)
     dev = auto_device(device)
     return {name: analyze(gen, refs[name], spec, device=dev) for name, gen in result.stats.items()}

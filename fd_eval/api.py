@@ -24,7 +24,8 @@ from .distributed import resolve_world
 from .errors import FDEvalError, StatsFormatError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
 from .io_utils import cache_dir
-from .pipeline import auto_device, extract, extraction_stats
+from .pipeline import auto_device, check_decode, extract, extraction_stats
+from .precision import precision_provenance, resolve_precision
 from .preprocess import source_transform
 from .provenance import device_name, versions
 from .sources import ImageSource, open_source
@@ -59,9 +60,12 @@ class EvalResult:
 
 # --- extractors ---------------------------------------------------------------------------------------------
 def load_extractors(models: ModelsArg = (DEFAULT_EXTRACTOR,), weights: WeightsArg = None,
-                    device: str | torch.device | None = None, resize: str | None = None) -> list[Extractor]:
+                    device: str | torch.device | None = None, resize: str | None = None, *,
+                    precision: str | None = None, compile: bool | None = None) -> list[Extractor]:
     """Extractors by name (aliases resolved, duplicates dropped). ``weights``: one path for a single model, or
-    ``{model: path}``; ``resize``: DINOv2's "pil" (reference) or "torch"."""
+    ``{model: path}``; ``resize``: DINOv2's "pil" (reference) or "torch"; ``precision``: "exact" (default) or
+    "fast" (:mod:`fd_eval.precision`), ``compile``: torch.compile in fast mode (None: auto)."""
+    resolve_precision(precision, compile)  # a bad mode fails before any download
     names = list(dict.fromkeys(resolve_name(m) for m in ([models] if isinstance(models, str) else models)))
     if not names:
         raise FDEvalError("no model given; pass at least one --model (e.g. dinov2-vitl14)")
@@ -76,8 +80,19 @@ def load_extractors(models: ModelsArg = (DEFAULT_EXTRACTOR,), weights: WeightsAr
     out = []
     for name in names:
         opts = {"resize": resize} if (resize and name.startswith("dinov2")) else {}
-        out.append(load_extractor(name, weights=wmap.get(name), device=device, **opts))
+        out.append(load_extractor(name, weights=wmap.get(name), device=device, precision=precision, compile=compile,
+                                  **opts))
     return out
+
+
+def configure_extractors(extractors: Sequence[Extractor], precision: str | None = None,
+                         compile: bool | None = None) -> list[Extractor]:
+    """Already loaded extractors, switched to ``precision``/``compile`` when given (None keeps theirs)."""
+    exs = list(extractors)
+    if precision is not None or compile is not None:
+        for ex in exs:
+            ex.set_precision(precision or ex.precision.mode, compile)
+    return exs
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
@@ -104,6 +119,9 @@ def compute_stats(
     skip_bad: bool = False,
     image_transform: str | None = None,
     resize: str | None = None,
+    precision: str | None = None,
+    compile: bool | None = None,
+    decode: str = "pil",
     progress: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
@@ -116,6 +134,10 @@ def compute_stats(
         image_transform: a named source transform applied before the extractors ("center-crop-256" is GPIC's
             reference preprocessing, App. B.1).
         keep_features: also store the (N, D) float32 features (for PRDC, MMD, bootstrap).
+        precision: "exact" (default: float32, TF32 off; the protocol's numbers) or "fast" (DINOv2 bfloat16
+            autocast, Inception TF32; recorded, and refused against exact statistics unless allow_mismatch).
+            With ``extractors`` given, None keeps their mode. ``compile``: torch.compile in fast mode (None: auto).
+        decode: "pil" (default) or "gpu" (JPEGs decoded on the GPU; needs extractors that resize on the device).
         rank, world_size: unset = detect torch.distributed (an initialised process group, or torchrun's
             environment, whose group is then initialised): each rank extracts its block and every rank gets the
             merged statistics (every rank must call this). ``world_size=1`` forces a single-process run.
@@ -124,12 +146,14 @@ def compute_stats(
     """
     dev = auto_device(device)
     rank, world_size = resolve_world(rank, world_size, device=dev)
-    exs = list(extractors) if extractors is not None else load_extractors(models, weights, dev, resize)
-    src = _select(open_source(source, skip_bad=skip_bad), num, seed)
+    exs = (configure_extractors(extractors, precision, compile) if extractors is not None
+           else load_extractors(models, weights, dev, resize, precision=precision, compile=compile))
     tf = source_transform(image_transform)
+    check_decode(decode, exs, tf)
+    src = _select(open_source(source, skip_bad=skip_bad), num, seed)
     ext = extract(src, exs, device=dev, batch_size=batch_size, num_workers=num_workers,
-                  keep_features=keep_features, skip_bad=skip_bad, image_transform=tf, progress=progress,
-                  rank=rank, world_size=world_size)
+                  keep_features=keep_features, skip_bad=skip_bad, image_transform=tf, decode=decode,
+                  progress=progress, rank=rank, world_size=world_size)
     info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed, "world_size": world_size,
             "image_transform": tf.to_dict() if tf else None,
             "skipped_items": [s.to_dict() for s in ext.skipped], "seconds": ext.seconds,
@@ -161,8 +185,10 @@ def _is_stats_file(path: Path) -> bool:
     return False
 
 
-def _ref_cache_key(src: ImageSource, ex: Extractor, tf: str | None) -> str:
+def _ref_cache_key(src: ImageSource, ex: Extractor, tf: str | None, decode: str = "pil") -> str:
     ident = {"fingerprint": src.fingerprint(), "extractor": ex.metadata(), "image_transform": tf, "v": 1}
+    if decode != "pil":
+        ident["decode"] = decode
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -202,7 +228,8 @@ def resolve_reference(
     src = open_source(spec)
     tf = ref_image_transform
     out: dict[str, Stats] = {}
-    files = [cache_dir("ref_stats") / f"{_ref_cache_key(src, ex, tf)}.safetensors" for ex in extractors]
+    decode = extract_opts.get("decode") or "pil"
+    files = [cache_dir("ref_stats") / f"{_ref_cache_key(src, ex, tf, decode)}.safetensors" for ex in extractors]
     for ex, f in zip(extractors, files):
         if cache and f.is_file():
             try:
@@ -220,7 +247,8 @@ def resolve_reference(
     todo = [(ex, f) for ex, f, hit in zip(extractors, files, hits) if not hit]
     if todo:
         opts = {k: v for k, v in extract_opts.items() if k in {"device", "batch_size", "num_workers", "progress",
-                                                                "skip_bad", "keep_features", "rank", "world_size"}}
+                                                                "skip_bad", "keep_features", "rank", "world_size",
+                                                                "decode"}}
         computed = compute_stats(src, extractors=[ex for ex, _ in todo], image_transform=tf, **opts)
         from .distributed import local_rank
 
@@ -232,6 +260,13 @@ def resolve_reference(
 
 
 # --- FD -----------------------------------------------------------------------------------------------------
+def _recorded_spec(stats: Mapping[str, Stats], ex: Extractor) -> dict[str, Any]:
+    """The preprocessing the statistics of ``ex`` record (with the decoder actually used)."""
+    s = stats.get(ex.name)
+    return dict(s.metadata["preprocess"]) if s is not None and s.metadata.get("preprocess") else \
+        ex.preprocess_spec.to_dict()
+
+
 def _floor(ref: _Ref, model: str, n: int) -> Any:
     if ref.registry_name is None:
         return None
@@ -279,6 +314,9 @@ def compute_fd(
     seed: int | None = None,
     skip_bad: bool = False,
     resize: str | None = None,
+    precision: str | None = None,
+    compile: bool | None = None,
+    decode: str = "pil",
     allow_mismatch: bool = False,
     offline: bool | None = None,
     ref_image_transform: str | None = None,
@@ -291,13 +329,20 @@ def compute_fd(
 
     Under torch.distributed (see :func:`compute_stats`; every rank calls this) both the generated images and a
     reference given as an image source are sharded over the ranks; every rank returns the same result.
+
+    ``precision="fast"`` statistics are refused against an exact reference (the GPIC ones are exact)
+    unless ``allow_mismatch``; an image-source reference is computed in the same mode. ``decode="gpu"`` applies
+    to both image sources. ``provenance["precision"]`` records the mode and its documented expected FD
+    difference from exact.
     """
     t0 = time.perf_counter()
     dev = auto_device(device)
+    resolve_precision(precision, compile)
     rank, world_size = resolve_world(rank, world_size, device=dev)
-    exs = load_extractors(models, weights, dev, resize)
+    exs = load_extractors(models, weights, dev, resize, precision=precision, compile=compile)
+    check_decode(decode, exs, source_transform(ref_image_transform))
     opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress, rank=rank,
-                world_size=world_size)
+                world_size=world_size, decode=decode)
     t_ref = time.perf_counter()
     reference = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform,
                                   keep_features=keep_features, **opts)
@@ -315,8 +360,10 @@ def compute_fd(
     provenance = {
         "versions": versions(),
         "device": device_name(dev),
-        "extractors": {ex.name: {"weights_sha256": ex.weights_sha256, "preprocess": ex.preprocess_spec.to_dict()}
+        "extractors": {ex.name: {"weights_sha256": ex.weights_sha256, "preprocess": _recorded_spec(gen_stats, ex)}
                        for ex in exs},
+        "precision": precision_provenance(exs, dev),
+        "decode": {"requested": decode, "used": first.metadata["preprocess"].get("decode")},
         "reference": reference.identity,
         "generated": {"spec": src_meta["spec"], "fingerprint": src_meta["fingerprint"], "n": first.n,
                       "num": num, "seed": seed, "skipped": len(skipped)},

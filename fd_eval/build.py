@@ -57,18 +57,27 @@ from .errors import CheckpointError, EmptySourceError, FDEvalError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .io_utils import atomic_path, atomic_write
 from .moments import MomentAccumulator
-from .pipeline import Extraction, _forward, auto_device, default_batch_size, default_num_workers, extraction_stats
-from .preprocess import SourceTransform, source_transform
+from .pipeline import (
+    BatchRunner,
+    Extraction,
+    auto_device,
+    check_decode,
+    default_batch_size,
+    default_num_workers,
+    device_decode_spec,
+    extraction_stats,
+    make_dataset,
+    make_loader,
+)
+from .preprocess import DECODE_PIL_RGB, SourceTransform, source_transform
 from .provenance import device_name
 from .sources import (
     DirectorySource,
-    ExtractorDataset,
     ImageSource,
     SkippedItem,
     SubsetSource,
     TarSource,
     _stat_part,
-    collate,
     open_source,
 )
 from .stats import Stats, save_stats
@@ -192,7 +201,7 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
 
 # --- identity -----------------------------------------------------------------------------------------------
 def _identity(extractors: Sequence[Extractor], tf: SourceTransform | None, num: int | None, seed: int | None,
-              plan: BuildPlan) -> dict[str, Any]:
+              plan: BuildPlan, decode: str = "pil") -> dict[str, Any]:
     """What every unit of one build must share (JSON-normalised, so it compares equal to a stored copy)."""
     exs = []
     for ex in extractors:
@@ -203,6 +212,7 @@ def _identity(extractors: Sequence[Extractor], tf: SourceTransform | None, num: 
         "extractors": exs,
         "image_transform": tf.to_dict() if tf else None,
         "selection": {"num": num, "seed": seed},
+        "decode": decode,
         "plan": {"kind": plan.kind, "checkpoint_every": plan.checkpoint_every, "n_units": len(plan.units),
                  "n_items": plan.n_items},
     }
@@ -242,6 +252,8 @@ def _identity_diffs(old: Any, new: dict[str, Any]) -> list[str]:
     ot, nt = old.get("image_transform"), new["image_transform"]
     if ot != nt:
         out.append(f"image transform: then {(ot or {}).get('name', 'none')}, now {(nt or {}).get('name', 'none')}")
+    if old.get("decode", "pil") != new.get("decode", "pil"):
+        out.append(f"--decode: then {old.get('decode', 'pil')}, now {new.get('decode', 'pil')}")
     if old.get("selection") != new["selection"]:
         o, n = old.get("selection") or {}, new["selection"]
         out.append(f"--num/--seed: then {o.get('num')}/{o.get('seed')}, now {n['num']}/{n['seed']}")
@@ -394,7 +406,7 @@ def _save_unit(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tens
 def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[Extractor],
                    tf: SourceTransform | None, dev: torch.device, batch_size: int, num_workers: int,
                    keep_features: bool, skip_bad: bool, ckpt: Path, identity: dict[str, Any], rank: int,
-                   bar: Any, on_saved: Callable[[Unit], None]) -> None:
+                   bar: Any, on_saved: Callable[[Unit], None], decode: str = "pil") -> None:
     """Extract ``units`` in one DataLoader pass and save each unit's triple as soon as its last batch is in.
 
     One loader over all of this rank's units keeps the decode workers busy across unit boundaries (a fresh
@@ -405,8 +417,8 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
     if not units:
         return
     all_idx = np.concatenate([u.indices for u in units])
-    ds = ExtractorDataset(SubsetSource(plan.source, all_idx), [ex.host_transform() for ex in extractors],
-                          skip_bad=skip_bad, image_transform=tf)
+    ds, collate_fn = make_dataset(SubsetSource(plan.source, all_idx), extractors, dev, decode=decode,
+                                  skip_bad=skip_bad, image_transform=tf)
     batches: list[list[int]] = []
     owner: list[int] = []  # position in `units` of each batch
     off = 0
@@ -416,25 +428,23 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
             owner.append(k)
         off += len(u)
     last = {k: i for i, k in enumerate(owner)}  # index of each unit's final batch
-    loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+    loader = make_loader(ds, collate_fn, dev, num_workers, batch_sampler=batches)
     for ex in extractors:
         ex.to(dev)
+        ex.plan_run(len(all_idx))
     numerics = _numerics(dev, batch_size)
+    runner = BatchRunner(ds, extractors, dev, decode)
     accs: list[MomentAccumulator] = []
     skipped: list[SkippedItem] = []
+    decoded_before = 0
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
         k = owner[i]
         if not accs:
             accs = [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
-        for s in ds.check(batch):  # raises the one-line BadImageError unless skip_bad
+        _, bad = runner(batch, accs)  # raises the one-line BadImageError unless skip_bad
+        for s in bad:
             skipped.append(SkippedItem(int(all_idx[s.index]), s.name, s.reason, s.message))
-        if len(batch):
-            for ex, acc, x in zip(extractors, accs, batch.inputs):
-                acc.update(_forward(ex, x, dev))
         bar.update(len(batch) + len(batch.skipped))
         if i != last[k]:
             continue
@@ -446,11 +456,14 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
             if keep_features and acc.n:
                 tensors[f"{ex.name}.features"] = st["features"]
         seconds = time.perf_counter() - t0
+        on_device = runner.device_decoded - decoded_before
+        decoded_before = runner.device_decoded
         header = {
             "format": UNIT_FORMAT, "identity": identity,
             "unit": {"index": unit.index, "label": unit.label, "fingerprint": unit.fingerprint, "n_items": len(unit)},
             "n": accs[0].n, "features": keep_features, "skipped": [s.to_dict() for s in skipped],
             "numerics": numerics, "seconds": seconds, "rank": rank,
+            "decode": device_decode_spec(dev) if on_device else DECODE_PIL_RGB,
         }
         _save_unit(_unit_path(ckpt, unit.index), header, tensors)
         on_saved(unit)
@@ -520,7 +533,7 @@ def _merge(ckpt: Path, plan: BuildPlan, extractors: Sequence[Extractor], identit
                                   "that unit") from None
         skipped += [SkippedItem(**s) for s in header.get("skipped", [])]
         seconds += float(header.get("seconds", 0.0))
-        numerics.append(header.get("numerics") or {})
+        numerics.append({**(header.get("numerics") or {}), "decode": header.get("decode", DECODE_PIL_RGB)})
     return accs, skipped, seconds, numerics
 
 
@@ -571,6 +584,9 @@ def build_stats(
     skip_bad: bool = False,
     image_transform: str | None = None,
     resize: str | None = None,
+    precision: str | None = None,
+    compile: bool | None = None,
+    decode: str = "pil",
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     rank: int | None = None,
@@ -592,6 +608,10 @@ def build_stats(
             after ``out`` is written.
         checkpoint_every: images per unit (default: one unit per tar shard, else :data:`DEFAULT_BLOCK`); tar
             shards are cut into blocks of at most this many images.
+        precision: ``"exact"`` (default, the protocol's numerics) or ``"fast"`` (bfloat16/TF32; see
+            :mod:`fd_eval.precision`); part of the build's identity, so a resume in another mode is refused.
+            ``compile``: torch.compile in fast mode (None: auto). With ``extractors`` given, None keeps theirs.
+        decode: ``"pil"`` (default) or ``"gpu"`` (see :mod:`fd_eval.pipeline`); part of the identity.
         rank, world_size: override torch.distributed / ``RANK``/``WORLD_SIZE``.
         wait_timeout: seconds rank 0 waits for the other ranks' units (default: forever when polling, 10 min
             after a ``torch.distributed`` barrier, for the shared filesystem to show them).
@@ -612,13 +632,20 @@ def build_stats(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     r, w, dist_on = _rank_world(rank, world_size)
     dev = _rank_device(device, w)
-    exs = list(extractors) if extractors is not None else load_extractors(models, weights, dev, resize)
+    if extractors is not None:
+        exs = list(extractors)
+        if precision is not None or compile is not None:
+            for ex in exs:
+                ex.set_precision(precision or ex.precision.mode, compile)
+    else:
+        exs = load_extractors(models, weights, dev, resize, precision=precision, compile=compile)
     if not exs:
         raise FDEvalError("no extractor given")
-    src = open_source(source, skip_bad=skip_bad)
     tf = source_transform(image_transform)
+    check_decode(decode, exs, tf)
+    src = open_source(source, skip_bad=skip_bad)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)
-    identity = _identity(exs, tf, num, seed, plan)
+    identity = _identity(exs, tf, num, seed, plan, decode)
 
     done = _scan(ckpt, plan, identity, keep_features, skip_bad)
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -648,7 +675,7 @@ def build_stats(
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc=f"{where}stats", smoothing=0.1,
                   disable=not progress or r != 0) as bar:
             _compute_units(plan, mine, exs, tf, dev, bs, workers, keep_features, skip_bad, ckpt, identity, r, bar,
-                           saved.append)
+                           saved.append, decode)
     except BaseException:
         if saved or done_set:
             say(f"{where}{len(done_set) + len(saved)} of {len(plan.units)} units are saved in {ckpt}; run the same "
@@ -679,7 +706,9 @@ def build_stats(
         "build": {"units": len(plan.units), "kind": plan.kind, "checkpoint_every": plan.checkpoint_every,
                   "resumed_units": len(done_set), "world_size": w, "batch_size": bs, "warnings": warnings},
     }
-    stats = extraction_stats(Extraction(accs, skipped, n, seconds), exs, plan.selection, info)
+    used = sorted({str(x.get("decode", DECODE_PIL_RGB)) for x in numerics} - {DECODE_PIL_RGB})
+    ext = Extraction(accs, skipped, n, seconds, decode=used[0] if used else DECODE_PIL_RGB)
+    stats = extraction_stats(ext, exs, plan.selection, info)
     # Written inside the checkpoint folder first, so a kill at any moment leaves nothing half-written beside OUT.
     tmp_result = ckpt / RESULT
     save_stats(tmp_result, list(stats.values()))

@@ -34,10 +34,14 @@ from .api import (
     ModelsArg,
     WeightsArg,
     compute_stats,
+    configure_extractors,
     evaluate_stats,
     load_extractors,
     resolve_reference,
 )
+from .pipeline import check_decode
+from .precision import precision_provenance
+from .preprocess import source_transform
 from .errors import InputError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, resolve_name
 from .pipeline import auto_device
@@ -77,8 +81,11 @@ class CeilingResult:
 
 
 def _extractors(models: ModelsArg, extractors: Sequence[Extractor] | None, weights: WeightsArg,
-                device: torch.device, resize: str | None) -> list[Extractor]:
-    return list(extractors) if extractors is not None else load_extractors(models, weights, device, resize)
+                device: torch.device, resize: str | None, precision: str | None = None,
+                compile: bool | None = None) -> list[Extractor]:
+    if extractors is not None:
+        return configure_extractors(extractors, precision, compile)
+    return load_extractors(models, weights, device, resize, precision=precision, compile=compile)
 
 
 def _provenance(exs: Sequence[Extractor], dev: torch.device, t0: float, **parts: Any) -> dict[str, Any]:
@@ -87,6 +94,7 @@ def _provenance(exs: Sequence[Extractor], dev: torch.device, t0: float, **parts:
         "device": device_name(dev),
         "extractors": {ex.name: {"weights_sha256": ex.weights_sha256, "preprocess": ex.preprocess_spec.to_dict()}
                        for ex in exs},
+        "precision": precision_provenance(exs, dev),
         **parts,
         "timings": {"total_s": time.perf_counter() - t0},
     }
@@ -110,6 +118,9 @@ def ceiling(
     num_workers: int | None = None,
     skip_bad: bool = False,
     resize: str | None = None,
+    precision: str | None = None,
+    compile: bool | None = None,
+    decode: str = "pil",
     image_transform: str | None = None,
     ref_image_transform: str | None = None,
     allow_mismatch: bool = False,
@@ -127,14 +138,17 @@ def ceiling(
         image_transform: a named transform for the real images ("center-crop-256" = how GPIC's reference images
             were made, App. B.1: pass it for raw GPIC shards).
         extractors: already loaded extractors (then ``models``, ``weights``, ``resize`` are ignored).
+        precision, compile, decode: as in :func:`fd_eval.compute_fd` (the floor of a fast evaluation is
+            measured in fast mode too).
 
     Returns:
         :class:`CeilingResult` with ``mode="reference"``.
     """
     t0 = time.perf_counter()
     dev = auto_device(device)
-    exs = _extractors(models, extractors, weights, dev, resize)
-    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    exs = _extractors(models, extractors, weights, dev, resize, precision, compile)
+    check_decode(decode, exs, source_transform(image_transform) or source_transform(ref_image_transform))
+    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress, decode=decode)
     reference = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform, **opts)
     real_stats = compute_stats(real, extractors=exs, num=n, seed=seed if n is not None else None,
                                skip_bad=skip_bad, image_transform=image_transform, **opts)
@@ -179,6 +193,9 @@ def split_half(
     num_workers: int | None = None,
     skip_bad: bool = False,
     resize: str | None = None,
+    precision: str | None = None,
+    compile: bool | None = None,
+    decode: str = "pil",
     image_transform: str | None = None,
     progress: bool = True,
 ) -> CeilingResult:
@@ -205,10 +222,11 @@ def split_half(
     if 2 * n > total:
         raise InputError(f"{src.spec}: split-half needs 2 x {n} = {2 * n} images but the source holds {total}; "
                          f"lower -n to at most {total // 2}")
-    exs = _extractors(models, extractors, weights, dev, resize)
+    exs = _extractors(models, extractors, weights, dev, resize, precision, compile)
+    check_decode(decode, exs, source_transform(image_transform))
     idx_a, idx_b = split_indices(total, int(n), seed)
     opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                skip_bad=skip_bad, image_transform=image_transform)
+                skip_bad=skip_bad, image_transform=image_transform, decode=decode)
     half_a = compute_stats(SubsetSource(src, idx_a), extractors=exs, **opts)
     half_b = compute_stats(SubsetSource(src, idx_b), extractors=exs, **opts)
     results, warnings = evaluate_stats(half_a, resolve_reference(half_b, exs), device=dev)

@@ -92,8 +92,9 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, p
                 if grew and attempt < _RETRIES:
                     continue  # resume right away with a Range request
                 kept = part.stat().st_size if part.exists() else 0
-                resume = f"; {kept} bytes kept in {part}, run again to resume" if kept else ""
-                raise DownloadError(f"could not download {url} ({type(e).__name__}: {e}){resume}{hint}") from e
+                resume = f" ({kept} bytes kept in {part} to resume from)" if kept else ""
+                raise DownloadError(f"could not download {url} ({type(e).__name__}: {e}){resume}; check the network and "
+                                    f"run again{hint}") from e
         verify_sha256(part, sha256, url)
         os.replace(part, dest)
     return dest

@@ -29,11 +29,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .api import EvalResult, ModelsArg, WeightsArg, evaluate_stats, load_extractors, resolve_reference
+from .api import (
+    EvalResult,
+    ModelsArg,
+    WeightsArg,
+    configure_extractors,
+    evaluate_stats,
+    load_extractors,
+    resolve_reference,
+)
 from .errors import FDEvalError, InputError, InputRangeError, StatsMismatchError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .moments import MomentAccumulator
 from .pipeline import auto_device, available_cpus, shard_indices
+from .precision import precision_provenance, resolve_precision
 from .provenance import device_name, environment, versions
 from .stats import Stats, check_compatible
 
@@ -177,6 +186,13 @@ class FDMetric:
             compute() (collectives), and a reference given as an image source is computed sharded over them.
         extractors: already loaded :class:`Extractor` objects to use instead of ``models``/``weights``/``resize``
             (share one model between metrics).
+        precision: ``"exact"`` (default: float32 with TF32 off during the metric's forward passes only -- the
+            training loop's own TF32 flags are restored after each call) or ``"fast"`` (DINOv2 bfloat16,
+            Inception TF32: for monitoring; its statistics are refused against an exact reference such as GPIC's unless
+            ``allow_mismatch``, or use an image-source reference, computed in the same mode). With
+            ``extractors`` given, None keeps their mode. ``compile``: torch.compile the network in fast mode
+            (None: off here, since the metric does not know how many images it will see; True pays off over
+            many evaluations of a training run).
 
     Features and float64 moments stay on ``device``. On a GPU with ``resize="torch"`` (or Inception only),
     ``update`` never reads a device value back (deferred validation), so the host keeps queueing work; with
@@ -203,6 +219,8 @@ class FDMetric:
         extractors: Sequence[Extractor] | None = None,
         batch_size: int | None = None,
         num_workers: int | None = None,
+        precision: str | None = None,
+        compile: bool | None = None,
     ):
         from .distributed import resolve_world
 
@@ -210,6 +228,7 @@ class FDMetric:
             raise FDEvalError(f"validate must be None, 'eager' or 'deferred', got {validate!r}")
         if not 0 <= tolerance < 1:
             raise FDEvalError(f"tolerance is a fraction of the value range's width, in [0, 1); got {tolerance}")
+        resolve_precision(precision, compile)  # a bad mode fails before anything loads
         self.device = auto_device(device)
         self.rank, self.world_size = resolve_world(world_size=1 if distributed is False else None,
                                                    device=self.device)
@@ -219,9 +238,12 @@ class FDMetric:
         self.keep_features = keep_features
         self.allow_mismatch = allow_mismatch
         if extractors is not None:
-            self.extractors = [ex.to(self.device) for ex in extractors]
+            self.extractors = [ex.to(self.device) for ex in configure_extractors(extractors, precision, compile)]
         else:
-            self.extractors = load_extractors(models, weights, self.device, resize)
+            self.extractors = load_extractors(models, weights, self.device, resize, precision=precision,
+                                              compile=compile)
+        for ex in self.extractors:
+            ex.plan_run(None)
         self._ref = resolve_reference(ref, self.extractors, offline=offline, ref_image_transform=ref_image_transform,
                                       keep_features=keep_features, device=self.device, batch_size=batch_size,
                                       num_workers=num_workers, progress=False, rank=self.rank,
@@ -436,6 +458,7 @@ class FDMetric:
             "versions": versions(),
             "device": device_name(self.device),
             "extractors": self._identity(),
+            "precision": precision_provenance(self.extractors, self.device),
             "reference": self._ref.identity,
             "generated": src,
             "seed": provenance.get("seed"),

@@ -216,6 +216,15 @@ class ImageSource:
         i = self._check_index(i)
         return decode_image(self._read(i), lambda: self.describe(i), max_image_pixels=self.max_image_pixels)
 
+    def read_encoded(self, i: int) -> bytes | None:
+        """The encoded bytes of item ``i`` (files, zip and tar members; for GPU decoding), or None for sources
+        that hold decoded pixels (arrays). Raises :class:`BadImageError` naming the item when it cannot be read."""
+        i = self._check_index(i)
+        try:
+            return self._read(i)
+        except NotImplementedError:
+            return None
+
     def load_checked(self, i: int) -> tuple[Image.Image | None, str | None]:
         """``(image, None)``, or ``(None, one-line error message)`` for a bad image (never raises for those)."""
         img, err = self._load_or_error(i)
@@ -1039,6 +1048,9 @@ class SubsetSource(ImageSource):
 
     def meta(self, i: int) -> dict[str, Any] | None:
         return self.parent.meta(int(self.indices[self._check_index(i)]))
+
+    def read_encoded(self, i: int) -> bytes | None:
+        return self.parent.read_encoded(int(self.indices[self._check_index(i)]))
 
     def _fingerprint_parts(self, content: bool) -> Iterable[bytes]:
         yield self.parent.fingerprint(content=content).encode()

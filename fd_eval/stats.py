@@ -373,8 +373,20 @@ def check_compatible(a: Stats, b: Stats, allow_mismatch: bool = False) -> list[s
     if pa and pb:
         da = {k: v for k, v in pa.items() if k not in _IGNORED_SPEC_FIELDS}
         db = {k: v for k, v in pb.items() if k not in _IGNORED_SPEC_FIELDS}
+        if da.get("model_dtype", "float32") != db.get("model_dtype", "float32"):
+            problems.append(_precision_problem(a, b))
         problems += [f"preprocess {k}: {da.get(k)!r} != {db.get(k)!r}"
-                     for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+                     for k in sorted(set(da) | set(db)) if k != "model_dtype" and da.get(k) != db.get(k)]
+    else:
+        # Statistics that do not record their preprocessing (pytorch-fid/clean-fid/GPIC npz files) were made in
+        # float32 by every tool that writes them: fast-mode statistics are not comparable with them either.
+        from .precision import mode_of
+
+        for s, other in ((a, b), (b, a)):
+            if mode_of(s.metadata) == "fast" and not other.metadata.get("preprocess"):
+                problems.append(f"precision: {s.origin} was computed with --precision fast but "
+                                f"{other.origin} does not record its precision (such files are float32); use "
+                                "--precision exact")
     for s in (a, b):
         missing = [k for k in ("extractor", "preprocess") if not s.metadata.get(k)]
         if missing:
@@ -385,6 +397,19 @@ def check_compatible(a: Stats, b: Stats, allow_mismatch: bool = False) -> list[s
             "other's settings, or pass --allow-mismatch / allow_mismatch=True to compare anyway"
         )
     return warnings + [f"compared despite a mismatch: {p}" for p in problems]
+
+
+def _precision_problem(a: Stats, b: Stats) -> str:
+    """The mismatch line for statistics computed in different precision modes (see fd_eval.precision)."""
+    from .precision import expected_difference, mode_of
+
+    ma, mb = mode_of(a.metadata), mode_of(b.metadata)
+    fast = a if ma == "fast" else b
+    exp = expected_difference("fast", fast.name).get("fd_rel_mixed_max")
+    size = f" (measured up to {100 * exp:.2g}% with random weights; trained weights may differ)" if exp else ""
+    return (f"precision: {a.origin} is {ma} ({(a.preprocess.model_dtype if a.preprocess else '?')}), {b.origin} is "
+            f"{mb} ({(b.preprocess.model_dtype if b.preprocess else '?')}); mixing --precision fast with exact "
+            f"statistics shifts FD{size}: use --precision exact for the protocol's numbers")
 
 
 def compare_stats(a: Stats, b: Stats, allow_mismatch: bool = False,

@@ -63,3 +63,19 @@ def echo_table(rows: list[list[str]], header: list[str]) -> None:
 
 def warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
+
+
+def speed_options() -> list:
+    """``--precision``, ``--compile/--no-compile``, ``--decode`` (shared with `ceiling`)."""
+    return [
+        click.option("--precision", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
+                     help="exact: float32, TF32 off (the protocol's numbers); fast: bfloat16 autocast for DINOv2, "
+                          "TF32 for Inception (faster on GPUs; refused against exact references unless "
+                          "--allow-mismatch)."),
+        click.option("--compile/--no-compile", "compile_model", default=None,
+                     help="torch.compile the network with --precision fast [default: only on a GPU for passes "
+                          "of >= 500K images]."),
+        click.option("--decode", type=click.Choice(["pil", "gpu"]), default="pil", show_default=True,
+                     help="gpu: decode JPEGs on the GPU (nvJPEG; needs --resize torch for DINOv2; other formats "
+                          "and CPU runs use PIL)."),
+    ]

@@ -13,7 +13,7 @@ from ..distributed import destroy, get_rank, init_distributed
 from ..errors import FDEvalError
 from ..preprocess import SOURCE_TRANSFORMS
 from ..stats import save_stats
-from ._common import echo_table, fmt_num, main, warn, write_json
+from ._common import echo_table, fmt_num, main, speed_options, warn, write_json
 from .analysis_cmds import analysis_options, analysis_spec, run_analysis
 
 
@@ -41,10 +41,12 @@ def _common(f):
         click.option("--num", "-n", type=int, default=None, help="Use the first N images (random N with --seed)."),
         click.option("--seed", type=int, default=None, help="Seed of the random subset taken by --num."),
         click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto."),
-        click.option("--batch-size", type=int, default=None, help="Images per batch (default 256 GPU / 32 CPU)."),
+        click.option("--batch-size", type=int, default=None,
+                     help="Images per batch (default 256 on a GPU, 128 below 20 GiB; 32 on a CPU)."),
         click.option("--num-workers", type=int, default=None, help="Decode workers (default from the CPU count)."),
         click.option("--resize", type=click.Choice(["pil", "torch"]), default=None,
                      help="DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant)."),
+        *speed_options(),
         click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted and listed) instead of stopping."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
     ]
@@ -67,8 +69,9 @@ def _common(f):
 @analysis_options
 def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
                 seed: int | None, device: str, batch_size: int | None, num_workers: int | None, resize: str | None,
-                skip_bad: bool, quiet: bool, ref_transform: str | None, allow_mismatch: bool, offline: bool | None,
-                json_path: str | None, save_stats_path: str | None, **analysis_opts: Any) -> None:
+                precision: str, compile_model: bool | None, decode: str, skip_bad: bool, quiet: bool,
+                ref_transform: str | None, allow_mismatch: bool, offline: bool | None, json_path: str | None,
+                save_stats_path: str | None, **analysis_opts: Any) -> None:
     """FD of the images in GEN against REF, for each --model (default FD-DINOv2 against GPIC Test-1M).
 
     Under torchrun (``torchrun --nproc_per_node 8 -m fd_eval compute ...``) every process extracts its share of
@@ -83,8 +86,9 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     try:
         res = compute_fd(gen, ref, models, weights=_weights(weights), device=device, batch_size=batch_size,
                          num_workers=num_workers, num=num, seed=seed, skip_bad=skip_bad, resize=resize,
-                         allow_mismatch=allow_mismatch, offline=offline, ref_image_transform=ref_transform,
-                         progress=not quiet, keep_features=spec is not None)
+                         precision=precision, compile=compile_model, decode=decode, allow_mismatch=allow_mismatch,
+                         offline=offline, ref_image_transform=ref_transform, progress=not quiet,
+                         keep_features=spec is not None)
     except FDEvalError:
         if rank != 0:  # every rank raises the same error; rank 0 prints it once
             sys.exit(1)
@@ -112,7 +116,8 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
                    "generator scores about this, not 0")
     analyses = {} if spec is None else run_analysis(
         res, ref, spec, weights=_weights(weights), device=device, resize=resize, offline=offline,
-        ref_image_transform=ref_transform, batch_size=batch_size, num_workers=num_workers, progress=not quiet)
+        ref_image_transform=ref_transform, batch_size=batch_size, num_workers=num_workers, progress=not quiet,
+        precision=precision, decode=decode)
     if save_stats_path:
         save_stats(save_stats_path, list(res.stats.values()))
     if json_path:
@@ -136,8 +141,9 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
               help=f"Images per resumable unit (default: one unit per tar shard, else {DEFAULT_BLOCK:,}).")
 def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
               seed: int | None, device: str, batch_size: int | None, num_workers: int | None, resize: str | None,
-              skip_bad: bool, quiet: bool, image_transform: str | None, keep_features: bool,
-              checkpoint_dir: str | None, checkpoint_every: int | None) -> None:
+              precision: str, compile_model: bool | None, decode: str, skip_bad: bool, quiet: bool,
+              image_transform: str | None, keep_features: bool, checkpoint_dir: str | None,
+              checkpoint_every: int | None) -> None:
     """Build a statistics file (one section per --model) from the images in SOURCE.
 
     Resumable: finished units (tar shards, or blocks of --checkpoint-every images) are saved as the run goes;
@@ -146,8 +152,9 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
     """
     stats = build_stats(source, output, models, weights=_weights(weights), device=device, batch_size=batch_size,
                         num_workers=num_workers, num=num, seed=seed, keep_features=keep_features,
-                        skip_bad=skip_bad, image_transform=image_transform, resize=resize,
-                        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, progress=not quiet,
+                        skip_bad=skip_bad, image_transform=image_transform, resize=resize, precision=precision,
+                        compile=compile_model, decode=decode, checkpoint_dir=checkpoint_dir,
+                        checkpoint_every=checkpoint_every, progress=not quiet,
                         log=lambda msg: click.echo(msg, err=True))
     if stats is None:  # not rank 0: rank 0 writes the file
         return

@@ -1,13 +1,14 @@
 """The extractor interface shared by every backbone family, and the registry of names."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
 from PIL import Image
 
 from ..errors import FDEvalError, InputRangeError
+from ..precision import LazyCompiled, Precision, resolve_precision
 from ..preprocess import HostPrepare, PreprocessSpec, tensor_to_pil
 
 
@@ -20,9 +21,15 @@ class Extractor:
       protocols that resize with Pillow this is the resize to the model size; for protocols that resize with
       torch (on the device) it returns the image unchanged.
     * :meth:`forward_prepared` (device, per batch): uint8 (N, 3, H', W') -> float32 (N, D): any device-side
-      resize, scaling, normalisation and the network, under ``torch.inference_mode``.
+      resize, scaling, normalisation (:meth:`model_input`, always float32) and the network (:meth:`forward_input`,
+      in the extractor's precision mode), under ``torch.inference_mode``.
 
     ``extractor(images)`` runs both on a uint8 (N, 3, H, W) tensor of any size.
+
+    Precision (:mod:`fd_eval.precision`): ``exact`` (default; float32 with TF32 off, the caller's flags restored
+    after each forward) or ``fast`` (the family's ``fast_compute``: ``"bfloat16"`` autocast or ``"tf32"``;
+    optional ``torch.compile``); :meth:`set_precision`. The network is called through ``self.forward_model``
+    (``self.model``, or its :class:`LazyCompiled` wrapper).
 
     Attributes:
         name: registry name, e.g. ``"dinov2-vitl14"``.
@@ -33,6 +40,8 @@ class Extractor:
         device: where ``model`` lives.
     """
 
+    fast_compute = "bfloat16"  # what --precision fast means for this family (see fd_eval.precision)
+
     def __init__(self, name: str, feature_dim: int, preprocess_spec: PreprocessSpec, model: torch.nn.Module,
                  weights_sha256: str | None, device: str | torch.device | None = None):
         self.name = name
@@ -41,6 +50,9 @@ class Extractor:
         self.model = model.eval().requires_grad_(False)
         self.weights_sha256 = weights_sha256
         self.device = torch.device("cpu")
+        self.precision = Precision()
+        self.forward_model: Callable[[torch.Tensor], torch.Tensor] = self.model
+        self.channels_last = False  # fast mode sets it for convolutional networks (see _apply_precision)
         self.to(device if device is not None else "cpu")
 
     # --- placement -----------------------------------------------------------------------------------
@@ -48,6 +60,55 @@ class Extractor:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
+
+    # --- precision -----------------------------------------------------------------------------------------
+    def set_precision(self, precision: "str | Precision | None" = None, compile: bool | None = None) -> "Extractor":
+        """Switch between ``"exact"`` (default) and ``"fast"``; returns self.
+
+        Updates ``preprocess_spec.model_dtype`` (``"float32"``, or ``fast_compute`` in fast mode), which
+        statistics record and comparisons check. ``compile``: see :class:`fd_eval.precision.Precision`.
+        """
+        self.precision = resolve_precision(precision, compile)
+        dtype = self.precision.model_dtype(self.fast_compute)
+        self.preprocess_spec = replace(self.preprocess_spec, model_dtype=dtype)
+        self._apply_precision()
+        self.plan_run(None)
+        return self
+
+    def _apply_precision(self) -> None:
+        """Family hook: model layout for the mode (e.g. channels_last for convolutions in fast mode)."""
+
+    def plan_run(self, n_images: int | None) -> None:
+        """Called before a pass over ``n_images`` images (None: unknown, e.g. a training-loop metric); resolves
+        ``compile=None`` (auto: on a GPU for passes of at least ``COMPILE_AUTO_MIN_IMAGES``)."""
+        from ..precision import COMPILE_AUTO_MIN_IMAGES
+
+        p = self.precision
+        want = p.fast and (p.compile is True or (p.compile is None and self.device.type == "cuda"
+                                                 and n_images is not None and n_images >= COMPILE_AUTO_MIN_IMAGES))
+        if want and not isinstance(self.forward_model, LazyCompiled):
+            self.forward_model = LazyCompiled(self.model, self.name)
+        elif not want:
+            self.forward_model = self.model
+
+    def compile_status(self) -> str:
+        """``"off"``, ``"on"`` or ``"failed, eager: reason"`` (for provenance)."""
+        fm = self.forward_model
+        if not isinstance(fm, LazyCompiled):
+            return "off"
+        return f"failed, eager: {fm.failed}" if fm.failed else "on"
+
+    def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 model input (N, 3, H, W) on ``self.device`` -> float32 features (N, D), in the precision mode."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self.precision.numerics(self.device, self.fast_compute):
+            out = self.forward_model(x)
+        return out.float()
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H', W') on ``self.device`` -> float32 network input. Implemented per family."""
+        raise NotImplementedError
 
     @property
     def resizes_on_host(self) -> bool:
@@ -65,8 +126,9 @@ class Extractor:
         return self.host_transform()(img)
 
     def forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H', W') on ``self.device`` -> float32 (N, D). Implemented per family."""
-        raise NotImplementedError
+        """uint8 (N, 3, H', W') on ``self.device`` -> float32 (N, D): :meth:`model_input`, then the network."""
+        with torch.inference_mode():
+            return self.forward_input(self.model_input(x))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 RGB (N, 3, H, W) images of any size, on any device -> float32 features (N, D) on ``device``.
@@ -92,10 +154,12 @@ class Extractor:
             "feature_dim": self.feature_dim,
             "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess_spec.to_dict(),
+            "precision": self.precision.to_dict(self.fast_compute),
         }
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, feature_dim={self.feature_dim}, device={self.device})"
+        return (f"{type(self).__name__}(name={self.name!r}, feature_dim={self.feature_dim}, device={self.device}, "
+                f"precision={self.precision.mode!r})")
 
 
 # --- registry ----------------------------------------------------------------------------------------
@@ -142,7 +206,8 @@ def extractor_entry(name: str) -> ExtractorEntry:
 
 
 def load_extractor(name: str = DEFAULT_EXTRACTOR, weights: str | None = None,
-                   device: str | torch.device | None = None, **options: Any) -> Extractor:
+                   device: str | torch.device | None = None, precision: "str | Precision | None" = None,
+                   compile: bool | None = None, **options: Any) -> Extractor:
     """Build an extractor by name.
 
     Args:
@@ -150,9 +215,14 @@ def load_extractor(name: str = DEFAULT_EXTRACTOR, weights: str | None = None,
         weights: local checkpoint path (format detected by its keys); None downloads the official weights on
             first use into ``$FD_EVAL_CACHE``.
         device: torch device for the model (default CPU).
+        precision: ``"exact"`` (default: float32, TF32 off; the protocol's numbers) or ``"fast"`` (DINOv2:
+            bfloat16 autocast; Inception: TF32); see :mod:`fd_eval.precision`. ``compile``: torch.compile in
+            fast mode (None: auto).
         options: family-specific options, e.g. ``resize="pil"|"torch"`` for DINOv2.
     """
-    return extractor_entry(name).factory(weights=weights, device=device, **options)
+    p = resolve_precision(precision, compile)  # a bad mode fails before any download
+    ex = extractor_entry(name).factory(weights=weights, device=device, **options)
+    return ex.set_precision(p)
 
 
 def _ensure_loaded() -> None:

@@ -23,7 +23,6 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -313,9 +312,14 @@ class DINOv2Extractor(Extractor):
     :meth:`forward_prepared` then needs 224x224 input. ``resize="torch"``: images of any size go to the device
     and are resized there in float (EDM2).
 
-    Precision hook: :meth:`forward_prepared` = ``self.forward_model(self.normalize(x))``; ``forward_model``
-    defaults to ``self.model`` (float32). A faster mode may replace it (e.g. ``torch.compile``, bf16 autocast);
-    the output is cast to float32 in any case.
+    Precision: :meth:`forward_prepared` = :meth:`forward_input` (``self.forward_model`` in the precision mode's
+    numerics) of :meth:`normalize` (always float32). ``exact``: float32, TF32 off; ``fast``: bfloat16 autocast,
+    fused SDPA attention (timm's, in both modes), optionally ``torch.compile`` (``forward_model`` is then a
+    :class:`fd_eval.precision.LazyCompiled`). The output is float32 in any case.
+
+    Speed paths: ``resize="torch"`` resizes on the device (no Pillow resize in the workers) and is what GPU JPEG
+    decoding (``decode="gpu"``) requires; it is EDM2's protocol, not GPIC's: with random ViT-S/14 weights its
+    features differ from the Pillow path by ~1e-3 of the feature scale (README, "Precision modes and speed").
     """
 
     def __init__(self, name: str, arch: DINOv2Arch, model: torch.nn.Module, resize: str,
@@ -323,7 +327,6 @@ class DINOv2Extractor(Extractor):
         super().__init__(name, arch.embed_dim, preprocess_spec(resize), model, weights_sha256, device)
         self.arch = arch
         self.resize = resize
-        self.forward_model: Callable[[torch.Tensor], torch.Tensor] = self.model
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> float32 (N, 3, 224, 224) model input.
@@ -346,10 +349,14 @@ class DINOv2Extractor(Extractor):
         std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(-1, 1, 1)
         return x.div(255).sub(mean).div(std)
 
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize` (float32 (N, 3, 224, 224), whatever the precision mode)."""
+        return self.normalize(x)
+
     def forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H', W') on ``self.device`` -> float32 (N, D) final-norm CLS tokens."""
         with torch.inference_mode():
-            return self.forward_model(self.normalize(x)).float()
+            return self.forward_input(self.normalize(x))
 
 
 def _build_extractor(arch_key: str, reg: bool, weights: str | os.PathLike | None = None,

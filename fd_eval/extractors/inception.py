@@ -220,7 +220,10 @@ class FIDInceptionV3(nn.Module):
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
                       self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)  # ... (N, 2048, 8, 8)
-        return torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)  # pool3: (N, 2048)
+        # pool3 in float32 even if the blocks ran under bfloat16 autocast (not a mode fd-eval uses for Inception,
+        # but bench_precision measures it), so the features are not rounded to bf16 at the very end; a no-op in
+        # float32.
+        return torch.flatten(F.adaptive_avg_pool2d(x.float(), (1, 1)), 1)  # pool3: (N, 2048)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------
@@ -286,11 +289,27 @@ def load_inception(path: str | os.PathLike) -> FIDInceptionV3:
 
 # --- extractors --------------------------------------------------------------------------------------------
 class InceptionExtractor(Extractor):
-    """uint8 RGB (N, 3, H, W) of any size -> float32 (N, 2048) pool3 features, resized on the device."""
+    """uint8 RGB (N, 3, H, W) of any size -> float32 (N, 2048) pool3 features, resized on the device.
+
+    Precision: the resize and scaling (:meth:`model_input`) always run in float32 NCHW, in the reference's op
+    order; the network runs through ``self.forward_model`` in the mode's numerics (:meth:`forward_input`):
+    ``exact`` float32 with TF32 off (every convolution: cuDNN would use TF32 by default on Ampere+), ``fast``
+    TF32 with the network and its input in ``channels_last`` (cuDNN's fast NHWC kernels). Not bfloat16: with
+    random weights it moved FID by up to 1% (5.8% against an exact reference), TF32 by 0.14% (0.7%)
+    (``benchmarks/bench_precision.py``). Both resizes are device ops, so GPU JPEG decoding (``decode="gpu"``) is
+    always available.
+    """
+
+    fast_compute = "tf32"
 
     def __init__(self, name: str, spec: PreprocessSpec, model: FIDInceptionV3, weights_sha256: str | None,
                  device: str | torch.device | None = None):
         super().__init__(name, FEATURE_DIM, spec, model, weights_sha256, device)
+
+    def _apply_precision(self) -> None:
+        self.channels_last = self.precision.fast
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model.to(memory_format=fmt)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) network input, in the reference's exact op order."""
@@ -307,7 +326,7 @@ class InceptionExtractor(Extractor):
     def forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) on ``self.device`` -> float32 (N, 2048); no host synchronisation."""
         with torch.inference_mode():
-            return self.model(self.model_input(x))
+            return self.forward_input(self.model_input(x))
 
 
 def _build(name: str, spec: PreprocessSpec, weights: str | os.PathLike | None, device: Any,

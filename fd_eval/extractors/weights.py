@@ -31,7 +31,7 @@ def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, na
             raise WeightsError(f"{path}: weights file for {name} not found; check the --weights path")
         return path
     return download_url(source.url, cache_dir("weights") / source.filename, sha256=source.sha256,
-                        hint=f"; or download it yourself and pass --weights PATH (weights=PATH) for {name}")
+                        hint=f"; or download it yourself and pass it with --weights PATH (Python: weights=PATH) for {name}")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

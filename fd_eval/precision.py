@@ -1,0 +1,306 @@
+"""Named precision modes for feature extraction: ``exact`` (the protocol's numbers) and ``fast``.
+
+``exact`` (default) runs every extractor network in float32 with TF32 switched off for both cuDNN convolutions
+and matmuls (:func:`exact_numerics`), the numerics of the reference implementations run on a CPU. PyTorch
+runs cuDNN convolutions in TF32 by default on Ampere and newer GPUs, so the reference codes as run there use TF32
+for DINOv2's patch embedding and for every Inception convolution; ``exact`` on a GPU matches them as run on a CPU
+or with TF32 disabled. The user's flags are restored when the forward pass returns: a training loop calling
+:class:`fd_eval.FDMetric` keeps its own TF32 settings.
+
+``fast`` picks, per extractor family, the cheapest numerics whose FD error was measured to be small
+(:data:`FAST_VS_EXACT`; ``benchmarks/bench_precision.py``, random weights on a CPU, trained weights may differ):
+
+* DINOv2 (``fast_compute = "bfloat16"``): bfloat16 autocast (matmul/conv inputs and activations in bfloat16,
+  float32 accumulation, the residual stream and the final LayerNorm -- the feature -- in float32), TF32 allowed
+  for whatever stays float32, fused ``F.scaled_dot_product_attention`` (flash attention on recent GPUs; timm uses
+  it in both modes). Not TF32: ViT-L/14 at 224 px is ~162 GFLOP per image, so the 3,000 img/s target needs
+  ~490 TFLOP/s, an H100's whole dense TF32 peak but ~60% of its bfloat16 peak. Measured cost with ViT-S/14:
+  FD within ~0.05% when both sides are fast, ~0.2% fast against exact.
+* Inception (``fast_compute = "tf32"``): float32 with TF32 convolutions and matmuls (what cuDNN does by
+  default on Ampere+) and ``channels_last``; not bfloat16, which moved FID by up to 1% (both sides fast) and
+  5.8% (fast against exact) with random weights, against 0.14% / 0.7% for (emulated) TF32. The network is ~15x
+  cheaper than ViT-L, so bfloat16 would buy little. On a CPU, TF32 does not exist: fast Inception computes in
+  float32 there (its statistics are still labelled fast).
+
+Both may add ``torch.compile`` (:class:`LazyCompiled`). Statistics record the mode (``preprocess.model_dtype`` =
+``"float32"``, ``"bfloat16"`` or ``"tf32"``, and ``metadata["precision"]``), and :func:`fd_eval.check_compatible`
+refuses to compare ``fast`` statistics with ``exact`` ones (the GPIC reference is ``exact``) unless
+``allow_mismatch``; every result's provenance carries the documented expected difference.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .errors import FDEvalError
+
+PRECISIONS = ("exact", "fast")
+DEFAULT_PRECISION = "exact"
+FAST_COMPUTES = ("bfloat16", "tf32")  # what `fast` means for an extractor family (Extractor.fast_compute)
+# Under compile=None ("auto"), fast mode compiles the network only for passes at least this long on a GPU:
+# compiling ViT-L/14 takes on the order of a minute, which a 50K evaluation (seconds in bf16) never earns back.
+# The threshold is a reasoned guess, not a measurement (no GPU was available when it was set).
+COMPILE_AUTO_MIN_IMAGES = 500_000
+
+# FD(fast) vs FD(exact), measured by `python benchmarks/bench_precision.py` on a CPU (bfloat16 autocast works
+# there too) with random weights in the real architectures, on pairs of photo-crop sets (the same distribution,
+# and against blurred / noisy / JPEG-compressed / colour-shifted versions). "same_mode": both sides in fast;
+# "mixed": generated in fast against an exact reference (what `--precision fast --allow-mismatch` against GPIC
+# does). Values are max over pairs of |FD_fast - FD_exact| / FD_exact. Real (trained) weights may differ.
+FAST_VS_EXACT: dict[str, dict[str, Any]] = {
+    # bfloat16 autocast; 6 sets of 128 (ViT-S) / 32 (ViT-L: FD there is dominated by N < D, which dilutes it)
+    "dinov2-vits14": {"compute": "bfloat16", "n_per_set": 128, "pairs": 5,
+                      "fd_rel_same_max": 5.4e-4, "fd_rel_same_median": 3.1e-4,
+                      "fd_rel_mixed_max": 2.1e-3, "fd_rel_mixed_median": 1.4e-3, "feature_rel_rms_error": 6.7e-3},
+    "dinov2-vitl14": {"compute": "bfloat16", "n_per_set": 32, "pairs": 5,
+                      "fd_rel_same_max": 5.1e-4, "fd_rel_same_median": 1.4e-4,
+                      "fd_rel_mixed_max": 5.0e-4, "fd_rel_mixed_median": 1.3e-4, "feature_rel_rms_error": 7.3e-3},
+    # TF32 emulated on the CPU (inputs and weights of every convolution rounded to TF32, float32 accumulation)
+    "inception-v3-tf": {"compute": "tf32 (emulated)", "n_per_set": 128, "pairs": 5,
+                        "fd_rel_same_max": 1.4e-3, "fd_rel_same_median": 4.1e-4,
+                        "fd_rel_mixed_max": 7.3e-3, "fd_rel_mixed_median": 5.3e-3, "feature_rel_rms_error": 5.0e-4},
+    "inception-v3-pt": {"compute": "tf32 (emulated)", "n_per_set": 128, "pairs": 5,
+                        "fd_rel_same_max": 1.4e-3, "fd_rel_same_median": 6.8e-4,
+                        "fd_rel_mixed_max": 7.3e-3, "fd_rel_mixed_median": 5.3e-3, "feature_rel_rms_error": 5.0e-4},
+}
+# What the reference codes compute by default on Ampere+ GPUs (TF32 cuDNN convolutions, float32 matmuls) against
+# exact, by the same measurement (for DINOv2 only the patch embedding is a convolution; for Inception it is the
+# TF32 row above): the size of the gap between `exact` and the peers' GPU numbers.
+REFERENCE_GPU_DEFAULT_VS_EXACT: dict[str, dict[str, float]] = {
+    "dinov2-vits14": {"fd_rel_same_max": 4.3e-5, "fd_rel_mixed_max": 1.3e-4},
+    "dinov2-vitl14": {"fd_rel_same_max": 5.2e-5, "fd_rel_mixed_max": 7.1e-5},
+    "inception-v3-tf": {"fd_rel_same_max": 1.4e-3, "fd_rel_mixed_max": 7.3e-3},
+    "inception-v3-pt": {"fd_rel_same_max": 1.4e-3, "fd_rel_mixed_max": 7.3e-3},
+}
+_MEASUREMENT_NOTE = ("measured with random weights on a CPU (benchmarks/bench_precision.py); trained weights may "
+                     "differ: check on your data with --precision exact")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A precision mode.
+
+    Attributes:
+        mode: ``"exact"`` or ``"fast"``.
+        compile: ``torch.compile`` the network (fast only): True, False, or None = auto (on a GPU for passes of
+            at least :data:`COMPILE_AUTO_MIN_IMAGES` images).
+    """
+
+    mode: str = DEFAULT_PRECISION
+    compile: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in PRECISIONS:
+            raise FDEvalError(f"unknown precision {self.mode!r}; choose 'exact' (float32, TF32 off: the protocol's "
+                              "numbers) or 'fast' (bfloat16 autocast)")
+        if self.mode == "exact" and self.compile:
+            raise FDEvalError("torch.compile (--compile) is a --precision fast option; exact runs the network eagerly "
+                              "in float32 so its numbers match the reference implementations")
+
+    @property
+    def fast(self) -> bool:
+        return self.mode == "fast"
+
+    def model_dtype(self, fast_compute: str = "bfloat16") -> str:
+        """What :class:`PreprocessSpec.model_dtype` records: ``"float32"`` (exact), or in fast mode the family's
+        ``fast_compute`` (``"bfloat16"``: autocast; ``"tf32"``: float32 with TF32 allowed)."""
+        return fast_compute if self.fast else "float32"
+
+    def numerics(self, device: torch.device | str, fast_compute: str = "bfloat16") -> contextlib.AbstractContextManager:
+        """Context for the network's forward pass on ``device`` (see :func:`exact_numerics`, :func:`fast_numerics`)."""
+        dev = torch.device(device)
+        return fast_numerics(dev.type, fast_compute) if self.fast else exact_numerics()
+
+    def to_dict(self, fast_compute: str = "bfloat16") -> dict[str, Any]:
+        """The numerics-defining part (saved with statistics; compile is an implementation detail, not here)."""
+        if self.fast:
+            return {"mode": "fast", "model_dtype": fast_compute,
+                    "autocast": "bfloat16" if fast_compute == "bfloat16" else None, "tf32": True}
+        return {"mode": "exact", "model_dtype": "float32", "autocast": None, "tf32": False}
+
+
+def resolve_precision(precision: "str | Precision | None", compile: bool | None = None) -> Precision:
+    """``"exact"``/``"fast"``/None (exact)/:class:`Precision` -> :class:`Precision` (raises on unknown names)."""
+    if isinstance(precision, Precision):
+        return precision if compile is None else Precision(precision.mode, compile)
+    return Precision(DEFAULT_PRECISION if precision is None else str(precision), compile)
+
+
+def mode_of(metadata_or_spec: Any) -> str:
+    """``"exact"``/``"fast"`` from a statistics' metadata or preprocess dict (absent: exact, the protocol)."""
+    if isinstance(metadata_or_spec, dict):
+        p = metadata_or_spec.get("precision")
+        if isinstance(p, dict) and p.get("mode") in PRECISIONS:
+            return p["mode"]
+        spec = metadata_or_spec.get("preprocess", metadata_or_spec)
+        if isinstance(spec, dict) and spec.get("model_dtype") not in (None, "float32"):
+            return "fast"
+    return "exact"
+
+
+# --- TF32 flags ---------------------------------------------------------------------------------------------
+# PyTorch >= 2.9 has per-backend `fp32_precision` settings ("ieee" | "tf32" | "bf16" | "none" = inherit); the
+# legacy getters (`allow_tf32`, `get_float32_matmul_precision`) raise once the new API holds a state they cannot
+# express, so flags are saved and restored through the new API when it exists, through the legacy one otherwise.
+_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+_FLAGS_LOCK = threading.RLock()
+
+
+def _leaves() -> dict[str, Any]:
+    """The leaf settings exact/fast mode touch: CUDA matmuls, cuDNN conv (and RNN, so the legacy cuDNN getter
+    stays readable inside the context), oneDNN (CPU) matmul and conv."""
+    b = torch.backends
+    out = {"cuda.matmul": b.cuda.matmul, "cudnn.conv": b.cudnn.conv, "cudnn.rnn": b.cudnn.rnn}
+    mk = getattr(b, "mkldnn", None)
+    if mk is not None and hasattr(mk, "matmul") and hasattr(mk, "conv"):
+        out.update({"mkldnn.matmul": mk.matmul, "mkldnn.conv": mk.conv})
+    return out
+
+
+def tf32_state() -> dict[str, Any]:
+    """The current float32 precision settings (for tests and provenance); never raises."""
+    if _NEW_API:
+        return {name: getattr(obj, "fp32_precision", None) for name, obj in _leaves().items()}
+    return {"cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+@contextlib.contextmanager
+def _set_fp32(want: dict[str, str]) -> Iterator[None]:
+    """Set leaf fp32 precisions (new API names), restoring the previous values exactly on exit."""
+    with _FLAGS_LOCK:
+        if _NEW_API:
+            leaves = _leaves()
+            saved = {n: leaves[n].fp32_precision for n in want if n in leaves}
+            try:
+                for n in saved:
+                    leaves[n].fp32_precision = want[n]
+                yield
+            finally:
+                for n, v in saved.items():
+                    leaves[n].fp32_precision = v
+            return
+        # legacy PyTorch: one cuDNN flag and the float32 matmul precision
+        conv_tf32 = want.get("cudnn.conv") == "tf32"
+        mm = "high" if want.get("cuda.matmul") == "tf32" else "highest"
+        saved_conv, saved_mm = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+        try:
+            torch.backends.cudnn.allow_tf32 = conv_tf32
+            torch.set_float32_matmul_precision(mm)
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved_mm)
+            torch.backends.cudnn.allow_tf32 = saved_conv
+
+
+def exact_numerics() -> contextlib.AbstractContextManager:
+    """Float32 without TF32 for CUDA matmuls and cuDNN convolutions (and IEEE float32 for oneDNN on CPUs, where
+    ``torch.set_float32_matmul_precision("medium")`` would otherwise allow bfloat16); restores the caller's
+    settings on exit, also on an exception. The flags are process-global: another thread running CUDA work at
+    the same moment sees them too."""
+    return _set_fp32({"cuda.matmul": "ieee", "cudnn.conv": "ieee", "cudnn.rnn": "ieee",
+                      "mkldnn.matmul": "ieee", "mkldnn.conv": "ieee"})
+
+
+@contextlib.contextmanager
+def fast_numerics(device_type: str, compute: str = "bfloat16") -> Iterator[None]:
+    """TF32 allowed for CUDA matmuls and cuDNN convolutions, plus (``compute="bfloat16"``) bfloat16 autocast on
+    ``device_type`` ("cuda" or "cpu"); the caller's flags and autocast state are restored on exit. (oneDNN's
+    CPU settings are left alone: CPUs have no TF32.)"""
+    if compute not in FAST_COMPUTES:
+        raise FDEvalError(f"unknown fast compute {compute!r}; expected one of {FAST_COMPUTES}")
+    with _set_fp32({"cuda.matmul": "tf32", "cudnn.conv": "tf32"}):
+        if compute == "bfloat16":
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+
+# --- torch.compile ------------------------------------------------------------------------------------------
+class LazyCompiled:
+    """``module(x)`` through ``torch.compile``, compiled on the first call, eager after any compile failure.
+
+    The first call fixes the compiled batch size B; a shorter batch is padded with zeros to B (rows are
+    independent in inference: no batch statistics) and a longer one runs in chunks of B, so a varying last batch
+    never triggers a recompilation. A failure to compile (no compiler, an unsupported op, a backend bug) warns
+    once and falls back to the eager module for good; the batch is rerun eagerly.
+    """
+
+    def __init__(self, module: torch.nn.Module, name: str = "model",
+                 compiler: Callable[..., Callable] | None = None):
+        self.module = module
+        self.name = name
+        self._compiler = compiler
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.batch: int | None = None
+        self.failed: str | None = None  # why compilation was abandoned
+
+    def _fail(self, e: BaseException) -> None:
+        self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        warnings.warn(f"{self.name}: torch.compile failed ({self.failed}); running eagerly (same precision)",
+                      RuntimeWarning, stacklevel=3)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.failed is not None:
+            return self.module(x)
+        try:
+            if self._compiled is None:
+                compiler = self._compiler or torch.compile
+                self._compiled = compiler(self.module, dynamic=False)
+                self.batch = int(x.shape[0])
+            b = self.batch or int(x.shape[0])
+            outs = []
+            for s in range(0, x.shape[0], b):
+                chunk = x[s:s + b]
+                n = chunk.shape[0]
+                if n < b:
+                    chunk = torch.cat([chunk, chunk.new_zeros((b - n, *chunk.shape[1:]))])
+                outs.append(self._compiled(chunk)[:n])
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+        except (torch.cuda.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to eager, same numerics class
+            self._fail(e)
+            return self.module(x)
+
+
+# --- provenance ---------------------------------------------------------------------------------------------
+def expected_difference(mode: str, extractor: str) -> dict[str, Any]:
+    """The documented FD difference of ``mode`` from exact for ``extractor`` (see :data:`FAST_VS_EXACT`)."""
+    if mode == "exact":
+        return {"fd_rel": 0.0, "note": "exact is the protocol's numerics (float32, TF32 off)"}
+    m = FAST_VS_EXACT.get(extractor)
+    basis = extractor
+    if m is None:  # nearest measured model of the family
+        family = [k for k in FAST_VS_EXACT if k.split("-")[0] == extractor.split("-")[0]]
+        basis = max(family, key=lambda k: FAST_VS_EXACT[k].get("fd_rel_mixed_max", 0.0)) if family else None
+        m = FAST_VS_EXACT.get(basis) if basis else None
+    if m is None:
+        return {"fd_rel": None, "note": "not measured for this extractor"}
+    return {**m, "measured_on": basis, "note": _MEASUREMENT_NOTE}
+
+
+def precision_provenance(extractors: Any, device: torch.device | str | None = None) -> dict[str, Any]:
+    """``provenance["precision"]``: the mode, what it means here, and the documented expected FD difference."""
+    exs = list(extractors)
+    modes = sorted({ex.precision.mode for ex in exs})
+    dev = torch.device(device) if device is not None else (exs[0].device if exs else torch.device("cpu"))
+    out: dict[str, Any] = {"mode": modes[0] if len(modes) == 1 else modes}
+    for ex in exs:
+        p = ex.precision
+        rec = {**p.to_dict(ex.fast_compute), "compile": ex.compile_status(), "channels_last": ex.channels_last,
+               "expected_fd_difference_vs_exact": expected_difference(p.mode, ex.name)}
+        if p.mode == "exact" and dev.type == "cuda":
+            gap = REFERENCE_GPU_DEFAULT_VS_EXACT.get(ex.name)
+            size = (f" (measured with random weights: FD within {100 * gap['fd_rel_same_max']:.2g}% of exact)"
+                    if gap else "")
+            rec["note"] = ("TF32 off: matches the reference implementations run on a CPU or with TF32 disabled; "
+                           f"as run by default on Ampere+ GPUs they use TF32 convolutions{size}")
+        out[ex.name] = rec
+    return out
