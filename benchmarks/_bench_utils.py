@@ -114,16 +114,23 @@ def images(n: int, size: int = 256, seed: int = 0) -> np.ndarray:
 
 
 def write_pngs(arr: np.ndarray, folder: str | os.PathLike, fmt: str = "png") -> Path:
-    """Save each (H, W, 3) uint8 image as ``{i:06d}.png`` (or .jpg, quality 90) in ``folder``."""
+    """Save each (H, W, 3) uint8 image as ``{i:06d}.png`` (or .jpg, quality 90) in ``folder``, on all cores
+    (Pillow's encoders release the GIL; a 256x256 PNG takes ~17 ms on one core, so 10K would take minutes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(arr):
+
+    def save(i: int) -> None:
         if fmt == "png":
-            Image.fromarray(im).save(folder / f"{i:06d}.png")
+            Image.fromarray(arr[i]).save(folder / f"{i:06d}.png")
         else:
-            Image.fromarray(im).save(folder / f"{i:06d}.jpg", quality=90)
+            Image.fromarray(arr[i]).save(folder / f"{i:06d}.jpg", quality=90)
+
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        list(pool.map(save, range(len(arr))))
     return folder
 
 

@@ -95,7 +95,7 @@ def tf32_model(model: torch.nn.Module, kinds: tuple = (torch.nn.Linear, torch.nn
 # --- features -----------------------------------------------------------------------------------------------
 def features(ex, arr: np.ndarray, batch: int) -> np.ndarray:
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-    return torch.cat([ex(x[s:s + batch]) for s in range(0, len(x), batch)]).double().numpy()
+    return torch.cat([ex(x[s:s + batch]).cpu() for s in range(0, len(x), batch)]).double().numpy()
 
 
 def fd(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -103,20 +103,21 @@ def fd(f1: np.ndarray, f2: np.ndarray) -> float:
 
 
 class _Bf16:
-    """The network under bfloat16 autocast (on the CPU), whatever the family's fast mode is."""
+    """The network under bfloat16 autocast, whatever the family's fast mode is."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             return self.model(x)
 
 
-def measure(name: str, weights: Path, sets: dict[str, np.ndarray], batch: int, modes: list[str]) -> dict:
+def measure(name: str, weights: Path, sets: dict[str, np.ndarray], batch: int, modes: list[str],
+            device: str = "cpu") -> dict:
     feats: dict[str, dict[str, np.ndarray]] = {}
     seconds: dict[str, float] = {}
-    ex = load_extractor(name, weights=weights)
+    ex = load_extractor(name, weights=weights, device=device)
     runs = [("exact", ex, None)]
     if "fast" in modes:
         runs.append(("fast", None, None))
@@ -127,7 +128,7 @@ def measure(name: str, weights: Path, sets: dict[str, np.ndarray], batch: int, m
     if "tf32-conv" in modes and name.startswith("dinov2"):
         runs.append(("tf32-conv", None, tf32_model(ex.model, (torch.nn.Conv2d,))))
     if "torch-resize" in modes and name.startswith("dinov2"):
-        runs.append(("torch-resize", load_extractor(name, weights=weights, resize="torch"), None))
+        runs.append(("torch-resize", load_extractor(name, weights=weights, resize="torch", device=device), None))
     for mode, other, model in runs:
         e = other or ex
         if mode == "fast":
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=128, help="images per set (6 sets)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--modes", nargs="+", default=["fast", "bf16", "tf32", "tf32-conv", "torch-resize"])
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: GPU kernels (cuBLAS/cuDNN, flash "
+                    "attention) in every mode; the tf32 modes stay emulated so they mean the same on both")
     ap.add_argument("--quick", action="store_true", help="dinov2-vits14 only, 3 images per set, fast mode only")
     ap.add_argument("--json", default="benchmarks/results/precision.json")
     args = ap.parse_args(argv)
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
                 w = bu.random_dinov2_official(name, Path(tmp) / f"dinov2_{bu.arch_of(name)}_pretrain.pth")
             else:
                 w = bu.random_inception(Path(tmp) / "pt_inception-2015-12-05.pth")
-            r = measure(name, w, sets, args.batch_size, args.modes)
+            r = measure(name, w, sets, args.batch_size, args.modes, args.device)
             results.append(r)
             for mode, m in r["modes"].items():
                 print(f"{name:16s} {mode:12s} FD rel. diff: same-mode max {m['fd_rel_same_max']:.2e} (median "
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
             print(f"{name:16s} FD exact per pair: " + ", ".join(f"{k} {v['fd_exact']:.4g}"
                                                                for k, v in r["pairs"].items()))
-    doc = {"benchmark": "precision modes: FD differences", "device": device_name("cpu"), "random_weights": True,
+    doc = {"benchmark": "precision modes: FD differences", "device": device_name(torch.device(args.device)), "random_weights": True,
            "n_per_set": args.n, "sets": list(sets), "results": results, "load_average": bu.load_average(),
            "versions": versions()}
     if args.json:

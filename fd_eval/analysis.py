@@ -22,12 +22,12 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from . import feature_metrics, uncertainty
-from .api import EvalResult, WeightsArg, _is_stats_file, load_extractors, resolve_reference
+from .api import EvalResult, reference_kind
 from .errors import InputError, MissingFeaturesError
 from .extractors import resolve_name
 from .pipeline import auto_device
@@ -157,19 +157,6 @@ def analyze(gen: Stats, ref: Stats, spec: AnalysisSpec, *, device: str | torch.d
 
 
 # --- references ---------------------------------------------------------------------------------------------
-def _reference_kind(ref: Any) -> str:
-    """"stats", "file", "registry" or "source": how :func:`fd_eval.api.resolve_reference` will read ``ref``."""
-    if isinstance(ref, (Stats, Mapping)):
-        return "stats"
-    spec = os.fspath(ref)
-    path = Path(spec)
-    if path.is_file() and _is_stats_file(path):
-        return "file"
-    if not path.exists() and not any(c in spec for c in "*?{[") and "/" not in spec:
-        return "registry"
-    return "source"
-
-
 def _file_has_features(path: Path, model: str) -> bool:
     """Whether the statistics file stores feature rows for ``model``, from its headers (no feature data read)."""
     st = load_stats(path, model=model, features=False)  # selects the section exactly as loading does
@@ -195,7 +182,7 @@ def check_reference_features(ref: Any, models: str | Sequence[str], *, offline: 
         MissingFeaturesError: naming the reference and how to get its features.
     """
     names = [resolve_name(m) for m in ([models] if isinstance(models, str) else models)]
-    kind = _reference_kind(ref)
+    kind = reference_kind(ref)
     if kind == "stats":
         stats = {names[0]: ref} if isinstance(ref, Stats) else {resolve_name(k): v for k, v in ref.items()}
         for n, s in stats.items():
@@ -215,73 +202,10 @@ def check_reference_features(ref: Any, models: str | Sequence[str], *, offline: 
                 raise MissingFeaturesError(missing_reference_features_message(st.origin, n))
 
 
-def reference_stats(
-    ref: Any,
-    models: str | Sequence[str],
-    *,
-    features: bool,
-    weights: WeightsArg = None,
-    device: str | torch.device | None = None,
-    resize: str | None = None,
-    offline: bool | None = None,
-    ref_image_transform: str | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    progress: bool = False,
-    precision: str | None = None,
-    decode: str = "pil",
-) -> dict[str, Stats]:
-    """The reference statistics ``compute_fd(gen, ref, models)`` compared against, with feature rows when
-    ``features`` (what :func:`analyze` needs after an :class:`EvalResult`, which does not carry them).
-
-    Files and registry entries are read the way :func:`fd_eval.api.resolve_reference` reads them; an image
-    source goes through it (its cached statistics; recomputed without caching when the cached entry predates
-    ``keep_features``). Runs in this process only (after a distributed compute, on rank 0).
-    """
-    names = [resolve_name(m) for m in ([models] if isinstance(models, str) else models)]
-    kind = _reference_kind(ref)
-    if kind == "stats":
-        return {names[0]: ref} if isinstance(ref, Stats) else {resolve_name(k): v for k, v in ref.items()}
-    if kind == "file":
-        return {n: load_stats(ref, model=n, features=features) for n in names}
-    if kind == "registry":
-        from .references import load_reference
-
-        return {n: load_reference(os.fspath(ref), n, offline=offline, features=features) for n in names}
+def analyze_result(result: EvalResult, spec: AnalysisSpec, *,
+                   device: str | torch.device | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`analyze` for every model of a ``compute_fd(..., keep_features=True)`` result, against the
+    reference statistics it was compared with (``result.ref_stats``; PRDC/MMD need them loaded with feature
+    rows: ``compute_fd(..., ref_features=True)``). Returns {model: analysis record}."""
     dev = auto_device(device)
-    exs = load_extractors(names, weights, dev, resize, precision=precision)
-    # world_size=1: this runs on one process; the extraction must not join a (finished) torchrun group
-    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress, rank=0, world_size=1,
-                decode=decode)
-    got = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform,
-                            keep_features=features, **opts)
-    if features and any(s.features is None for s in got.stats.values()):
-        got = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform, cache=False,
-                                keep_features=True, **opts)
-    return got.stats
-
-
-def analyze_result(
-    result: EvalResult,
-    ref: Any,
-    spec: AnalysisSpec,
-    *,
-    weights: WeightsArg = None,
-    device: str | torch.device | None = None,
-    resize: str | None = None,
-    offline: bool | None = None,
-    ref_image_transform: str | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    progress: bool = False,
-    precision: str | None = None,
-    decode: str = "pil",
-) -> dict[str, dict[str, Any]]:
-    """:func:`analyze` for every model of ``compute_fd(..., keep_features=True)``'s result; ``ref`` and the
-    options are those given to ``compute_fd``. Returns {model: analysis record}."""
-    refs = reference_stats(ref, list(result.stats), features=spec.needs_reference_features, weights=weights,
-                           device=device, resize=resize, offline=offline, ref_image_transform=ref_image_transform,
-                           batch_size=batch_size, num_workers=num_workers, progress=progress, precision=precision,
-                           decode=decode)
-    dev = auto_device(device)
-    return {name: analyze(gen, refs[name], spec, device=dev) for name, gen in result.stats.items()}
+    return {name: analyze(gen, result.ref_stats[name], spec, device=dev) for name, gen in result.stats.items()}

@@ -49,6 +49,7 @@ class EvalResult:
     warnings: list[str] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # the generated set's statistics
+    ref_stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # what they were compared against
 
     def __getitem__(self, model: str) -> dict[str, Any]:
         return self.results[resolve_name(model)]
@@ -192,6 +193,20 @@ def _ref_cache_key(src: ImageSource, ex: Extractor, tf: str | None, decode: str 
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def reference_kind(ref: Any) -> str:
+    """"stats", "file", "registry" or "source": how :func:`resolve_reference` reads ``ref`` (checked without
+    reading any statistics or images)."""
+    if isinstance(ref, (Stats, Mapping)):
+        return "stats"
+    spec = os.fspath(ref)
+    path = Path(spec)
+    if path.is_file() and _is_stats_file(path):
+        return "file"
+    if not path.exists() and not any(c in spec for c in "*?{[") and "/" not in spec:
+        return "registry"
+    return "source"
+
+
 def resolve_reference(
     ref: str | os.PathLike | Stats | Mapping[str, Stats],
     extractors: Sequence[Extractor],
@@ -201,27 +216,31 @@ def resolve_reference(
     cache: bool = True,
     **extract_opts: Any,
 ) -> _Ref:
-    """Reference statistics for each extractor, from whatever ``ref`` is (see the module docstring)."""
+    """Reference statistics for each extractor, from whatever ``ref`` is (see the module docstring).
+
+    ``keep_features`` (in ``extract_opts``): also read (or extract) the reference's feature rows; a cached
+    image-source entry without them counts as a miss and is rebuilt with them.
+    """
     names = [ex.name for ex in extractors]
-    if isinstance(ref, Stats):
-        if len(names) != 1:
-            raise FDEvalError("a single Stats reference given for several models; pass {model: Stats}")
-        return _Ref({names[0]: ref}, {"kind": "stats", "origin": ref.origin})
-    if isinstance(ref, Mapping):
+    features = bool(extract_opts.get("keep_features", False))
+    kind = reference_kind(ref)
+    if kind == "stats":
+        if isinstance(ref, Stats):
+            if len(names) != 1:
+                raise FDEvalError("a single Stats reference given for several models; pass {model: Stats}")
+            return _Ref({names[0]: ref}, {"kind": "stats", "origin": ref.origin})
         return _Ref({resolve_name(k): v for k, v in ref.items()}, {"kind": "stats"})
     spec = os.fspath(ref)
-    path = Path(spec)
-    if path.is_file() and _is_stats_file(path):
+    if kind == "file":
         from .io_utils import sha256_file_cached
 
-        return _Ref({n: load_stats(path, model=n, features=extract_opts.get("keep_features", False))
-                     for n in names}, {"kind": "file", "path": str(path), "sha256": sha256_file_cached(path)})
-    if not path.exists() and not any(c in spec for c in "*?{[") and "/" not in spec:
+        return _Ref({n: load_stats(spec, model=n, features=features) for n in names},
+                    {"kind": "file", "path": spec, "sha256": sha256_file_cached(spec)})
+    if kind == "registry":
         from .references import get_reference, load_reference
 
         entry = get_reference(spec)  # raises UnknownReferenceError listing the known names
-        stats = {n: load_reference(spec, n, offline=offline, features=extract_opts.get("keep_features", False))
-                 for n in names}
+        stats = {n: load_reference(spec, n, offline=offline, features=features) for n in names}
         return _Ref(stats, {"kind": "registry", **stats[names[0]].metadata.get("reference", {"name": entry.name})},
                     registry_name=spec)
     # an image source: compute its statistics with the same extractors, cached by content and extractor
@@ -233,9 +252,12 @@ def resolve_reference(
     for ex, f in zip(extractors, files):
         if cache and f.is_file():
             try:
-                out[ex.name] = load_stats(f, model=ex.name)
+                st = load_stats(f, model=ex.name, features=features)
             except StatsFormatError:
                 f.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
+                continue
+            if not features or st.features is not None:  # an entry made without feature rows cannot serve them
+                out[ex.name] = st
     hits = [ex.name in out for ex in extractors]
     world_size = extract_opts.get("world_size") or 1
     if world_size > 1:
@@ -321,6 +343,7 @@ def compute_fd(
     offline: bool | None = None,
     ref_image_transform: str | None = None,
     keep_features: bool = False,
+    ref_features: bool | None = None,
     progress: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
@@ -334,6 +357,10 @@ def compute_fd(
     unless ``allow_mismatch``; an image-source reference is computed in the same mode. ``decode="gpu"`` applies
     to both image sources. ``provenance["precision"]`` records the mode and its documented expected FD
     difference from exact.
+
+    ``keep_features`` keeps the generated feature rows in ``result.stats`` (for :func:`fd_eval.analyze`);
+    ``ref_features`` (default: ``keep_features``) also loads or extracts the reference's rows into
+    ``result.ref_stats`` (PRDC and MMD need them; the bootstrap and FD-infinity do not).
     """
     t0 = time.perf_counter()
     dev = auto_device(device)
@@ -345,7 +372,7 @@ def compute_fd(
                 world_size=world_size, decode=decode)
     t_ref = time.perf_counter()
     reference = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform,
-                                  keep_features=keep_features, **opts)
+                                  keep_features=keep_features if ref_features is None else ref_features, **opts)
     t_ref = time.perf_counter() - t_ref
     gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, skip_bad=skip_bad,
                               keep_features=keep_features, **opts)
@@ -372,4 +399,4 @@ def compute_fd(
         "timings": {"total_s": time.perf_counter() - t0, "reference_s": t_ref, "extract_s": src_meta["seconds"],
                     "images_per_s": src_meta["images_per_s"], "fd_s": t_fd},
     }
-    return EvalResult(results, provenance, warnings, skipped, gen_stats)
+    return EvalResult(results, provenance, warnings, skipped, gen_stats, reference.stats)

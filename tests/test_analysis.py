@@ -1,6 +1,7 @@
 """`fd-eval compute --ci/--bootstrap/--fd-infinity/--prdc/--mmd`: the JSON's per-model "analysis" section equals
 direct calls of bootstrap_fd / fd_infinity / prdc / mmd on the same feature rows and seed; a reference without
 feature rows fails before any extraction, with a message that names it and the fix."""
+import dataclasses
 import json
 
 import numpy as np
@@ -125,6 +126,10 @@ def test_prdc_after_a_plain_run_recomputes_the_reference_features(world, ref_sta
     _cli("compute", world["gen"], "--ref", world["ref"], *common, "--prdc", "--json", out, "--save-stats", saved)
     a = json.loads(out.read_text())["results"][MODEL]["analysis"]
     assert a["prdc"] == fd_eval.prdc(ref_stats.features, fd_eval.load_stats(saved).features, seed=0)
+    # the cache entry was rebuilt with the rows (same moments), so the next --prdc run reads them from it
+    rebuilt = fd_eval.load_stats(cached)
+    np.testing.assert_array_equal(rebuilt.features, ref_stats.features)
+    np.testing.assert_allclose(rebuilt.sigma, ref_stats.sigma, rtol=0, atol=1e-12 * np.abs(ref_stats.sigma).max())
 
 
 def test_reference_without_features_fails_before_extraction(world, ref_stats, tmp_path, monkeypatch):
@@ -163,3 +168,28 @@ def test_analyze_errors_name_the_missing_rows(ref_stats):
     check_reference_features(ref_stats, MODEL)  # has features: passes
     with pytest.raises(fd_eval.InputError, match="--ci must be a level in"):
         AnalysisSpec(ci=1.5)
+
+
+def test_analyze_result_uses_the_reference_compute_fd_compared_against(world, ref_stats, tmp_path):
+    """compute_fd keeps the reference it used (ref_stats), with rows only when asked: the bootstrap needs none,
+    PRDC refuses without them, and with ref_features=True analyze_result equals analyze on the same rows."""
+    from fd_eval.analysis import analyze_result
+
+    no_rows = tmp_path / "ref_no_rows.safetensors"
+    fd_eval.save_stats(no_rows, [dataclasses.replace(ref_stats, features=None)])
+    with_rows = tmp_path / "ref_rows.safetensors"
+    fd_eval.save_stats(with_rows, [ref_stats])
+    opts = dict(models=MODEL, weights=world["ckpt"], progress=False, num_workers=0, keep_features=True)
+    boot = AnalysisSpec(ci=0.9, n_boot=5, seed=3)
+    res = fd_eval.compute_fd(world["gen"], no_rows, **opts)
+    assert res.ref_stats[MODEL].features is None and res.stats[MODEL].features.shape == (N_GEN, 384)
+    got = analyze_result(res, boot)[MODEL]
+    _assert_same(got["bootstrap"], analyze(res.stats[MODEL], ref_stats, boot)["bootstrap"])
+    with pytest.raises(MissingFeaturesError):
+        analyze_result(res, AnalysisSpec(prdc=True))
+    res = fd_eval.compute_fd(world["gen"], with_rows, ref_features=True, **opts)
+    np.testing.assert_array_equal(res.ref_stats[MODEL].features, ref_stats.features)
+    spec = AnalysisSpec(prdc=True, mmd=True, seed=1)
+    _assert_same(analyze_result(res, spec)[MODEL]["prdc"], analyze(res.stats[MODEL], ref_stats, spec)["prdc"])
+    # keep_features alone does not read the reference's rows (they can be gigabytes: GPIC's 1M embeddings)
+    assert fd_eval.compute_fd(world["gen"], with_rows, ref_features=False, **opts).ref_stats[MODEL].features is None

@@ -74,7 +74,7 @@ def speed_options() -> list:
                           "--allow-mismatch)."),
         click.option("--compile/--no-compile", "compile_model", default=None,
                      help="torch.compile the network with --precision fast [default: only on a GPU for passes "
-                          "of >= 500K images]."),
+                          "of >= 200K images]."),
         click.option("--decode", type=click.Choice(["pil", "gpu"]), default="pil", show_default=True,
                      help="gpu: decode JPEGs on the GPU (nvJPEG; needs --resize torch for DINOv2; other formats "
                           "and CPU runs use PIL)."),

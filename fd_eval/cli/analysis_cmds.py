@@ -47,9 +47,9 @@ def analysis_spec(ci: float | None = None, n_boot: int | None = None, fd_infinit
     return spec if spec.requested else None
 
 
-def run_analysis(res: Any, ref: Any, spec: AnalysisSpec, **opts: Any) -> dict[str, dict[str, Any]]:
+def run_analysis(res: Any, spec: AnalysisSpec, device: str | None = None) -> dict[str, dict[str, Any]]:
     """Analyses of a `compute` result (see :func:`fd_eval.analysis.analyze_result`), printed as a compact table."""
-    analyses = analyze_result(res, ref, spec, **opts)
+    analyses = analyze_result(res, spec, device=device)
     for a in analyses.values():
         for w in a["warnings"]:
             warn(w)

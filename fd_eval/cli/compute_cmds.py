@@ -88,7 +88,8 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
                          num_workers=num_workers, num=num, seed=seed, skip_bad=skip_bad, resize=resize,
                          precision=precision, compile=compile_model, decode=decode, allow_mismatch=allow_mismatch,
                          offline=offline, ref_image_transform=ref_transform, progress=not quiet,
-                         keep_features=spec is not None)
+                         keep_features=spec is not None,
+                         ref_features=spec is not None and spec.needs_reference_features)
     except FDEvalError:
         if rank != 0:  # every rank raises the same error; rank 0 prints it once
             sys.exit(1)
@@ -114,10 +115,7 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     if any(r["floor"] is not None for r in res.results.values()):
         click.echo("floor: FD of real images of the same N against this reference (published); a perfect "
                    "generator scores about this, not 0")
-    analyses = {} if spec is None else run_analysis(
-        res, ref, spec, weights=_weights(weights), device=device, resize=resize, offline=offline,
-        ref_image_transform=ref_transform, batch_size=batch_size, num_workers=num_workers, progress=not quiet,
-        precision=precision, decode=decode)
+    analyses = {} if spec is None else run_analysis(res, spec, device=device)
     if save_stats_path:
         save_stats(save_stats_path, list(res.stats.values()))
     if json_path:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one go (what the issue notes quote), ~7 minutes on an H100/H200:
+#     bash benchmarks/run_gpu.sh [N_IMAGES]        # results in $OUT, else benchmarks/results/
+# Needs python3 with torch (CUDA), fd_eval importable, and the `dinov2` package (pip install --no-deps
+# dinov2==0.0.1.dev2) for the baseline. Each step runs even when an earlier one failed.
+set -u
+export PYTHONUNBUFFERED=1
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+n=${1:-8000}
+py=${PYTHON:-python3}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $py -c "import os, torch, torchvision, timm, numpy, PIL; print('torch', torch.__version__, 'torchvision', \
+torchvision.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__, 'pillow', PIL.__version__, \
+'cpus', len(os.sched_getaffinity(0)), 'gpu', torch.cuda.get_device_name())"
+  $py -c "import fd_eval, dinov2.models.vision_transformer; print('imports ok')"
+} 2>&1 | tee "$out/gpu.txt"
+$py benchmarks/bench_metric.py --batches 8 --json "$out/metric_gpu.json" 2>&1 | tee "$out/metric.log"
+$py benchmarks/bench_pipeline.py --n "$n" --model-batches 10 --repeats 2 --json "$out/pipeline_gpu.json" 2>&1 \
+  | tee "$out/pipeline.log"
+$py benchmarks/bench_precision.py --device cuda --models dinov2-vitl14 inception-v3-tf --n 256 --batch-size 128 \
+  --json "$out/precision_gpu.json" 2>&1 | tee "$out/precision.log"
+$py -m pytest -q -p no:cacheprovider tests/test_sources.py -k "pin" 2>&1 | tail -5 | tee -a "$out/gpu.txt"
