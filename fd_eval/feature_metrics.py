@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .frechet import _pick_device
 
 ArrayLike = Any  # numpy array or torch tensor, (N, D)
 
@@ -47,15 +48,6 @@ _NEAR_REL = 1e-6
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
-def _pick_device(*xs: ArrayLike, device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for x in xs:
-        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
-            return x.device
-    return torch.device("cpu")
-
-
 def _check_rows(x: ArrayLike, name: str, min_rows: int) -> tuple[int, int]:
     shape = tuple(x.shape)
     if len(shape) != 2:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 
@@ -27,3 +28,14 @@ def photo_crops(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
         x = rng.integers(p.shape[1] - width + 1)
         out[i] = p[y:y + height, x:x + width]
     return out
+
+
+def save_images(arr: np.ndarray, folder: "str | Path", ext: str = "png", **save_kw) -> Path:
+    """Write each (H, W, 3) uint8 image of ``arr`` as ``folder/{i:03d}.{ext}`` (folder created); returns it."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for i, im in enumerate(arr):
+        Image.fromarray(im).save(folder / f"{i:03d}.{ext}", **save_kw)
+    return folder

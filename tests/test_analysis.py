@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
-from _images import photo_crops
+from _images import photo_crops, save_images
 from fd_eval.analysis import AnalysisSpec, analyze, check_reference_features
 from fd_eval.cli import main
 from fd_eval.errors import MissingFeaturesError
@@ -28,11 +27,7 @@ def world(tmp_path_factory):
     gen = (gen.astype(np.float32) * 0.75 + 40).astype(np.uint8)  # a "generator" with a colour cast
     dirs = {}
     for name, arr in (("gen", gen), ("ref", photo_crops(N_REF, 96, 96, seed=32))):
-        d = root / name
-        d.mkdir()
-        for i, im in enumerate(arr):
-            Image.fromarray(im).save(d / f"{i:03d}.png")
-        dirs[name] = d
+        dirs[name] = save_images(arr, root / name)
     return {"root": root, "ckpt": ckpt, **dirs}
 
 

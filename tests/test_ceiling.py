@@ -11,7 +11,7 @@ from PIL import Image
 
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
-from _images import photo_crops
+from _images import photo_crops, save_images
 from fd_eval import references as refs
 from fd_eval.cli import main
 
@@ -25,10 +25,7 @@ def world(tmp_path_factory):
     ckpt, hub = save_dinov2_checkpoint(root / "dinov2_vits14_pretrain.pth", "vits14", "official", seed=5)
     real = photo_crops(N_REAL, 96, 96, seed=21)
     ref = photo_crops(N_REF, 96, 96, seed=22)
-    real_dir = root / "real"
-    real_dir.mkdir()
-    for i, im in enumerate(real):
-        Image.fromarray(im).save(real_dir / f"{i:03d}.png")
+    real_dir = save_images(real, root / "real")
     # dgm-eval / GPIC protocol written independently: PIL bicubic to 224, ToTensor, Normalize, hub model
     tf = T.Compose([T.Resize((224, 224), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
                     T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])

@@ -13,7 +13,7 @@ from PIL import Image
 
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
-from _images import photo_crops
+from _images import photo_crops, save_images
 from fd_eval.cli import main
 
 N = 12  # images per set: enough for a non-trivial FD, small enough for ViT-S on 2 CPU cores
@@ -28,11 +28,7 @@ def world(tmp_path_factory):
     ref = photo_crops(N, 256, 256, seed=2)
     dirs = {}
     for name, arr in (("gen", gen), ("ref", ref)):
-        d = root / name
-        d.mkdir()
-        for i, im in enumerate(arr):
-            Image.fromarray(im).save(d / f"{i:03d}.png")
-        dirs[f"{name}_dir"] = d
+        dirs[f"{name}_dir"] = save_images(arr, root / name)
     # the same generated images in every other format
     with zipfile.ZipFile(root / "gen.zip", "w") as zf:
         for p in sorted(dirs["gen_dir"].iterdir()):

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
 from _dist_worker import noise_sampler
-from _images import photo_crops
+from _images import photo_crops, save_images
 from fd_eval.distributed import resolve_world
 from fd_eval.errors import FDEvalError
 from fd_eval.metric import FDMetric, batch_seed, evaluate_generator, generator_batches
@@ -39,15 +38,8 @@ def world(tmp_path_factory):
     ref = photo_crops(N, 64, 64, seed=2)
     dirs = {}
     for name, arr in (("gen", gen), ("ref", ref)):
-        d = root / name
-        d.mkdir()
-        for i, im in enumerate(arr):
-            Image.fromarray(im).save(d / f"{i:03d}.png")
-        dirs[name] = d
-    bad = root / "bad"
-    bad.mkdir()
-    for i, im in enumerate(gen[:3]):
-        Image.fromarray(im).save(bad / f"{i:03d}.png")
+        dirs[name] = save_images(arr, root / name)
+    bad = save_images(gen[:3], root / "bad")
     (bad / "003.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")  # in rank 1's block
     np.save(root / "gen.npy", gen)
     exs = fd_eval.load_extractors("dinov2-vits14", ckpt, "cpu")
@@ -76,15 +68,6 @@ def _torchrun(args, cwd, timeout=240):
 
 def _rel(a, b):
     return abs(a - b) / abs(b)
-
-
-@pytest.fixture()
-def one_thread():
-    """Same intra-op thread count as the torchrun ranks (OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_torchrun_cli_equals_one_process(world, tmp_path, one_thread):

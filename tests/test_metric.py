@@ -11,20 +11,13 @@ from PIL import Image
 
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
-from _images import photo_crops
+from _images import photo_crops, save_images
 from fd_eval.cli import main
 from fd_eval.errors import InputError, InputRangeError, StatsMismatchError
 from fd_eval.metric import FDMetric, to_uint8
 
 N = 8  # generated and reference images; most tests use the first 4 (ViT-S/14 on 2 CPU cores is the cost)
 MODEL = "dinov2-vits14"
-
-
-def _save_pngs(d, arr):
-    d.mkdir()
-    for i, im in enumerate(arr):
-        Image.fromarray(im).save(d / f"{i:03d}.png")
-    return d
 
 
 def _cli_fd(gen_dir, ref_file, ckpt, *extra):
@@ -44,7 +37,7 @@ def world(tmp_path_factory):
     exs = fd_eval.load_extractors(MODEL, ckpt, "cpu")
     ref_stats = fd_eval.compute_stats(ref, extractors=exs, num_workers=0, progress=False)[MODEL]
     ref_file = ref_stats.save(root / "ref.safetensors")
-    gen_dir = _save_pngs(root / "gen", gen)
+    gen_dir = save_images(gen, root / "gen")
     cli = _cli_fd(gen_dir, ref_file, ckpt)
     return {"root": root, "ckpt": ckpt, "gen": gen, "ref": ref, "exs": exs, "ref_stats": ref_stats,
             "ref_file": ref_file, "cli": cli}
@@ -84,7 +77,7 @@ def test_float_minus1_1_equals_cli_on_edm2_saved_pngs(world, tmp_path):
     edm2 = (x * 127.5 + 128).clip(0, 255).to(torch.uint8)  # EDM2 generate_images.py / StyleGAN
     assert torch.equal(to_uint8(x, (-1, 1)), edm2)
     assert (edm2 != ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8)).float().mean() > 0.3  # != ADM's truncation
-    cli = _cli_fd(_save_pngs(tmp_path / "edm2", edm2.permute(0, 2, 3, 1).numpy()), world["ref_file"], world["ckpt"])
+    cli = _cli_fd(save_images(edm2.permute(0, 2, 3, 1).numpy(), tmp_path / "edm2"), world["ref_file"], world["ckpt"])
     m = _metric(world, value_range=(-1, 1))
     m.update(x[:1])
     m.update(x[1:])

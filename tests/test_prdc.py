@@ -15,13 +15,8 @@ from fd_eval.feature_metrics import mmd, mmd_subsets, prdc
 KEYS = ("precision", "recall", "density", "coverage")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matrices: on 2 busy cores, thread hand-offs cost more than the arithmetic (10x measured)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Small matrices: on 2 busy cores, thread hand-offs cost more than the arithmetic (10x measured).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(real, fake, k):

@@ -8,9 +8,7 @@ the same statistics, invalid combinations fail with one-line errors, and the ben
 """
 from __future__ import annotations
 
-import io
 import json
-import sys
 import types
 import warnings
 from pathlib import Path
@@ -23,7 +21,7 @@ from PIL import Image
 
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
-from _images import photo_crops
+from _images import photo_crops, save_images
 from fd_eval import pipeline, precision
 from fd_eval.cli import main
 from fd_eval.errors import BadImageError, FDEvalError, StatsMismatchError
@@ -40,15 +38,8 @@ def world(tmp_path_factory):
     ckpt, _ = save_dinov2_checkpoint(root / "dinov2_vits14_pretrain.pth", "vits14", "official", seed=5)
     dirs = {}
     for name, seed in (("gen", 1), ("ref", 2)):
-        d = root / name
-        d.mkdir()
-        for i, im in enumerate(photo_crops(N, 64, 80, seed=seed)):
-            Image.fromarray(im).save(d / f"{i:03d}.png")
-        dirs[name] = d
-    jpg = root / "jpg"
-    jpg.mkdir()
-    for i, im in enumerate(photo_crops(N, 72, 64, seed=3)):
-        Image.fromarray(im).save(jpg / f"{i:03d}.jpg", quality=90)
+        dirs[name] = save_images(photo_crops(N, 64, 80, seed=seed), root / name)
+    jpg = save_images(photo_crops(N, 72, 64, seed=3), root / "jpg", "jpg", quality=90)
     Image.fromarray(photo_crops(1, 64, 64, seed=4)[0]).save(jpg / "zz_png.png")  # a PNG among the JPEGs
     ex = fd_eval.load_extractor(MODEL, weights=ckpt)
     opts = dict(extractors=[ex], num_workers=0, progress=False)

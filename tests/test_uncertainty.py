@@ -8,13 +8,8 @@ from fd_eval.errors import InputError
 from fd_eval.uncertainty import _fd_against, _prepare_reference, bootstrap_fd, default_ns, fd_infinity
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Thousands of FDs of 8- to 128-d matrices: on 2 busy cores thread hand-offs cost more than the work."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Thousands of FDs of 8- to 128-d matrices: on 2 busy cores thread hand-offs cost more than the work.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _orth(d, rng):
