@@ -7,8 +7,9 @@ Random weights in the real architecture (built here, saved in timm's key format,
 weights path), random 256x256 images made on the device (GPIC's generated size), a dummy reference. Measures, per
 configuration, the wall time of ``--batches`` update() calls after one warm-up call, with a device synchronise
 before the clock stops (update itself never waits for the GPU on the torch path), and the model alone
-(``forward_prepared`` on 224x224 uint8) as the ceiling. ``pil`` is the reference-exact path (copy to host, Pillow
-resize in a thread pool); ``torch`` is EDM2's device resize.
+(``forward_prepared`` on 224x224 uint8) as the ceiling. ``pil-host`` is the reference protocol done by Pillow
+(copy to the host, Pillow resize in a thread pool); ``pil-device`` the same pixels computed on the device
+(:mod:`fd_eval.pil_resize`; fast mode's default on a GPU); ``torch`` is EDM2's device resize (another protocol).
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default 256 on a GPU, 16 on a CPU")
     ap.add_argument("--batches", type=int, default=None, help="timed update() calls (default 20 GPU / 3 CPU)")
     ap.add_argument("--size", type=int, default=256, help="input image side (GPIC generates 256x256)")
-    ap.add_argument("--resize", nargs="+", default=["torch", "pil"], choices=["torch", "pil"])
+    ap.add_argument("--resize", nargs="+", default=["torch", "pil-host", "pil-device"],
+                    choices=["torch", "pil-host", "pil-device"])
     ap.add_argument("--precision", nargs="+", default=["exact", "fast"], choices=["exact", "fast"])
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -90,14 +92,16 @@ def main() -> None:
         rows = []
         for precision in args.precision:
             for resize in args.resize:
-                ex = load_extractor(name, weights=weights, device=dev, resize=resize, precision=precision)
+                ex = load_extractor(name, weights=weights, device=dev, resize=resize.split("-")[0],
+                                    precision=precision).set_pil_resize_on(resize.split("-")[-1]
+                                                                           if "-" in resize else "auto")
                 ref = Stats(np.zeros(ex.feature_dim), np.eye(ex.feature_dim), 2, ex.metadata(), origin="dummy")
                 m = FDMetric(extractors=[ex], ref=ref, value_range=(-1, 1), distributed=False)
                 for kind, batches in (("uint8", u8), ("float [-1,1]", f32)):
                     ips = bench(m, batches)
                     rows.append({"precision": precision, "resize": resize, "input": kind,
                                  "validate": "eager" if m._eager(False) else "deferred", "images_per_s": ips})
-                    print(f"{name} {precision:5s} resize={resize:5s} input={kind:12s} {ips:9.1f} img/s", flush=True)
+                    print(f"{name} {precision:5s} resize={resize:10s} input={kind:12s} {ips:9.1f} img/s", flush=True)
                 t0 = time.perf_counter()
                 m.compute()
                 rows[-1]["compute_s"] = time.perf_counter() - t0

@@ -12,17 +12,22 @@ Parts (all written to one JSON, default ``benchmarks/results/pipeline_{cpu,gpu}.
    ``ToTensor`` + ``Normalize`` on PIL images, a DataLoader with the same batch size and workers as fd-eval,
    ``model(x.to(device)).cpu().numpy()`` per batch into a list, then ``np.cov``), fd-eval ``exact`` and fd-eval
    ``fast`` (on a GPU also: the baseline with dgm-eval's defaults, batch 50 and min(8, cpus) workers;
-   ``fast`` with torch.compile; and on a JPEG copy of the folder ``fast`` with PIL decode+resize and with
+   ``fast`` with the Pillow resize in the workers instead of on the device; ``fast`` with torch.compile; and on
+   a JPEG copy of the folder ``fast`` with PIL decode+resize and with
    ``--decode gpu --resize torch``), plus the network alone on ready 224x224 batches (the bound the pipeline
    can reach) and, on a GPU, the float32 FLOP bound of the card when its peak is known.
 2. **Decode + resize alone**: a raw single-process PIL loop (open, convert RGB, Pillow bicubic to 224, to tensor)
    against fd-eval's DataLoader path with a no-op model (16 pixel values as features, ``--feature-dim``) at
    0, 1, 2, ... workers (pipeline overhead = the 0-worker time over the raw loop's, minus 1; the target is below
-   10%).
+   10%); and the same with the workers only decoding (``pil_resize_on="device"``, fast mode's default on a GPU):
+   the images/s the host can feed a GPU.
 3. **Memory** of building statistics from N = 10K and 100K synthetic 1024-d feature rows with
    MomentAccumulator (peak RSS of a fresh process, and torch.cuda.max_memory_allocated on a GPU), beside the
    baseline's collect-then-np.cov; it must not grow with N.
 4. **FD time** at d = 1024 and 2048 (bench_frechet's matrices and routes): fd-eval vs scipy.linalg.sqrtm.
+5. **Fill and drain** (runs after part 2): a simulated accelerator (``time.sleep`` per model batch, at 80% of the
+   workers' decode rate) fed by fd-eval's pipeline, with DataLoader items of a whole model batch and of 32
+   images (what a GPU device gets): the share of the device-bound time lost to starting and ending the pass.
 """
 from __future__ import annotations
 
@@ -166,20 +171,26 @@ def throughput(args: argparse.Namespace, dev: torch.device, tmp: Path) -> dict:
         mu_b = sig_b = None
         print("  baseline skipped: the dinov2 package (hub model code) is not installed")
     runs = [("fd-eval exact", {}), ("fd-eval fast", {"precision": "fast", "compile": False})]
+    if gpu:  # fast mode's default on a GPU resizes on the device; the same with Pillow in the workers
+        runs.append(("fd-eval fast, Pillow resize in the workers", {"precision": "fast", "compile": False,
+                                                                   "pil_resize_on": "host"}))
     if gpu or args.compile:
         runs.append(("fd-eval fast + torch.compile", {"precision": "fast", "compile": True}))
     for name, kw in runs:
         if gpu:
             torch.cuda.reset_peak_memory_stats(dev)
         ex.set_precision(kw.get("precision", "exact"), kw.get("compile"))
+        ex.set_pil_resize_on(kw.get("pil_resize_on", "auto"))
         t, mu, sig, meta = fd_eval_run(folder, ex, dev, bs, workers)
-        extra = {"precision": meta["precision"]["mode"], "compile": ex.compile_status()}
+        extra = {"precision": meta["precision"]["mode"], "compile": ex.compile_status(),
+                 "pil_resize_on": meta["pil_resize_on"]}
         if mu_b is not None:
             extra.update(mu_rel_diff_vs_baseline=_rel(mu, mu_b), sigma_rel_diff_vs_baseline=_rel(sig, sig_b))
         record(name, t, extra)
         if kw.get("compile"):  # a second pass: compiled graph already built
             t2, *_ = fd_eval_run(folder, ex, dev, bs, workers)
             record(name + " (warm)", t2, {"compile": ex.compile_status()})
+    ex.set_pil_resize_on("auto")
     if gpu:  # the GPU input path on a JPEG copy of the same images
         jfolder = bu.write_pngs(arr, tmp / "jpg", fmt="jpg")
         ex.set_precision("fast", compile=False)
@@ -228,8 +239,8 @@ class NoOpExtractor(Extractor):
                               scale=255.0, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         super().__init__("no-op", dim, spec, torch.nn.Identity(), None, "cpu")
 
-    def forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)[:, :self.feature_dim].float()
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :self.feature_dim].float()  # the network (Identity) passes these through
 
 
 def decode_resize(args: argparse.Namespace, tmp: Path) -> dict:
@@ -243,12 +254,13 @@ def decode_resize(args: argparse.Namespace, tmp: Path) -> dict:
     src = open_source(str(folder))
     n = len(files) * reps
 
-    def raw() -> float:
+    def raw(resize: bool = True) -> float:
         t0 = time.perf_counter()
         for _ in range(reps):
             for f in files:
                 with Image.open(f) as im:
-                    pil_to_tensor(pil_resize(im.convert("RGB"), (224, 224), "bicubic"))
+                    img = im.convert("RGB")
+                    pil_to_tensor(pil_resize(img, (224, 224), "bicubic") if resize else img)
         return time.perf_counter() - t0
 
     noop = NoOpExtractor(args.feature_dim)
@@ -258,7 +270,8 @@ def decode_resize(args: argparse.Namespace, tmp: Path) -> dict:
     cpus = available_cpus()
     counts = [w for w in (0, 1, 2, 4, 8, 16) if w <= max(2, cpus)] if not args.quick else [0, 1]
 
-    def pipeline(w: int) -> float:
+    def pipeline(w: int, where: str) -> float:
+        noop.set_pil_resize_on(where)  # "device": the workers only decode (fast mode on a GPU)
         t0 = time.perf_counter()
         ext = extract(rep_src, [noop], device="cpu", batch_size=32, num_workers=w, progress=False)
         assert ext.n_images == n
@@ -267,23 +280,83 @@ def decode_resize(args: argparse.Namespace, tmp: Path) -> dict:
     raw()  # page cache, Pillow's lazy initialisation
     # interleaved repeats, best of each: a VM's speed drifts by 10-20% over a minute, which would otherwise
     # land on whichever configuration ran in the slow stretch
-    times: dict[Any, list[float]] = {"raw": [], **{w: [] for w in counts}}
+    configs = [(w, where) for where in ("host", "device") for w in counts]
+    times: dict[Any, list[float]] = {"raw": [], "raw decode": [], **{c: [] for c in configs}}
     for _ in range(args.repeats):
         times["raw"].append(raw())
-        for w in counts:
-            times[w].append(pipeline(w))
-    t_raw = min(times["raw"])
+        times["raw decode"].append(raw(resize=False))
+        for c in configs:
+            times[c].append(pipeline(*c))
+    t_raw, t_dec = min(times["raw"]), min(times["raw decode"])
     print(f"  raw single-process PIL decode+resize       {n / t_raw:9.1f} img/s", flush=True)
+    print(f"  raw single-process PIL decode only         {n / t_dec:9.1f} img/s", flush=True)
     rows = []
-    for w in counts:
-        t = min(times[w])
-        rows.append({"num_workers": w, "images_per_s": n / t, "seconds": t, "vs_raw": t_raw / t})
-        print(f"  fd-eval DataLoader path, no-op model, {w:2d} workers {n / t:9.1f} img/s ({t_raw / t:4.2f}x raw)",
-              flush=True)
+    for w, where in configs:
+        t = min(times[(w, where)])
+        rows.append({"num_workers": w, "pil_resize_on": where, "images_per_s": n / t, "seconds": t,
+                     "vs_raw": t_raw / t})
+        what = "decode+resize" if where == "host" else "decode only (resize on the device)"
+        print(f"  fd-eval DataLoader path, no-op model, {w:2d} workers, {what:34s} {n / t:9.1f} img/s "
+              f"({t_raw / t:4.2f}x raw decode+resize)", flush=True)
     overhead = rows[0]["seconds"] / t_raw - 1
     print(f"  pipeline overhead (0 workers vs raw loop)   {100 * overhead:+.1f}%  (target < 10%)")
-    return {"images": n, "raw_images_per_s": n / t_raw, "raw_seconds": t_raw, "pipeline": rows,
-            "pipeline_overhead": overhead, "cpus": cpus, "feature_dim": args.feature_dim}
+    return {"images": n, "raw_images_per_s": n / t_raw, "raw_seconds": t_raw, "raw_decode_only_images_per_s":
+            n / t_dec, "pipeline": rows, "pipeline_overhead": overhead, "cpus": cpus,
+            "feature_dim": args.feature_dim}
+
+
+class SimulatedAccelerator(NoOpExtractor):
+    """A device that takes ``n / rate`` seconds per model batch without using a CPU core (``time.sleep``
+    releases the GIL), to time the pipeline's start-up, overlap and tail on a machine without a GPU."""
+
+    def __init__(self, dim: int, rate: float):
+        super().__init__(dim)
+        self.rate = rate
+
+    def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(x.shape[0] / self.rate)
+        return x
+
+
+def fill(args: argparse.Namespace, tmp: Path) -> dict:
+    """End-to-end time of a pass against a simulated accelerator slower than the host's decode rate, with
+    DataLoader items the size of the model batch (what every device got before ``loader_chunk``) and of 32 images
+    (a GPU's ``loader_chunk``): the difference is the pipeline's fill and drain (a worker must finish a whole
+    item before the device starts). Workers only decode (``pil_resize_on="device"``, fast mode on a GPU)."""
+    import fd_eval.pipeline as pl
+    from fd_eval.sources import SubsetSource
+
+    folder = tmp / "png"
+    if not folder.is_dir():
+        bu.write_pngs(bu.images(args.n, 256, seed=0), folder)
+    src = open_source(str(folder))
+    reps = max(1, args.decode_images // len(src))
+    rep_src = SubsetSource(src, np.tile(np.arange(len(src)), reps))
+    n, bs = len(rep_src), args.fill_batch
+    workers = args.num_workers or max(1, available_cpus())
+    dev = SimulatedAccelerator(args.feature_dim, args.fill_rate).set_pil_resize_on("device")
+    real = pl.loader_chunk
+    rows = []
+    try:
+        for item in (bs, 32):
+            pl.loader_chunk = lambda b, d, item=item: item  # noqa: E731 - what a GPU device gets
+            best = min(_timed(lambda: extract(rep_src, [dev], device="cpu", batch_size=bs, num_workers=workers,
+                                              progress=False)) for _ in range(args.repeats))
+            rows.append({"item_images": item, "seconds": best, "images_per_s": n / best,
+                         "vs_device_bound": (n / args.fill_rate) / best})
+            print(f"  items of {item:3d} images: {n / best:7.1f} img/s, {best:.2f} s "
+                  f"({100 * rows[-1]['vs_device_bound']:.0f}% of the simulated device's {args.fill_rate:.0f} img/s)",
+                  flush=True)
+    finally:
+        pl.loader_chunk = real
+    return {"images": n, "batch_size": bs, "num_workers": workers, "device_images_per_s": args.fill_rate,
+            "rows": rows}
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 # --- 3. memory ---------------------------------------------------------------------------------------------
@@ -392,7 +465,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--memory-n", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--memory-d", type=int, default=1024)
     ap.add_argument("--fd-dims", type=int, nargs="+", default=[1024, 2048])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "decode", "memory", "fd"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "decode", "fill", "memory",
+                                                                         "fd"])
+    ap.add_argument("--fill-rate", type=float, default=None,
+                    help="the simulated accelerator's images/s in part 5 (default: 80%% of the host's decode rate)")
+    ap.add_argument("--fill-batch", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="tiny sizes everywhere (seconds; for the tests)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--_memory-child", nargs=4, default=None, help=argparse.SUPPRESS)
@@ -407,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.n, args.repeats, args.memory_n, args.memory_d, args.fd_dims = 6, 1, [512, 2048], 32, [64]
         args.decode_images, args.model_batches, args.batch_size = 12, 1, args.batch_size or 3
+        args.fill_batch = 4
         args.num_workers = 0 if args.num_workers is None else args.num_workers
     args.n = args.n or (10_000 if gpu else 128)
     args.model_batches = args.model_batches or (20 if gpu else 2)
@@ -437,6 +515,14 @@ def main(argv: list[str] | None = None) -> dict:
         if "decode" not in args.skip:
             print("2. decode + resize alone (host)")
             doc["decode_resize"] = decode_resize(args, Path(tmp))
+            save()
+        if "fill" not in args.skip:
+            print("5. fill and drain: a simulated accelerator fed by the decode workers")
+            if args.fill_rate is None:  # a device just slower than what the workers can feed
+                dr = doc.get("decode_resize", {}).get("pipeline", [])
+                feed = max((r["images_per_s"] for r in dr if r["pil_resize_on"] == "device"), default=400.0)
+                args.fill_rate = 0.8 * feed
+            doc["fill"] = fill(args, Path(tmp))
             save()
     if "memory" not in args.skip:
         print("3. memory of building statistics")

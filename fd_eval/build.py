@@ -66,6 +66,7 @@ from .pipeline import (
     default_num_workers,
     device_decode_spec,
     extraction_stats,
+    loader_chunk,
     make_dataset,
     make_loader,
 )
@@ -417,23 +418,24 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
     if not units:
         return
     all_idx = np.concatenate([u.indices for u in units])
+    for ex in extractors:  # first: where an extractor resizes (host or device) depends on its device
+        ex.to(dev)
+        ex.plan_run(len(all_idx))
     ds, collate_fn = make_dataset(SubsetSource(plan.source, all_idx), extractors, dev, decode=decode,
                                   skip_bad=skip_bad, image_transform=tf)
-    batches: list[list[int]] = []
-    owner: list[int] = []  # position in `units` of each batch
+    batches: list[list[int]] = []  # DataLoader items (loader_chunk images); the runner joins them
+    owner: list[int] = []  # position in `units` of each item
+    chunk = loader_chunk(batch_size, dev)
     off = 0
     for k, u in enumerate(units):
-        for s in range(0, len(u), batch_size):
-            batches.append(list(range(off + s, off + min(s + batch_size, len(u)))))
+        for s in range(0, len(u), chunk):
+            batches.append(list(range(off + s, off + min(s + chunk, len(u)))))
             owner.append(k)
         off += len(u)
     last = {k: i for i, k in enumerate(owner)}  # index of each unit's final batch
     loader = make_loader(ds, collate_fn, dev, num_workers, batch_sampler=batches)
-    for ex in extractors:
-        ex.to(dev)
-        ex.plan_run(len(all_idx))
     numerics = _numerics(dev, batch_size)
-    runner = BatchRunner(ds, extractors, dev, decode)
+    runner = BatchRunner(ds, extractors, dev, decode, batch_size=batch_size)
     accs: list[MomentAccumulator] = []
     skipped: list[SkippedItem] = []
     decoded_before = 0
@@ -448,6 +450,7 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
         bar.update(len(batch) + len(batch.skipped))
         if i != last[k]:
             continue
+        runner.flush(accs)  # the unit's last, partial model batch
         unit = units[k]
         tensors: dict[str, torch.Tensor] = {}
         for ex, acc in zip(extractors, accs):

@@ -5,6 +5,9 @@ each extractor's host step (the reference Pillow resize) in parallel; batches of
 device through pinned memory with non-blocking copies, on a CUDA side stream so that the copy of batch i + 1
 overlaps the network's work on batch i; features go straight into :class:`MomentAccumulator`s that live on the
 device. Nothing in the loop reads a device value back, so the host never waits for the GPU until the end.
+On a GPU the workers hand over small items (:func:`loader_chunk`) that :class:`BatchRunner` joins into model
+batches, so the GPU starts after a few images per worker; in fast mode the Pillow resize itself runs on the GPU
+with Pillow's integer arithmetic (:mod:`fd_eval.pil_resize`, same pixels) and the workers only decode.
 
 GPU decode (``decode="gpu"``, for extractors that resize on the device: Inception, DINOv2 with
 ``resize="torch"``): workers only read the files; RGB JPEGs travel as their encoded bytes and are decoded on the
@@ -115,8 +118,9 @@ def check_decode(decode: str, extractors: Sequence[Extractor], image_transform: 
     host = [ex.name for ex in extractors if ex.resizes_on_host]
     if host:
         raise FDEvalError(f"--decode gpu needs extractors that resize on the device, but {', '.join(host)} resize "
-                          "with Pillow on the host (the reference protocol); add --resize torch (DINOv2's device "
-                          "resize, not the GPIC protocol) or use --decode pil")
+                          "with Pillow on the host here (the exact mode's default, and any CPU run's); on a GPU add "
+                          "--precision fast or set FD_EVAL_PIL_RESIZE_ON=device (Pillow's pixels, computed on the "
+                          "GPU), or add --resize torch (EDM2's resize, not the GPIC protocol), or use --decode pil")
     if image_transform is not None:
         name = getattr(image_transform, "name", "a source transform")
         raise FDEvalError(f"--decode gpu cannot be combined with the image transform {name!r} (a Pillow crop and "
@@ -262,7 +266,7 @@ def make_dataset(source: ImageSource, extractors: Sequence[Extractor], device: t
 def make_loader(ds: ExtractorDataset, collate_fn: Callable, device: torch.device, num_workers: int, *,
                 batch_size: int | None = None, batch_sampler: Any = None) -> torch.utils.data.DataLoader:
     """DataLoader with pinned memory on a GPU and a prefetch depth that keeps the model fed without holding
-    too many decoded batches in shared memory (about 2 batches per worker on big machines)."""
+    too many decoded items in shared memory (2 items per worker on big machines, 4 on small ones)."""
     kw: dict[str, Any] = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
         "batch_size": batch_size, "shuffle": False}
     return torch.utils.data.DataLoader(
@@ -284,33 +288,54 @@ def _h2d(x: torch.Tensor, device: torch.device, stream: "torch.cuda.Stream | Non
     return y
 
 
-def _forward(ex: Extractor, x: torch.Tensor | list[torch.Tensor], device: torch.device,
-             stream: "torch.cuda.Stream | None" = None) -> torch.Tensor:
-    """Features (B, D) of one collated input. A list (mixed image sizes, resized on the device) is converted to
-    the model input run by run of equal size, then goes through the network as one batch."""
-    if isinstance(x, torch.Tensor):
-        return ex.forward_prepared(_h2d(x, device, stream))
-    runs, run = [], [x[0]]
-    for t in x[1:]:
-        if t.shape == run[0].shape:
-            run.append(t)
-        else:
-            runs.append(run)
-            run = [t]
-    runs.append(run)
+def _model_input(ex: Extractor, x: torch.Tensor | list[torch.Tensor], device: torch.device,
+                 stream: "torch.cuda.Stream | None" = None) -> torch.Tensor:
+    """The float32 network input (B, 3, H, W) of one collated input on ``device``. A list (mixed image sizes,
+    resized on the device) is converted run by run of equal size, then concatenated."""
     with torch.inference_mode():
-        inp = torch.cat([ex.model_input(_h2d(torch.stack(r), device, stream)) for r in runs])
-        return ex.forward_input(inp)
+        if isinstance(x, torch.Tensor):
+            return ex.model_input(_h2d(x, device, stream))
+        runs, run = [], [x[0]]
+        for t in x[1:]:
+            if t.shape == run[0].shape:
+                run.append(t)
+            else:
+                runs.append(run)
+                run = [t]
+        runs.append(run)
+        return torch.cat([ex.model_input(_h2d(torch.stack(r), device, stream)) for r in runs])
+
+
+def loader_chunk(batch_size: int, device: torch.device) -> int:
+    """Images per DataLoader item on ``device``: 32 on a GPU, whatever the model batch.
+
+    A worker turns out one item at a time, so the first model batch waits for one worker to decode a whole item:
+    with 256-image items that is ~0.5-1 s of an idle GPU at the start of every pass (and as long again for the
+    tail at the end), a quarter of a 10K-image evaluation in fast mode. :class:`BatchRunner` joins the items
+    into model batches of ``batch_size`` on the device. On a CPU the model shares the cores with the workers
+    and there is nothing to overlap, so items are model batches.
+    """
+    return min(batch_size, 32) if device.type == "cuda" else batch_size
 
 
 class BatchRunner:
-    """One collated batch through every extractor into its accumulator (shared by :func:`extract` and the
-    resumable builder). Returns the batch's skipped items (positions in the dataset) and the images used."""
+    """Collated items through every extractor into its accumulator (shared by :func:`extract` and the resumable
+    builder).
 
-    def __init__(self, ds: ExtractorDataset, extractors: Sequence[Extractor], device: torch.device, decode: str):
+    Each item's images are converted to network inputs on the device at once (:func:`_model_input`; on a CUDA
+    side stream); the network runs on model batches of exactly ``batch_size`` images, joined from consecutive
+    items (None: one model batch per item). :meth:`flush` runs what is left. Calls return the item's skipped
+    entries (positions in the dataset) and the number of images taken.
+    """
+
+    def __init__(self, ds: ExtractorDataset, extractors: Sequence[Extractor], device: torch.device, decode: str,
+                 batch_size: int | None = None):
         self.ds, self.extractors, self.device = ds, list(extractors), device
+        self.batch_size = batch_size
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.decoder = DeviceDecoder(device) if device_decodes(decode, device) else None
+        self._queued: list[list[torch.Tensor]] = [[] for _ in self.extractors]  # network inputs, per extractor
+        self.n_queued = 0
 
     def __call__(self, batch: Batch, accs: Sequence[MomentAccumulator]) -> tuple[int, list[SkippedItem]]:
         skipped = list(self.ds.check(batch))  # raises the one-line BadImageError unless skip_bad
@@ -320,13 +345,29 @@ class BatchRunner:
             images, bad = self.decoder(batch, self.ds, self.stream)
             skipped += bad
             n = len(batch) - len(bad)
-            if n:
-                for ex, acc in zip(self.extractors, accs):
-                    acc.update(_forward(ex, images, self.device))
-            return n, skipped
-        for ex, acc, x in zip(self.extractors, accs, batch.inputs):
-            acc.update(_forward(ex, x, self.device, self.stream))
-        return len(batch), skipped
+            inputs = [images] * len(self.extractors)
+        else:
+            n, inputs = len(batch), batch.inputs
+        if n:
+            for q, ex, x in zip(self._queued, self.extractors, inputs):
+                q.append(_model_input(ex, x, self.device, self.stream))
+            self.n_queued += n
+            while self.n_queued >= (self.batch_size or self.n_queued):
+                self._run(accs, self.batch_size or self.n_queued)
+        return n, skipped
+
+    def flush(self, accs: Sequence[MomentAccumulator]) -> None:
+        """Run the queued images (fewer than a model batch) through the networks."""
+        if self.n_queued:
+            self._run(accs, self.n_queued)
+
+    def _run(self, accs: Sequence[MomentAccumulator], m: int) -> None:
+        for j, (ex, acc) in enumerate(zip(self.extractors, accs)):
+            q = self._queued[j]
+            x = q[0] if len(q) == 1 else torch.cat(q)
+            acc.update(ex.forward_input(x[:m]))
+            self._queued[j] = [x[m:]] if x.shape[0] > m else []
+        self.n_queued -= m
 
     @property
     def device_decoded(self) -> int:
@@ -366,19 +407,20 @@ def extract(
     must call it; every rank gets the merged result; an :class:`FDEvalError` on any rank is raised on all).
     """
     dev = auto_device(device)
+    for ex in extractors:  # first: where an extractor resizes (host or device) depends on its device
+        ex.to(dev)
+        ex.plan_run(len(source))
     check_decode(decode, extractors, image_transform)
     if len(source) == 0:
         raise EmptySourceError(f"{source.spec}: no images to evaluate")
     part = source if world_size == 1 else SubsetSource(source, shard_indices(len(source), rank, world_size))
     workers = default_num_workers(dev) if num_workers is None else num_workers
+    bs = batch_size or default_batch_size(dev)
     ds, collate_fn = make_dataset(part, extractors, dev, decode=decode, skip_bad=skip_bad,
                                   image_transform=image_transform)
-    loader = make_loader(ds, collate_fn, dev, workers, batch_size=batch_size or default_batch_size(dev))
-    for ex in extractors:
-        ex.to(dev)
-        ex.plan_run(len(source))
+    loader = make_loader(ds, collate_fn, dev, workers, batch_size=loader_chunk(bs, dev))
     accs = [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
-    runner = BatchRunner(ds, extractors, dev, decode)
+    runner = BatchRunner(ds, extractors, dev, decode, batch_size=bs)
     result = Extraction(accs)
     t0 = time.perf_counter()
     error: FDEvalError | None = None
@@ -389,6 +431,7 @@ def extract(
                 result.skipped += skipped
                 result.n_images += n
                 bar.update(len(batch) + len(batch.skipped))
+            runner.flush(accs)
         except FDEvalError as e:
             if world_size == 1:
                 raise

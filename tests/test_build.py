@@ -112,6 +112,12 @@ def test_build_from_gpic_shards_matches_independent_features(world, serial):
     _same(fd_eval.load_stats(out_dir / "stats.safetensors"), serial)
 
 
+def test_loader_items_smaller_than_the_model_batch_give_the_same_units(world, serial, tmp_path, monkeypatch):
+    """1-image loader items (GPU-style items smaller than the model batch) joined per unit: same bits."""
+    monkeypatch.setattr(build, "loader_chunk", lambda bs, dev: 1)
+    _same(_build(world, tmp_path / "s.safetensors")[MODEL], serial)
+
+
 def test_plan_units_per_shard_blocks_and_selection(world):
     src = fd_eval.open_source(world["spec"])
     plan = plan_units(src)

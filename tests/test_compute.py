@@ -113,6 +113,26 @@ def test_batch_size_and_workers_do_not_change_fd(world, expected_fd, ref_stats, 
     assert res["dinov2-vits14"]["fd"] == pytest.approx(expected_fd, rel=1e-6)
 
 
+def test_loader_items_smaller_than_the_model_batch_are_joined_exactly(world, monkeypatch):
+    """On a GPU the workers hand over 32-image items that the runner joins into model batches; forced here on
+    the CPU with 5-image items and 8-image model batches: full batches of 8, a short last one, the same bits."""
+    ex = fd_eval.load_extractors("dinov2-vits14", world["ckpt"], "cpu")[0]
+    kw = dict(extractors=[ex], progress=False, num_workers=1, batch_size=8)
+    whole = fd_eval.compute_stats(world["gen_dir"], **kw)["dinov2-vits14"]
+    sizes, real = [], ex.forward_input
+
+    def spy(x):
+        sizes.append(x.shape[0])
+        return real(x)
+
+    monkeypatch.setattr(ex, "forward_input", spy)
+    monkeypatch.setattr(fd_eval.pipeline, "loader_chunk", lambda bs, dev: 5)
+    joined = fd_eval.compute_stats(world["gen_dir"], **kw)["dinov2-vits14"]
+    assert sizes == [8, N - 8]
+    assert joined.n == whole.n == N
+    assert np.array_equal(joined.mu, whole.mu) and np.array_equal(joined.sigma, whole.sigma)
+
+
 def test_reference_source_statistics_are_cached(world, monkeypatch):
     kw = dict(weights=world["ckpt"], progress=False, num_workers=0)
     first = fd_eval.compute_fd(world["gen_dir"], world["ref_dir"], "dinov2-vits14", **kw)

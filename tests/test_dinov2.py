@@ -292,12 +292,14 @@ def test_torch_resize_matches_edm2_and_differs_from_pil(vits14, sets, vits14_ref
     assert 1e-4 < d < 0.1, d
 
 
-def test_forward_prepared_checks_its_input(vits14):
+def test_forward_prepared_checks_its_input_and_resizes_like_pillow(vits14, sets):
     ex = load_extractor("dinov2-vits14", weights=vits14[0])
-    with pytest.raises(InputRangeError, match="prepare"):
-        ex.forward_prepared(torch.zeros(1, 3, 256, 256, dtype=torch.uint8))
     with pytest.raises(InputRangeError, match="uint8"):
         ex(torch.zeros(1, 3, 224, 224))
+    # a 256x256 batch that skipped the host resize is resized on the device with Pillow's integers
+    x = nchw(sets[0][1])
+    assert not ex.pil_resizes_on_device  # CPU, exact mode: the host path
+    assert torch.equal(ex.forward_prepared(x), ex(x))
 
 
 # --- weights: errors, downloads, digests ------------------------------------------------------------------

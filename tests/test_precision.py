@@ -368,7 +368,8 @@ def test_benchmarks_run_in_miniature(tmp_path, monkeypatch):
     assert {"fd-eval exact", "fd-eval fast"} <= set(rows) and all(r["images_per_s"] > 0 for r in rows.values())
     if "baseline (gpic-eval/dgm-eval style)" in rows:  # same weights, same images: the same statistics
         assert rows["fd-eval exact"]["mu_rel_diff_vs_baseline"] < 1e-5
-    assert doc["decode_resize"]["raw_images_per_s"] > 0 and len(doc["decode_resize"]["pipeline"]) == 2
+    assert doc["decode_resize"]["raw_images_per_s"] > 0 and len(doc["decode_resize"]["pipeline"]) == 4
+    assert {r["pil_resize_on"] for r in doc["decode_resize"]["pipeline"]} == {"host", "device"}
     assert len(doc["memory"]["rows"]) == 4 and doc["fd_time"][0]["speedup_vs_sqrtm"] > 0
     assert json.loads((tmp_path / "p.json").read_text())["quick"] is True
     prec = bench_precision.main(["--quick", "--json", str(tmp_path / "q.json")])

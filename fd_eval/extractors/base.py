@@ -1,6 +1,7 @@
 """The extractor interface shared by every backbone family, and the registry of names."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -10,6 +11,9 @@ from PIL import Image
 from ..errors import FDEvalError, InputRangeError
 from ..precision import LazyCompiled, Precision, resolve_precision
 from ..preprocess import HostPrepare, PreprocessSpec, tensor_to_pil
+
+
+PIL_RESIZE_ON = ("auto", "host", "device")
 
 
 class Extractor:
@@ -53,6 +57,8 @@ class Extractor:
         self.precision = Precision()
         self.forward_model: Callable[[torch.Tensor], torch.Tensor] = self.model
         self.channels_last = False  # fast mode sets it for convolutional networks (see _apply_precision)
+        self.pil_resize_on = "auto"
+        self.set_pil_resize_on(os.environ.get("FD_EVAL_PIL_RESIZE_ON") or "auto")
         self.to(device if device is not None else "cpu")
 
     # --- placement -----------------------------------------------------------------------------------
@@ -110,10 +116,30 @@ class Extractor:
         """uint8 (N, 3, H', W') on ``self.device`` -> float32 network input. Implemented per family."""
         raise NotImplementedError
 
+    def set_pil_resize_on(self, where: str) -> "Extractor":
+        """Where a Pillow-resizing protocol resizes: ``"host"`` (Pillow, in the DataLoader workers), ``"device"``
+        (:mod:`fd_eval.pil_resize`: the same integers as Pillow, computed on the model's device) or ``"auto"``
+        (default; ``$FD_EVAL_PIL_RESIZE_ON`` overrides it): the device in fast mode on a GPU, where host resizing
+        would cost ~40% of each decode worker's time, else the host. The pixels, and so the features, are
+        the same either way. Returns self."""
+        if where not in PIL_RESIZE_ON:
+            raise FDEvalError(f"{self.name}: unknown Pillow-resize placement {where!r} (FD_EVAL_PIL_RESIZE_ON?); "
+                              f"choose one of {', '.join(PIL_RESIZE_ON)}")
+        self.pil_resize_on = where
+        return self
+
+    @property
+    def pil_resizes_on_device(self) -> bool:
+        """True when this Pillow-resizing protocol's resize runs on ``device`` (see :meth:`set_pil_resize_on`)."""
+        if self.preprocess_spec.resize_library != "pil":
+            return False
+        on = self.pil_resize_on
+        return on == "device" or (on == "auto" and self.device.type == "cuda" and self.precision.fast)
+
     @property
     def resizes_on_host(self) -> bool:
         """True when :meth:`prepare` resizes (Pillow); batches of prepared images then share one size."""
-        return self.preprocess_spec.resize_library == "pil"
+        return self.preprocess_spec.resize_library == "pil" and not self.pil_resizes_on_device
 
     # --- the two halves ----------------------------------------------------------------------------------
     def host_transform(self) -> HostPrepare:
@@ -155,6 +181,8 @@ class Extractor:
             "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess_spec.to_dict(),
             "precision": self.precision.to_dict(self.fast_compute),
+            **({"pil_resize_on": "device" if self.pil_resizes_on_device else "host"}
+               if self.preprocess_spec.resize_library == "pil" else {}),
         }
 
     def __repr__(self) -> str:

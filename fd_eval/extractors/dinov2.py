@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FDEvalError, InputRangeError, WeightsError
+from ..pil_resize import pil_resize_checked
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from .base import Extractor, register_extractor
 from ..io_utils import sha256_file_cached
@@ -308,8 +309,9 @@ def load_model(arch: DINOv2Arch, reg: bool, path: str | os.PathLike, name: str,
 class DINOv2Extractor(Extractor):
     """DINOv2 CLS features (float32 (N, D)) from uint8 RGB images.
 
-    ``resize="pil"``: :meth:`prepare` resizes with Pillow (bicubic, exactly 224x224, no crop) on the host;
-    :meth:`forward_prepared` then needs 224x224 input. ``resize="torch"``: images of any size go to the device
+    ``resize="pil"``: Pillow's bicubic resize to exactly 224x224 (no crop), by :meth:`prepare` on the host or,
+    with :meth:`set_pil_resize_on` (default: in fast mode on a GPU), by :meth:`forward_prepared` on the device
+    with the same integer arithmetic (:mod:`fd_eval.pil_resize`; bit-identical pixels). ``resize="torch"``: images of any size go to the device
     and are resized there in float (EDM2).
 
     Precision: :meth:`forward_prepared` = :meth:`forward_input` (``self.forward_model`` in the precision mode's
@@ -332,19 +334,18 @@ class DINOv2Extractor(Extractor):
         """uint8 (N, 3, H, W) -> float32 (N, 3, 224, 224) model input.
 
         ``pil``: torchvision's ToTensor + Normalize op for op (``x.float().div(255).sub(mean).div(std)``), so
-        the input is bit-identical to the reference pipeline's. ``torch``: EDM2's ``F.interpolate(x.float(),
+        the input is bit-identical to the reference pipeline's; images not yet 224x224 are first resized here
+        with :func:`fd_eval.pil_resize.pil_resize_checked` (Pillow's integers, on the device). ``torch``: EDM2's ``F.interpolate(x.float(),
         (224, 224), bicubic, antialias=True) / 255``, then the same normalisation (no clamping, as EDM2).
         """
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise InputRangeError(f"{self.name}: expects uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        x = x.to(torch.float32)
         if self.resize == "pil":
-            if tuple(x.shape[-2:]) != (IMG_SIZE, IMG_SIZE):
-                raise InputRangeError(
-                    f"{self.name}: forward_prepared needs {IMG_SIZE}x{IMG_SIZE} images with resize='pil', got "
-                    f"{tuple(x.shape[-2:])}; pass images through prepare() or call the extractor directly")
+            if tuple(x.shape[-2:]) != (IMG_SIZE, IMG_SIZE):  # not resized on the host: same integers, here
+                x = pil_resize_checked(x, (IMG_SIZE, IMG_SIZE), self.preprocess_spec.resize_filter)
+            x = x.to(torch.float32)
         else:
-            x = F.interpolate(x, size=(IMG_SIZE, IMG_SIZE), mode="bicubic", antialias=True)
+            x = F.interpolate(x.to(torch.float32), size=(IMG_SIZE, IMG_SIZE), mode="bicubic", antialias=True)
         mean = torch.as_tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(-1, 1, 1)
         std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(-1, 1, 1)
         return x.div(255).sub(mean).div(std)
@@ -352,11 +353,6 @@ class DINOv2Extractor(Extractor):
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`normalize` (float32 (N, 3, 224, 224), whatever the precision mode)."""
         return self.normalize(x)
-
-    def forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H', W') on ``self.device`` -> float32 (N, D) final-norm CLS tokens."""
-        with torch.inference_mode():
-            return self.forward_input(self.normalize(x))
 
 
 def _build_extractor(arch_key: str, reg: bool, weights: str | os.PathLike | None = None,

@@ -323,11 +323,6 @@ class InceptionExtractor(Extractor):
         x = resize_bilinear_torch(x, size)
         return 2 * x - 1
 
-    def forward_prepared(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) on ``self.device`` -> float32 (N, 2048); no host synchronisation."""
-        with torch.inference_mode():
-            return self.forward_input(self.model_input(x))
-
 
 def _build(name: str, spec: PreprocessSpec, weights: str | os.PathLike | None, device: Any,
            options: dict[str, Any]) -> InceptionExtractor:
