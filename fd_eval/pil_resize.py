@@ -78,6 +78,14 @@ def coefficients(in_size: int, out_size: int, resize_filter: str = "bicubic") ->
     return k
 
 
+@functools.lru_cache(maxsize=64)
+def _device_coefficients(in_size: int, out_size: int, resize_filter: str, device: torch.device) -> torch.Tensor:
+    """:func:`coefficients` as float64 on ``device``, made once: a host-to-GPU copy per batch would block the
+    host until the GPU has finished its queued work."""
+    with torch.inference_mode(False):  # cached across calls, so an ordinary tensor even when first made in one
+        return torch.from_numpy(coefficients(in_size, out_size, resize_filter)).to(device, torch.float64)
+
+
 def _pass(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
     """One resampling pass along ``dim`` (-1: width, -2: height) of integer-valued float64 (..., H, W).
 
@@ -115,8 +123,8 @@ def pil_resize_tensor(x: torch.Tensor, size: tuple[int, int], resize_filter: str
     # Resample.c: the vertical pass goes first when the height shrinks more than twice as much as the width.
     # The uint8 rounding between passes makes the order part of the result.
     horizontal_first = not (in_h - out_h > 0 and in_h - out_h > (in_w - out_w) * 2)
-    kh = torch.from_numpy(coefficients(in_w, out_w, resize_filter)).to(x.device, torch.float64) if need_h else None
-    kv = torch.from_numpy(coefficients(in_h, out_h, resize_filter)).to(x.device, torch.float64) if need_v else None
+    kh = _device_coefficients(in_w, out_w, resize_filter, x.device) if need_h else None
+    kv = _device_coefficients(in_h, out_h, resize_filter, x.device) if need_v else None
     passes = [(kh, -1), (kv, -2)] if horizontal_first else [(kv, -2), (kh, -1)]
     out = torch.empty((x.shape[0], x.shape[1], out_h, out_w), dtype=torch.uint8, device=x.device)
     for i in range(0, x.shape[0], chunk):

@@ -19,6 +19,7 @@ format. Without ``weights`` the official file is downloaded once into ``$FD_EVAL
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -306,6 +307,15 @@ def load_model(arch: DINOv2Arch, reg: bool, path: str | os.PathLike, name: str,
 
 
 # --- the extractor -----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std, float32 (3, 1, 1) on ``device``: made once per device, because copying a host
+    tensor to a GPU blocks the host until the GPU has finished its queued work."""
+    with torch.inference_mode(False):  # cached across calls, so ordinary tensors even when first made in one
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1).to(device)
+        return mean, torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1).to(device)
+
+
 class DINOv2Extractor(Extractor):
     """DINOv2 CLS features (float32 (N, D)) from uint8 RGB images.
 
@@ -346,8 +356,7 @@ class DINOv2Extractor(Extractor):
             x = x.to(torch.float32)
         else:
             x = F.interpolate(x.to(torch.float32), size=(IMG_SIZE, IMG_SIZE), mode="bicubic", antialias=True)
-        mean = torch.as_tensor(IMAGENET_MEAN, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        mean, std = _mean_std(x.device)
         return x.div(255).sub(mean).div(std)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
