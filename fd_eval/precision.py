@@ -228,6 +228,19 @@ def fast_numerics(device_type: str, compute: str = "bfloat16") -> Iterator[None]
 
 
 # --- torch.compile ------------------------------------------------------------------------------------------
+class _Chain(torch.nn.Module):
+    """Calls its functions in order (the compiled blocks; a plain list, so they are not submodules)."""
+
+    def __init__(self, fns: list[Callable[[torch.Tensor], torch.Tensor]]):
+        super().__init__()
+        self.fns = fns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for f in self.fns:
+            x = f(x)
+        return x
+
+
 class LazyCompiled:
     """``module(x)`` through ``torch.compile``, compiled on the first call, eager after any compile failure.
 
@@ -235,16 +248,41 @@ class LazyCompiled:
     independent in inference: no batch statistics) and a longer one runs in chunks of B, so a varying last batch
     never triggers a recompilation. A failure to compile (no compiler, an unsupported op, a backend bug) warns
     once and falls back to the eager module for good; the batch is rerun eagerly.
+
+    ``regions``: the name of a ``Sequential`` of identical blocks (a ViT's ``"blocks"``) to compile instead of
+    the whole module ("regional compilation"): each block is compiled separately, so the one graph is traced and
+    code-generated once and reused by every block, and the rest of the module (patch embedding, final norm) runs
+    eagerly. DINOv2 ViT-S/14 (12 blocks) on this CPU, at the same compiled speed: 14.3 s to compile against 23.1 s
+    for the whole network with an empty inductor cache, 2.9-5.0 s against 17.4 s with a warm one (a second run
+    on the same machine). The compiled blocks are swapped in for the duration of each call only, so ``module``
+    itself (its state dict, its eager use in exact mode) never changes.
     """
 
     def __init__(self, module: torch.nn.Module, name: str = "model",
-                 compiler: Callable[..., Callable] | None = None):
+                 compiler: Callable[..., Callable] | None = None, regions: str | None = None):
         self.module = module
         self.name = name
+        self.regions = regions
         self._compiler = compiler
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.batch: int | None = None
         self.failed: str | None = None  # why compilation was abandoned
+
+    def _compile(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        compiler = self._compiler or torch.compile
+        if self.regions is None:
+            return compiler(self.module, dynamic=False)
+        blocks = getattr(self.module, self.regions)
+        compiled = _Chain([compiler(b, dynamic=False) for b in blocks])
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            setattr(self.module, self.regions, compiled)
+            try:
+                return self.module(x)
+            finally:
+                setattr(self.module, self.regions, blocks)
+
+        return run
 
     def _fail(self, e: BaseException) -> None:
         self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -256,8 +294,7 @@ class LazyCompiled:
             return self.module(x)
         try:
             if self._compiled is None:
-                compiler = self._compiler or torch.compile
-                self._compiled = compiler(self.module, dynamic=False)
+                self._compiled = self._compile()
                 self.batch = int(x.shape[0])
             b = self.batch or int(x.shape[0])
             outs = []

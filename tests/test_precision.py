@@ -9,6 +9,7 @@ the same statistics, invalid combinations fail with one-line errors, and the ben
 from __future__ import annotations
 
 import json
+import shutil
 import types
 import warnings
 from pathlib import Path
@@ -310,6 +311,77 @@ def test_lazy_compile_pads_short_batches_and_falls_back_to_eager():
         with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
             out = lc(x[:2])
         assert torch.equal(out, model(x[:2])) and lc.failed.startswith("RuntimeError")
+
+
+def test_regional_compile_compiles_each_block_and_leaves_the_module_unchanged():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(5, 6)
+            self.blocks = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.GELU())
+                                                for _ in range(3)])
+
+        def forward(self, x):
+            return self.blocks(self.inp(x))
+
+    net = Net().eval()
+    keys, blocks = list(net.state_dict()), net.blocks
+    x = torch.randn(4, 5)
+    compiled, seen = [], []
+
+    def fake_compile(m, dynamic):
+        compiled.append(m)
+
+        def run(t):
+            seen.append(net.blocks is not blocks)  # called while the compiled blocks are swapped in
+            return m(t)
+        return run
+
+    with torch.inference_mode():
+        eager = net(x)
+        lc = LazyCompiled(net, "net", compiler=fake_compile, regions="blocks")
+        torch.testing.assert_close(lc(x), eager, rtol=0, atol=0)
+        torch.testing.assert_close(lc(x[:1]), eager[:1], rtol=0, atol=0)  # padded, no new compile
+    assert compiled == list(blocks) and seen == [True] * 6
+    assert net.blocks is blocks and list(net.state_dict()) == keys  # restored after every call
+
+    def failing(m, dynamic):
+        def run(t):
+            raise RuntimeError("backend bug")
+        return run
+
+    lc = LazyCompiled(net, "net", compiler=failing, regions="blocks")
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="backend bug"):
+        torch.testing.assert_close(lc(x), eager, rtol=0, atol=0)  # eager rerun
+    assert net.blocks is blocks and lc.failed
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on a CPU needs a C++ compiler")
+def test_real_regional_compile_of_dinov2_traces_one_graph(tmp_path):
+    """torch.compile for real (inductor, CPU): ViT-S/14 with 2 blocks in fast mode compiles one block graph, used
+    by both blocks; the features stay within bfloat16 noise of the eager fast ones."""
+    from torch._dynamo.utils import counters
+
+    from fd_eval.extractors import dinov2 as dv
+
+    ckpt, _ = save_dinov2_checkpoint(tmp_path / "w.pth", "vits14", "official", seed=6, depth=2)
+    ex = dv._build_extractor("vits14", False, weights=ckpt, _depth=2).set_precision("fast", compile=False)
+    x = torch.from_numpy(photo_crops(3, 224, 224, seed=7)).permute(0, 3, 1, 2).contiguous()
+    eager = ex.forward_prepared(x)
+    torch._dynamo.reset()
+    counters.clear()
+    ex.set_precision("fast", compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would pass silently otherwise
+        out = ex.forward_prepared(x)
+        out2 = ex.forward_prepared(x[:2])  # padded to the compiled batch: no recompilation
+    assert ex.compile_status() == "on"
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1
+    rel = float((out - eager).abs().max() / eager.abs().max())
+    assert rel < 0.03, rel
+    assert torch.equal(out2, out[:2])
+    assert "blocks.0.attn.qkv.weight" in ex.model.state_dict()  # the module itself is unchanged
+    ex.set_precision("exact")
 
 
 def test_compile_policy(world):

@@ -45,6 +45,7 @@ class Extractor:
     """
 
     fast_compute = "bfloat16"  # what --precision fast means for this family (see fd_eval.precision)
+    compile_regions: str | None = None  # a Sequential of identical blocks to compile one by one (LazyCompiled)
 
     def __init__(self, name: str, feature_dim: int, preprocess_spec: PreprocessSpec, model: torch.nn.Module,
                  weights_sha256: str | None, device: str | torch.device | None = None):
@@ -93,7 +94,7 @@ class Extractor:
         want = p.fast and (p.compile is True or (p.compile is None and self.device.type == "cuda"
                                                  and n_images is not None and n_images >= COMPILE_AUTO_MIN_IMAGES))
         if want and not isinstance(self.forward_model, LazyCompiled):
-            self.forward_model = LazyCompiled(self.model, self.name)
+            self.forward_model = LazyCompiled(self.model, self.name, regions=self.compile_regions)
         elif not want:
             self.forward_model = self.model
 

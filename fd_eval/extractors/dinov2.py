@@ -326,13 +326,16 @@ class DINOv2Extractor(Extractor):
 
     Precision: :meth:`forward_prepared` = :meth:`forward_input` (``self.forward_model`` in the precision mode's
     numerics) of :meth:`normalize` (always float32). ``exact``: float32, TF32 off; ``fast``: bfloat16 autocast,
-    fused SDPA attention (timm's, in both modes), optionally ``torch.compile`` (``forward_model`` is then a
-    :class:`fd_eval.precision.LazyCompiled`). The output is float32 in any case.
+    fused SDPA attention (timm's, in both modes), optionally ``torch.compile`` of each transformer block
+    (``forward_model`` is then a :class:`fd_eval.precision.LazyCompiled` with ``regions="blocks"``). The output
+    is float32 in any case.
 
     Speed paths: ``resize="torch"`` resizes on the device (no Pillow resize in the workers) and is what GPU JPEG
     decoding (``decode="gpu"``) requires; it is EDM2's protocol, not GPIC's: with random ViT-S/14 weights its
     features differ from the Pillow path by ~1e-3 of the feature scale (README, "Precision modes and speed").
     """
+
+    compile_regions = "blocks"  # timm's Sequential of transformer blocks: one graph, compiled once
 
     def __init__(self, name: str, arch: DINOv2Arch, model: torch.nn.Module, resize: str,
                  weights_sha256: str | None, device: str | torch.device | None = None):
