@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one go (what the issue notes quote), ~7 minutes on an H100/H200:
+# Every GPU measurement in one go (what the issue notes quote), ~8 minutes on an H100/H200 (the first run took 7;
+# since then: fast mode with the Pillow resize in the workers vs on the GPU, decode-only worker scaling, the fill
+# benchmark, pil-host/pil-device FDMetric rows, and the regional compile in the "fast + torch.compile" rows):
 #     bash benchmarks/run_gpu.sh [N_IMAGES]        # results in $OUT, else benchmarks/results/
 # Needs python3 with torch (CUDA), fd_eval importable, and the `dinov2` package (pip install --no-deps
 # dinov2==0.0.1.dev2) for the baseline. Each step runs even when an earlier one failed.
