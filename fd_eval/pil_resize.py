@@ -104,14 +104,15 @@ def _pass(x: torch.Tensor, k: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def pil_resize_tensor(x: torch.Tensor, size: tuple[int, int], resize_filter: str = "bicubic",
-                      chunk: int = 64) -> torch.Tensor:
+                      chunk: int | None = None, max_bytes: int = 512 * 2**20) -> torch.Tensor:
     """``Image.fromarray(img).resize((w, h), filter)`` for every image of a batch, on ``x``'s device.
 
     Args:
         x: uint8 (N, C, H, W), values 0..255, any device.
         size: (h, w) of the output.
         resize_filter: "bicubic" or "bilinear".
-        chunk: images per float64 block (bounds the temporary memory at ~chunk * C * H * W * 16 bytes).
+        chunk: images per float64 block; None: as many as fit in ``max_bytes`` of temporaries (~16 bytes per input
+            pixel and channel; at least one image), so that large photos do not exhaust the GPU's memory.
 
     Returns:
         uint8 (N, C, h, w), equal to Pillow's output (``x`` itself when the size is unchanged, where Pillow copies).
@@ -130,6 +131,9 @@ def pil_resize_tensor(x: torch.Tensor, size: tuple[int, int], resize_filter: str
     kh = _device_coefficients(in_w, out_w, resize_filter, x.device) if need_h else None
     kv = _device_coefficients(in_h, out_h, resize_filter, x.device) if need_v else None
     passes = [(kh, -1), (kv, -2)] if horizontal_first else [(kv, -2), (kh, -1)]
+    if chunk is None:
+        per_image = 16 * x.shape[1] * max(in_h, out_h) * max(in_w, out_w)
+        chunk = max(1, min(x.shape[0], max_bytes // per_image))
     out = torch.empty((x.shape[0], x.shape[1], out_h, out_w), dtype=torch.uint8, device=x.device)
     for i in range(0, x.shape[0], chunk):
         y = x[i:i + chunk].to(torch.float64)

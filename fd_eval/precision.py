@@ -50,11 +50,11 @@ FAST_COMPUTES = ("bfloat16", "tf32")  # what `fast` means for an extractor famil
 # eagerly, building 1M-image reference statistics compiles. 200K leaves a margin for slower compilers.
 COMPILE_AUTO_MIN_IMAGES = 200_000
 
-# FD(fast) vs FD(exact), measured by `python benchmarks/bench_precision.py` (on an H200 with `--device cuda`
-# where "device" says so: cuBLAS bfloat16, flash attention, cuDNN TF32; else on a CPU, where bfloat16 autocast
-# runs in oneDNN and TF32 is emulated) with random weights in the real architectures, on pairs of photo-crop sets (the same distribution,
-# and against blurred / noisy / JPEG-compressed / colour-shifted versions). "same_mode": both sides in fast;
-# "mixed": generated in fast against an exact reference (what `--precision fast --allow-mismatch` against GPIC
+# FD(fast) vs FD(exact), measured by `python benchmarks/bench_precision.py` (on an H200 with `--device cuda` where
+# "device" says so: cuBLAS bfloat16, flash attention, cuDNN TF32; else on a CPU, where bfloat16 autocast runs in
+# oneDNN and TF32 is emulated) with random weights in the real architectures, on pairs of photo-crop sets (the same
+# distribution, and against blurred / noisy / JPEG-compressed / colour-shifted versions). "same_mode": both sides in
+# fast; "mixed": generated in fast against an exact reference (what `--precision fast --allow-mismatch` against GPIC
 # does). Values are max over pairs of |FD_fast - FD_exact| / FD_exact. Real (trained) weights may differ.
 FAST_VS_EXACT: dict[str, dict[str, Any]] = {
     # bfloat16 autocast; 6 sets of 128 (ViT-S, CPU) / 256 (ViT-L, H200)

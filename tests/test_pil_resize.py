@@ -44,7 +44,7 @@ def hard_images(h: int, w: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("src,dst", CASES)
 def test_bit_identical_to_pillow(src, dst, filt):
     x = hard_images(*src, seed=src[0] * 7 + src[1])
-    ours = pr.pil_resize_tensor(x, dst, filt, chunk=1)  # chunk=1: the chunk loop is exercised too
+    ours = pr.pil_resize_tensor(x, dst, filt, max_bytes=1)  # one image per block: the block loop runs too
     assert ours.dtype == torch.uint8 and ours.shape == (2, 3, *dst)
     assert torch.equal(ours, pillow(x, dst, filt))
 

@@ -321,8 +321,8 @@ class DINOv2Extractor(Extractor):
 
     ``resize="pil"``: Pillow's bicubic resize to exactly 224x224 (no crop), by :meth:`prepare` on the host or,
     with :meth:`set_pil_resize_on` (default: in fast mode on a GPU), by :meth:`forward_prepared` on the device
-    with the same integer arithmetic (:mod:`fd_eval.pil_resize`; bit-identical pixels). ``resize="torch"``: images of any size go to the device
-    and are resized there in float (EDM2).
+    with the same integer arithmetic (:mod:`fd_eval.pil_resize`; bit-identical pixels). ``resize="torch"``:
+    images of any size go to the device and are resized there in float (EDM2).
 
     Precision: :meth:`forward_prepared` = :meth:`forward_input` (``self.forward_model`` in the precision mode's
     numerics) of :meth:`normalize` (always float32). ``exact``: float32, TF32 off; ``fast``: bfloat16 autocast,
@@ -348,8 +348,9 @@ class DINOv2Extractor(Extractor):
 
         ``pil``: torchvision's ToTensor + Normalize op for op (``x.float().div(255).sub(mean).div(std)``), so
         the input is bit-identical to the reference pipeline's; images not yet 224x224 are first resized here
-        with :func:`fd_eval.pil_resize.pil_resize_checked` (Pillow's integers, on the device). ``torch``: EDM2's ``F.interpolate(x.float(),
-        (224, 224), bicubic, antialias=True) / 255``, then the same normalisation (no clamping, as EDM2).
+        with :func:`fd_eval.pil_resize.pil_resize_checked` (Pillow's integers, on the device). ``torch``: EDM2's
+        ``F.interpolate(x.float(), (224, 224), bicubic, antialias=True) / 255``, then the same normalisation (no
+        clamping, as EDM2).
         """
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise InputRangeError(f"{self.name}: expects uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
