@@ -150,6 +150,15 @@ def _layout(images: Any, who: str) -> tuple[torch.Tensor, bool]:
 
 
 # --- the metric ----------------------------------------------------------------------------------------------
+def _resize_on_device(extractors: Sequence[Extractor], device: torch.device) -> None:
+    """On a GPU, move the extractors' Pillow resize there unless placed explicitly: the batches are already on
+    the GPU, and the host resize would make every ``update`` wait for it (same pixels either way)."""
+    if device.type == "cuda":
+        for ex in extractors:
+            if ex.pil_resize_on == "auto":
+                ex.set_pil_resize_on("device")
+
+
 class FDMetric:
     """Fréchet distance of images fed batch by batch against a reference, torchmetrics-style.
 
@@ -194,10 +203,11 @@ class FDMetric:
             (None: off here, since the metric does not know how many images it will see; True pays off over
             many evaluations of a training run).
 
-    Features and float64 moments stay on ``device``. On a GPU with ``resize="torch"`` (or Inception only),
-    ``update`` never reads a device value back (deferred validation), so the host keeps queueing work; with
-    ``resize="pil"`` each batch makes one device-to-host copy of its uint8 pixels (the reference resize is
-    Pillow's, on the CPU; a thread pool spreads it over the cores).
+    Features and float64 moments stay on ``device``. On a GPU ``update`` never reads a device value back
+    (deferred validation), so the host keeps queueing work: the reference ``resize="pil"`` runs there too, as
+    Pillow's integer arithmetic (:mod:`fd_eval.pil_resize`; the same pixels as Pillow, so the same numbers as the
+    CLI), unless an extractor was set to ``set_pil_resize_on("host")`` (or ``FD_EVAL_PIL_RESIZE_ON=host``): then
+    each batch makes one device-to-host copy of its uint8 pixels and Pillow resizes them in a thread pool.
     """
 
     def __init__(
@@ -244,6 +254,7 @@ class FDMetric:
                                               compile=compile)
         for ex in self.extractors:
             ex.plan_run(None)
+        _resize_on_device(self.extractors, self.device)
         self._ref = resolve_reference(ref, self.extractors, offline=offline, ref_image_transform=ref_image_transform,
                                       keep_features=keep_features, device=self.device, batch_size=batch_size,
                                       num_workers=num_workers, progress=False, rank=self.rank,

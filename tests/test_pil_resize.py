@@ -119,6 +119,17 @@ def test_placement_policy(ckpt, monkeypatch):
         load_extractor("dinov2-vits14", weights=ckpt)
 
 
+def test_the_metric_resizes_on_a_gpu_unless_told_otherwise(ckpt):
+    from fd_eval.metric import _resize_on_device
+
+    auto, host = (load_extractor("dinov2-vits14", weights=ckpt) for _ in range(2))
+    host.set_pil_resize_on("host")
+    _resize_on_device([auto, host], torch.device("cpu"))
+    assert auto.pil_resize_on == "auto" and auto.resizes_on_host  # a CPU metric keeps Pillow
+    _resize_on_device([auto, host], torch.device("cuda", 0))  # the rule only: no GPU here
+    assert auto.pil_resize_on == "device" and host.pil_resize_on == "host"
+
+
 def test_pipeline_and_metric_give_identical_statistics_with_the_device_resize(ckpt, tmp_path):
     # mixed sizes: the device path batches runs of equal size; the host path gets 224x224 from the workers
     arr = [photo_crops(3, 256, 256, seed=8), photo_crops(2, 300, 200, seed=9), photo_crops(3, 256, 256, seed=10)]
