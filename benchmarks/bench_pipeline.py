@@ -249,7 +249,7 @@ def decode_resize(args: argparse.Namespace, tmp: Path) -> dict:
     folder = tmp / "png"
     if not folder.is_dir():
         bu.write_pngs(bu.images(args.n, 256, seed=0), folder)
-    files = sorted(str(p) for p in folder.iterdir())
+    files = sorted(str(p) for p in folder.iterdir())[:args.decode_images]  # a GPU run's folder is larger
     reps = max(1, args.decode_images // len(files))
     src = open_source(str(folder))
     n = len(files) * reps
@@ -330,8 +330,8 @@ def fill(args: argparse.Namespace, tmp: Path) -> dict:
     if not folder.is_dir():
         bu.write_pngs(bu.images(args.n, 256, seed=0), folder)
     src = open_source(str(folder))
-    reps = max(1, args.decode_images // len(src))
-    rep_src = SubsetSource(src, np.tile(np.arange(len(src)), reps))
+    m = min(len(src), args.decode_images)  # a GPU run's folder is larger than the images this part needs
+    rep_src = SubsetSource(src, np.tile(np.arange(m), max(1, args.decode_images // m)))
     n, bs = len(rep_src), args.fill_batch
     workers = args.num_workers or max(1, available_cpus())
     dev = SimulatedAccelerator(args.feature_dim, args.fill_rate).set_pil_resize_on("device")

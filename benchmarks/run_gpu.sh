@@ -19,6 +19,7 @@ torchvision.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__, '
   $py -c "import fd_eval, dinov2.models.vision_transformer; print('imports ok')"
 } 2>&1 | tee "$out/gpu.txt"
 $py benchmarks/bench_metric.py --batches 8 --json "$out/metric_gpu.json" 2>&1 | tee "$out/metric.log"
+# part 2 (host decode scaling, two resize placements x six worker counts) decodes 2,048 of the images per run
 $py benchmarks/bench_pipeline.py --n "$n" --model-batches 10 --repeats 2 --json "$out/pipeline_gpu.json" 2>&1 \
   | tee "$out/pipeline.log"
 $py benchmarks/bench_precision.py --device cuda --models dinov2-vitl14 inception-v3-tf --n 256 --batch-size 128 \
