@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one go (what the issue notes quote), ~8 minutes on an H100/H200 (the first run took 7;
 # since then: fast mode with the Pillow resize in the workers vs on the GPU, decode-only worker scaling, the fill
-# benchmark, pil-host/pil-device FDMetric rows, and the regional compile in the "fast + torch.compile" rows):
+# benchmark, pil-host/pil-device FDMetric rows, bench_resize.py, and the regional compile in the
+# "fast + torch.compile" rows; benchmarks/bench_compile.py, whole vs regional, is not included: ~2 more minutes):
 #     bash benchmarks/run_gpu.sh [N_IMAGES]        # results in $OUT, else benchmarks/results/
 # Needs python3 with torch (CUDA), fd_eval importable, and the `dinov2` package (pip install --no-deps
 # dinov2==0.0.1.dev2) for the baseline. Each step runs even when an earlier one failed.
@@ -18,6 +19,7 @@ torchvision.__version__, 'timm', timm.__version__, 'numpy', numpy.__version__, '
 'cpus', len(os.sched_getaffinity(0)), 'gpu', torch.cuda.get_device_name())"
   $py -c "import fd_eval, dinov2.models.vision_transformer; print('imports ok')"
 } 2>&1 | tee "$out/gpu.txt"
+$py benchmarks/bench_resize.py --json "$out/resize_gpu.json" 2>&1 | tee "$out/resize.log"
 $py benchmarks/bench_metric.py --batches 8 --json "$out/metric_gpu.json" 2>&1 | tee "$out/metric.log"
 # part 2 (host decode scaling, two resize placements x six worker counts) decodes 2,048 of the images per run
 $py benchmarks/bench_pipeline.py --n "$n" --model-batches 10 --repeats 2 --json "$out/pipeline_gpu.json" 2>&1 \

@@ -8,13 +8,13 @@ pair of matrix products that can run on the GPU: the coefficients are computed h
 precision exactly as Pillow computes them, and each pass is a float64 matrix product whose terms and partial
 sums are integers below 2**53, so every summation order gives the same exact result.
 
-Why: decoding + Pillow resize of a 256x256 PNG costs ~2.8 ms of a CPU core, of which the resize is ~1.1 ms; doing
-the resize on the device let the same DataLoader workers feed 1.4-1.6x more images per second (measured on this
-2-core machine), and lets :class:`fd_eval.FDMetric` keep a training loop's batches on the GPU, with the reference
+Why: decoding + Pillow resize of a 256x256 PNG costs ~2.7 ms of a CPU core, of which the resize is ~1.0 ms; doing
+the resize on the device let the same DataLoader workers feed 1.4-1.6x more images per second (this 2-core
+machine, ``benchmarks/bench_pipeline.py`` part 2), and lets :class:`fd_eval.FDMetric` keep a training loop's batches on the GPU, with the reference
 pixels. Cost, from the FLOP count (not yet measured on a GPU): 256 -> 224 is ~0.17 GFLOP of float64 per image,
 ~1 ms per 256-image batch on GPUs with full-rate float64 (A100, H100, H200), ~30 ms on consumer GPUs whose
-float64 runs at 1/64 rate (~10% of a ViT-L batch there). On a CPU it is ~6 ms per image against Pillow's ~1 ms,
-which is why CPU runs keep Pillow.
+float64 runs at 1/64 rate (~10% of a ViT-L batch there). On a CPU it is 5.5 ms per image against Pillow's 1.3 ms
+(``python benchmarks/bench_resize.py --device cpu``), which is why CPU runs keep Pillow.
 
 :func:`pil_resize_checked` also checks the first image of every new (device, size) against Pillow itself and
 falls back to Pillow (with a warning) if they ever differ, so a platform quirk cannot change a number.

@@ -252,10 +252,10 @@ class LazyCompiled:
     ``regions``: the name of a ``Sequential`` of identical blocks (a ViT's ``"blocks"``) to compile instead of
     the whole module ("regional compilation"): each block is compiled separately, so the one graph is traced and
     code-generated once and reused by every block, and the rest of the module (patch embedding, final norm) runs
-    eagerly. DINOv2 ViT-S/14 (12 blocks) on this CPU, at the same compiled speed: 14.3 s to compile against 23.1 s
-    for the whole network with an empty inductor cache, 2.9-5.0 s against 17.4 s with a warm one (a second run
-    on the same machine). The compiled blocks are swapped in for the duration of each call only, so ``module``
-    itself (its state dict, its eager use in exact mode) never changes.
+    eagerly. DINOv2 ViT-S/14 (12 blocks) on this CPU (``benchmarks/bench_compile.py``), at the same compiled
+    speed: 16.2 s to compile against 27.0 s for the whole network with an empty inductor cache (a first run on a
+    machine), 3.8 s against 4.2 s with a warm one. The compiled blocks are swapped in for the duration of each
+    call only, so ``module`` itself (its state dict, its eager use in exact mode) never changes.
     """
 
     def __init__(self, module: torch.nn.Module, name: str = "model",

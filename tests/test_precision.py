@@ -445,6 +445,10 @@ def test_benchmarks_run_in_miniature(tmp_path, monkeypatch):
     assert {r["pil_resize_on"] for r in doc["decode_resize"]["pipeline"]} == {"host", "device"}
     assert len(doc["memory"]["rows"]) == 4 and doc["fd_time"][0]["speedup_vs_sqrtm"] > 0
     assert json.loads((tmp_path / "p.json").read_text())["quick"] is True
+    import bench_resize
+
+    res = bench_resize.main(["--device", "cpu", "--n", "4", "--size", "64", "--repeats", "1"])
+    assert res["bit_identical"] is True and res["pil_resize_tensor_images_per_s"] > 0
     prec = bench_precision.main(["--quick", "--json", str(tmp_path / "q.json")])
     m = prec["results"][0]["modes"]["fast"]
     assert 0 < m["fd_rel_same_max"] < 0.05 and 0 < m["feature_rel_rms_error"] < 0.05

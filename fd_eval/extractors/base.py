@@ -10,7 +10,8 @@ from PIL import Image
 
 from ..errors import FDEvalError, InputRangeError
 from ..precision import LazyCompiled, Precision, resolve_precision
-from ..preprocess import HostPrepare, PreprocessSpec, tensor_to_pil
+from ..pil_resize import pil_resize_host
+from ..preprocess import HostPrepare, PreprocessSpec
 
 
 PIL_RESIZE_ON = ("auto", "host", "device")
@@ -58,7 +59,6 @@ class Extractor:
         self.precision = Precision()
         self.forward_model: Callable[[torch.Tensor], torch.Tensor] = self.model
         self.channels_last = False  # fast mode sets it for convolutional networks (see _apply_precision)
-        self.pil_resize_on = "auto"
         self.set_pil_resize_on(os.environ.get("FD_EVAL_PIL_RESIZE_ON") or "auto")
         self.to(device if device is not None else "cpu")
 
@@ -170,7 +170,7 @@ class Extractor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputRangeError(f"{self.name}: expects shape (N, 3, H, W) RGB, got {tuple(images.shape)}")
         if self.resizes_on_host and tuple(images.shape[-2:]) != tuple(self.preprocess_spec.size):
-            images = torch.stack([self.prepare(tensor_to_pil(im)) for im in images.cpu()])
+            images = pil_resize_host(images, tuple(self.preprocess_spec.size), self.preprocess_spec.resize_filter)
         return self.forward_prepared(images.to(self.device, non_blocking=True))
 
     # --- provenance ---------------------------------------------------------------------------------------
