@@ -60,6 +60,17 @@ class CheckpointError(FDEvalError):
     """A resume checkpoint (``fd-eval stats`` unit files) made with other settings, from changed data, or damaged."""
 
 
+# --- files fd-eval writes ---------------------------------------------------------------------------
+class OutputError(FDEvalError, OSError):
+    """An output that cannot be written (disk full, read-only, a file where a folder should be); nothing partial is
+    left. Also an :class:`OSError`, so ``except OSError`` around optional writes keeps working; ``errno`` is the
+    original one."""
+
+
+class CacheError(OutputError):
+    """``$FD_EVAL_CACHE`` (default ``~/.cache/fd_eval``) is unusable where a file must be written there (weights)."""
+
+
 # --- weights, downloads, references ---------------------------------------------------------------
 class WeightsError(FDEvalError):
     """A checkpoint that cannot be loaded into the extractor (format, keys, shapes)."""

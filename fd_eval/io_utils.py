@@ -1,25 +1,91 @@
-"""Atomic writes, checksums, cache locations and cross-process locks."""
+"""Atomic writes, checksums, cache locations and cross-process locks.
+
+Failure policy: an output that cannot be written (disk full, read-only folder, a file where a folder should be) is
+one :class:`~fd_eval.errors.OutputError` line naming the path, and nothing partial is left behind. The cache is
+optional where it only saves work (hash records, reference-statistics caches: :func:`optional_cache_dir` warns once
+and returns None) and required where a file must live there (downloaded weights: :func:`cache_dir` raises
+:class:`~fd_eval.errors.CacheError` naming the path and ``$FD_EVAL_CACHE``).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno as _errno
 import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import IO, Iterator
 
 import filelock
 
+from .errors import CacheError, FDEvalError, OutputError
+
 _CHUNK = 1 << 20
+CACHE_ENV = "FD_EVAL_CACHE"
+
+
+def cache_root() -> Path:
+    """``$FD_EVAL_CACHE``, default ``~/.cache/fd_eval`` (not created)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fd_eval")
+
+
+def _cache_origin() -> str:
+    """How the cache root was chosen, for error messages."""
+    env = os.environ.get(CACHE_ENV)
+    return f"{CACHE_ENV}={env}" if env else f"default cache, {CACHE_ENV} unset"
 
 
 def cache_dir(*parts: str) -> Path:
-    """``$FD_EVAL_CACHE`` (default ``~/.cache/fd_eval``) joined with ``parts``; created on demand."""
-    root = Path(os.environ.get("FD_EVAL_CACHE") or Path.home() / ".cache" / "fd_eval")
-    path = root.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    """``$FD_EVAL_CACHE`` (default ``~/.cache/fd_eval``) joined with ``parts``; created on demand.
+
+    Raises:
+        CacheError: the folder cannot be created or written (the cache root is a file, read-only, ...); the message
+            names the folder and the variable.
+    """
+    path = cache_root().joinpath(*parts)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(_errno.EACCES, "not writable")
+    except OSError as e:
+        err = CacheError(f"cache folder {path} is unusable ({_os_reason(e)}; {_cache_origin()}); point "
+                         f"{CACHE_ENV} at a writable folder")
+        err.errno = e.errno
+        raise err from e
     return path
+
+
+_WARNED_CACHES: set[str] = set()
+
+
+def optional_cache_dir(*parts: str) -> Path | None:
+    """:func:`cache_dir` for caches that only save work (hash records, reference statistics, tar indexes).
+
+    Returns None, after one warning per process and cache root, when the folder cannot be created or written;
+    the caller then computes without the cache and the run finishes.
+    """
+    try:
+        return cache_dir(*parts)
+    except CacheError as e:
+        warn_cache_unusable(str(e))
+        return None
+
+
+def warn_cache_unusable(detail: str) -> None:
+    """One warning per process and cache root that the cache is skipped (``detail`` says why)."""
+    root = str(cache_root())
+    if root not in _WARNED_CACHES:
+        _WARNED_CACHES.add(root)
+        warnings.warn(f"fd-eval: continuing without the cache: {detail}", RuntimeWarning, stacklevel=3)
+
+
+def _os_reason(e: OSError) -> str:
+    """``"ENOSPC: No space left on device"`` style, one line."""
+    name = _errno.errorcode.get(e.errno or 0)
+    text = e.strerror or str(e) or type(e).__name__
+    return f"{name}: {text}" if name else text
 
 
 def config_dir() -> Path:
@@ -41,12 +107,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", what: str = "output") -> Iterator[IO]:
     """Write ``path`` through a temp file in the same directory, fsync, then rename over it.
 
-    A crash, Ctrl-C or exception leaves the old file (or nothing) in place, never half a file.
+    A crash, Ctrl-C or exception leaves the old file (or nothing) in place, never half a file; an OS error (disk
+    full, read-only folder) becomes one :class:`OutputError` line naming ``path`` (``what`` words it).
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, what=what) as tmp:
         with open(tmp, mode) as f:
             yield f
             f.flush()
@@ -54,23 +121,31 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed to ``path``, else removed.
 
-    For writers that insist on a file name (safetensors, np.savez).
+    For writers that insist on a file name (safetensors, np.savez). Any :class:`OSError` (from the writer too)
+    becomes an :class:`OutputError` (still an OSError, with the original ``errno``) naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file a normal file's mode
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if isinstance(e, OSError) and not isinstance(e, FDEvalError):
+            err = OutputError(f"cannot write {what} {path} ({_os_reason(e)}); nothing was written. Free space or "
+                              "choose a writable location")
+            err.errno = e.errno
+            raise err from e
         raise
 
 
@@ -97,19 +172,24 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     if key in _SHA256_MEMO:
         return _SHA256_MEMO[key]
-    record = cache_dir("sha256") / (hashlib.sha1(str(path).encode()).hexdigest() + ".json")
-    try:
-        rec = json.loads(record.read_text())
-        if (rec["path"], rec["size"], rec["mtime_ns"], rec["inode"]) == key and len(rec["sha256"]) == 64:
-            _SHA256_MEMO[key] = rec["sha256"]
-            return rec["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    folder = optional_cache_dir("sha256")
+    record = None if folder is None else folder / (hashlib.sha1(str(path).encode()).hexdigest() + ".json")
+    if record is not None:
+        try:
+            rec = json.loads(record.read_text())
+            if (rec["path"], rec["size"], rec["mtime_ns"], rec["inode"]) == key and len(rec["sha256"]) == 64:
+                _SHA256_MEMO[key] = rec["sha256"]
+                return rec["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     digest = sha256_file(path)
     _SHA256_MEMO[key] = digest
-    with contextlib.suppress(OSError):
-        with atomic_write(record, "w") as f:
-            json.dump({"path": key[0], "size": key[1], "mtime_ns": key[2], "inode": key[3], "sha256": digest}, f)
+    if record is not None:
+        try:
+            with atomic_write(record, "w", what="cache record") as f:
+                json.dump({"path": key[0], "size": key[1], "mtime_ns": key[2], "inode": key[3], "sha256": digest}, f)
+        except OutputError as e:  # disk full: the next run hashes again
+            warn_cache_unusable(str(e))
     return digest
 
 

@@ -8,10 +8,15 @@ entry is JSON: ``{"format": "fd-eval-stats/1", "sections": {name: {"n": N, "extr
 
 Also read, never unpickling anything: the official GPIC ``*_stats.npz`` (``dino_mu``, ``dino_sigma``, optional
 ``dino_embeddings``, ``key``, ``tar_idx``) and pytorch-fid / clean-fid / ADM ``.npz`` (``mu``, ``sigma``).
+
+Damaged or crafted files are refused with one :class:`StatsFormatError` / :class:`InvalidStatsError` line naming
+the file: metadata of the wrong JSON types, an ``n`` that is not one positive integer, and npz members whose
+``.npy`` header claims more data than the zip member holds (checked before anything is allocated).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zipfile
@@ -35,6 +40,15 @@ _NPZ_PREFIXES = {"dino_": "dinov2-vitl14", "inception_": "inception-v3-pt", "": 
 _UNKNOWN = "unknown"
 # Metadata fields that must agree before two statistics are compared; "reference" in the spec is a label.
 _IGNORED_SPEC_FIELDS = {"reference"}
+# No npz member of a statistics file is larger (1M x 1024 float32 embeddings are 4 GiB); a header claiming more is
+# refused before anything is allocated.
+MAX_NPZ_MEMBER_BYTES = 1 << 36
+# Deflate cannot expand more than ~1032:1, so a compressed member claiming more is damaged or crafted.
+_DEFLATE_MAX_RATIO = 1032
+# Float dtypes a covariance may have been stored in (the FD's rank threshold depends on it, see frechet._factor).
+_STORAGE_DTYPES = ("float16", "float32", "float64")
+# Relative per-dimension variance below which features are considered constant (broken or wrong weights).
+NEAR_ZERO_VARIANCE = 1e-10
 
 
 @dataclass
@@ -50,6 +64,9 @@ class Stats:
         features: optional (N, D) float32 feature rows (for PRDC, MMD, bootstrap).
         extras: optional named arrays carried along (GPIC's ``key``, ``tar_idx``).
         origin: where it was loaded from, for error messages.
+        storage_dtype: the float dtype sigma was stored in before the float64 cast ("float32" for most npz files;
+            default: sigma's dtype as given). The FD treats eigenvalues below that dtype's rounding as zero
+            (:func:`compare_stats` passes it on), which keeps the reported rank right for float32 files.
     """
 
     mu: np.ndarray
@@ -59,12 +76,19 @@ class Stats:
     features: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     origin: str = "<memory>"
+    storage_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        self.storage_dtype = _float_dtype_name(self.storage_dtype or getattr(self.sigma, "dtype", None), self.origin)
         self.mu = np.asarray(self.mu, dtype=np.float64)
         self.sigma = np.asarray(self.sigma, dtype=np.float64)
         self.n = int(self.n)
         self.validate()
+
+    def sigma_as_stored(self) -> np.ndarray:
+        """sigma in :attr:`storage_dtype` (exact: the float64 copy was cast from it); pass this to
+        :func:`fd_eval.frechet_distance_breakdown` so its rank threshold sees the storage precision."""
+        return self.sigma if self.storage_dtype == "float64" else self.sigma.astype(self.storage_dtype)
 
     # --- construction ------------------------------------------------------------------------------
     @classmethod
@@ -127,6 +151,18 @@ class Stats:
         return load_stats(path, model=model)
 
 
+def _float_dtype_name(dtype: Any, origin: str) -> str:
+    """numpy name of a float dtype (numpy, torch or a name); integer or unknown input counts as float64."""
+    name = str(dtype).replace("torch.", "") if dtype is not None else "float64"
+    if name == "bfloat16":
+        return "float16"  # numpy has no bfloat16; float16 is the nearest coarse precision
+    try:
+        dt = np.dtype(name)
+    except TypeError:
+        raise InvalidStatsError(f"{origin}: storage dtype {name!r} is not a float dtype") from None
+    return dt.name if dt.kind == "f" else "float64"
+
+
 # --- writing ------------------------------------------------------------------------------------------
 def save_stats(path: str | os.PathLike, stats: Iterable[Stats] | Mapping[str, Stats],
                include_features: bool = True) -> Path:
@@ -142,6 +178,8 @@ def save_stats(path: str | os.PathLike, stats: Iterable[Stats] | Mapping[str, St
         if s.name in sections:
             raise StatsFormatError(f"{path}: two statistics named {s.name!r}; one file holds one per extractor")
         sections[s.name] = {**s.metadata, "n": s.n}
+        if s.storage_dtype in ("float16", "float32"):  # sigma is written as float64; remember its precision
+            sections[s.name]["storage_dtype"] = s.storage_dtype
         tensors[f"{s.name}.mu"] = np.ascontiguousarray(s.mu, dtype=np.float64)
         tensors[f"{s.name}.sigma"] = np.ascontiguousarray(s.sigma, dtype=np.float64)
         if include_features and s.features is not None:
@@ -154,8 +192,13 @@ def save_stats(path: str | os.PathLike, stats: Iterable[Stats] | Mapping[str, St
             tensors.setdefault(f"extras.{k}", np.ascontiguousarray(v))
     header = {"format": FORMAT, "sections": sections, "string_extras": sorted(string_extras)}
     path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(header, sort_keys=True)})
+    try:
+        text = json.dumps(header, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise StatsFormatError(f"{path}: metadata is not JSON-able ({e}); nothing was written") from e
+    # an OSError (disk full, read-only folder) becomes one OutputError line naming the path; no partial file
+    with atomic_path(path, what="statistics file") as tmp:
+        save_file(tensors, str(tmp), metadata={_META_KEY: text})
     return path
 
 
@@ -231,36 +274,141 @@ def _load_safetensors(path: Path, features: bool = True) -> dict[str, Stats]:
             arrays = {k: f.get_tensor(k) for k in f.keys() if features or not k.endswith(".features")}
     except (SafetensorError, OSError, ValueError) as e:
         raise StatsFormatError(f"{path}: corrupt or truncated safetensors file ({e}); download or rebuild it") from e
-    try:
-        header = json.loads(meta[_META_KEY])
-        sections = header["sections"]
-        if not str(header.get("format", "")).startswith("fd-eval-stats/"):
-            raise KeyError("format")
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise StatsFormatError(
-            f"{path}: safetensors file without fd-eval statistics metadata (a weights file?); expected a file "
-            "written by `fd-eval stats`"
-        ) from e
+    header = _parse_metadata(path, meta)
+    sections = header["sections"]
     extras = {k[len("extras."):]: v for k, v in arrays.items() if k.startswith("extras.")}
     for k in header.get("string_extras", []):
         if k in extras:
-            extras[k] = _decode_strings(extras[k])
+            try:
+                extras[k] = _decode_strings(extras[k])
+            except (UnicodeDecodeError, TypeError, ValueError) as e:
+                raise StatsFormatError(f"{path}: string extra {k!r} is not UTF-8 text rows ({e}); the file is "
+                                       "damaged") from e
     out = {}
     for name, smeta in sections.items():
         try:
             mu, sigma = arrays[f"{name}.mu"], arrays[f"{name}.sigma"]
         except KeyError as e:
             raise StatsFormatError(f"{path}: section {name!r} lacks tensor {e.args[0]!r}; the file is damaged") from e
+        for key, a in ((f"{name}.mu", mu), (f"{name}.sigma", sigma), (f"{name}.features", arrays.get(f"{name}.features"))):
+            if a is not None:
+                _check_numeric(path, key, a)
         smeta = dict(smeta)
-        n = smeta.pop("n", None)
-        if not isinstance(n, int):
-            raise StatsFormatError(f"{path}: section {name!r} has no integer 'n'; the file is damaged")
+        n = smeta.pop("n")
+        storage = smeta.pop("storage_dtype", None)
         out[name] = Stats(mu, sigma, n, smeta, features=arrays.get(f"{name}.features"), extras=dict(extras),
-                          origin=str(path))
+                          origin=str(path), storage_dtype=storage or sigma.dtype.name)
     return out
 
 
+def _parse_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
+    """The ``fd_eval`` header entry, with every field the loader and :func:`check_compatible` use type-checked."""
+
+    def bad(what: str) -> StatsFormatError:
+        return StatsFormatError(f"{path}: fd-eval metadata {what}; the file is damaged, rebuild it with `fd-eval stats`")
+
+    try:
+        header = json.loads(meta[_META_KEY])
+        if not isinstance(header, dict) or not str(header.get("format", "")).startswith("fd-eval-stats/"):
+            raise KeyError("format")
+    except (KeyError, TypeError, ValueError) as e:
+        raise StatsFormatError(
+            f"{path}: safetensors file without fd-eval statistics metadata (a weights file?); expected a file "
+            "written by `fd-eval stats`"
+        ) from e
+    sections = header.get("sections")
+    if not isinstance(sections, dict) or not sections:
+        raise bad(f"'sections' is {type(sections).__name__}, expected a non-empty object {{name: {{...}}}}")
+    extras = header.get("string_extras", [])
+    if not isinstance(extras, list) or not all(isinstance(k, str) for k in extras):
+        raise bad("'string_extras' must be a list of names")
+    for name, sec in sections.items():
+        if not isinstance(sec, dict):
+            raise bad(f"section {name!r} is {type(sec).__name__}, expected an object")
+        n = sec.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise bad(f"section {name!r} has n = {n!r}, expected a positive integer")
+        for key in ("extractor", "weights_sha256", "created"):
+            if sec.get(key) is not None and not isinstance(sec[key], str):
+                raise bad(f"section {name!r}: {key!r} must be a string, got {type(sec[key]).__name__}")
+        if sec.get("storage_dtype") is not None and sec["storage_dtype"] not in _STORAGE_DTYPES:
+            raise bad(f"section {name!r}: storage_dtype {sec['storage_dtype']!r} is not one of {_STORAGE_DTYPES}")
+        for key in ("source", "versions", "precision"):
+            if sec.get(key) is not None and not isinstance(sec[key], dict):
+                raise bad(f"section {name!r}: {key!r} must be an object, got {type(sec[key]).__name__}")
+        spec = sec.get("preprocess")
+        if spec is not None:
+            if not isinstance(spec, dict):
+                raise bad(f"section {name!r}: 'preprocess' must be an object, got {type(spec).__name__}")
+            try:
+                PreprocessSpec.from_dict(spec)
+            except (TypeError, ValueError) as e:
+                raise bad(f"section {name!r}: 'preprocess' is not a preprocessing spec ({e})") from e
+    return header
+
+
+def npz_members(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every ``.npy`` member of an npz, from the headers alone, checked against the zip directory.
+
+    A header must describe exactly the bytes its member holds (uncompressed size in the zip directory), a deflated
+    member cannot claim more than deflate can expand, and no member may exceed :data:`MAX_NPZ_MEMBER_BYTES`: so a
+    crafted 588-byte file claiming a 100000 x 100000 sigma is refused before anything is allocated.
+
+    Raises:
+        StatsFormatError: corrupt zip, unreadable header, object (pickled) arrays, or a size that does not add up.
+    """
+    path = Path(path)
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                key = info.filename[:-4]
+                where = f"{path}: array {key!r}"
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise StatsFormatError(f"{where} uses zip compression method {info.compress_type}; save it "
+                                           "with np.savez or np.savez_compressed")
+                if info.file_size > MAX_NPZ_MEMBER_BYTES or (
+                        info.compress_type == zipfile.ZIP_DEFLATED
+                        and info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 4096):
+                    raise StatsFormatError(f"{where} claims {info.file_size} bytes uncompressed from "
+                                           f"{info.compress_size} stored; the file is damaged or crafted")
+                with zf.open(info) as f:
+                    try:
+                        version = np.lib.format.read_magic(f)
+                        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                else np.lib.format.read_array_header_2_0)
+                        shape, _, dtype = read(f)
+                    except (ValueError, TypeError, SyntaxError, EOFError) as e:
+                        raise StatsFormatError(f"{where} has no valid .npy header ({e}); the file is damaged") from e
+                    header_len = f.tell()
+                if dtype.hasobject:
+                    raise StatsFormatError(f"{where} holds pickled Python objects; fd-eval never unpickles. Save it "
+                                           "as a plain numeric/string array")
+                nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
+                if header_len + nbytes != info.file_size:
+                    raise StatsFormatError(f"{where}: its header claims shape {tuple(shape)} {dtype} ({nbytes} bytes) "
+                                           f"but the member holds {info.file_size - header_len} bytes; the file is "
+                                           "damaged or crafted")
+                out[key] = (tuple(int(d) for d in shape), dtype)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as e:
+        raise StatsFormatError(f"{path}: corrupt zip/npz file ({type(e).__name__}: {e}); download or rebuild it") from e
+    return out
+
+
+def _npz_n(path: Path, key: str, a: np.ndarray) -> int:
+    """The image count stored as an npz array: exactly one finite, integral, positive number."""
+    v = a.reshape(-1)[0].item() if a.size == 1 and a.ndim <= 1 and a.dtype.kind in "iuf" else None
+    if v is None or not math.isfinite(v) or v != int(v) or v < 1:
+        got = f"shape {a.shape} {a.dtype}" if v is None else repr(v)
+        raise StatsFormatError(f"{path}: array {key!r} must hold the number of images as one positive integer, got "
+                               f"{got}; fix or remove it")
+    return int(v)
+
+
 def _load_npz(path: Path, features: bool = True) -> dict[str, Stats]:
+    members = npz_members(path)  # refuses headers that do not match their members before np.load allocates
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -273,7 +421,7 @@ def _load_npz(path: Path, features: bool = True) -> dict[str, Stats]:
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise StatsFormatError(f"{path}: not a readable .npz ({e})") from e
     with npz:
-        keys = set(npz.files)
+        keys = set(npz.files) & set(members)
 
         def get(key: str) -> np.ndarray:
             try:
@@ -290,15 +438,10 @@ def _load_npz(path: Path, features: bool = True) -> dict[str, Stats]:
 
         def rows(key: str) -> int:
             """Leading dimension of a member, from its .npy header only (no 4 GB read for 1M embeddings)."""
-            try:
-                with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as f:
-                    major, _ = np.lib.format.read_magic(f)
-                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
-                                   else np.lib.format.read_array_header_2_0)
-                    shape, _, _ = read_header(f)
-                return int(shape[0])
-            except (zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as e:
-                raise StatsFormatError(f"{path}: array {key!r} is corrupt ({e}); download or rebuild the file") from e
+            shape = members[key][0]
+            if len(shape) != 2:
+                raise InvalidStatsError(f"{path}: array {key!r} has shape {shape}, expected (N, D)")
+            return int(shape[0])
 
         out: dict[str, Stats] = {}
         for prefix, name in _NPZ_PREFIXES.items():
@@ -308,18 +451,21 @@ def _load_npz(path: Path, features: bool = True) -> dict[str, Stats]:
                     meta["extractor"] = name
                 has_feats = f"{prefix}embeddings" in keys
                 feats = get(f"{prefix}embeddings") if (has_feats and features) else None
+                if feats is not None:
+                    _check_numeric(path, f"{prefix}embeddings", feats)
                 mu, sigma = get(f"{prefix}mu"), get(f"{prefix}sigma")
+                _check_numeric(path, f"{prefix}mu", mu)
+                _check_numeric(path, f"{prefix}sigma", sigma)
                 if "n" in keys or f"{prefix}n" in keys:
-                    n = int(get(f"{prefix}n" if f"{prefix}n" in keys else "n"))
+                    n_key = f"{prefix}n" if f"{prefix}n" in keys else "n"
+                    n = _npz_n(path, n_key, get(n_key))
                     meta["n_from"] = "n"
                 elif has_feats:  # N of the embeddings; a registry entry may know the N of mu/sigma better
-                    n = int(feats.shape[0]) if feats is not None else rows(f"{prefix}embeddings")
+                    n = int(feats.shape[0]) if feats is not None and feats.ndim == 2 else rows(f"{prefix}embeddings")
                     meta["n_from"] = "embeddings"
                 else:
                     n = 0  # unrecorded; set below
                 extras = {k: get(k) for k in ("key", "tar_idx") if k in keys}
-                _check_numeric(path, f"{prefix}mu", mu)
-                _check_numeric(path, f"{prefix}sigma", sigma)
                 if n == 0:
                     meta["n_unknown"] = True
                     n = 1
@@ -346,7 +492,7 @@ def _decode_strings(a: np.ndarray) -> np.ndarray:
 
 
 def _check_numeric(path: Path, key: str, a: np.ndarray) -> None:
-    if not np.issubdtype(a.dtype, np.floating) and not np.issubdtype(a.dtype, np.integer):
+    if a.dtype.kind not in "fiu":  # bool, complex, strings, bytes, datetimes are not statistics
         raise InvalidStatsError(f"{path}: array {key!r} has dtype {a.dtype}, expected float")
 
 
@@ -414,10 +560,27 @@ def _precision_problem(a: Stats, b: Stats) -> str:
 
 def compare_stats(a: Stats, b: Stats, allow_mismatch: bool = False,
                   device: str | torch.device | None = None) -> tuple[FDResult, list[str]]:
-    """FD between two statistics after :func:`check_compatible`; returns (result, warnings)."""
+    """FD between two statistics after :func:`check_compatible`; returns (result, warnings).
+
+    Each sigma is passed in its :attr:`Stats.storage_dtype`, so eigenvalues below float32 rounding of a float32
+    file are treated as zero (the reported rank is right). Statistics of (near-)constant features, as broken or
+    wrong weights give, add a warning: their FD is ~0 or only the mean term, and says nothing about images.
+    """
     warnings = check_compatible(a, b, allow_mismatch=allow_mismatch)
+    warnings += [w for w in (near_constant_warning(s) for s in (a, b)) if w]
     try:
-        res = frechet_distance_breakdown(a.mu, a.sigma, b.mu, b.sigma, device=device)
+        res = frechet_distance_breakdown(a.mu, a.sigma_as_stored(), b.mu, b.sigma_as_stored(), device=device)
     except InvalidStatsError as e:
         raise InvalidStatsError(f"{a.origin} vs {b.origin}: {e}") from e
     return res, warnings
+
+
+def near_constant_warning(s: Stats, rel: float = NEAR_ZERO_VARIANCE) -> str | None:
+    """A warning when the features barely vary: mean per-dimension variance <= ``rel`` x the mean squared feature
+    value (or exactly zero), else None. Typical features vary by ~1e-2 to 1 of their magnitude."""
+    var = float(np.trace(s.sigma)) / s.dim
+    scale = float(s.mu @ s.mu) / s.dim + max(var, 0.0)
+    if var > rel * scale and var > 0:
+        return None
+    return (f"{s.origin}: the features are (nearly) constant (mean variance per dimension {var:.3g} vs mean square "
+            f"{scale:.3g}); the extractor's weights are probably broken or wrong, so this FD is meaningless")
