@@ -11,34 +11,74 @@ a process-unique temp file, resumes a dropped connection within the call (Range 
 atomically; a killed process starts that file over. On top of it fd-eval takes its own lock, checks the sha256
 (the expected one, and the Hub's own sha256 of LFS files, which the cache uses as the blob name) and deletes a
 file that fails.
+
+No network fails fast: huggingface_hub retries a refused connection or a DNS failure five times with backoff
+(~25 s of "Retrying" lines), so :func:`download_hf` first opens one TCP connection to the endpoint and, when that
+fails, serves the file from the cache or raises one :class:`DownloadError` line at once.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import http.client
 import os
 import re
+import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
 from ._version import __version__
 from .errors import ChecksumError, DownloadError, GatedRepoError
-from .io_utils import cache_dir, file_lock, sha256_file, sha256_file_cached
+from .io_utils import file_lock, optional_cache_dir, sha256_file, sha256_file_cached
 
 _CHUNK = 1 << 20
 _RETRIES = 3  # extra attempts within one call after a connection drop that made progress
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+CONNECT_TIMEOUT = 10.0  # seconds for the reachability probe: no network means an error within seconds
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+_OFFLINE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("fd_eval_offline", default=None)
 
 
 def offline_mode() -> bool:
-    """True when ``FD_EVAL_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value (read at call time)."""
+    """True inside :func:`offline_scope` (``--offline``), or when ``FD_EVAL_OFFLINE`` or ``HF_HUB_OFFLINE`` is set
+    to a true value (read at call time)."""
+    if _OFFLINE.get() is not None:
+        return bool(_OFFLINE.get())
     return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
                for v in ("FD_EVAL_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+@contextlib.contextmanager
+def offline_scope(offline: bool | None = True) -> Iterator[None]:
+    """Within the block, every download that is not given ``offline=`` explicitly (weights, references) uses
+    ``offline`` (None: the environment decides). The CLI's ``--offline`` wraps a command in it."""
+    token = _OFFLINE.set(offline)
+    try:
+        yield
+    finally:
+        _OFFLINE.reset(token)
+
+
+def unreachable(url: str, timeout: float = CONNECT_TIMEOUT) -> str | None:
+    """Why a TCP connection to ``url``'s host cannot be opened (refused, DNS failure, timeout), or None when it can
+    or when a proxy is configured (then only the proxy knows)."""
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    u = urlsplit(url)
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+        socket.create_connection((u.hostname or "", port), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def verify_sha256(path: Path, expected: str | None, what: str) -> str:
@@ -225,16 +265,22 @@ def download_hf(location: str | HfLocation, sha256: str | None = None, offline: 
     from huggingface_hub import hf_hub_download
 
     endpoint = hf_endpoint()
-    lock = cache_dir("locks") / ("hf-" + hashlib.sha256(str(loc).encode()).hexdigest()[:24])
-    with file_lock(lock):
+    folder = optional_cache_dir("locks")  # huggingface_hub locks its own files; ours only spares a double download
+    lock = None if folder is None else folder / ("hf-" + hashlib.sha256(str(loc).encode()).hexdigest()[:24])
+    down = None if offline else unreachable(endpoint or DEFAULT_HF_ENDPOINT)
+    with file_lock(lock) if lock is not None else contextlib.nullcontext():
         try:
             path = Path(hf_hub_download(
                 loc.repo_id, loc.filename, repo_type=loc.repo_type, revision=loc.revision, endpoint=endpoint,
-                token=token, local_files_only=offline, force_download=force,
+                token=token, local_files_only=offline or down is not None, force_download=force,
                 library_name="fd-eval", library_version=__version__,
                 tqdm_class=None if progress else _SilentTqdm,
             ))
         except Exception as e:  # noqa: BLE001 - every Hub failure becomes one clear one-line error
+            if down is not None:
+                raise DownloadError(f"could not download {loc}: {endpoint or DEFAULT_HF_ENDPOINT} cannot be reached "
+                                    f"({down}){'' if force else ' and the file is not in the cache'}; check the network or HF_ENDPOINT "
+                                    f"and run again{hint}") from e
             raise _hf_error(e, loc, offline, endpoint, access_url, token, hint) from e
         blob = path.resolve()
         # The HF cache names a blob by its ETag, which for LFS files is the file's sha256 (a 40-hex git sha1

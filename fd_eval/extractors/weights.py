@@ -8,8 +8,8 @@ from typing import Iterable
 
 import torch
 
-from ..download import download_url
-from ..errors import WeightsError
+from ..download import download_url, offline_mode
+from ..errors import CacheError, DownloadError, WeightsError
 from ..io_utils import cache_dir
 from ..stats import sniff_format
 
@@ -23,15 +23,38 @@ class WeightsSource:
     sha256: str | None = None  # full hex digest or a prefix (torch hub names carry one)
 
 
-def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, name: str) -> Path:
-    """A local weights file: ``weights`` if given, else the official file, downloaded once into the cache."""
+def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, name: str,
+                    offline: bool | None = None) -> Path:
+    """A local weights file: ``weights`` if given, else the official file, downloaded once into the cache.
+
+    Args:
+        offline: refuse network access (default: :func:`fd_eval.download.offline_mode`, i.e. ``--offline`` through
+            :func:`~fd_eval.download.offline_scope`, ``FD_EVAL_OFFLINE`` or ``HF_HUB_OFFLINE``).
+
+    Raises:
+        WeightsError: ``weights`` is not a file.
+        DownloadError: offline (or no network) and the official file is not cached; one line naming the file, the
+            cache path to put it at, and ``--weights PATH``.
+        CacheError: the cache folder cannot hold the download (names the folder and ``$FD_EVAL_CACHE``).
+    """
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsError(f"{path}: weights file for {name} not found; check the --weights path")
         return path
-    return download_url(source.url, cache_dir("weights") / source.filename, sha256=source.sha256,
-                        hint=f"; or download it yourself and pass it with --weights PATH (Python: weights=PATH) for {name}")
+    use = f"--weights PATH (Python: weights=PATH) for {name}"
+    try:
+        dest = cache_dir("weights") / source.filename
+    except CacheError as e:
+        err = CacheError(f"{e}, or download {source.url} yourself and pass {use}")
+        err.errno = e.errno
+        raise err from e
+    offline = offline_mode() if offline is None else offline
+    if offline and not dest.is_file():
+        raise DownloadError(f"offline mode: the {name} weights {source.filename} are not in the cache; put the file "
+                            f"from {source.url} at {dest} or pass {use}")
+    return download_url(source.url, dest, sha256=source.sha256, offline=offline,
+                        hint=f"; or download it yourself to {dest} or pass {use}")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
