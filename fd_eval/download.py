@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import hashlib
 import http.client
 import os
@@ -35,8 +36,8 @@ from urllib.parse import urlsplit
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .errors import ChecksumError, DownloadError, GatedRepoError
-from .io_utils import file_lock, optional_cache_dir, sha256_file, sha256_file_cached
+from .errors import ChecksumError, DownloadError, GatedRepoError, OutputError
+from .io_utils import CACHE_ENV, cache_root, file_lock, optional_cache_dir, sha256_file, sha256_file_cached
 
 _CHUNK = 1 << 20
 _RETRIES = 3  # extra attempts within one call after a connection drop that made progress
@@ -109,9 +110,12 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, p
         ChecksumError: the finished file has another sha256 (it is deleted).
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_file():
         return dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(dest, e, hint) from e
     offline = offline_mode() if offline is None else offline
     with file_lock(dest):
         if dest.is_file():  # another process finished it while we waited for the lock
@@ -128,6 +132,8 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, p
             except urllib.error.HTTPError as e:  # a server answer, not a dropped connection: do not retry
                 raise DownloadError(f"could not download {url} (HTTP {e.code} {e.reason}){hint}") from e
             except (urllib.error.URLError, OSError, http.client.HTTPException, TimeoutError) as e:
+                if not isinstance(e, urllib.error.URLError) and getattr(e, "errno", None) in _LOCAL_ERRNOS:
+                    raise _write_error(part, e, hint) from e  # disk full, read-only: retrying cannot help
                 grew = part.exists() and part.stat().st_size > before
                 if grew and attempt < _RETRIES:
                     continue  # resume right away with a Range request
@@ -138,6 +144,22 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, p
         verify_sha256(part, sha256, url)
         os.replace(part, dest)
     return dest
+
+
+_LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                 errno.EISDIR}
+
+
+def _write_error(path: Path, e: OSError, hint: str) -> OutputError:
+    """One line for a download that cannot be written locally (names the path, and $FD_EVAL_CACHE when in it)."""
+    root = cache_root().resolve()
+    in_cache = root == path.resolve() or root in path.resolve().parents
+    where = f" ({CACHE_ENV}={os.environ.get(CACHE_ENV) or 'unset'}: point it at a writable folder with space)" \
+        if in_cache else ""
+    err = OutputError(f"cannot write the download {path} ({errno.errorcode.get(e.errno or 0, 'error')}: "
+                      f"{e.strerror or e}){where}{hint}")
+    err.errno = e.errno
+    return err
 
 
 def _fetch(url: str, part: Path, progress: bool) -> None:

@@ -5,11 +5,35 @@ real ones, the network is just shallower (a checkpoint from ``save_dinov2_checkp
 makes each image ~6x cheaper on a 2-core CPU.
 """
 import functools
+import os
+import signal
 import sys
 
+import fd_eval.build as build
 import fd_eval.extractors.dinov2 as dv
 
 dv._build_extractor = functools.partial(dv._build_extractor, _depth=int(sys.argv.pop(1)))
+
+
+def _signal_after_units(spec: str) -> None:
+    """``FD_EVAL_TEST_SIGNAL_AFTER_UNITS=K:SIGNAME``: once K unit files are saved, the process sends itself SIGNAME
+    from the main thread as it starts saving the next one, so the interruption lands at the same point on any
+    machine (no timing): K units done (and recorded as saved by build_stats), the next one computed but not written.
+    """
+    k, name = spec.split(":")
+    real, calls = build._save_unit, []
+
+    def save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(k) + 1:
+            os.kill(os.getpid(), getattr(signal, name))
+        real(*args, **kwargs)
+
+    build._save_unit = save
+
+
+if os.environ.get("FD_EVAL_TEST_SIGNAL_AFTER_UNITS"):
+    _signal_after_units(os.environ["FD_EVAL_TEST_SIGNAL_AFTER_UNITS"])
 
 from fd_eval.cli import main  # noqa: E402
 

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -174,28 +173,19 @@ def _cli_args(world, out, *extra):
             "--batch-size", str(BS), "--num-workers", "0", *extra]
 
 
-def _wait_for_first_unit(proc, ck, timeout=300):
-    deadline = time.monotonic() + timeout
-    while not _units(ck):
-        if proc.poll() is not None:
-            pytest.fail(f"fd-eval stats ended early (rc {proc.returncode}): {proc.communicate()}")
-        assert time.monotonic() < deadline, "no unit file appeared"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_killed_cli_run_resumes_bit_identically(world, serial, tmp_path, sig, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "stats.safetensors"
     ck = build.default_checkpoint_dir(out)
-    proc = subprocess.Popen([*CLI, *_cli_args(world, out, "-q")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_first_unit(proc, ck)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    # the CLI process signals itself right after its first unit file is saved (_shallow_cli.py): deterministic
+    env = {**os.environ, "FD_EVAL_TEST_SIGNAL_AFTER_UNITS": f"1:{sig.name}"}
+    proc = subprocess.run([*CLI, *_cli_args(world, out, "-q")], capture_output=True, env=env, timeout=600)
+    err = proc.stderr
+    assert proc.returncode == -sig if sig == signal.SIGKILL else proc.returncode not in (0, -sig), (proc.returncode, err)
     done = _units(ck)
-    assert 1 <= len(done) < N_SHARDS, "the kill must land mid-way"
+    assert done == ["unit-000000.safetensors"], "the kill must land after exactly one unit"
     assert not out.exists() and os.listdir(out_dir) == [ck.name]  # nothing beside the output
     if sig == signal.SIGINT:  # an orderly stop also removes its temp files and says how to resume
         assert not [p for p in ck.iterdir() if p.name.endswith(".tmp")]

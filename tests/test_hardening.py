@@ -171,6 +171,26 @@ def test_weights_with_unusable_cache(tmp_path, monkeypatch):
     _one_line(ei.value, bad / "weights", "FD_EVAL_CACHE", "--weights PATH")
 
 
+def test_disk_full_during_weights_download(monkeypatch):
+    import fd_eval.download as dl
+
+    monkeypatch.delenv("FD_EVAL_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = []
+
+    def full(url, part, progress):
+        calls.append(url)
+        part.write_bytes(b"12")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dl, "_fetch", full)
+    with pytest.raises(OutputError) as ei:
+        resolve_weights(None, SRC, "dinov2-vitl14", offline=False)
+    part = io.cache_dir("weights") / (SRC.filename + ".part")
+    _one_line(ei.value, part, "ENOSPC", "FD_EVAL_CACHE", "--weights PATH")
+    assert len(calls) == 1  # not retried
+
+
 def test_no_network_fails_at_once_without_retries(tmp_path, monkeypatch, caplog):
     with FakeHub() as hub:
         point_hf_at(hub, monkeypatch, tmp_path / "hf")
@@ -487,3 +507,17 @@ def test_floor_model_from_independent_floors_only():
     fm = refs.FloorModel.fit(fl, 1_000_000)
     assert fm.c == pytest.approx(2.4 / (1 / 200_000 + 1 / 1_000_000))
     assert refs.FloorModel.fit((refs.Floor("m", 10_000, 9.9),), 1_000_000) is None
+
+
+def test_docs_floor_table_matches_the_model():
+    """docs/floors.md's table is what the registry and FloorModel give (rounded as printed)."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "floors.md").read_text()
+    rows = [[c.strip(" *") for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| gpic-test")]
+    assert len(rows) == 4
+    for ref, model, n, published, relation, subset, independent in rows:
+        n = int(n.rstrip("K")) * 1000
+        f = refs.floor_for("gpic-test", model, n)
+        fm = refs.floor_model("gpic-test", model)
+        assert published.split()[0] == f"{f.fd:g}" and relation == f.relation
+        assert float(subset) == round(fm.subset(n), 2) and float(independent) == round(fm.independent(n), 2)
