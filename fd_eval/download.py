@@ -301,7 +301,8 @@ def download_hf(location: str | HfLocation, sha256: str | None = None, offline: 
         except Exception as e:  # noqa: BLE001 - every Hub failure becomes one clear one-line error
             if down is not None:
                 raise DownloadError(f"could not download {loc}: {endpoint or DEFAULT_HF_ENDPOINT} cannot be reached "
-                                    f"({down}){'' if force else ' and the file is not in the cache'}; check the network or HF_ENDPOINT "
+                                    f"({down}){'' if force else ' and the file is not in the cache'}; check the "
+                                    "network or HF_ENDPOINT "
                                     f"and run again{hint}") from e
             raise _hf_error(e, loc, offline, endpoint, access_url, token, hint) from e
         blob = path.resolve()

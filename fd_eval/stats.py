@@ -290,9 +290,9 @@ def _load_safetensors(path: Path, features: bool = True) -> dict[str, Stats]:
             mu, sigma = arrays[f"{name}.mu"], arrays[f"{name}.sigma"]
         except KeyError as e:
             raise StatsFormatError(f"{path}: section {name!r} lacks tensor {e.args[0]!r}; the file is damaged") from e
-        for key, a in ((f"{name}.mu", mu), (f"{name}.sigma", sigma), (f"{name}.features", arrays.get(f"{name}.features"))):
-            if a is not None:
-                _check_numeric(path, key, a)
+        for key in (f"{name}.mu", f"{name}.sigma", f"{name}.features"):
+            if key in arrays:
+                _check_numeric(path, key, arrays[key])
         smeta = dict(smeta)
         n = smeta.pop("n")
         storage = smeta.pop("storage_dtype", None)
@@ -305,7 +305,8 @@ def _parse_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
     """The ``fd_eval`` header entry, with every field the loader and :func:`check_compatible` use type-checked."""
 
     def bad(what: str) -> StatsFormatError:
-        return StatsFormatError(f"{path}: fd-eval metadata {what}; the file is damaged, rebuild it with `fd-eval stats`")
+        return StatsFormatError(f"{path}: fd-eval metadata {what}; the file is damaged, rebuild it with "
+                                "`fd-eval stats`")
 
     try:
         header = json.loads(meta[_META_KEY])

@@ -183,7 +183,8 @@ def test_killed_cli_run_resumes_bit_identically(world, serial, tmp_path, sig, mo
     env = {**os.environ, "FD_EVAL_TEST_SIGNAL_AFTER_UNITS": f"1:{sig.name}"}
     proc = subprocess.run([*CLI, *_cli_args(world, out, "-q")], capture_output=True, env=env, timeout=600)
     err = proc.stderr
-    assert proc.returncode == -sig if sig == signal.SIGKILL else proc.returncode not in (0, -sig), (proc.returncode, err)
+    ok = proc.returncode == -sig if sig == signal.SIGKILL else proc.returncode not in (0, -sig)
+    assert ok, (proc.returncode, err)
     done = _units(ck)
     assert done == ["unit-000000.safetensors"], "the kill must land after exactly one unit"
     assert not out.exists() and os.listdir(out_dir) == [ck.name]  # nothing beside the output
