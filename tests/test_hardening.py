@@ -78,6 +78,25 @@ def test_cache_root_is_a_file_required_vs_optional(tmp_path, monkeypatch, fresh_
     assert io.sha256_file_cached(f) == io.sha256_file(f)
 
 
+def test_full_cache_costs_only_the_record(tmp_path, monkeypatch, fresh_cache_warnings):
+    import contextlib
+
+    @contextlib.contextmanager
+    def full(path, mode="wb", what="output"):
+        with io.atomic_path(path, what=what) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+            yield
+
+    monkeypatch.setattr(io, "atomic_write", full)
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"abc")
+    io._SHA256_MEMO.clear()
+    with pytest.warns(RuntimeWarning, match="ENOSPC") as rec:
+        assert io.sha256_file_cached(f) == io.sha256_file(f)
+    assert len(rec) == 1 and "sha256" in str(rec[0].message)
+    assert not list(io.cache_dir("sha256").iterdir())  # no partial record
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_cache_is_optional(tmp_path, monkeypatch, fresh_cache_warnings):
     ro = tmp_path / "ro"
