@@ -446,7 +446,10 @@ def find_copies(
 
     dev = auto_device(device)
     gen_src = open_source(gen, skip_bad=skip_bad)
-    train_src = open_source(train, skip_bad=skip_bad)
+    try:
+        train_src = open_source(train, skip_bad=skip_bad)
+    except EmptySourceError as e:
+        raise EmptySourceError(f"training source (--train) is empty: {e}") from None
     test_src = open_source(test, skip_bad=skip_bad) if test is not None else None
     if len(train_src) == 0:
         raise EmptySourceError(f"{train_src.spec}: the training source holds no images; --train must point at the "
