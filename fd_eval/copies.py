@@ -65,9 +65,9 @@ def pack(sims: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """float32 similarities (..., B) and int64 keys (B,) or (..., B), 0 <= key <= MAX_KEY -> int64 (..., B) whose
     integer order is (similarity ascending, key descending); so ``topk`` keeps the highest similarities, the
     smallest key first among equal ones. -0.0 is taken as +0.0; NaN is not expected."""
-    bits = (sims.float() + 0.0).view(torch.int32).to(torch.int64)  # sign-extended IEEE bits
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude -> smaller int
-    return (ordered << 32) | (_MASK32 - keys)
+    bits = (sims.float() + 0.0).view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: larger magnitude -> smaller int
+    return (ordered.to(torch.int64) << 32) | (_MASK32 - keys)  # sign-extended: negative floats stay negative
 
 
 def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
