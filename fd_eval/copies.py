@@ -485,6 +485,9 @@ def find_copies(
     test_feats, test_skipped = None, []
     if test_src is not None:
         test_feats, _, test_skipped = collect(test_src, "held-out")
+        if test_feats[0].shape[0] < 3:
+            raise InputError(f"{test_src.spec}: C_T needs at least 3 held-out images (3 k-means cells), got "
+                             f"{test_feats[0].shape[0]}; pass a larger held-out set or none")
     consumers = []
     for j, ex in enumerate(exs):
         cells = None

@@ -165,6 +165,20 @@ def test_cell_distances_equal_brute_force_and_ct_closed_form():
     ct = cp.ct_from_distances(lt, np.arange(90) % 3, lg, np.arange(75) % 3, np.array([40, 40, 40]))
     n, m = 30, 25
     assert ct == pytest.approx((0 - (n * m / 2 - 0.5)) / math.sqrt(n * m * (n + m + 1) / 12), rel=1e-12)
+    # against U counted pair by pair (ties count 1/2), on random distances in uneven cells
+    rng = np.random.default_rng(0)
+    lt, lg = rng.random(60).round(2), rng.random(80).round(2)
+    tc, gc = rng.integers(0, 3, 60), np.r_[np.zeros(50, int), rng.integers(1, 3, 30)]
+    zs, ws = [], []
+    for i in range(3):
+        a, b = lt[tc == i], lg[gc == i]
+        u = sum((x > y) + 0.5 * (x == y) for x in b for y in a)
+        if len(b) > 20:
+            zs.append((u - (len(a) * len(b) / 2 - 0.5)) / math.sqrt(len(a) * len(b) * (len(a) + len(b) + 1) / 12))
+            ws.append(np.mean(tc == i))
+    assert len(zs) >= 1
+    got = cp.ct_from_distances(lt, tc, lg, gc, np.array([5, 5, 5]))
+    assert got == pytest.approx(float(np.dot(ws, zs) / np.sum(ws)), rel=1e-12)
     with pytest.warns(RuntimeWarning, match="holds no training image"):
         assert cp.ct_from_distances(lt, np.arange(90) % 3, lg, np.arange(75) % 3, np.array([40, 0, 40])) is None
 
@@ -266,3 +280,32 @@ def test_errors(planted, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="pixels-16 is not a copy detector: the default copy threshold 0.75 is SSCD"):
         fd_eval.find_copies(gen, train, extractors=[PixelExtractor()], top_k=1, num_workers=0, progress=False,
                             compute_authpct=False)
+
+
+def test_find_copies_metrics_equal_direct_computation(one_thread):
+    """AuthPct and C_T of the streaming pass equal dgm-eval's formulas on all features held at once (arrays as
+    sources: no files)."""
+    train = photo_crops(60, 32, 32, seed=4)
+    test = photo_crops(60, 32, 32, seed=5)
+    gen = np.concatenate([np.stack([jpeg75(a) for a in train[:35]]), photo_crops(35, 32, 32, seed=6)])
+    ex = PixelExtractor()
+    r = fd_eval.find_copies(gen, train, extractors=[ex], test=test, top_k=2, threshold=0.9, num_workers=0,
+                            batch_size=7, progress=False)
+    res = r.results["pixels-16"]
+    nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    fg, ft, fp = ex(nchw(gen)), ex(nchw(train)), ex(nchw(test))
+    # AuthPct, dgm-eval's definition on the unit vectors
+    g, t = torch.nn.functional.normalize(fg.double(), dim=1), torch.nn.functional.normalize(ft.double(), dim=1)
+    real = torch.cdist(t, t)
+    real.fill_diagonal_(float("inf"))
+    gmin = torch.cdist(t, g).min(dim=0)
+    want = float(100 * (real.min(dim=0).values[gmin.indices] < gmin.values).double().mean())
+    assert res["authpct"] == pytest.approx(want, abs=1e-9)
+    # C_T: cells fitted on the held-out features, in-cell nearest-training distances by brute force
+    model = cp.fit_cells(fp)
+    z, tz = model.project(torch.cat([fp, fg])), model.project(ft)
+    zc, tc = model.cells(z), model.cells(tz)
+    d = torch.cdist(z, tz).masked_fill(zc[:, None] != tc[None], float("inf")).min(1).values.numpy()
+    want = cp.ct_from_distances(d[:60], zc[:60].numpy(), d[60:], zc[60:].numpy(),
+                                torch.bincount(tc, minlength=3).numpy())
+    assert want is not None and res["ct"] == pytest.approx(want, rel=1e-9)
