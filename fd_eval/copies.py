@@ -143,13 +143,20 @@ class TopKConsumer:
         self.state = TopKState(torch.full((q, self.k), EMPTY, dtype=torch.int64, device=queries.device),
                                torch.zeros(q, d, device=queries.device) if keep_top1_features else None)
         self.exclude = None if exclude is None else exclude.to(queries.device, torch.int64)
+        self._bad_keys = torch.zeros((), dtype=torch.bool, device=queries.device)
+
+    def check_keys(self) -> None:
+        """Raise if any training key fed was outside 0..MAX_KEY (checked once, after the pass)."""
+        if bool(self._bad_keys):
+            raise FDEvalError(f"training keys must lie in 0..{MAX_KEY} (positions in the training source); the "
+                              "extraction loop passed others")
 
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
         if features.shape[0] == 0:
             return
         keys = index.to(self.queries.device, torch.int64)
-        if int(keys.min()) < 0 or int(keys.max()) > MAX_KEY:
-            raise FDEvalError(f"training keys must lie in 0..{MAX_KEY}, got {int(keys.min())}..{int(keys.max())}")
+        # checked in check_keys() after the pass: reading a device value here would stall the loop on a GPU
+        self._bad_keys |= ((keys < 0) | (keys > MAX_KEY)).any()
         f = F.normalize(features.to(self.queries.device).double(), dim=1)
         st = self.state
         rows = max(1, _WORK_ELEMENTS // (f.shape[0] + self.k))
@@ -160,9 +167,10 @@ class TopKConsumer:
                 sims.masked_fill_(self.exclude[r0:r1, None] == keys[None], float("-inf"))
             cand = torch.cat([st.packed[r0:r1], pack(sims, keys)], 1)
             vals, pos = cand.topk(self.k, dim=1)
-            if st.top1_features is not None:
-                new = (pos[:, 0] >= self.k).nonzero().squeeze(1)  # rows whose top-1 is in this batch
-                st.top1_features[r0 + new] = f[pos[new, 0] - self.k].float()
+            if st.top1_features is not None:  # rows whose top-1 is in this batch take its feature (no host sync)
+                in_batch = pos[:, :1] >= self.k
+                st.top1_features[r0:r1] = torch.where(in_batch, f[(pos[:, 0] - self.k).clamp(min=0)].float(),
+                                                      st.top1_features[r0:r1])
             st.packed[r0:r1] = vals
         st.n_seen += int(features.shape[0])
 
@@ -247,7 +255,7 @@ class CellNNConsumer:
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
         t = self.model.project(features)
         tc = self.model.cells(t)
-        self.train_counts += torch.bincount(tc, minlength=self.train_counts.numel())
+        self.train_counts += F.one_hot(tc, self.train_counts.numel()).sum(0)  # bincount would sync on a GPU
         rows = max(1, _WORK_ELEMENTS // max(1, t.shape[0]))
         for r0 in range(0, self.z.shape[0], rows):
             d = torch.cdist(self.z[r0:r0 + rows], t)
@@ -499,6 +507,8 @@ def find_copies(
     if n_train == 0:
         raise EmptySourceError(f"{train_src.spec}: every training image was skipped as unreadable "
                                f"({len(train_skipped)})")
+    for c in consumers:
+        c.topk.check_keys()
     auth_sims: list[torch.Tensor | None] = [None] * len(exs)
     if compute_authpct and n_train > 1:
         second = []

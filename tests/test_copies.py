@@ -85,6 +85,10 @@ def test_topk_equals_brute_force_with_ties(bs):
     want = torch.nn.functional.normalize(t[[row[int(x)] for x in k[:, 0]]].double(), dim=1).float()
     assert torch.equal(c.state.top1_features, want)
     assert c.state.n_seen == len(t)
+    c.check_keys()
+    c.update(t[:2], torch.tensor([1, -1]))
+    with pytest.raises(fd_eval.FDEvalError, match="training keys must lie in 0..4294967294"):
+        c.check_keys()
 
 
 def test_fewer_training_images_than_k_and_exclusion():
