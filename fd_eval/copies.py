@@ -29,7 +29,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -185,6 +185,58 @@ class FeatureCollector:
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
         self.features[index] = features.float()
         self.seen[index] = True
+
+
+# --- saved training features ---------------------------------------------------------------------------------
+class FeatureShardWriter:
+    """Consumer that saves the training features for reuse: safetensors shards ``features-{k:06d}.safetensors``
+    in ``folder`` holding ``features`` float32 (n, D) and ``index`` int64 (n,), ``rows`` rows each (the last
+    shorter), written atomically, with the extractor's metadata as JSON in each header. Copies each batch to the
+    host (a device sync: an opt-in cost). Call :meth:`close` after the pass."""
+
+    def __init__(self, folder: str | os.PathLike, meta: dict[str, Any] | None = None, rows: int = 65536):
+        self.folder, self.rows, self.meta = Path(folder), int(rows), json.dumps(meta or {}, sort_keys=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._buf: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._n, self.shards = 0, 0
+
+    def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
+        self._buf.append((features.float().cpu(), index.to(torch.int64).cpu()))
+        self._n += features.shape[0]
+        if self._n >= self.rows:
+            self._flush(whole_only=True)
+
+    def _flush(self, whole_only: bool = False) -> None:
+        from safetensors.torch import save_file
+
+        if not self._buf:
+            return
+        f, i = torch.cat([b[0] for b in self._buf]), torch.cat([b[1] for b in self._buf])
+        end = (f.shape[0] // self.rows) * self.rows if whole_only else f.shape[0]
+        for a in range(0, end, self.rows):
+            with atomic_path(self.folder / f"features-{self.shards:06d}.safetensors") as tmp:
+                save_file({"features": f[a:min(a + self.rows, end)].contiguous(),
+                           "index": i[a:min(a + self.rows, end)].contiguous()},
+                          str(tmp), metadata={"fd_eval_extractor": self.meta})
+            self.shards += 1
+        self._buf = [(f[end:], i[end:])] if end < f.shape[0] else []
+        self._n = f.shape[0] - end
+
+    def close(self) -> None:
+        self._flush()
+
+
+def read_feature_shards(folder: str | os.PathLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (features float32 (n, D), index int64 (n,)) from the shards :class:`FeatureShardWriter` wrote, in
+    order; feed them to any consumer's ``update`` (no images decoded, no network run)."""
+    from safetensors.torch import load_file
+
+    paths = sorted(Path(folder).glob("features-*.safetensors"))
+    if not paths:
+        raise EmptySourceError(f"{folder}: no saved feature shards (features-*.safetensors)")
+    for p in paths:
+        d = load_file(str(p))
+        yield d["features"], d["index"]
 
 
 # --- C_T (Meehan et al. 2020, as dgm-eval computes it) -------------------------------------------------------
@@ -343,14 +395,17 @@ class CopiesConsumer:
     held-out real set, C_T's in-cell nearest-training distances. What the extraction loop will be given."""
 
     def __init__(self, gen_features: torch.Tensor, k: int, *, keep_top1_features: bool = True,
-                 cells: CellNNConsumer | None = None):
+                 cells: CellNNConsumer | None = None, writer: "FeatureShardWriter | None" = None):
         self.topk = TopKConsumer(gen_features, k, keep_top1_features=keep_top1_features)
         self.cells = cells
+        self.writer = writer
 
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
         self.topk.update(features, index)
         if self.cells is not None:
             self.cells.update(features, index)
+        if self.writer is not None:
+            self.writer.update(features, index)
 
 
 def memory_needed(n_gen: int, k: int, dim: int, n_test: int = 0) -> int:
@@ -420,6 +475,7 @@ def find_copies(
     threshold: float | None = None,
     test: "str | os.PathLike | np.ndarray | ImageSource | None" = None,
     compute_authpct: bool = True,
+    save_features: str | os.PathLike | None = None,
     weights: dict[str, str] | None = None,
     extractors: Sequence[Extractor] | None = None,
     device: str | torch.device | None = None,
@@ -443,6 +499,8 @@ def find_copies(
             models: a warning says the default is SSCD's).
         test: held-out real images (e.g. the reference test set) for C_T; None: ``ct`` is null.
         compute_authpct: AuthPct needs a second pass over the training set (features only, no images kept).
+        save_features: folder where the training features are saved as shards (``<folder>/<model>/``,
+            :class:`FeatureShardWriter`); AuthPct's second pass then reads them instead of re-extracting.
         weights: local weights file per model name. ``extractors``: ready extractors instead of ``models``.
         json_path / sheet: write the JSON document / a contact sheet PNG of the top suspected copies.
 
@@ -502,8 +560,14 @@ def find_copies(
         if test_feats is not None:
             model = fit_cells(test_feats[j])
             cells = CellNNConsumer(model, torch.cat([test_feats[j], gen_feats[j]]))
-        consumers.append(CopiesConsumer(gen_feats[j], top_k, keep_top1_features=compute_authpct, cells=cells))
+        writer = None if save_features is None else FeatureShardWriter(Path(save_features) / ex.name,
+                                                                        {**ex.metadata(), "source": train_src.spec})
+        consumers.append(CopiesConsumer(gen_feats[j], top_k, keep_top1_features=compute_authpct, cells=cells,
+                                        writer=writer))
     n_train, train_skipped = run_pass(train_src, exs, consumers, desc="training", **kw)
+    for c in consumers:
+        if c.writer is not None:
+            c.writer.close()
     if n_train == 0:
         raise EmptySourceError(f"{train_src.spec}: every training image was skipped as unreadable "
                                f"({len(train_skipped)})")
@@ -515,7 +579,12 @@ def find_copies(
         for c in consumers:
             _, keys, _ = unpack(c.topk.state.packed[:, :1])
             second.append(TopKConsumer(c.topk.state.top1_features, 1, exclude=keys[:, 0]))
-        run_pass(train_src, exs, second, desc="training (AuthPct)", **kw)
+        if save_features is not None:  # the saved features: no second decode and network pass
+            for ex, s2 in zip(exs, second):
+                for f, i in read_feature_shards(Path(save_features) / ex.name):
+                    s2.update(f.to(dev), i.to(dev))
+        else:
+            run_pass(train_src, exs, second, desc="training (AuthPct)", **kw)
         auth_sims = [unpack(s.state.packed)[0][:, 0] for s in second]
     results, arrays = {}, {}
     for j, (ex, c) in enumerate(zip(exs, consumers)):

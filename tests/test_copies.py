@@ -254,7 +254,7 @@ def test_planted_copies_pixels(planted, tmp_path):
 
 def test_planted_copies_sscd_random_weights(planted, tmp_path, one_thread):
     """The real SSCD network (random weights, 64 px input to keep the test short): exact copies and JPEG
-    re-encodes are rank 1; the leak check (train = a held-out set) runs the same way."""
+    re-encodes are rank 1."""
     from fd_eval.extractors.sscd import SSCDNet
 
     gen, train, src = planted
@@ -313,3 +313,24 @@ def test_find_copies_metrics_equal_direct_computation(one_thread):
     want = cp.ct_from_distances(d[:60], zc[:60].numpy(), d[60:], zc[60:].numpy(),
                                 torch.bincount(tc, minlength=3).numpy())
     assert want is not None and res["ct"] == pytest.approx(want, rel=1e-9)
+
+
+def test_saved_feature_shards_and_authpct_from_them(planted, tmp_path):
+    g = torch.Generator().manual_seed(7)
+    f, i = torch.randn(11, 5, generator=g), torch.arange(100, 111)
+    w = cp.FeatureShardWriter(tmp_path / "w", {"extractor": "x"}, rows=4)
+    feed(w, f, i, 3)
+    w.close()
+    got = list(cp.read_feature_shards(tmp_path / "w"))
+    assert [len(x) for x, _ in got] == [4, 4, 3] and w.shards == 3
+    assert torch.equal(torch.cat([x for x, _ in got]), f) and torch.equal(torch.cat([y for _, y in got]), i)
+    gen, train, _ = planted
+    kw = dict(extractors=[PixelExtractor()], top_k=2, threshold=0.75, num_workers=0, progress=False)
+    a = fd_eval.find_copies(gen, train, **kw)
+    b = fd_eval.find_copies(gen, train, save_features=tmp_path / "feats", **kw)
+    assert a.results["pixels-16"]["authpct"] == b.results["pixels-16"]["authpct"]
+    assert a.results["pixels-16"]["per_image"] == b.results["pixels-16"]["per_image"]
+    saved = list(cp.read_feature_shards(tmp_path / "feats" / "pixels-16"))
+    assert sum(len(x) for x, _ in saved) == 24
+    with pytest.raises(EmptySourceError, match="no saved feature shards"):
+        list(cp.read_feature_shards(tmp_path))
