@@ -510,6 +510,10 @@ def find_copies(
     """
     from .pipeline import auto_device
 
+    if int(top_k) != top_k or top_k < 1:
+        raise InputError(f"--top must be a positive integer, got {top_k!r}")
+    if threshold is not None and not -1 <= threshold <= 1:
+        raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {threshold!r}")
     dev = auto_device(device)
     gen_src = open_source(gen, skip_bad=skip_bad)
     try:
@@ -521,22 +525,28 @@ def find_copies(
         raise EmptySourceError(f"{train_src.spec}: the training source holds no images; --train must point at the "
                                "training images (or the reference test set for a leak check)")
     if extractors is None:
-        names = [models] if isinstance(models, str) else list(models)
+        from .extractors import extractor_entry
+
+        entries = [extractor_entry(m) for m in ([models] if isinstance(models, str) else list(models))]
+        names, dims = [e.name for e in entries], [e.feature_dim for e in entries]
+    else:
+        names, dims = [ex.name for ex in extractors], [ex.feature_dim for ex in extractors]
+    n_test = len(test_src) if test_src is not None else 0
+    need = sum(memory_needed(len(gen_src), top_k, d, n_test) for d in dims)
+    have = available_memory(dev)
+    if need > have:  # before any weights download or image decode
+        raise InputError(f"{gen_src.spec}: {len(gen_src)} generated images with top-K = {top_k} for "
+                         f"{', '.join(names)} need {_gib(need)} on {dev}, {_gib(have)} free; "
+                         "lower --top, use fewer models, or split GEN into parts")
+    thresholds = {}
+    for name in names:
+        if threshold is None and name not in COPY_DETECTORS:
+            warnings.warn(f"{name} is not a copy detector: the default copy threshold 0.75 is SSCD's operating "
+                          f"point; pass --threshold (threshold=) calibrated for {name}", UserWarning, stacklevel=2)
+        thresholds[name] = float(threshold if threshold is not None else COPY_DETECTORS.get(name, 0.75))
+    if extractors is None:
         extractors = [load_extractor(m, weights=(weights or {}).get(m), device=dev) for m in names]
     exs = list(extractors)
-    thresholds = {}
-    for ex in exs:
-        if threshold is None and ex.name not in COPY_DETECTORS:
-            warnings.warn(f"{ex.name} is not a copy detector: the default copy threshold 0.75 is SSCD's operating "
-                          f"point; pass --threshold (threshold=) calibrated for {ex.name}", UserWarning, stacklevel=2)
-        thresholds[ex.name] = float(threshold if threshold is not None else COPY_DETECTORS.get(ex.name, 0.75))
-    n_test = len(test_src) if test_src is not None else 0
-    need = sum(memory_needed(len(gen_src), top_k, ex.feature_dim, n_test) for ex in exs)
-    have = available_memory(dev)
-    if need > have:
-        raise InputError(f"{gen_src.spec}: {len(gen_src)} generated images with top-K = {top_k} for "
-                         f"{', '.join(ex.name for ex in exs)} need {_gib(need)} on {dev}, {_gib(have)} free; "
-                         "lower --top, use fewer models, or split GEN into parts")
     kw = dict(device=dev, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad, progress=progress)
 
     def collect(src: ImageSource, desc: str) -> tuple[list[torch.Tensor], np.ndarray, list[SkippedItem]]:

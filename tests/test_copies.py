@@ -334,3 +334,15 @@ def test_saved_feature_shards_and_authpct_from_them(planted, tmp_path):
     assert sum(len(x) for x, _ in saved) == 24
     with pytest.raises(EmptySourceError, match="no saved feature shards"):
         list(cp.read_feature_shards(tmp_path))
+
+
+def test_bad_arguments_fail_before_any_work(planted, monkeypatch):
+    gen, train, _ = planted
+    with pytest.raises(InputError, match="--top must be a positive integer, got 0"):
+        fd_eval.find_copies(gen, train, top_k=0)
+    with pytest.raises(InputError, match=r"--threshold is a cosine similarity in \[-1, 1\], got 75"):
+        fd_eval.find_copies(gen, train, threshold=75)
+    # the memory check comes before the (offline: failing) weights download, and names the model by registry
+    monkeypatch.setattr(cp, "available_memory", lambda dev: 0)
+    with pytest.raises(InputError, match="for sscd-disc-mixup, dinov2-vits14 need"):
+        fd_eval.find_copies(gen, train, models=["sscd-disc-mixup", "dinov2-vits14"])
