@@ -304,6 +304,11 @@ class CellNNConsumer:
         self.dist = torch.full((self.z.shape[0],), float("inf"), dtype=torch.float64, device=self.z.device)
         self.train_counts = torch.zeros(model.centroids.shape[0], dtype=torch.int64, device=self.z.device)
 
+    def merge(self, other: "CellNNConsumer") -> None:
+        """Fold in the same consumer's state from another part of the training set (exact: a minimum and a sum)."""
+        self.dist = torch.minimum(self.dist, other.dist.to(self.dist.device))
+        self.train_counts += other.train_counts.to(self.train_counts.device)
+
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
         t = self.model.project(features)
         tc = self.model.cells(t)

@@ -164,6 +164,11 @@ def test_cell_distances_equal_brute_force_and_ct_closed_form():
     d = torch.cdist(z, tz).masked_fill(zc[:, None] != tc[None], float("inf")).min(1).values
     assert torch.allclose(cons.dist, d, rtol=0, atol=1e-12)
     assert cons.train_counts.tolist() == torch.bincount(tc, minlength=3).tolist()
+    halves = [cp.CellNNConsumer(model, torch.cat([test, gen])) for _ in range(2)]
+    feed(halves[0], train[:50], torch.arange(50), 17)
+    feed(halves[1], train[50:], torch.arange(50, 120), 17)
+    halves[0].merge(halves[1])
+    assert torch.equal(halves[0].dist, cons.dist) and torch.equal(halves[0].train_counts, cons.train_counts)
     # closed form: every generated distance below every test distance in each cell -> U = 0 in each cell
     lt, lg = np.full(90, 2.0), np.full(75, 1.0)
     ct = cp.ct_from_distances(lt, np.arange(90) % 3, lg, np.arange(75) % 3, np.array([40, 40, 40]))
