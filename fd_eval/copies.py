@@ -254,7 +254,13 @@ class CellModel:
         return x if self.components is None else (x - self.mean) @ self.components
 
     def cells(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(z, self.centroids).argmin(1)
+        return pair_distances(z, self.centroids).argmin(1)
+
+
+def pair_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (n, m) computed pair by pair: cdist's matrix-product shortcut rounds differently with
+    the batch's shape, and a cell or nearest-neighbour choice must not depend on how images were batched."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def kmeans(x: np.ndarray, k: int = 3, n_init: int = 10, max_iter: int = 300, seed: int = 0) -> np.ndarray:
@@ -315,7 +321,7 @@ class CellNNConsumer:
         self.train_counts += F.one_hot(tc, self.train_counts.numel()).sum(0)  # bincount would sync on a GPU
         rows = max(1, _WORK_ELEMENTS // max(1, t.shape[0]))
         for r0 in range(0, self.z.shape[0], rows):
-            d = torch.cdist(self.z[r0:r0 + rows], t)
+            d = pair_distances(self.z[r0:r0 + rows], t)
             d.masked_fill_(self.cells[r0:r0 + rows, None] != tc[None], float("inf"))
             self.dist[r0:r0 + rows] = torch.minimum(self.dist[r0:r0 + rows], d.min(1).values)
 
