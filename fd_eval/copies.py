@@ -647,7 +647,7 @@ def contact_sheet(result: CopiesResult, gen: ImageSource, train: ImageSource, pa
 
     r = result.results[model]
     order = sorted(r["per_image"], key=lambda p: -(p["nearest"][0]["similarity"] if p["nearest"] else -9))[:rows]
-    pad, text_h = 6, 16
+    pad, text_h = 6, 28
     sheet = Image.new("RGB", (2 * thumb + 3 * pad, max(1, len(order)) * (thumb + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for i, p in enumerate(order):
@@ -660,7 +660,8 @@ def contact_sheet(result: CopiesResult, gen: ImageSource, train: ImageSource, pa
         if p["nearest"]:
             s = p["nearest"][0]["similarity"]
             flag = "COPY " if s > r["threshold"] else ""
-            draw.text((pad, y + thumb + 2), f"{flag}{model} cos={s:.4f}  {p['name']} ~ {p['nearest'][0]['key']}"[:60],
+            names = f"{os.path.basename(p['name'])} ~ {os.path.basename(p['nearest'][0]['key'])}"
+            draw.text((pad, y + thumb + 2), f"{flag}cos={s:.4f} ({model})\n{names}"[:120],
                       fill="red" if flag else "black")
     with atomic_path(path) as tmp:
         sheet.save(tmp, format="PNG")
