@@ -8,6 +8,7 @@ Entry points::
     fd_eval.frechet_distance(mu1, sigma1, mu2, sigma2) -> float
     fd_eval.Stats.load(path) / Stats.save(path)
     fd_eval.load_extractor("dinov2-vitl14")
+    fd_eval.find_copies("gen_dir", train="train_shards/{000..099}.tar")  # nearest training images (SSCD)
 """
 from ._version import __version__
 from .errors import (
@@ -34,6 +35,7 @@ from .analysis import AnalysisSpec, analyze
 from .api import EvalResult, compute_fd, compute_stats, load_extractors
 from .build import build_stats
 from .ceiling import CeilingResult, ceiling, split_half
+from .copies import CopiesResult, find_copies
 from .extractors import Extractor, list_extractors, load_extractor
 from .feature_metrics import mmd, mmd_subsets, prdc
 from .frechet import FDResult, frechet_distance, frechet_distance_breakdown
@@ -70,7 +72,7 @@ __all__ = [
     # numbers
     "FDResult", "frechet_distance", "frechet_distance_breakdown", "MomentAccumulator",
     "Stats", "check_compatible", "compare_stats", "load_all_stats", "load_stats", "save_stats",
-    "AnalysisSpec", "analyze", "CeilingResult", "ceiling", "split_half",
+    "AnalysisSpec", "analyze", "CeilingResult", "ceiling", "split_half", "CopiesResult", "find_copies",
     "mmd", "mmd_subsets", "prdc", "BootstrapResult", "FDInfinityResult", "bootstrap_fd", "default_ns", "fd_infinity",
     # references
     "Floor", "Reference", "add_reference", "fetch_reference", "floor_for", "get_reference", "list_references",

@@ -256,4 +256,4 @@ def load_extractor(name: str = DEFAULT_EXTRACTOR, weights: str | None = None,
 
 def _ensure_loaded() -> None:
     # Importing the family modules registers their names; done lazily to keep `import fd_eval` light.
-    from . import dinov2, inception  # noqa: F401
+    from . import dinov2, inception, sscd  # noqa: F401

@@ -64,6 +64,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     fmt = sniff_format(path)
+    if fmt != "safetensors" and is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
+        raise WeightsError(f"{path}: is a TorchScript archive (loading it runs its code); pass the plain state-dict "
+                           "weights file instead (e.g. SSCD's .torchvision.pt)")
     try:
         if fmt == "safetensors":
             from safetensors.torch import load_file
@@ -82,6 +85,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: does not hold a flat dict of tensors; not a weights file")
     return sd
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """True for a TorchScript zip (it holds ``constants.pkl``; torch.load dispatches those to torch.jit.load)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in z.namelist())
 
 
 def check_keys(path: str | os.PathLike, expected: Iterable[str], got: Iterable[str]) -> None:
