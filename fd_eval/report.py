@@ -181,6 +181,7 @@ def _svg(draw, salt: str, size: tuple[float, float] = (7.0, 3.2)) -> str:
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": f"fd-eval {__version__}"})
     text = buf.getvalue()
     text = text[text.index("<svg"):]
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)  # RDF namespaces; nothing to show
     return re.sub(r'<svg ([^>]*?)width="[^"]*" height="[^"]*"', r'<svg class="chart" \1', text, count=1)
 
 
@@ -296,7 +297,7 @@ def _resolve_spec(spec: Any, base: Path | None) -> str | None:
 
 
 def _thumb_uri(img: Any) -> str:
-    """A PIL image fitted into THUMB_PX x THUMB_PX (bicubic), as a JPEG data: URI."""
+    """A PIL image fitted into THUMB_PX x THUMB_PX (Pillow bicubic, never enlarged), as a JPEG data: URI."""
     from PIL import Image
 
     img = img.convert("RGB")
@@ -304,7 +305,7 @@ def _thumb_uri(img: Any) -> str:
     if scale < 1:
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85, optimize=False)
+    img.save(buf, format="JPEG", quality=90, subsampling=0)  # 4:4:4: thin colour detail survives
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
