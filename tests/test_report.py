@@ -125,15 +125,11 @@ def test_thumbnails_are_the_seeded_images_resized_by_pillow(world):
     names = sorted(p.name for p in world["gen"].iterdir())
     want = [names[i] for i in sorted(np.random.default_rng(7).choice(N, 5, replace=False).tolist())]
     assert [c for c, _ in thumbs] == want
-    pixels = {n: np.asarray(Image.open(world["gen"] / n).convert("RGB")).astype(int) for n in names}
     for name, uri in thumbs:
         data = base64.b64decode(uri.split(",", 1)[1])
         want_jpeg = io.BytesIO()
         Image.open(world["gen"] / name).convert("RGB").save(want_jpeg, format="JPEG", quality=90, subsampling=0)
         assert data == want_jpeg.getvalue()  # 64 px images are not enlarged, just encoded
-        got = np.asarray(Image.open(io.BytesIO(data))).astype(int)
-        errs = {n: np.abs(got - p).mean() for n, p in pixels.items()}
-        assert min(errs, key=errs.get) == name  # and it is that image, not another one
     big, _ = sample_thumbnails(str(world["gen"]), n=2, seed=7)
     assert big[0][0] == want[0]
     assert sample_thumbnails(str(world["gen"]), n=5, seed=8)[0] != thumbs
