@@ -130,8 +130,7 @@ def test_thumbnails_are_the_seeded_images_resized_by_pillow(world):
         want_jpeg = io.BytesIO()
         Image.open(world["gen"] / name).convert("RGB").save(want_jpeg, format="JPEG", quality=90, subsampling=0)
         assert data == want_jpeg.getvalue()  # 64 px images are not enlarged, just encoded
-    big, _ = sample_thumbnails(str(world["gen"]), n=2, seed=7)
-    assert big[0][0] == want[0]
+    assert [c for c, _ in sample_thumbnails(str(world["gen"]), n=100)[0]] == names  # fewer images than asked
     assert sample_thumbnails(str(world["gen"]), n=5, seed=8)[0] != thumbs
     page = build_report([world["doc"]], thumbnails=4)
     assert page.count('<img alt=') == 4
