@@ -218,8 +218,9 @@ def _fd_chart(rows: list[dict[str, Any]], salt: str) -> str:
         ax.set_xlim(left=0)
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right", frameon=False)
-    return _svg(draw, salt, (7.0, 1.4 + 0.55 * len(rows)))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False)
+    return _svg(draw, salt, (7.5, 1.5 + 0.5 * len(rows)))
 
 
 def _fd_infinity_chart(model: str, r: dict[str, Any], salt: str) -> str | None:
@@ -359,9 +360,9 @@ h1{font-size:1.5rem;margin:.2rem 0}h2{font-size:1.2rem;margin:2rem 0 .4rem;borde
 padding-bottom:.2rem}h3{font-size:1rem;margin:1.2rem 0 .3rem}
 .sub,.note{color:var(--mute);font-size:.9em}
 table{border-collapse:collapse;margin:.4rem 0;font-variant-numeric:tabular-nums;width:auto;max-width:100%}
-th,td{padding:.25rem .6rem;white-space:nowrap;border-bottom:1px solid var(--line);text-align:right;vertical-align:top}
+th,td{padding:.25rem .6rem;border-bottom:1px solid var(--line);text-align:right;vertical-align:top}
 th:first-child,td:first-child{text-align:left}th{background:#f3f5f7;font-weight:600}
-td.l,th.l{text-align:left}
+td{white-space:nowrap}td.l,th.l{text-align:left}
 .table-wrap{overflow-x:auto}
 svg.chart{width:100%;height:auto;max-width:760px;display:block;margin:.4rem 0}
 ul.warn{background:#fff8e6;border:1px solid #f0d48a;padding:.5rem 1.6rem;border-radius:4px;font-size:.9em}
@@ -417,13 +418,16 @@ def _fd_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"model": m, **r} for m, r in results.items()]
 
 
-def _result_section(inp: ReportInput, i: int, thumbs: int, seed: int, samples: bool) -> str:
+def _result_section(inp: ReportInput, i: int, thumbs: int, seed: int, compact: bool) -> str:
+    """One result: its table, charts, analyses, samples and provenance. ``compact`` (one of several results):
+    folded into a <details> without the FD bar chart, which the comparison above already draws."""
     doc, results = inp.doc, inp.doc["results"]
     prov = doc.get("provenance") or {}
     gen = prov.get("generated") if isinstance(prov.get("generated"), dict) else {}
     rows = _fd_rows(results)
-    out = [f'<section class="result" id="result-{i}"><h2>{_esc(inp.label)}'
-           + (f' <span class="note">step {inp.step:,}</span>' if inp.step is not None else "") + "</h2>"]
+    head = _esc(inp.label) + (f' <span class="note">step {inp.step:,}</span>' if inp.step is not None else "")
+    out = [f'<section class="result" id="result-{i}">'
+           + (f"<details><summary>{head}: FD {_fd_summary(rows)}</summary>" if compact else f"<h2>{head}</h2>")]
     ref = prov.get("reference") or {}
     if isinstance(ref, dict):
         ref_name = ref.get("name") or ref.get("spec") or ref.get("path") or ref.get("origin") or ref.get("kind")
@@ -447,7 +451,8 @@ def _result_section(inp: ReportInput, i: int, thumbs: int, seed: int, samples: b
         notes.append(f"GPIC baseline (dashed): {GPIC_BASELINE}, the paper's JiT-style 1.1B pixel flow model "
                      "(50-step Euler, CFG 6.25), FD-DINOv2 ViT-L/14 against Test-1M.")
     out += [f'<p class="note">{n}</p>' for n in notes]
-    out.append(_fd_chart(rows, f"{i}-fd"))
+    if not compact:
+        out.append(_fd_chart(rows, f"{i}-fd"))
     for j, r in enumerate(rows):
         svg = _fd_infinity_chart(r["model"], r, f"{i}-fdinf-{j}")
         if svg:
@@ -456,11 +461,15 @@ def _result_section(inp: ReportInput, i: int, thumbs: int, seed: int, samples: b
                        f'{_num(fi.get("fd_infinity"))}, R² = {_num(fi.get("r2"), 3)}, {_int(fi.get("n_reps"))} '
                        f'repetitions per N, seed {_esc(fi.get("seed"))}; {_esc(fi.get("sampling", ""))}</p>')
     out.append(_prdc_mmd(rows))
-    if samples:
+    if not compact:
         out.append(_samples_html(gen.get("spec"), inp.base, thumbs, seed))
     out.append(_provenance(doc))
-    out.append("</section>")
+    out.append(("</details>" if compact else "") + "</section>")
     return "".join(out)
+
+
+def _fd_summary(rows: list[dict[str, Any]]) -> str:
+    return ", ".join(f'{_esc(r["model"])} <b class="fd">{_num(r.get("fd"))}</b>' for r in rows)
 
 
 def _prdc_mmd(rows: list[dict[str, Any]]) -> str:
@@ -484,6 +493,7 @@ def _prdc_mmd(rows: list[dict[str, Any]]) -> str:
 
 
 def _samples_html(spec: Any, base: Path | None, n: int, seed: int) -> str:
+    """The seeded thumbnail grid, or a line saying why there is none."""
     if n <= 0:
         return ""
     thumbs, why = sample_thumbnails(spec, base, n, seed)
@@ -632,8 +642,16 @@ def build_report(results: Sequence["str | os.PathLike | dict[str, Any]"], *, lab
     body = []
     if len(fds) > 1:
         body.append(_comparison(fds))
+    if len(fds) > 1:
+        body.append("<h2>Results</h2>")
     for i, x in enumerate(fds):
-        body.append(_result_section(x, i, thumbnails, seed, samples=(i == len(fds) - 1)))
+        body.append(_result_section(x, i, thumbnails, seed, compact=len(fds) > 1))
+    if len(fds) > 1:  # the samples of the last result (the latest step): one grid, not one per checkpoint
+        last = fds[-1]
+        gen = (last.doc.get("provenance") or {}).get("generated") or {}
+        body.append(f'<section id="samples"><h2>Samples of {_esc(last.label)}</h2>'
+                    + _samples_html(gen.get("spec") if isinstance(gen, dict) else None, last.base, thumbnails, seed)
+                    + "</section>")
     for i, x in enumerate(copies):
         body.append(_copies_section(x, i, max_copies))
     if title is None:
