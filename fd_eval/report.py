@@ -168,15 +168,18 @@ _RC = {"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False, "axes.s
        "font.family": "sans-serif", "axes.titlesize": 10}
 
 
-def _svg(draw, salt: str, size: tuple[float, float] = (7.0, 3.2)) -> str:
+def _svg(draw, salt: str, size: tuple[float, float] = (7.0, 3.2), tight: bool = True) -> str:
     """``draw(fig)`` on a new figure, returned as inline SVG (no XML prolog; deterministic ids and no date)."""
     mpl = _matplotlib()
     from matplotlib.figure import Figure
 
     with mpl.rc_context({**_RC, "svg.hashsalt": f"fd-eval-{salt}"}):
         fig = Figure(figsize=size)
+        if not tight:  # the figure places its own legend; only the axes' left and bottom margins adapt
+            fig.set_layout_engine("constrained", rect=(0, 0, 0.68, 1))
         draw(fig)
-        fig.tight_layout()
+        if tight:
+            fig.tight_layout()
         buf = io.StringIO()
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": f"fd-eval {__version__}"})
     text = buf.getvalue()
@@ -186,41 +189,42 @@ def _svg(draw, salt: str, size: tuple[float, float] = (7.0, 3.2)) -> str:
 
 
 def _fd_chart(rows: list[dict[str, Any]], salt: str) -> str:
-    """Horizontal bars per model: mean + covariance terms, bootstrap interval, floor, independent estimate,
-    and the GPIC baseline where it applies (FD-DINOv2 ViT-L/14)."""
+    """One bar per model, each on its own axis (extractors' FDs are not comparable): mean + covariance terms,
+    bootstrap interval, published floor, independent-sample estimate, and the GPIC baseline where it applies
+    (FD-DINOv2 ViT-L/14)."""
     def draw(fig):
-        ax = fig.add_subplot()
-        y = np.arange(len(rows))[::-1]
-        for yi, r in zip(y, rows):
+        axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+        uniq: dict[str, Any] = {}
+        for ax, r in zip(axes, rows):
             fd, mean, cov = _float(r.get("fd")), _float(r.get("fd_mean")), _float(r.get("fd_cov"))
             if mean is not None and cov is not None:
-                ax.barh(yi, mean, color="#4477aa", height=0.5, label="mean term")
-                ax.barh(yi, cov, left=mean, color="#88ccee", height=0.5, label="covariance term")
+                ax.barh(0, mean, color="#4477aa", height=0.6, label="mean term")
+                ax.barh(0, cov, left=mean, color="#88ccee", height=0.6, label="covariance term")
             elif fd is not None:
-                ax.barh(yi, fd, color="#4477aa", height=0.5, label="FD")
+                ax.barh(0, fd, color="#4477aa", height=0.6, label="FD")
             boot = (r.get("analysis") or {}).get("bootstrap") or {}
             lo, hi = _float(boot.get("low")), _float(boot.get("high"))
             if fd is not None and lo is not None and hi is not None:
-                ax.errorbar(fd, yi, xerr=[[max(fd - lo, 0)], [max(hi - fd, 0)]], fmt="o", color="black", ms=3,
+                ax.errorbar(fd, 0, xerr=[[max(fd - lo, 0)], [max(hi - fd, 0)]], fmt="o", color="black", ms=3,
                             capsize=4, label=f"FD, {_num(boot.get('ci', 0.95) * 100, 0)}% bootstrap interval")
             floor, ind = _float(r.get("floor")), _float(r.get("floor_independent_estimate"))
             if floor is not None:
                 rel = r.get("floor_relation")
-                ax.plot([floor], [yi], marker="|", ms=22, mew=2.5, color="#228833", ls="none",
-                        label="published floor" + (f" ({rel})" if rel else ""))
+                ax.vlines(floor, -0.45, 0.45, color="#228833", lw=2.5,
+                          label="published floor" + (f" ({rel})" if rel else ""))
             if ind is not None:
-                ax.plot([ind], [yi], marker="|", ms=22, mew=2.5, color="#ccbb44", ls="none",
-                        label="independent-sample floor (est.)")
-        if any(r["model"] == GPIC_BASELINE_MODEL for r in rows):
-            ax.axvline(GPIC_BASELINE, color="#ee6677", ls="--", lw=1.2, label=f"GPIC baseline {GPIC_BASELINE}")
-        ax.set_yticks(y, [r["model"] for r in rows])
-        ax.set_xlabel("FD (lower is better)")
-        ax.set_xlim(left=0)
-        handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                  frameon=False)
-    return _svg(draw, salt, (7.5, 1.5 + 0.5 * len(rows)))
+                ax.vlines(ind, -0.45, 0.45, color="#ccbb44", lw=2.5, label="independent-sample floor (est.)")
+            if r["model"] == GPIC_BASELINE_MODEL:
+                ax.axvline(GPIC_BASELINE, color="#ee6677", ls="--", lw=1.2, label=f"GPIC baseline {GPIC_BASELINE}")
+            ax.set_yticks([0], [r["model"]])
+            ax.set_ylim(-0.6, 0.6)
+            ax.set_xlim(left=0)
+            ax.set_xlabel(f"FD-{r['model']} (lower is better)", fontsize=8)
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                uniq.setdefault(lab, h)
+        fig.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(0.7, 0.98),
+                   frameon=False)
+    return _svg(draw, salt, (7.5, 0.4 + 1.1 * len(rows)), tight=False)
 
 
 def _fd_infinity_chart(model: str, r: dict[str, Any], salt: str) -> str | None:

@@ -101,9 +101,12 @@ def test_single_result_page_holds_every_number(world):
 
 def test_baseline_line_for_fd_dinov2_vitl14(world):
     doc = copy.deepcopy(world["doc"])
-    doc["results"] = {"dinov2-vitl14": doc["results"]["dinov2-vits14"]}
+    r = doc["results"]["dinov2-vits14"]
+    doc["results"] = {"dinov2-vitl14": r, "inception-v3-pt": {**r, "fd": 0.5}}
     page = build_report([doc], thumbnails=0)
     assert "GPIC baseline 76.25" in page  # the legend entry of the dashed line, as SVG text
+    # two extractors in one result: two axes, never one (their FDs are on different scales)
+    assert "FD-dinov2-vitl14 (lower is better)" in page and "FD-inception-v3-pt (lower is better)" in page
 
 
 def test_self_contained_and_deterministic(world, tmp_path):
