@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -40,7 +40,7 @@ GPIC_BASELINE = 76.25  # GPIC's baseline: JiT-style 1.1B pixel flow model, 50-st
 GPIC_BASELINE_MODEL = "dinov2-vitl14"  # the baseline is an FD-DINOv2 ViT-L/14 number; other extractors differ
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 THUMB_PX = 128
-_STEP_RE = re.compile(r"(?:step|ckpt|checkpoint|iter|it|kimg)[-_]?0*(\d+)", re.IGNORECASE)
+_STEP_RE = re.compile(r"(?:^|[^a-z])(?:step|ckpt|checkpoint|iter|kimg)[-_]?0*(\d+)", re.IGNORECASE)
 
 
 class ReportDependencyError(FDEvalError):
@@ -71,8 +71,8 @@ class ReportInput:
 def read_input(item: "str | os.PathLike | dict[str, Any]", index: int = 0, label: str | None = None) -> ReportInput:
     """A result document from a path or a dict. Raises :class:`InputError` (one line, naming the file)."""
     path = None
-    if isinstance(item, dict):
-        doc = item
+    if isinstance(item, dict):  # as `compute` holds it: numpy scalars and arrays become what its JSON would hold
+        doc = json.loads(json.dumps(item, default=_plain))
     else:
         path = os.fspath(item)
         try:
@@ -106,6 +106,14 @@ def read_input(item: "str | os.PathLike | dict[str, Any]", index: int = 0, label
         label = Path(path).stem if path else str(gen.get("spec") or f"result {index + 1}")
     return ReportInput(doc, "copies" if copies else "fd", label, step,
                        Path(path).resolve().parent if path else None, path)
+
+
+def _plain(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
 
 
 # --- number formatting ----------------------------------------------------------------------------------------
@@ -154,7 +162,9 @@ def _identity_label(ident: tuple[str, str, str, str]) -> str:
 
 
 # --- matplotlib -----------------------------------------------------------------------------------------------
-def _matplotlib() -> Any:
+def require_matplotlib() -> Any:
+    """The matplotlib module, or :class:`ReportDependencyError` (one line: how to install it). `fd-eval compute
+    --report` calls it before extracting anything, so a missing extra costs no computation."""
     try:
         import matplotlib
         from matplotlib.figure import Figure  # noqa: F401  (backend-free: no pyplot, no display)
@@ -170,7 +180,7 @@ _RC = {"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False, "axes.s
 
 def _svg(draw, salt: str, size: tuple[float, float] = (7.0, 3.2), tight: bool = True) -> str:
     """``draw(fig)`` on a new figure, returned as inline SVG (no XML prolog; deterministic ids and no date)."""
-    mpl = _matplotlib()
+    mpl = require_matplotlib()
     from matplotlib.figure import Figure
 
     with mpl.rc_context({**_RC, "svg.hashsalt": f"fd-eval-{salt}"}):
@@ -633,7 +643,7 @@ def build_report(results: Sequence["str | os.PathLike | dict[str, Any]"], *, lab
         InputError: a file that is missing or not an fd-eval result (one line naming it).
         ReportDependencyError: matplotlib is not installed.
     """
-    _matplotlib()  # before reading anything: the missing extra is the first thing to fix
+    require_matplotlib()  # before reading anything: the missing extra is the first thing to fix
     if not results:
         raise InputError("no result given; pass at least one JSON written by `fd-eval compute --json`")
     if labels is not None and len(labels) != len(results):

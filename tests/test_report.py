@@ -198,6 +198,22 @@ def test_training_steps_ordered_and_identities_never_share_an_axis(world, tmp_pa
     assert 'id="result-4"' in page
 
 
+@pytest.mark.parametrize("name,step", [("step_001000", 1000), ("ckpt-5000", 5000), ("run3_checkpoint_20000", 20000),
+                                       ("kimg-0200", 200), ("model-10", None), ("fruit_10", None)])
+def test_step_from_file_name(tmp_path, name, step):
+    path = tmp_path / f"{name}.json"
+    path.write_text('{"results": {"m": {"fd": 1.5}}}')
+    assert read_input(path).step == step and read_input(path).label == name
+
+
+def test_numpy_values_in_a_dict(world):
+    doc = copy.deepcopy(world["doc"])
+    r = doc["results"]["dinov2-vits14"]
+    r["fd"], r["n"] = np.float32(12.5), np.int64(16)  # what compute_fd's result may hold before its JSON is written
+    page = build_report([doc], thumbnails=0)
+    assert '<b class="fd">12.5000</b>' in page and "<td>16</td>" in page
+
+
 def test_results_without_steps_ordered_by_name(world, tmp_path):
     files = []
     for name, fd in (("model-10", 3.0), ("model-2", 2.0), ("model-1", 1.0)):
