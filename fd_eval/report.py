@@ -361,7 +361,9 @@ def sample_thumbnails(spec: Any, base: Path | None = None, n: int = 16, seed: in
 
 
 def _short_name(desc: str) -> str:
-    return desc.replace("\\", "/").rsplit("/", 1)[-1]
+    """The file or member name of a source item: ``a/b/001.png`` and ``shard.tar:KEY.jpg`` -> ``001.png``,
+    ``KEY.jpg``."""
+    return desc.replace("\\", "/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
 
 
 # --- html pieces ----------------------------------------------------------------------------------------------
@@ -568,56 +570,84 @@ def _copies_section(inp: ReportInput, i: int, max_pairs: int) -> str:
     train_spec = (prov.get("train") or {}).get("spec") if isinstance(prov.get("train"), dict) else None
     gen_src, gen_why = _open(gen_spec, inp.base)
     train_src, train_why = _open(train_spec, inp.base)
-    train_index: dict[str, int] = {}
-    if train_src is not None:
-        for j in range(len(train_src)):
-            meta = train_src.meta(j) or {}
-            name = _short_name(train_src.describe(j))
-            for k in {name, name.rsplit(".", 1)[0], str(meta.get("key", ""))} - {""}:
-                train_index.setdefault(k, j)
     out = [f'<section class="copies" id="copies-{i}"><h2>Suspected copies: {_esc(inp.label)}</h2>']
     if gen_src is None or train_src is None:
         out.append(f'<p class="missing">Thumbnails not shown: {_esc(gen_why or train_why)}.</p>')
-    for model, r in doc["results"].items():
-        thr = _float(r.get("threshold"))
-        per = [p for p in r.get("per_image") or [] if isinstance(p, dict) and p.get("nearest")]
-        flagged = [p for p in per if p.get("copy") or p.get("is_copy")
-                   or (thr is not None and (_float(p["nearest"][0].get("similarity")) or -1) >= thr)]
-        flagged.sort(key=lambda p: (-(_float(p["nearest"][0].get("similarity")) or 0), str(p.get("index"))))
-        frac = _float(r.get("copy_fraction"))
-        out.append(f"<h3>{_esc(model)}</h3><p class=\"sub\">{_int(r.get('n_copies'))} suspected copies"
-                   + (f" ({frac * 100:.2f}% of the generated images)" if frac is not None else "")
-                   + (f" at similarity ≥ {thr:g}" if thr is not None else "")
-                   + (f" · showing the {min(max_pairs, len(flagged))} most similar" if flagged else "") + "</p>")
-        extra = [[_esc(k), _esc(json.dumps(r[k], default=str)) if isinstance(r[k], (dict, list)) else _num(r[k])]
-                 for k in ("authpct", "ct", "quantiles") if k in r]
-        if extra:
-            out.append(_table(["statistic", "value"], extra))
-        pairs = []
-        for p in flagged[:max_pairs]:
-            near = p["nearest"][0]
-            g = _img_fig(gen_src, p.get("index"), p.get("name"), f"generated {p.get('name') or p.get('index')}", {})
-            t = _img_fig(train_src, None, str(near.get("key")), f"train {near.get('key')}", train_index)
-            pairs.append(f'<div class="pair">{g}{t}<div class="note">similarity<br><b>'
-                         f'{_num(_float(near.get("similarity")))}</b></div></div>')
-        if pairs:
-            out.append('<div class="pairs">' + "".join(pairs) + "</div>")
+    try:
+        for model, r in doc["results"].items():
+            out += _copies_model(model, r, gen_src, train_src, max_pairs)
+    finally:
+        for src in (gen_src, train_src):
+            if src is not None:
+                src.close()
     out.append(_provenance(doc) + "</section>")
     return "".join(out)
 
 
-def _img_fig(src: Any, index: Any, name: str | None, caption: str, by_name: dict[str, int]) -> str:
+def _copies_model(model: str, r: dict[str, Any], gen_src: Any, train_src: Any, max_pairs: int) -> list[str]:
+    """One model's copies: the summary line, the recorded statistics, and up to ``max_pairs`` image pairs."""
+    out = []
+    thr = _float(r.get("threshold"))
+    per = [p for p in r.get("per_image") or [] if isinstance(p, dict) and p.get("nearest")]
+    flagged = [p for p in per if p.get("copy") or p.get("is_copy")
+               or (thr is not None and (_float(p["nearest"][0].get("similarity")) or -1) >= thr)]
+    flagged.sort(key=lambda p: (-(_float(p["nearest"][0].get("similarity")) or 0), str(p.get("index"))))
+    frac = _float(r.get("copy_fraction"))
+    out.append(f"<h3>{_esc(model)}</h3><p class=\"sub\">{_int(r.get('n_copies'))} suspected copies"
+               + (f" ({frac * 100:.2f}% of the generated images)" if frac is not None else "")
+               + (f" at similarity ≥ {thr:g}" if thr is not None else "")
+               + (f" · showing the {min(max_pairs, len(flagged))} most similar" if flagged else "") + "</p>")
+    extra = [[_esc(k), _esc(json.dumps(r[k], default=str)) if isinstance(r[k], (dict, list)) else _num(r[k])]
+             for k in ("authpct", "ct", "quantiles") if k in r]
+    if extra:
+        out.append(_table(["statistic", "value"], extra))
+    shown = flagged[:max_pairs]
+    gen_at = _locate(gen_src, [(p.get("name"), p.get("index")) for p in shown])
+    train_at = _locate(train_src, [(p["nearest"][0].get("key"), None) for p in shown])
+    pairs = []
+    for p, gj, tj in zip(shown, gen_at, train_at):
+        near = p["nearest"][0]
+        g = _img_fig(gen_src, gj, f"generated {p.get('name') or p.get('index')}")
+        t = _img_fig(train_src, tj, f"train {near.get('key')}")
+        pairs.append(f'<div class="pair">{g}{t}<div class="note">similarity<br><b>'
+                     f'{_num(_float(near.get("similarity")))}</b></div></div>')
+    if pairs:
+        out.append('<div class="pairs">' + "".join(pairs) + "</div>")
+    return out
+
+
+def _locate(src: Any, wanted: list[tuple[Any, Any]]) -> list[int | None]:
+    """Indices in ``src`` of (name or key, index hint) pairs: the hint when the item there has that name, else
+    the item whose file name (or name without extension, e.g. a GPIC tar key) matches, found in one scan that
+    stops when all are found. None: not in the source."""
+    if src is None:
+        return [None] * len(wanted)
+    n = len(src)
+    out: list[int | None] = []
+    need: dict[str, list[int]] = {}
+    for w, (name, hint) in enumerate(wanted):
+        key = _short_name(str(name)) if name is not None else None
+        ok_hint = isinstance(hint, int) and 0 <= hint < n
+        if ok_hint and (key is None or _short_name(src.describe(hint)) in (key, key.rsplit(".", 1)[0])):
+            out.append(hint)
+            continue
+        out.append(None)
+        if key is not None:
+            need.setdefault(key, []).append(w)
+    for j in range(n if need else 0):
+        name = _short_name(src.describe(j))
+        for k in {name, name.rsplit(".", 1)[0]} & need.keys():
+            for w in need.pop(k):
+                out[w] = j
+        if not need:
+            break
+    return out
+
+
+def _img_fig(src: Any, j: int | None, caption: str) -> str:
     cap = f"<figcaption>{_esc(caption[:60])}</figcaption>"
     if src is None:
         return f'<figure><div class="missing">not reachable</div>{cap}</figure>'
-    j = None
-    if name is not None:
-        key = _short_name(str(name))
-        j = by_name.get(key, by_name.get(key.rsplit(".", 1)[0]))
-        if j is None and not by_name:  # generated images: match the name against the source's own names
-            j = next((k for k in range(len(src)) if _short_name(src.describe(k)) == key), None)
-    if j is None and isinstance(index, int) and 0 <= index < len(src):
-        j = index
     if j is None:
         return f'<figure><div class="missing">not found in the source</div>{cap}</figure>'
     img, err = src.load_checked(j)

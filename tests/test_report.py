@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import tarfile
 from html.parser import HTMLParser
 
 import numpy as np
@@ -239,6 +240,21 @@ def test_copies_beside_their_matches(world, tmp_path):
     assert sec.index("0.9910") < sec.index("0.9700")  # most similar first; 0.5 and 0.2 are not copies
     assert "0.5000" not in sec
     assert sec.count("<img alt=") == 4 and "train 003" in sec
+    with tarfile.open(tmp_path / "train_00000.tar", "w") as tf:  # GPIC's layout: {key}.png + {key}.json
+        for j in range(N):
+            key = f"{j:064x}"
+            tf.add(world["ref"] / f"{j:03d}.png", f"{key}.png")
+            (tmp_path / "meta.json").write_text(json.dumps({"key": key}))
+            tf.add(tmp_path / "meta.json", f"{key}.json")
+    for p in per:
+        p["nearest"][0]["key"] = f"{int(p['nearest'][0]['key']):064x}"
+    doc["provenance"]["train"]["spec"] = str(tmp_path / "train_00000.tar")
+    sec = build_report([doc], thumbnails=0)
+    train_imgs = re.findall(r'<img alt="train 0+3" src="([^"]+)"', sec)
+    assert sec.count("<img alt=") == 4 and len(train_imgs) == 1  # 002's match: train image 003, by its key
+    want = io.BytesIO()
+    Image.open(world["ref"] / "003.png").convert("RGB").save(want, format="JPEG", quality=90, subsampling=0)
+    assert base64.b64decode(train_imgs[0].split(",", 1)[1]) == want.getvalue()
     doc["provenance"]["train"]["spec"] = str(tmp_path / "gone")
     sec = build_report([doc], thumbnails=0)
     assert sec.count("not reachable") == 2 + 1 and sec.count('class="pair"') == 2  # the note, each match
@@ -324,3 +340,16 @@ def test_page_opens_in_browser_without_errors_or_requests(world, tmp_path):
     assert _fmt(r["fd"]) in text and "7.44" in text and _fmt(r["analysis"]["fd_infinity"]["fd_infinity"]) in text
     assert dom.count("<svg") == 2 and dom.count("<img") == N
     assert not [v for _, k, v in _parse(dom).attrs if k in ("src", "href") and not v.startswith(("data:", "#"))]
+
+
+def test_several_results_open_in_browser_without_errors(world, tmp_path):
+    files = []
+    for step, fd in ((1000, 90.25), (2000, 30.5)):
+        p = tmp_path / f"step_{step:06d}.json"
+        p.write_text(json.dumps(_checkpoint_doc(world["doc"], fd)))
+        files.append(p)
+    out = write_report(files, tmp_path / "training.html")
+    dom, console = _open_in_browser(out, tmp_path)
+    assert console == []
+    text = " ".join(_parse(dom).text)
+    assert "90.2500" in text and "30.5000" in text and "FD over training steps" in text
