@@ -303,17 +303,20 @@ def test_cli_writes_the_page(world, tmp_path):
 
 
 # --- a real browser ---------------------------------------------------------------------------------------
-def _chromium():
+@pytest.fixture(scope="module")
+def chromium():
+    """The browser's executable; the test skips (with the reason) where there is none. Requested before
+    `world`, so a skip costs no computation."""
     exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     if exe is None:
         pytest.skip("no Chromium on PATH (.ci/run installs the Debian package `chromium` when it can)")
     return exe
 
 
-def _open_in_browser(page_path, tmp_path):
+def _open_in_browser(exe, page_path, tmp_path):
     """(DOM after load, console messages) of a headless Chromium opening the file; console messages (errors,
     CSP violations, i.e. blocked requests) come from Chromium's own log on stderr."""
-    cmd = [_chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-extensions",
+    cmd = [exe, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-extensions",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
            "--dump-dom", page_path.as_uri()]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
@@ -321,19 +324,19 @@ def _open_in_browser(page_path, tmp_path):
     return p.stdout, [ln for ln in p.stderr.splitlines() if ":CONSOLE" in ln]
 
 
-def test_browser_detects_errors_and_requests(tmp_path):
+def test_browser_detects_errors_and_requests(chromium, tmp_path):
     """The check below can fail: a page that requests the network and throws is caught."""
     bad = tmp_path / "bad.html"
     bad.write_text(f'<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" content="{CSP}">'
                    '</head><body><img src="http://example.invalid/a.png"></body></html>')
-    _, console = _open_in_browser(bad, tmp_path)
+    _, console = _open_in_browser(chromium, bad, tmp_path)
     assert any("example.invalid" in ln and "Content Security Policy" in ln for ln in console), console
 
 
-def test_page_opens_in_browser_without_errors_or_requests(world, tmp_path):
+def test_page_opens_in_browser_without_errors_or_requests(chromium, world, tmp_path):
     doc = _with_floor(world["doc"])
     out = write_report([doc], tmp_path / "report.html")
-    dom, console = _open_in_browser(out, tmp_path)
+    dom, console = _open_in_browser(chromium, out, tmp_path)
     assert console == []
     r = doc["results"]["dinov2-vits14"]
     text = " ".join(_parse(dom).text)
@@ -342,14 +345,14 @@ def test_page_opens_in_browser_without_errors_or_requests(world, tmp_path):
     assert not [v for _, k, v in _parse(dom).attrs if k in ("src", "href") and not v.startswith(("data:", "#"))]
 
 
-def test_several_results_open_in_browser_without_errors(world, tmp_path):
+def test_several_results_open_in_browser_without_errors(chromium, world, tmp_path):
     files = []
     for step, fd in ((1000, 90.25), (2000, 30.5)):
         p = tmp_path / f"step_{step:06d}.json"
         p.write_text(json.dumps(_checkpoint_doc(world["doc"], fd)))
         files.append(p)
     out = write_report(files, tmp_path / "training.html")
-    dom, console = _open_in_browser(out, tmp_path)
+    dom, console = _open_in_browser(chromium, out, tmp_path)
     assert console == []
     text = " ".join(_parse(dom).text)
     assert "90.2500" in text and "30.5000" in text and "FD over training steps" in text
