@@ -5,5 +5,6 @@ from . import ref_cmds  # noqa: F401  (registers `ref list|download|add|remove|i
 from . import compute_cmds  # noqa: F401  (registers `compute`, `stats`, `models`)
 from . import analysis_cmds  # noqa: F401  (registers `ceiling`; `compute`'s analysis options)
 from . import prompts_cmds  # noqa: F401  (registers `prompts`)
+from . import report_cmds  # noqa: F401  (registers `report`)
 
 __all__ = ["main"]
