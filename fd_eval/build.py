@@ -58,17 +58,15 @@ from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .io_utils import atomic_path, atomic_write
 from .moments import MomentAccumulator
 from .pipeline import (
-    BatchRunner,
     Extraction,
+    UnitDone,
     auto_device,
     check_decode,
     default_batch_size,
     default_num_workers,
     device_decode_spec,
     extraction_stats,
-    loader_chunk,
-    make_dataset,
-    make_loader,
+    run_units,
 )
 from .preprocess import DECODE_PIL_RGB, SourceTransform, source_transform
 from .provenance import device_name
@@ -78,9 +76,9 @@ from .sources import (
     SkippedItem,
     SubsetSource,
     TarSource,
-    _stat_part,
     open_source,
 )
+from .sources.base import stat_part
 from .stats import Stats, save_stats
 
 __all__ = ["UNIT_FORMAT", "DEFAULT_BLOCK", "Unit", "BuildPlan", "plan_units", "build_stats",
@@ -170,13 +168,12 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
     units: list[Unit] = []
     if isinstance(source, TarSource):
         kind = "tar-shards"
-        shard_of = np.searchsorted(source._starts, positions, side="right") - 1
+        shard_of = source.shard_of(positions)
         cuts = np.flatnonzero(np.diff(shard_of)) + 1  # positions ascend, so each shard's items are contiguous
         for group in np.split(positions, cuts):
-            s = int(np.searchsorted(source._starts, group[0], side="right") - 1)
-            path, start = source.shards[s], int(source._starts[s])
-            shard_part = (_stat_part(os.path.basename(path), path) + b"\0"
-                          + source._shard_info[s]["header_digest"].encode())
+            s = int(source.shard_of(group[:1])[0])
+            path, start = source.shards[s], int(source.shard_starts[s])
+            shard_part = stat_part(os.path.basename(path), path) + b"\0" + source.shard_header_digest(s).encode()
             blocks = _blocks(group, every)
             for b in blocks:
                 local = b - start
@@ -187,7 +184,7 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
         every = every or DEFAULT_BLOCK
         if isinstance(source, DirectorySource):
             def fingerprint(b: np.ndarray) -> str:
-                return _sha(b"dir", *(_stat_part(source.files[i], os.path.join(source.root, source.files[i]))
+                return _sha(b"dir", *(stat_part(source.files[i], os.path.join(source.root, source.files[i]))
                                       for i in b.tolist()))
         else:
             whole = source.fingerprint().encode()
@@ -408,69 +405,35 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
                    tf: SourceTransform | None, dev: torch.device, batch_size: int, num_workers: int,
                    keep_features: bool, skip_bad: bool, ckpt: Path, identity: dict[str, Any], rank: int,
                    bar: Any, on_saved: Callable[[Unit], None], decode: str = "pil") -> None:
-    """Extract ``units`` in one DataLoader pass and save each unit's triple as soon as its last batch is in.
-
-    One loader over all of this rank's units keeps the decode workers busy across unit boundaries (a fresh
-    loader per shard would drain and refill the pipeline every few thousand images). Batches never straddle
-    units: unit u's images run in batches of ``batch_size`` from its first image, exactly as
-    ``pipeline.extract`` on that unit alone would run them.
-    """
-    if not units:
-        return
-    all_idx = np.concatenate([u.indices for u in units])
-    for ex in extractors:  # first: where an extractor resizes (host or device) depends on its device
-        ex.to(dev)
-        ex.plan_run(len(all_idx))
-    ds, collate_fn = make_dataset(SubsetSource(plan.source, all_idx), extractors, dev, decode=decode,
-                                  skip_bad=skip_bad, image_transform=tf)
-    batches: list[list[int]] = []  # DataLoader items (loader_chunk images); the runner joins them
-    owner: list[int] = []  # position in `units` of each item
-    chunk = loader_chunk(batch_size, dev)
-    off = 0
-    for k, u in enumerate(units):
-        for s in range(0, len(u), chunk):
-            batches.append(list(range(off + s, off + min(s + chunk, len(u)))))
-            owner.append(k)
-        off += len(u)
-    last = {k: i for i, k in enumerate(owner)}  # index of each unit's final batch
-    loader = make_loader(ds, collate_fn, dev, num_workers, batch_sampler=batches)
+    """Extract ``units`` in one pass of :func:`fd_eval.pipeline.run_units` and save each unit's triple as soon as
+    its last batch is in (unit u's images run in batches of ``batch_size`` from its first image, exactly as
+    ``pipeline.extract`` on that unit alone would run them)."""
     numerics = _numerics(dev, batch_size)
-    runner = BatchRunner(ds, extractors, dev, decode, batch_size=batch_size)
-    accs: list[MomentAccumulator] = []
-    skipped: list[SkippedItem] = []
-    decoded_before = 0
-    t0 = time.perf_counter()
-    for i, batch in enumerate(loader):
-        k = owner[i]
-        if not accs:
-            accs = [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
-        _, bad = runner(batch, accs)  # raises the one-line BadImageError unless skip_bad
-        for s in bad:
-            skipped.append(SkippedItem(int(all_idx[s.index]), s.name, s.reason, s.message))
-        bar.update(len(batch) + len(batch.skipped))
-        if i != last[k]:
-            continue
-        runner.flush(accs)  # the unit's last, partial model batch
-        unit = units[k]
+
+    def consumers(k: int) -> list[MomentAccumulator]:
+        return [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
+
+    def save(done: UnitDone) -> None:
+        unit = units[done.k]
+        accs = [cs[0] for cs in done.consumers]
         tensors: dict[str, torch.Tensor] = {}
         for ex, acc in zip(extractors, accs):
             st = acc.state_dict()  # float64 mean/m2 on the CPU (the one host sync per unit)
             tensors[f"{ex.name}.mean"], tensors[f"{ex.name}.m2"] = st["mean"], st["m2"]
             if keep_features and acc.n:
                 tensors[f"{ex.name}.features"] = st["features"]
-        seconds = time.perf_counter() - t0
-        on_device = runner.device_decoded - decoded_before
-        decoded_before = runner.device_decoded
         header = {
             "format": UNIT_FORMAT, "identity": identity,
             "unit": {"index": unit.index, "label": unit.label, "fingerprint": unit.fingerprint, "n_items": len(unit)},
-            "n": accs[0].n, "features": keep_features, "skipped": [s.to_dict() for s in skipped],
-            "numerics": numerics, "seconds": seconds, "rank": rank,
-            "decode": device_decode_spec(dev) if on_device else DECODE_PIL_RGB,
+            "n": accs[0].n, "features": keep_features, "skipped": [s.to_dict() for s in done.skipped],
+            "numerics": numerics, "seconds": done.seconds, "rank": rank,
+            "decode": device_decode_spec(dev) if done.device_decoded else DECODE_PIL_RGB,
         }
         _save_unit(_unit_path(ckpt, unit.index), header, tensors)
         on_saved(unit)
-        accs, skipped, t0 = [], [], time.perf_counter()
+
+    run_units(plan.source, extractors, [u.indices for u in units], consumers, device=dev, batch_size=batch_size,
+              num_workers=num_workers, decode=decode, skip_bad=skip_bad, image_transform=tf, on_unit=save, bar=bar)
 
 
 # --- merging ------------------------------------------------------------------------------------------------

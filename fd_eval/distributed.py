@@ -261,14 +261,14 @@ def merge_accumulators(accs: Sequence[MomentAccumulator], group: Any = None) -> 
             dist.broadcast(buf, src=_global_rank(group, r), group=group)
             buf = buf.to(acc.device)
             # Chan's merge of (n, mean, M2) triples, exactly what MomentAccumulator.merge does
-            merged._merge(int(n), buf[:d], buf[d:].reshape(d, d))
+            merged.merge_moments(int(n), buf[:d], buf[d:].reshape(d, d))
             if acc.keep_features and rows:
                 if r == me:
                     f = acc.features().to(device=dev, dtype=torch.float32).contiguous()
                 else:
                     f = torch.empty(rows, d, dtype=torch.float32, device=dev)
                 dist.broadcast(f, src=_global_rank(group, r), group=group)
-                merged._features.append(f.to(acc.device))
+                merged.add_features(f)
         out.append(merged)
     return out
 
