@@ -53,10 +53,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .distributed import barrier, default_device, env_world, get_rank, get_world_size, is_initialized
 from .errors import CheckpointError, EmptySourceError, FDEvalError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .io_utils import atomic_path, atomic_write
 from .moments import MomentAccumulator
+from .options import RunOptions, make_options
 from .pipeline import (
     Extraction,
     UnitDone,
@@ -325,27 +327,15 @@ def _scan(ckpt: Path, plan: BuildPlan, identity: dict[str, Any], keep_features: 
 
 
 # --- ranks --------------------------------------------------------------------------------------------------
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise FDEvalError(f"${name}={raw!r} is not an integer; unset it or launch with torchrun") from None
-
-
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    """(rank, world size, whether torch.distributed is initialised and used for the barrier)."""
+    """(rank, world size, whether torch.distributed is initialised and used for the barrier). Without a process
+    group, torchrun's ``RANK``/``WORLD_SIZE`` alone (units are shared through the checkpoint folder)."""
     if rank is not None or world_size is not None:
         r, w, dist_on = int(rank or 0), int(world_size or 1), False
+    elif is_initialized():
+        r, w, dist_on = get_rank(), get_world_size(), True
     else:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            r, w, dist_on = dist.get_rank(), dist.get_world_size(), True
-        else:
-            r, w, dist_on = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), False
+        (r, w), dist_on = env_world() or (0, 1), False
     if w < 1 or not 0 <= r < w:
         raise FDEvalError(f"rank {r} is not within world size {w}; check RANK/WORLD_SIZE or rank=/world_size=")
     return r, w, dist_on
@@ -354,8 +344,7 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, boo
 def _rank_device(device: str | torch.device | None, world: int) -> torch.device:
     dev = auto_device(device)
     if world > 1 and dev.type == "cuda" and dev.index is None:  # one GPU per local process
-        n = max(1, torch.cuda.device_count())
-        dev = torch.device("cuda", _env_int("LOCAL_RANK", 0) % n)
+        dev = default_device()
     return dev
 
 
@@ -369,15 +358,6 @@ def _agree_done(done: set[int], n_units: int, rank: int, dev: torch.device) -> s
         mask[torch.tensor(sorted(done), dtype=torch.int64, device=comm)] = 1
     dist.broadcast(mask, src=0)
     return set(torch.nonzero(mask).flatten().cpu().tolist())
-
-
-def _barrier(dev: torch.device) -> None:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl" and dev.type == "cuda":
-        dist.barrier(device_ids=[dev.index or 0])
-    else:
-        dist.barrier()
 
 
 # --- computing units ----------------------------------------------------------------------------------------
@@ -541,25 +521,16 @@ def build_stats(
     *,
     extractors: Sequence[Extractor] | None = None,
     weights: Any = None,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
     num: int | None = None,
     seed: int | None = None,
     keep_features: bool = False,
-    skip_bad: bool = False,
     image_transform: str | None = None,
-    resize: str | None = None,
-    precision: str | None = None,
-    compile: bool | None = None,
-    decode: str = "pil",
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
     wait_timeout: float | None = None,
-    progress: bool = True,
     log: Callable[[str], None] | None = None,
+    options: RunOptions | None = None,
+    **kw: Any,
 ) -> dict[str, Stats] | None:
     """Build a statistics file (one section per extractor) resumably, optionally across processes.
 
@@ -574,11 +545,10 @@ def build_stats(
             after ``out`` is written.
         checkpoint_every: images per unit (default: one unit per tar shard, else :data:`DEFAULT_BLOCK`); tar
             shards are cut into blocks of at most this many images.
-        precision: ``"exact"`` (default, the protocol's numerics) or ``"fast"`` (bfloat16/TF32; see
-            :mod:`fd_eval.precision`); part of the build's identity, so a resume in another mode is refused.
-            ``compile``: torch.compile in fast mode (None: auto). With ``extractors`` given, None keeps theirs.
-        decode: ``"pil"`` (default) or ``"gpu"`` (see :mod:`fd_eval.pipeline`); part of the identity.
-        rank, world_size: override torch.distributed / ``RANK``/``WORLD_SIZE``.
+        options, **kw: how the run executes (:class:`fd_eval.RunOptions`). ``precision`` (``"exact"``, the
+            default, or ``"fast"``; :mod:`fd_eval.precision`) and ``decode`` (``"pil"`` or ``"gpu"``) are part of
+            the build's identity, so a resume in another mode is refused. ``rank``, ``world_size``: override
+            torch.distributed / ``RANK``/``WORLD_SIZE``.
         wait_timeout: seconds rank 0 waits for the other ranks' units (default: forever when polling, 10 min
             after a ``torch.distributed`` barrier, for the shared filesystem to show them).
         log: where one-line notes go (resume, waiting); default stderr when ``progress``.
@@ -588,25 +558,19 @@ def build_stats(
         CheckpointError: the checkpoint belongs to other settings or data, or is damaged (names what differs).
         plus what :func:`fd_eval.compute_stats` raises (BadImageError, EmptySourceError, ...).
     """
-    from .api import load_extractors
+    from .api import resolve_extractors
 
+    opts = make_options(options, kw, "build_stats")
+    progress, skip_bad, decode = opts.progress, opts.skip_bad, opts.decode
     say = log or (_stderr if progress else (lambda msg: None))
     out = Path(out)
     if out.is_dir():
         raise FDEvalError(f"{out} is a folder; -o/--output names the statistics file to write, e.g. "
                           f"{out}/stats.safetensors")
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
-    r, w, dist_on = _rank_world(rank, world_size)
-    dev = _rank_device(device, w)
-    if extractors is not None:
-        exs = list(extractors)
-        if precision is not None or compile is not None:
-            for ex in exs:
-                ex.set_precision(precision or ex.precision.mode, compile)
-    else:
-        exs = load_extractors(models, weights, dev, resize, precision=precision, compile=compile)
-    if not exs:
-        raise FDEvalError("no extractor given")
+    r, w, dist_on = _rank_world(opts.rank, opts.world_size)
+    dev = _rank_device(opts.device, w)
+    exs = resolve_extractors(models, extractors, weights, opts, dev)
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
     src = open_source(source, skip_bad=skip_bad)
@@ -634,8 +598,8 @@ def build_stats(
         here = f", {len(mine)} to compute here" if w > 1 else ""
         say(f"{where}resuming from {ckpt}: {len(done_set)} of {len(plan.units)} units already done{here}")
 
-    bs = batch_size or default_batch_size(dev)
-    workers = default_num_workers(dev) if num_workers is None else num_workers
+    bs = opts.batch_size or default_batch_size(dev)
+    workers = default_num_workers(dev) if opts.num_workers is None else opts.num_workers
     saved: list[Unit] = []
     try:
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc=f"{where}stats", smoothing=0.1,
@@ -650,7 +614,7 @@ def build_stats(
 
     if w > 1:
         if dist_on:
-            _barrier(dev)
+            barrier(dev)
         if r != 0:
             say(f"rank {r} of {w}: computed {len(saved)} unit(s); rank 0 merges them into {out}")
             return None

@@ -164,6 +164,15 @@ def resolve_world(rank: int | None = None, world_size: int | None = None, *, ini
     return 0, 1
 
 
+def barrier(device: torch.device, group: Any = None) -> None:
+    """Wait for every rank of ``group`` (NCCL barriers name this rank's GPU, so none guesses it)."""
+    dist = _dist()
+    if dist.get_backend(group) == "nccl" and device.type == "cuda":
+        dist.barrier(group=group, device_ids=[device.index or 0])
+    else:
+        dist.barrier(group=group)
+
+
 # --- communication --------------------------------------------------------------------------------------------
 def comm_device(group: Any = None, prefer: torch.device | None = None) -> torch.device:
     """Where tensors must live for collectives on ``group``: a GPU for NCCL (``prefer`` when it is one, else the
