@@ -17,7 +17,7 @@ with PIL instead. nvJPEG's pixels are not libjpeg-turbo's (IDCT and chroma upsam
 record the decoder used (``preprocess.decode``) and are refused against PIL-decoded ones unless
 ``allow_mismatch``. Without a CUDA device ``decode="gpu"`` falls back to the exact PIL decode in the workers.
 One loop (:func:`run_units`) serves :func:`extract` and the resumable builder (:mod:`fd_eval.build`): a plan of
-units (index arrays into the source), per unit and extractor a list of :class:`FeatureConsumer`\ s (the moment
+units (index arrays into the source), per unit and extractor a list of :class:`FeatureConsumer` objects (the moment
 accumulator, feature rows, a nearest-neighbour search, ...) fed ``(features, index)`` model batch by model
 batch, and a callback when a unit's last image is in.
 """
@@ -408,7 +408,7 @@ def extract(
     resize on the device and no ``image_transform``). The extractors' precision modes are theirs
     (:meth:`Extractor.set_precision`).
 
-    ``consumers``: per extractor, more :class:`FeatureConsumer`\ s fed beside its moment accumulator (with the
+    ``consumers``: per extractor, more :class:`FeatureConsumer` objects fed beside its moment accumulator (with the
     images' indices into ``source``).
 
     Returns the per-extractor float64 moment accumulators (on ``device``), merged over ranks when
