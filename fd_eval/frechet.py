@@ -55,6 +55,8 @@ class FDResult:
 
 @dataclass(frozen=True)
 class CovFactor:
+    """A covariance S factored as B B^T (:func:`factor_covariance`); shared with :mod:`fd_eval.uncertainty`."""
+
     b: torch.Tensor  # (D, r) float64 with B B^T = PSD part of S
     trace: torch.Tensor  # () float64, trace of the PSD part
     rank: int
@@ -63,6 +65,7 @@ class CovFactor:
 
 
 def as_f64(x: ArrayLike, device: torch.device) -> torch.Tensor:
+    """``x`` (array or tensor) as a float64 tensor on ``device`` (detached)."""
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device, dtype=torch.float64)
     return torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
@@ -77,6 +80,7 @@ def _storage_eps(x: ArrayLike) -> float:
 
 
 def pick_device(*xs: ArrayLike, device: str | torch.device | None) -> torch.device:
+    """``device`` when given, else the first non-CPU tensor's device among ``xs``, else the CPU."""
     if device is not None:
         return torch.device(device)
     for x in xs:

@@ -158,8 +158,15 @@ def place_extractors(extractors: Sequence[Extractor], device: torch.device, n_im
     for ex in extractors:  # first: where an extractor resizes (host or device) depends on its device
         ex.to(device)
         ex.plan_run(n_images)
-        if streaming and device.type == "cuda" and ex.pil_resize_on == "auto":
-            ex.set_pil_resize_on("device")
+    place_pil_resize(extractors, device, streaming=streaming)
+
+
+def place_pil_resize(extractors: Sequence[Extractor], device: torch.device, *, streaming: bool) -> None:
+    """The placement rule of :func:`place_extractors` alone (extractors placed explicitly keep their choice)."""
+    if streaming and device.type == "cuda":
+        for ex in extractors:
+            if ex.pil_resize_on == "auto":
+                ex.set_pil_resize_on("device")
 
 
 def make_dataset(source: ImageSource, extractors: Sequence[Extractor], device: torch.device, *, decode: str = "pil",

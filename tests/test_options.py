@@ -75,7 +75,8 @@ def test_cuda_without_a_gpu_is_one_line_for_every_entry_point(world, monkeypatch
         res = CliRunner().invoke(main, [*cmd, "--device", "cuda"])
         assert res.exit_code == 1 and res.output.startswith("Error: device 'cuda': no usable CUDA GPU here")
         assert res.output.count("\n") == 1 and "Traceback" not in res.output
-    res = CliRunner().invoke(main, ["stats", world["folder"], "-o", str(world["root"] / "z.safetensors"), "--batch-size", "0"])
+    out = str(world["root"] / "z.safetensors")
+    res = CliRunner().invoke(main, ["stats", world["folder"], "-o", out, "--batch-size", "0"])
     assert res.exit_code == 1 and res.output == "Error: --batch-size (batch_size) must be a positive integer, got 0\n"
 
 

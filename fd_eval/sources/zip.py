@@ -9,7 +9,16 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import EmptySourceError, SourceError
-from .base import IMAGE_EXTENSIONS, ImageSource, SkippedItem, content_part, read_capped, relative_names, stat_part, unsafe_member_name
+from .base import (
+    IMAGE_EXTENSIONS,
+    ImageSource,
+    SkippedItem,
+    content_part,
+    read_capped,
+    relative_names,
+    stat_part,
+    unsafe_member_name,
+)
 from .decode import bad_image, one_line
 
 
