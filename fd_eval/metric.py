@@ -160,6 +160,9 @@ class FDMetric:
             the ranks, and cached). Resolved and checked against the extractors at construction, so a wrong
             reference fails before any image is evaluated.
         weights: local weights (one path, or ``{model: path}``); default: the official files (downloaded once).
+        options, **kw: how it runs, a :class:`fd_eval.RunOptions` and/or its fields as keywords (``device``,
+            ``resize``, ``precision``, ``compile``, ``offline``; ``batch_size``, ``num_workers``, ``decode`` for an
+            image-source reference). The ones with a meaning of their own here:
         device: where features and accumulators live; default ``cuda`` (``cuda:LOCAL_RANK`` under torchrun)
             when available, else CPU.
         value_range: ``(0, 1)`` or ``(-1, 1)`` for float images (converted like a PNG save, :func:`to_uint8`);
@@ -502,7 +505,8 @@ def evaluate_generator(
 
     ``metric``: an :class:`FDMetric` to reuse (it is reset first; ``ref``/``models``/``metric_kwargs`` are then
     ignored), so the extractor and reference load once per training run. Otherwise one is built from
-    ``ref``, ``models`` and ``metric_kwargs`` (``value_range``, ``weights``, ``device``, ``resize``, ...).
+    ``ref``, ``models`` and ``metric_kwargs`` (``value_range``, ``weights``, ``options``, or run options such as
+    ``device``, ``resize``, ...).
     Returns :meth:`FDMetric.compute`'s document; ``provenance["generated"]`` records n, batch_size and seed.
     """
     if metric is None:
