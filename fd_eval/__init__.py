@@ -41,6 +41,8 @@ from .feature_metrics import mmd, mmd_subsets, prdc
 from .frechet import FDResult, frechet_distance, frechet_distance_breakdown
 from .metric import FDMetric, evaluate_generator, to_uint8
 from .moments import MomentAccumulator
+from .options import RunOptions
+from .pipeline import FeatureConsumer
 from .preprocess import PreprocessSpec
 from .prompts import evaluation_prompts, read_prompts, write_prompts
 from .references import (
@@ -65,7 +67,7 @@ __all__ = [
     "FDEvalError", "GatedRepoError", "InputError", "InputRangeError", "InvalidStatsError", "MissingFeaturesError",
     "SourceError", "StatsError", "StatsFormatError", "StatsMismatchError", "UnknownReferenceError", "WeightsError",
     # images -> numbers
-    "EvalResult", "compute_fd", "compute_stats", "load_extractors", "build_stats",
+    "EvalResult", "compute_fd", "compute_stats", "load_extractors", "build_stats", "RunOptions", "FeatureConsumer",
     "FDMetric", "evaluate_generator", "to_uint8",
     "Extractor", "list_extractors", "load_extractor", "PreprocessSpec",
     "ImageSource", "SkippedItem", "open_source",

@@ -24,7 +24,8 @@ from .distributed import resolve_world
 from .errors import FDEvalError, StatsFormatError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
 from .io_utils import cache_dir
-from .pipeline import auto_device, check_decode, extract, extraction_stats
+from .options import RunOptions, make_options
+from .pipeline import check_decode, extract, extraction_stats
 from .precision import precision_provenance, resolve_precision
 from .preprocess import source_transform
 from .provenance import device_name, versions
@@ -96,6 +97,35 @@ def configure_extractors(extractors: Sequence[Extractor], precision: str | None 
     return exs
 
 
+def resolve_extractors(models: ModelsArg, extractors: Sequence[Extractor] | None, weights: WeightsArg,
+                       options: RunOptions, device: torch.device) -> list[Extractor]:
+    """The extractors of a run: ``extractors`` (switched to the options' precision/compile when given), or
+    ``models`` loaded with ``weights`` on ``device`` (the one place every entry point gets them from)."""
+    if extractors is not None:
+        exs = configure_extractors(extractors, options.precision, options.compile)
+        if not exs:
+            raise FDEvalError("no extractor given; pass at least one Extractor (or models=...)")
+        return exs
+    return load_extractors(models, weights, device, options.resize, precision=options.precision,
+                           compile=options.compile)
+
+
+def run_provenance(extractors: Sequence[Extractor], device: torch.device, *,
+                   preprocess: Mapping[str, Mapping[str, Any]] | None = None, **parts: Any) -> dict[str, Any]:
+    """The ``provenance`` document of a result (``compute_fd``, ``FDMetric.compute``, ``ceiling``): versions,
+    device, each extractor's weights and preprocessing (``preprocess[name]`` overrides it: what the statistics
+    record), precision, then ``parts`` in order."""
+    return {
+        "versions": versions(),
+        "device": device_name(device),
+        "extractors": {ex.name: {"weights_sha256": ex.weights_sha256,
+                                 "preprocess": dict((preprocess or {}).get(ex.name) or ex.preprocess_spec.to_dict())}
+                       for ex in extractors},
+        "precision": precision_provenance(extractors, device),
+        **parts,
+    }
+
+
 # --- statistics ---------------------------------------------------------------------------------------------
 def _select(source: ImageSource, num: int | None, seed: int | None) -> ImageSource:
     if num is None:
@@ -111,50 +141,45 @@ def compute_stats(
     *,
     extractors: Sequence[Extractor] | None = None,
     weights: WeightsArg = None,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
     num: int | None = None,
     seed: int | None = None,
     keep_features: bool = False,
-    skip_bad: bool = False,
     image_transform: str | None = None,
-    resize: str | None = None,
-    precision: str | None = None,
-    compile: bool | None = None,
-    decode: str = "pil",
-    progress: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
+    options: RunOptions | None = None,
+    **kw: Any,
 ) -> dict[str, Stats]:
     """Statistics of an image source under each extractor, from one decoding pass.
 
     Args:
         source: directory, .zip, tar shard(s) / glob / brace range, .npz (arr_0), .npy, uint8 NHWC array.
+        extractors: already loaded extractors (then ``models``, ``weights`` and ``resize`` are ignored; the
+            options' precision/compile switch them when given, None keeps their mode).
         num, seed: the first ``num`` images, or a seeded random ``num`` when ``seed`` is given.
         image_transform: a named source transform applied before the extractors ("center-crop-256" is GPIC's
             reference preprocessing, App. B.1).
         keep_features: also store the (N, D) float32 features (for PRDC, MMD, bootstrap).
-        precision: "exact" (default: float32, TF32 off; the protocol's numbers) or "fast" (DINOv2 bfloat16
-            autocast, Inception TF32; recorded, and refused against exact statistics unless allow_mismatch).
-            With ``extractors`` given, None keeps their mode. ``compile``: torch.compile in fast mode (None: auto).
-        decode: "pil" (default) or "gpu" (JPEGs decoded on the GPU; needs extractors that resize on the device).
-        rank, world_size: unset = detect torch.distributed (an initialised process group, or torchrun's
-            environment, whose group is then initialised): each rank extracts its block and every rank gets the
-            merged statistics (every rank must call this). ``world_size=1`` forces a single-process run.
+        options, **kw: how the run executes, a :class:`fd_eval.RunOptions` and/or its fields as keywords
+            (device, batch_size, num_workers, precision, compile, decode, resize, skip_bad, progress, rank,
+            world_size, ...). precision: "exact" (default: float32, TF32 off; the protocol's numbers) or "fast"
+            (DINOv2 bfloat16 autocast, Inception TF32; recorded, and refused against exact statistics unless
+            allow_mismatch). decode: "pil" (default) or "gpu" (JPEGs decoded on the GPU; needs extractors that
+            resize on the device). rank, world_size: unset = detect torch.distributed (an initialised process
+            group, or torchrun's environment, whose group is then initialised): each rank extracts its block and
+            every rank gets the merged statistics (every rank must call this). ``world_size=1`` forces a
+            single-process run.
     Returns:
         {extractor name: Stats}; ``metadata["source"]`` records the source, its fingerprint, N and skipped items.
     """
-    dev = auto_device(device)
-    rank, world_size = resolve_world(rank, world_size, device=dev)
-    exs = (configure_extractors(extractors, precision, compile) if extractors is not None
-           else load_extractors(models, weights, dev, resize, precision=precision, compile=compile))
+    opts = make_options(options, kw, "compute_stats")
+    dev = opts.torch_device()
+    rank, world_size = resolve_world(opts.rank, opts.world_size, device=dev)
+    exs = resolve_extractors(models, extractors, weights, opts, dev)
     tf = source_transform(image_transform)
-    check_decode(decode, exs, tf)
-    src = _select(open_source(source, skip_bad=skip_bad), num, seed)
-    ext = extract(src, exs, device=dev, batch_size=batch_size, num_workers=num_workers,
-                  keep_features=keep_features, skip_bad=skip_bad, image_transform=tf, decode=decode,
-                  progress=progress, rank=rank, world_size=world_size)
+    check_decode(opts.decode, exs, tf)
+    src = _select(open_source(source, skip_bad=opts.skip_bad), num, seed)
+    ext = extract(src, exs, device=dev, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                  keep_features=keep_features, skip_bad=opts.skip_bad, image_transform=tf, decode=opts.decode,
+                  progress=opts.progress, rank=rank, world_size=world_size)
     info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed, "world_size": world_size,
             "image_transform": tf.to_dict() if tf else None,
             "skipped_items": [s.to_dict() for s in ext.skipped], "seconds": ext.seconds,
@@ -211,18 +236,23 @@ def resolve_reference(
     ref: str | os.PathLike | Stats | Mapping[str, Stats],
     extractors: Sequence[Extractor],
     *,
-    offline: bool | None = None,
     ref_image_transform: str | None = None,
+    keep_features: bool = False,
     cache: bool = True,
-    **extract_opts: Any,
+    options: RunOptions | None = None,
+    **kw: Any,
 ) -> _Ref:
     """Reference statistics for each extractor, from whatever ``ref`` is (see the module docstring).
 
-    ``keep_features`` (in ``extract_opts``): also read (or extract) the reference's feature rows; a cached
-    image-source entry without them counts as a miss and is rebuilt with them.
+    ``keep_features``: also read (or extract) the reference's feature rows; a cached image-source entry without
+    them counts as a miss and is rebuilt with them. ``options``/``kw``: :class:`fd_eval.RunOptions` (``offline``
+    for registry references; the run options of an image-source reference's extraction, which never skips bad
+    images).
     """
+    opts = make_options(options, kw, "resolve_reference")
+    offline = opts.offline
     names = [ex.name for ex in extractors]
-    features = bool(extract_opts.get("keep_features", False))
+    features = bool(keep_features)
     kind = reference_kind(ref)
     if kind == "stats":
         if isinstance(ref, Stats):
@@ -247,7 +277,7 @@ def resolve_reference(
     src = open_source(spec)
     tf = ref_image_transform
     out: dict[str, Stats] = {}
-    decode = extract_opts.get("decode") or "pil"
+    decode = opts.decode
     files = [cache_dir("ref_stats") / f"{_ref_cache_key(src, ex, tf, decode)}.safetensors" for ex in extractors]
     for ex, f in zip(extractors, files):
         if cache and f.is_file():
@@ -259,7 +289,7 @@ def resolve_reference(
             if not features or st.features is not None:  # an entry made without feature rows cannot serve them
                 out[ex.name] = st
     hits = [ex.name in out for ex in extractors]
-    world_size = extract_opts.get("world_size") or 1
+    world_size = opts.world_size or 1
     if world_size > 1:
         # the computation below is collective: run it on every rank unless every rank found the cache entry
         # (nodes may not share a cache directory)
@@ -268,10 +298,8 @@ def resolve_reference(
         hits = all_true(hits)
     todo = [(ex, f) for ex, f, hit in zip(extractors, files, hits) if not hit]
     if todo:
-        opts = {k: v for k, v in extract_opts.items() if k in {"device", "batch_size", "num_workers", "progress",
-                                                                "skip_bad", "keep_features", "rank", "world_size",
-                                                                "decode"}}
-        computed = compute_stats(src, extractors=[ex for ex, _ in todo], image_transform=tf, **opts)
+        computed = compute_stats(src, extractors=[ex for ex, _ in todo], image_transform=tf, keep_features=features,
+                                 options=opts.replace(skip_bad=False, precision=None, compile=None))
         from .distributed import local_rank
 
         for ex, f in todo:
@@ -329,29 +357,21 @@ def compute_fd(
     models: ModelsArg = (DEFAULT_EXTRACTOR,),
     *,
     weights: WeightsArg = None,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
     num: int | None = None,
     seed: int | None = None,
-    skip_bad: bool = False,
-    resize: str | None = None,
-    precision: str | None = None,
-    compile: bool | None = None,
-    decode: str = "pil",
     allow_mismatch: bool = False,
-    offline: bool | None = None,
     ref_image_transform: str | None = None,
     keep_features: bool = False,
     ref_features: bool | None = None,
-    progress: bool = True,
-    rank: int | None = None,
-    world_size: int | None = None,
+    options: RunOptions | None = None,
+    **kw: Any,
 ) -> EvalResult:
     """FD of generated images against a reference, per extractor, with provenance (see :class:`EvalResult`).
 
-    Under torch.distributed (see :func:`compute_stats`; every rank calls this) both the generated images and a
-    reference given as an image source are sharded over the ranks; every rank returns the same result.
+    ``options``/``kw``: how the run executes (:class:`fd_eval.RunOptions`: device, batch_size, num_workers,
+    precision, compile, decode, resize, skip_bad, progress, offline, rank, world_size). Under torch.distributed
+    (see :func:`compute_stats`; every rank calls this) both the generated images and a reference given as an
+    image source are sharded over the ranks; every rank returns the same result.
 
     ``precision="fast"`` statistics are refused against an exact reference (the GPIC ones are exact)
     unless ``allow_mismatch``; an image-source reference is computed in the same mode. ``decode="gpu"`` applies
@@ -363,19 +383,18 @@ def compute_fd(
     ``result.ref_stats`` (PRDC and MMD need them; the bootstrap and FD-infinity do not).
     """
     t0 = time.perf_counter()
-    dev = auto_device(device)
-    resolve_precision(precision, compile)
-    rank, world_size = resolve_world(rank, world_size, device=dev)
-    exs = load_extractors(models, weights, dev, resize, precision=precision, compile=compile)
-    check_decode(decode, exs, source_transform(ref_image_transform))
-    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress, rank=rank,
-                world_size=world_size, decode=decode)
+    opts = make_options(options, kw, "compute_fd")
+    dev = opts.torch_device()
+    rank, world_size = resolve_world(opts.rank, opts.world_size, device=dev)
+    exs = resolve_extractors(models, None, weights, opts, dev)
+    check_decode(opts.decode, exs, source_transform(ref_image_transform))
+    # the extractors are loaded in the options' mode: the passes below keep it
+    run = opts.replace(device=dev, rank=rank, world_size=world_size, precision=None, compile=None)
     t_ref = time.perf_counter()
-    reference = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform,
-                                  keep_features=keep_features if ref_features is None else ref_features, **opts)
+    reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run,
+                                  keep_features=keep_features if ref_features is None else ref_features)
     t_ref = time.perf_counter() - t_ref
-    gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, skip_bad=skip_bad,
-                              keep_features=keep_features, **opts)
+    gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, keep_features=keep_features, options=run)
     t_fd = time.perf_counter()
     results, warnings = evaluate_stats(gen_stats, reference, allow_mismatch=allow_mismatch)
     t_fd = time.perf_counter() - t_fd
@@ -384,19 +403,13 @@ def compute_fd(
     skipped = src_meta.get("skipped_items", [])
     if skipped:
         warnings.append(f"{len(skipped)} unreadable image(s) skipped (--skip-bad); N counts only the rest")
-    provenance = {
-        "versions": versions(),
-        "device": device_name(dev),
-        "extractors": {ex.name: {"weights_sha256": ex.weights_sha256, "preprocess": _recorded_spec(gen_stats, ex)}
-                       for ex in exs},
-        "precision": precision_provenance(exs, dev),
-        "decode": {"requested": decode, "used": first.metadata["preprocess"].get("decode")},
-        "reference": reference.identity,
-        "generated": {"spec": src_meta["spec"], "fingerprint": src_meta["fingerprint"], "n": first.n,
-                      "num": num, "seed": seed, "skipped": len(skipped)},
-        "seed": seed,
-        "world_size": world_size,
-        "timings": {"total_s": time.perf_counter() - t0, "reference_s": t_ref, "extract_s": src_meta["seconds"],
-                    "images_per_s": src_meta["images_per_s"], "fd_s": t_fd},
-    }
+    provenance = run_provenance(
+        exs, dev, preprocess={ex.name: _recorded_spec(gen_stats, ex) for ex in exs},
+        decode={"requested": opts.decode, "used": first.metadata["preprocess"].get("decode")},
+        reference=reference.identity,
+        generated={"spec": src_meta["spec"], "fingerprint": src_meta["fingerprint"], "n": first.n,
+                   "num": num, "seed": seed, "skipped": len(skipped)},
+        seed=seed, world_size=world_size,
+        timings={"total_s": time.perf_counter() - t0, "reference_s": t_ref, "extract_s": src_meta["seconds"],
+                 "images_per_s": src_meta["images_per_s"], "fd_s": t_fd})
     return EvalResult(results, provenance, warnings, skipped, gen_stats, reference.stats)

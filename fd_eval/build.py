@@ -53,22 +53,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .distributed import barrier, default_device, env_world, get_rank, get_world_size, is_initialized
 from .errors import CheckpointError, EmptySourceError, FDEvalError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .io_utils import atomic_path, atomic_write
 from .moments import MomentAccumulator
+from .options import RunOptions, make_options
 from .pipeline import (
-    BatchRunner,
     Extraction,
+    UnitDone,
     auto_device,
     check_decode,
     default_batch_size,
     default_num_workers,
     device_decode_spec,
     extraction_stats,
-    loader_chunk,
-    make_dataset,
-    make_loader,
+    run_units,
 )
 from .preprocess import DECODE_PIL_RGB, SourceTransform, source_transform
 from .provenance import device_name
@@ -78,9 +78,9 @@ from .sources import (
     SkippedItem,
     SubsetSource,
     TarSource,
-    _stat_part,
     open_source,
 )
+from .sources.base import stat_part
 from .stats import Stats, save_stats
 
 __all__ = ["UNIT_FORMAT", "DEFAULT_BLOCK", "Unit", "BuildPlan", "plan_units", "build_stats",
@@ -170,13 +170,12 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
     units: list[Unit] = []
     if isinstance(source, TarSource):
         kind = "tar-shards"
-        shard_of = np.searchsorted(source._starts, positions, side="right") - 1
+        shard_of = source.shard_of(positions)
         cuts = np.flatnonzero(np.diff(shard_of)) + 1  # positions ascend, so each shard's items are contiguous
         for group in np.split(positions, cuts):
-            s = int(np.searchsorted(source._starts, group[0], side="right") - 1)
-            path, start = source.shards[s], int(source._starts[s])
-            shard_part = (_stat_part(os.path.basename(path), path) + b"\0"
-                          + source._shard_info[s]["header_digest"].encode())
+            s = int(source.shard_of(group[:1])[0])
+            path, start = source.shards[s], int(source.shard_starts[s])
+            shard_part = stat_part(os.path.basename(path), path) + b"\0" + source.shard_header_digest(s).encode()
             blocks = _blocks(group, every)
             for b in blocks:
                 local = b - start
@@ -187,7 +186,7 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
         every = every or DEFAULT_BLOCK
         if isinstance(source, DirectorySource):
             def fingerprint(b: np.ndarray) -> str:
-                return _sha(b"dir", *(_stat_part(source.files[i], os.path.join(source.root, source.files[i]))
+                return _sha(b"dir", *(stat_part(source.files[i], os.path.join(source.root, source.files[i]))
                                       for i in b.tolist()))
         else:
             whole = source.fingerprint().encode()
@@ -328,27 +327,15 @@ def _scan(ckpt: Path, plan: BuildPlan, identity: dict[str, Any], keep_features: 
 
 
 # --- ranks --------------------------------------------------------------------------------------------------
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise FDEvalError(f"${name}={raw!r} is not an integer; unset it or launch with torchrun") from None
-
-
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    """(rank, world size, whether torch.distributed is initialised and used for the barrier)."""
+    """(rank, world size, whether torch.distributed is initialised and used for the barrier). Without a process
+    group, torchrun's ``RANK``/``WORLD_SIZE`` alone (units are shared through the checkpoint folder)."""
     if rank is not None or world_size is not None:
         r, w, dist_on = int(rank or 0), int(world_size or 1), False
+    elif is_initialized():
+        r, w, dist_on = get_rank(), get_world_size(), True
     else:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            r, w, dist_on = dist.get_rank(), dist.get_world_size(), True
-        else:
-            r, w, dist_on = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), False
+        (r, w), dist_on = env_world() or (0, 1), False
     if w < 1 or not 0 <= r < w:
         raise FDEvalError(f"rank {r} is not within world size {w}; check RANK/WORLD_SIZE or rank=/world_size=")
     return r, w, dist_on
@@ -357,8 +344,7 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, boo
 def _rank_device(device: str | torch.device | None, world: int) -> torch.device:
     dev = auto_device(device)
     if world > 1 and dev.type == "cuda" and dev.index is None:  # one GPU per local process
-        n = max(1, torch.cuda.device_count())
-        dev = torch.device("cuda", _env_int("LOCAL_RANK", 0) % n)
+        dev = default_device()
     return dev
 
 
@@ -372,15 +358,6 @@ def _agree_done(done: set[int], n_units: int, rank: int, dev: torch.device) -> s
         mask[torch.tensor(sorted(done), dtype=torch.int64, device=comm)] = 1
     dist.broadcast(mask, src=0)
     return set(torch.nonzero(mask).flatten().cpu().tolist())
-
-
-def _barrier(dev: torch.device) -> None:
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl" and dev.type == "cuda":
-        dist.barrier(device_ids=[dev.index or 0])
-    else:
-        dist.barrier()
 
 
 # --- computing units ----------------------------------------------------------------------------------------
@@ -408,69 +385,35 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
                    tf: SourceTransform | None, dev: torch.device, batch_size: int, num_workers: int,
                    keep_features: bool, skip_bad: bool, ckpt: Path, identity: dict[str, Any], rank: int,
                    bar: Any, on_saved: Callable[[Unit], None], decode: str = "pil") -> None:
-    """Extract ``units`` in one DataLoader pass and save each unit's triple as soon as its last batch is in.
-
-    One loader over all of this rank's units keeps the decode workers busy across unit boundaries (a fresh
-    loader per shard would drain and refill the pipeline every few thousand images). Batches never straddle
-    units: unit u's images run in batches of ``batch_size`` from its first image, exactly as
-    ``pipeline.extract`` on that unit alone would run them.
-    """
-    if not units:
-        return
-    all_idx = np.concatenate([u.indices for u in units])
-    for ex in extractors:  # first: where an extractor resizes (host or device) depends on its device
-        ex.to(dev)
-        ex.plan_run(len(all_idx))
-    ds, collate_fn = make_dataset(SubsetSource(plan.source, all_idx), extractors, dev, decode=decode,
-                                  skip_bad=skip_bad, image_transform=tf)
-    batches: list[list[int]] = []  # DataLoader items (loader_chunk images); the runner joins them
-    owner: list[int] = []  # position in `units` of each item
-    chunk = loader_chunk(batch_size, dev)
-    off = 0
-    for k, u in enumerate(units):
-        for s in range(0, len(u), chunk):
-            batches.append(list(range(off + s, off + min(s + chunk, len(u)))))
-            owner.append(k)
-        off += len(u)
-    last = {k: i for i, k in enumerate(owner)}  # index of each unit's final batch
-    loader = make_loader(ds, collate_fn, dev, num_workers, batch_sampler=batches)
+    """Extract ``units`` in one pass of :func:`fd_eval.pipeline.run_units` and save each unit's triple as soon as
+    its last batch is in (unit u's images run in batches of ``batch_size`` from its first image, exactly as
+    ``pipeline.extract`` on that unit alone would run them)."""
     numerics = _numerics(dev, batch_size)
-    runner = BatchRunner(ds, extractors, dev, decode, batch_size=batch_size)
-    accs: list[MomentAccumulator] = []
-    skipped: list[SkippedItem] = []
-    decoded_before = 0
-    t0 = time.perf_counter()
-    for i, batch in enumerate(loader):
-        k = owner[i]
-        if not accs:
-            accs = [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
-        _, bad = runner(batch, accs)  # raises the one-line BadImageError unless skip_bad
-        for s in bad:
-            skipped.append(SkippedItem(int(all_idx[s.index]), s.name, s.reason, s.message))
-        bar.update(len(batch) + len(batch.skipped))
-        if i != last[k]:
-            continue
-        runner.flush(accs)  # the unit's last, partial model batch
-        unit = units[k]
+
+    def consumers(k: int) -> list[MomentAccumulator]:
+        return [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
+
+    def save(done: UnitDone) -> None:
+        unit = units[done.k]
+        accs = [cs[0] for cs in done.consumers]
         tensors: dict[str, torch.Tensor] = {}
         for ex, acc in zip(extractors, accs):
             st = acc.state_dict()  # float64 mean/m2 on the CPU (the one host sync per unit)
             tensors[f"{ex.name}.mean"], tensors[f"{ex.name}.m2"] = st["mean"], st["m2"]
             if keep_features and acc.n:
                 tensors[f"{ex.name}.features"] = st["features"]
-        seconds = time.perf_counter() - t0
-        on_device = runner.device_decoded - decoded_before
-        decoded_before = runner.device_decoded
         header = {
             "format": UNIT_FORMAT, "identity": identity,
             "unit": {"index": unit.index, "label": unit.label, "fingerprint": unit.fingerprint, "n_items": len(unit)},
-            "n": accs[0].n, "features": keep_features, "skipped": [s.to_dict() for s in skipped],
-            "numerics": numerics, "seconds": seconds, "rank": rank,
-            "decode": device_decode_spec(dev) if on_device else DECODE_PIL_RGB,
+            "n": accs[0].n, "features": keep_features, "skipped": [s.to_dict() for s in done.skipped],
+            "numerics": numerics, "seconds": done.seconds, "rank": rank,
+            "decode": device_decode_spec(dev) if done.device_decoded else DECODE_PIL_RGB,
         }
         _save_unit(_unit_path(ckpt, unit.index), header, tensors)
         on_saved(unit)
-        accs, skipped, t0 = [], [], time.perf_counter()
+
+    run_units(plan.source, extractors, [u.indices for u in units], consumers, device=dev, batch_size=batch_size,
+              num_workers=num_workers, decode=decode, skip_bad=skip_bad, image_transform=tf, on_unit=save, bar=bar)
 
 
 # --- merging ------------------------------------------------------------------------------------------------
@@ -578,25 +521,16 @@ def build_stats(
     *,
     extractors: Sequence[Extractor] | None = None,
     weights: Any = None,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
     num: int | None = None,
     seed: int | None = None,
     keep_features: bool = False,
-    skip_bad: bool = False,
     image_transform: str | None = None,
-    resize: str | None = None,
-    precision: str | None = None,
-    compile: bool | None = None,
-    decode: str = "pil",
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
     wait_timeout: float | None = None,
-    progress: bool = True,
     log: Callable[[str], None] | None = None,
+    options: RunOptions | None = None,
+    **kw: Any,
 ) -> dict[str, Stats] | None:
     """Build a statistics file (one section per extractor) resumably, optionally across processes.
 
@@ -611,11 +545,10 @@ def build_stats(
             after ``out`` is written.
         checkpoint_every: images per unit (default: one unit per tar shard, else :data:`DEFAULT_BLOCK`); tar
             shards are cut into blocks of at most this many images.
-        precision: ``"exact"`` (default, the protocol's numerics) or ``"fast"`` (bfloat16/TF32; see
-            :mod:`fd_eval.precision`); part of the build's identity, so a resume in another mode is refused.
-            ``compile``: torch.compile in fast mode (None: auto). With ``extractors`` given, None keeps theirs.
-        decode: ``"pil"`` (default) or ``"gpu"`` (see :mod:`fd_eval.pipeline`); part of the identity.
-        rank, world_size: override torch.distributed / ``RANK``/``WORLD_SIZE``.
+        options, **kw: how the run executes (:class:`fd_eval.RunOptions`). ``precision`` (``"exact"``, the
+            default, or ``"fast"``; :mod:`fd_eval.precision`) and ``decode`` (``"pil"`` or ``"gpu"``) are part of
+            the build's identity, so a resume in another mode is refused. ``rank``, ``world_size``: override
+            torch.distributed / ``RANK``/``WORLD_SIZE``.
         wait_timeout: seconds rank 0 waits for the other ranks' units (default: forever when polling, 10 min
             after a ``torch.distributed`` barrier, for the shared filesystem to show them).
         log: where one-line notes go (resume, waiting); default stderr when ``progress``.
@@ -625,25 +558,19 @@ def build_stats(
         CheckpointError: the checkpoint belongs to other settings or data, or is damaged (names what differs).
         plus what :func:`fd_eval.compute_stats` raises (BadImageError, EmptySourceError, ...).
     """
-    from .api import load_extractors
+    from .api import resolve_extractors
 
+    opts = make_options(options, kw, "build_stats")
+    progress, skip_bad, decode = opts.progress, opts.skip_bad, opts.decode
     say = log or (_stderr if progress else (lambda msg: None))
     out = Path(out)
     if out.is_dir():
         raise FDEvalError(f"{out} is a folder; -o/--output names the statistics file to write, e.g. "
                           f"{out}/stats.safetensors")
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
-    r, w, dist_on = _rank_world(rank, world_size)
-    dev = _rank_device(device, w)
-    if extractors is not None:
-        exs = list(extractors)
-        if precision is not None or compile is not None:
-            for ex in exs:
-                ex.set_precision(precision or ex.precision.mode, compile)
-    else:
-        exs = load_extractors(models, weights, dev, resize, precision=precision, compile=compile)
-    if not exs:
-        raise FDEvalError("no extractor given")
+    r, w, dist_on = _rank_world(opts.rank, opts.world_size)
+    dev = _rank_device(opts.device, w)
+    exs = resolve_extractors(models, extractors, weights, opts, dev)
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
     src = open_source(source, skip_bad=skip_bad)
@@ -671,8 +598,8 @@ def build_stats(
         here = f", {len(mine)} to compute here" if w > 1 else ""
         say(f"{where}resuming from {ckpt}: {len(done_set)} of {len(plan.units)} units already done{here}")
 
-    bs = batch_size or default_batch_size(dev)
-    workers = default_num_workers(dev) if num_workers is None else num_workers
+    bs = opts.batch_size or default_batch_size(dev)
+    workers = default_num_workers(dev) if opts.num_workers is None else opts.num_workers
     saved: list[Unit] = []
     try:
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc=f"{where}stats", smoothing=0.1,
@@ -687,7 +614,7 @@ def build_stats(
 
     if w > 1:
         if dist_on:
-            _barrier(dev)
+            barrier(dev)
         if r != 0:
             say(f"rank {r} of {w}: computed {len(saved)} unit(s); rank 0 merges them into {out}")
             return None

@@ -27,25 +27,22 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from .api import (
     PROTOCOL_N,
     ModelsArg,
     WeightsArg,
     compute_stats,
-    configure_extractors,
     evaluate_stats,
-    load_extractors,
+    resolve_extractors,
     resolve_reference,
+    run_provenance,
 )
-from .pipeline import check_decode
-from .precision import precision_provenance
-from .preprocess import source_transform
 from .errors import InputError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, resolve_name
-from .pipeline import auto_device
-from .provenance import device_name, versions
+from .options import RunOptions, make_options
+from .pipeline import check_decode
+from .preprocess import source_transform
 from .sources import SubsetSource, open_source
 from .stats import Stats
 
@@ -80,26 +77,6 @@ class CeilingResult:
                 "warnings": self.warnings, "skipped": self.skipped}
 
 
-def _extractors(models: ModelsArg, extractors: Sequence[Extractor] | None, weights: WeightsArg,
-                device: torch.device, resize: str | None, precision: str | None = None,
-                compile: bool | None = None) -> list[Extractor]:
-    if extractors is not None:
-        return configure_extractors(extractors, precision, compile)
-    return load_extractors(models, weights, device, resize, precision=precision, compile=compile)
-
-
-def _provenance(exs: Sequence[Extractor], dev: torch.device, t0: float, **parts: Any) -> dict[str, Any]:
-    return {
-        "versions": versions(),
-        "device": device_name(dev),
-        "extractors": {ex.name: {"weights_sha256": ex.weights_sha256, "preprocess": ex.preprocess_spec.to_dict()}
-                       for ex in exs},
-        "precision": precision_provenance(exs, dev),
-        **parts,
-        "timings": {"total_s": time.perf_counter() - t0},
-    }
-
-
 def _skipped(stats: dict[str, Stats]) -> list[dict[str, Any]]:
     return list(next(iter(stats.values())).metadata["source"].get("skipped_items", []))
 
@@ -113,19 +90,11 @@ def ceiling(
     seed: int | None = 0,
     extractors: Sequence[Extractor] | None = None,
     weights: WeightsArg = None,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    skip_bad: bool = False,
-    resize: str | None = None,
-    precision: str | None = None,
-    compile: bool | None = None,
-    decode: str = "pil",
     image_transform: str | None = None,
     ref_image_transform: str | None = None,
     allow_mismatch: bool = False,
-    offline: bool | None = None,
-    progress: bool = True,
+    options: RunOptions | None = None,
+    **kw: Any,
 ) -> CeilingResult:
     """FD of n real images against the reference: the score of a perfect generator at this n (GPIC Table 2).
 
@@ -138,20 +107,21 @@ def ceiling(
         image_transform: a named transform for the real images ("center-crop-256" = how GPIC's reference images
             were made, App. B.1: pass it for raw GPIC shards).
         extractors: already loaded extractors (then ``models``, ``weights``, ``resize`` are ignored).
-        precision, compile, decode: as in :func:`fd_eval.compute_fd` (the floor of a fast evaluation is
-            measured in fast mode too).
+        options, **kw: how the run executes (:class:`fd_eval.RunOptions`), as in :func:`fd_eval.compute_fd`
+            (the floor of a fast evaluation is measured in fast mode too).
 
     Returns:
         :class:`CeilingResult` with ``mode="reference"``.
     """
     t0 = time.perf_counter()
-    dev = auto_device(device)
-    exs = _extractors(models, extractors, weights, dev, resize, precision, compile)
-    check_decode(decode, exs, source_transform(image_transform) or source_transform(ref_image_transform))
-    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress, decode=decode)
-    reference = resolve_reference(ref, exs, offline=offline, ref_image_transform=ref_image_transform, **opts)
+    opts = make_options(options, kw, "ceiling")
+    dev = opts.torch_device()
+    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    check_decode(opts.decode, exs, source_transform(image_transform) or source_transform(ref_image_transform))
+    run = opts.replace(device=dev, precision=None, compile=None)  # the extractors are in the options' mode now
+    reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run)
     real_stats = compute_stats(real, extractors=exs, num=n, seed=seed if n is not None else None,
-                               skip_bad=skip_bad, image_transform=image_transform, **opts)
+                               image_transform=image_transform, options=run)
     results, warnings = evaluate_stats(real_stats, reference, allow_mismatch=allow_mismatch, device=dev)
     for name, r in results.items():
         r["floors"] = list(reference.stats[name].metadata.get("floors") or [])
@@ -163,12 +133,12 @@ def ceiling(
     skipped = _skipped(real_stats)
     if skipped:
         warnings.append(f"{len(skipped)} unreadable image(s) skipped (--skip-bad); N counts only the rest")
-    prov = _provenance(exs, dev, t0, reference=reference.identity, real={
+    prov = run_provenance(exs, dev, reference=reference.identity, real={
         "spec": src["spec"], "fingerprint": src["fingerprint"], "n": next(iter(real_stats.values())).n,
         "num": n, "seed": src["seed"], "image_transform": src.get("image_transform"),
         "sampling": "source.subset(n, seed): sorted(numpy.random.RandomState(seed).permutation(len(source))[:n])"
                     if src["seed"] is not None else ("the first n items" if n is not None else "every item"),
-        "skipped": len(skipped)})
+        "skipped": len(skipped)}, timings={"total_s": time.perf_counter() - t0})
     return CeilingResult("reference", results, prov, warnings, skipped, real_stats)
 
 
@@ -188,16 +158,9 @@ def split_half(
     seed: int = 0,
     extractors: Sequence[Extractor] | None = None,
     weights: WeightsArg = None,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    skip_bad: bool = False,
-    resize: str | None = None,
-    precision: str | None = None,
-    compile: bool | None = None,
-    decode: str = "pil",
     image_transform: str | None = None,
-    progress: bool = True,
+    options: RunOptions | None = None,
+    **kw: Any,
 ) -> CeilingResult:
     """FD between two disjoint seeded halves of one real source (real vs real; no reference needed).
 
@@ -205,14 +168,16 @@ def split_half(
         real: an image source with at least 2 n images.
         n: images per half; default min(50,000, len(source) // 2).
         seed: seed of the split (``SPLIT_SAMPLING``; half a equals ``source.subset(n, seed)``).
+        options, **kw: how the run executes (:class:`fd_eval.RunOptions`).
 
     Returns:
         :class:`CeilingResult` with ``mode="split-half"``: results[model]["fd"] is FD(half a, half b), ``n`` and
         ``n_ref`` the sizes of half a and half b (after skipped items).
     """
     t0 = time.perf_counter()
-    dev = auto_device(device)
-    src = open_source(real, skip_bad=skip_bad)
+    opts = make_options(options, kw, "split_half")
+    dev = opts.torch_device()
+    src = open_source(real, skip_bad=opts.skip_bad)
     total = len(src)
     if n is None:
         n = min(PROTOCOL_N, total // 2)
@@ -222,13 +187,12 @@ def split_half(
     if 2 * n > total:
         raise InputError(f"{src.spec}: split-half needs 2 x {n} = {2 * n} images but the source holds {total}; "
                          f"lower -n to at most {total // 2}")
-    exs = _extractors(models, extractors, weights, dev, resize, precision, compile)
-    check_decode(decode, exs, source_transform(image_transform))
+    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    check_decode(opts.decode, exs, source_transform(image_transform))
     idx_a, idx_b = split_indices(total, int(n), seed)
-    opts = dict(device=dev, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                skip_bad=skip_bad, image_transform=image_transform, decode=decode)
-    half_a = compute_stats(SubsetSource(src, idx_a), extractors=exs, **opts)
-    half_b = compute_stats(SubsetSource(src, idx_b), extractors=exs, **opts)
+    run = opts.replace(device=dev, precision=None, compile=None)
+    half_a = compute_stats(SubsetSource(src, idx_a), extractors=exs, image_transform=image_transform, options=run)
+    half_b = compute_stats(SubsetSource(src, idx_b), extractors=exs, image_transform=image_transform, options=run)
     results, warnings = evaluate_stats(half_a, resolve_reference(half_b, exs), device=dev)
     for r in results.values():
         r["floors"] = []
@@ -236,8 +200,8 @@ def split_half(
     if skipped:
         warnings.append(f"{len(skipped)} unreadable image(s) skipped (--skip-bad); the halves count only the rest")
     first_a, first_b = next(iter(half_a.values())), next(iter(half_b.values()))
-    prov = _provenance(exs, dev, t0, reference={"kind": "split-half"}, real={
+    prov = run_provenance(exs, dev, reference={"kind": "split-half"}, real={
         "spec": src.spec, "fingerprint": src.fingerprint(), "total": total, "n": int(n),
         "n_a": first_a.n, "n_b": first_b.n, "seed": int(seed), "image_transform": image_transform,
-        "sampling": SPLIT_SAMPLING, "skipped": len(skipped)})
+        "sampling": SPLIT_SAMPLING, "skipped": len(skipped)}, timings={"total_s": time.perf_counter() - t0})
     return CeilingResult("split-half", results, prov, warnings, skipped, half_a)

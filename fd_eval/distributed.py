@@ -164,6 +164,15 @@ def resolve_world(rank: int | None = None, world_size: int | None = None, *, ini
     return 0, 1
 
 
+def barrier(device: torch.device, group: Any = None) -> None:
+    """Wait for every rank of ``group`` (NCCL barriers name this rank's GPU, so none guesses it)."""
+    dist = _dist()
+    if dist.get_backend(group) == "nccl" and device.type == "cuda":
+        dist.barrier(group=group, device_ids=[device.index or 0])
+    else:
+        dist.barrier(group=group)
+
+
 # --- communication --------------------------------------------------------------------------------------------
 def comm_device(group: Any = None, prefer: torch.device | None = None) -> torch.device:
     """Where tensors must live for collectives on ``group``: a GPU for NCCL (``prefer`` when it is one, else the
@@ -261,14 +270,14 @@ def merge_accumulators(accs: Sequence[MomentAccumulator], group: Any = None) -> 
             dist.broadcast(buf, src=_global_rank(group, r), group=group)
             buf = buf.to(acc.device)
             # Chan's merge of (n, mean, M2) triples, exactly what MomentAccumulator.merge does
-            merged._merge(int(n), buf[:d], buf[d:].reshape(d, d))
+            merged.merge_moments(int(n), buf[:d], buf[d:].reshape(d, d))
             if acc.keep_features and rows:
                 if r == me:
                     f = acc.features().to(device=dev, dtype=torch.float32).contiguous()
                 else:
                     f = torch.empty(rows, d, dtype=torch.float32, device=dev)
                 dist.broadcast(f, src=_global_rank(group, r), group=group)
-                merged._features.append(f.to(acc.device))
+                merged.add_features(f)
         out.append(merged)
     return out
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .frechet import _pick_device
+from .frechet import pick_device
 
 ArrayLike = Any  # numpy array or torch tensor, (N, D)
 
@@ -187,7 +187,7 @@ def prdc(
         raise InputError(f"max_real/max_fake must be >= nearest_k + 1 = {k + 1}")
     idx_r = _subset(n_real, int(max_real), seed, 0)
     idx_f = _subset(n_fake, int(max_fake), seed, 1)
-    dev = _pick_device(real, fake, device=device)
+    dev = pick_device(real, fake, device=device)
     # sklearn returns float32 distances only when both inputs are float32 (else it works in float64 throughout).
     out_dtype = torch.float32 if _float_dtype(real) == _float_dtype(fake) == "float32" else torch.float64
     r = _take_rows(real, idx_r, dev, "real features")
@@ -256,7 +256,7 @@ def mmd_subsets(
         raise InputError(f"need n_subsets >= 1 and subset_size >= 2, got {n_subsets} and {subset_size}")
     m = min(int(subset_size), n_real, n_fake)
     g = 1.0 / d if gamma is None else float(gamma)
-    dev = _pick_device(real, fake, device=device)
+    dev = pick_device(real, fake, device=device)
 
     # The subset draws of torch-fidelity's KID: one legacy RandomState, per subset a real draw then a generated
     # draw, each without replacement. RandomState streams are frozen across numpy versions (NEP 19).

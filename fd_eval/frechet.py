@@ -54,7 +54,9 @@ class FDResult:
 
 
 @dataclass(frozen=True)
-class _Factor:
+class CovFactor:
+    """A covariance S factored as B B^T (:func:`factor_covariance`); shared with :mod:`fd_eval.uncertainty`."""
+
     b: torch.Tensor  # (D, r) float64 with B B^T = PSD part of S
     trace: torch.Tensor  # () float64, trace of the PSD part
     rank: int
@@ -62,7 +64,8 @@ class _Factor:
     method: str
 
 
-def _as_f64(x: ArrayLike, device: torch.device) -> torch.Tensor:
+def as_f64(x: ArrayLike, device: torch.device) -> torch.Tensor:
+    """``x`` (array or tensor) as a float64 tensor on ``device`` (detached)."""
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device, dtype=torch.float64)
     return torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
@@ -76,7 +79,8 @@ def _storage_eps(x: ArrayLike) -> float:
     return float(np.finfo(dt).eps) if np.issubdtype(dt, np.floating) else 0.0
 
 
-def _pick_device(*xs: ArrayLike, device: str | torch.device | None) -> torch.device:
+def pick_device(*xs: ArrayLike, device: str | torch.device | None) -> torch.device:
+    """``device`` when given, else the first non-CPU tensor's device among ``xs``, else the CPU."""
     if device is not None:
         return torch.device(device)
     for x in xs:
@@ -85,7 +89,7 @@ def _pick_device(*xs: ArrayLike, device: str | torch.device | None) -> torch.dev
     return torch.device("cpu")
 
 
-def _check_inputs(mu: torch.Tensor, sigma: torch.Tensor, which: str) -> float:
+def check_inputs(mu: torch.Tensor, sigma: torch.Tensor, which: str) -> float:
     """Validate shapes/finiteness; return relative asymmetry of sigma."""
     if mu.ndim != 1:
         raise InvalidStatsError(f"{which}: mu must be a vector (D,), got shape {tuple(mu.shape)}")
@@ -106,7 +110,7 @@ def _check_inputs(mu: torch.Tensor, sigma: torch.Tensor, which: str) -> float:
     return asym
 
 
-def _factor(sigma: torch.Tensor, which: str, storage_eps: float = 0.0) -> _Factor:
+def factor_covariance(sigma: torch.Tensor, which: str, storage_eps: float = 0.0) -> CovFactor:
     """Factor the symmetrised sigma as B B^T; see the module docstring for the choice of method.
 
     On the eigh path, eigenvalues below max(d * eps64, storage_eps) * max(w) are indistinguishable from
@@ -118,7 +122,7 @@ def _factor(sigma: torch.Tensor, which: str, storage_eps: float = 0.0) -> _Facto
     d = s.shape[0]
     chol, info = torch.linalg.cholesky_ex(s)
     if int(info) == 0:
-        return _Factor(chol, torch.diagonal(s).sum(), d, 0.0, "cholesky")
+        return CovFactor(chol, torch.diagonal(s).sum(), d, 0.0, "cholesky")
     w, v = torch.linalg.eigh(s)
     wmin, wmax = float(w[0]), float(w[-1])  # eigh sorts ascending
     if wmin < -PSD_TOL * max(wmax, 0.0):
@@ -127,11 +131,11 @@ def _factor(sigma: torch.Tensor, which: str, storage_eps: float = 0.0) -> _Facto
             "it is not a covariance matrix"
         )
     if wmax <= 0:  # the zero matrix: a point mass
-        return _Factor(s.new_zeros((d, 0)), s.new_zeros(()), 0, 0.0, "eigh")
+        return CovFactor(s.new_zeros((d, 0)), s.new_zeros(()), 0, 0.0, "eigh")
     clipped = float(-w[w < 0].sum())
     keep = w > max(d * torch.finfo(torch.float64).eps, storage_eps) * wmax
     b = v[:, keep] * torch.sqrt(w[keep])
-    return _Factor(b, w.clamp_min(0).sum(), int(keep.sum()), clipped, "eigh")
+    return CovFactor(b, w.clamp_min(0).sum(), int(keep.sum()), clipped, "eigh")
 
 
 def frechet_distance_breakdown(
@@ -156,17 +160,17 @@ def frechet_distance_breakdown(
     Raises:
         InvalidStatsError: mismatched shapes, NaN/Inf, a clearly non-symmetric or non-PSD sigma.
     """
-    dev = _pick_device(mu1, sigma1, mu2, sigma2, device=device)
-    m1, s1, m2, s2 = (_as_f64(x, dev) for x in (mu1, sigma1, mu2, sigma2))
-    a1 = _check_inputs(m1, s1, "statistics 1")
-    a2 = _check_inputs(m2, s2, "statistics 2")
+    dev = pick_device(mu1, sigma1, mu2, sigma2, device=device)
+    m1, s1, m2, s2 = (as_f64(x, dev) for x in (mu1, sigma1, mu2, sigma2))
+    a1 = check_inputs(m1, s1, "statistics 1")
+    a2 = check_inputs(m2, s2, "statistics 2")
     if m1.shape != m2.shape:
         raise InvalidStatsError(
             f"feature dimensions differ: {m1.shape[0]} vs {m2.shape[0]}; both statistics must come from the "
             "same extractor"
         )
-    f1 = _factor(s1, "statistics 1", _storage_eps(sigma1))
-    f2 = _factor(s2, "statistics 2", _storage_eps(sigma2))
+    f1 = factor_covariance(s1, "statistics 1", _storage_eps(sigma1))
+    f2 = factor_covariance(s2, "statistics 2", _storage_eps(sigma2))
     diff = m1 - m2
     fd_mean = float(diff @ diff)
     if f1.rank and f2.rank:

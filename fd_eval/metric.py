@@ -33,17 +33,17 @@ from .api import (
     EvalResult,
     ModelsArg,
     WeightsArg,
-    configure_extractors,
     evaluate_stats,
-    load_extractors,
+    resolve_extractors,
     resolve_reference,
+    run_provenance,
 )
 from .errors import FDEvalError, InputError, InputRangeError, StatsMismatchError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .moments import MomentAccumulator
-from .pipeline import auto_device, available_cpus, shard_indices
-from .precision import precision_provenance, resolve_precision
-from .provenance import device_name, environment, versions
+from .options import RunOptions, make_options
+from .pipeline import available_cpus, place_extractors, shard_indices
+from .provenance import environment
 from .stats import Stats, check_compatible
 
 ValueRange = tuple[float, float]
@@ -150,15 +150,6 @@ def _layout(images: Any, who: str) -> tuple[torch.Tensor, bool]:
 
 
 # --- the metric ----------------------------------------------------------------------------------------------
-def _resize_on_device(extractors: Sequence[Extractor], device: torch.device) -> None:
-    """On a GPU, move the extractors' Pillow resize there unless placed explicitly: the batches are already on
-    the GPU, and the host resize would make every ``update`` wait for it (same pixels either way)."""
-    if device.type == "cuda":
-        for ex in extractors:
-            if ex.pil_resize_on == "auto":
-                ex.set_pil_resize_on("device")
-
-
 class FDMetric:
     """Fréchet distance of images fed batch by batch against a reference, torchmetrics-style.
 
@@ -169,6 +160,9 @@ class FDMetric:
             the ranks, and cached). Resolved and checked against the extractors at construction, so a wrong
             reference fails before any image is evaluated.
         weights: local weights (one path, or ``{model: path}``); default: the official files (downloaded once).
+        options, **kw: how it runs, a :class:`fd_eval.RunOptions` and/or its fields as keywords (``device``,
+            ``resize``, ``precision``, ``compile``, ``offline``; ``batch_size``, ``num_workers``, ``decode`` for an
+            image-source reference). The ones with a meaning of their own here:
         device: where features and accumulators live; default ``cuda`` (``cuda:LOCAL_RANK`` under torchrun)
             when available, else CPU.
         value_range: ``(0, 1)`` or ``(-1, 1)`` for float images (converted like a PNG save, :func:`to_uint8`);
@@ -216,21 +210,16 @@ class FDMetric:
         ref: Any = "gpic-test",
         *,
         weights: WeightsArg = None,
-        device: str | torch.device | None = None,
         value_range: Sequence[float] | None = None,
-        resize: str = "pil",
         validate: str | None = None,
         tolerance: float = DEFAULT_TOLERANCE,
         keep_features: bool = False,
         allow_mismatch: bool = False,
-        offline: bool | None = None,
         ref_image_transform: str | None = None,
         distributed: bool | None = None,
         extractors: Sequence[Extractor] | None = None,
-        batch_size: int | None = None,
-        num_workers: int | None = None,
-        precision: str | None = None,
-        compile: bool | None = None,
+        options: RunOptions | None = None,
+        **kw: Any,
     ):
         from .distributed import resolve_world
 
@@ -238,8 +227,8 @@ class FDMetric:
             raise FDEvalError(f"validate must be None, 'eager' or 'deferred', got {validate!r}")
         if not 0 <= tolerance < 1:
             raise FDEvalError(f"tolerance is a fraction of the value range's width, in [0, 1); got {tolerance}")
-        resolve_precision(precision, compile)  # a bad mode fails before anything loads
-        self.device = auto_device(device)
+        self.options = opts = make_options(options, kw, "FDMetric")
+        self.device = opts.torch_device()
         self.rank, self.world_size = resolve_world(world_size=1 if distributed is False else None,
                                                    device=self.device)
         self.value_range = _check_range(value_range)
@@ -247,18 +236,14 @@ class FDMetric:
         self.tolerance = float(tolerance)
         self.keep_features = keep_features
         self.allow_mismatch = allow_mismatch
-        if extractors is not None:
-            self.extractors = [ex.to(self.device) for ex in configure_extractors(extractors, precision, compile)]
-        else:
-            self.extractors = load_extractors(models, weights, self.device, resize, precision=precision,
-                                              compile=compile)
-        for ex in self.extractors:
-            ex.plan_run(None)
-        _resize_on_device(self.extractors, self.device)
-        self._ref = resolve_reference(ref, self.extractors, offline=offline, ref_image_transform=ref_image_transform,
-                                      keep_features=keep_features, device=self.device, batch_size=batch_size,
-                                      num_workers=num_workers, progress=False, rank=self.rank,
-                                      world_size=self.world_size)
+        self.extractors = resolve_extractors(models, extractors, weights, opts, self.device)
+        place_extractors(self.extractors, self.device, None, streaming=True)
+        # the reference (when an image source) is computed with these extractors, sharded over the ranks
+        self._ref = resolve_reference(ref, self.extractors, ref_image_transform=ref_image_transform,
+                                      keep_features=keep_features,
+                                      options=opts.replace(device=self.device, progress=False, rank=self.rank,
+                                                           world_size=self.world_size, precision=None,
+                                                           compile=None))
         self._check_reference()
         self._pool: ThreadPoolExecutor | None = None
         self._last_stats: dict[str, Stats] = {}
@@ -465,17 +450,9 @@ class FDMetric:
         results, w = evaluate_stats(gen, self._ref, allow_mismatch=self.allow_mismatch)
         t_fd = time.perf_counter() - t_fd
         self._last_stats = gen
-        prov = {
-            "versions": versions(),
-            "device": device_name(self.device),
-            "extractors": self._identity(),
-            "precision": precision_provenance(self.extractors, self.device),
-            "reference": self._ref.identity,
-            "generated": src,
-            "seed": provenance.get("seed"),
-            "world_size": self.world_size,
-            "timings": {"compute_s": time.perf_counter() - t0, "fd_s": t_fd},
-        }
+        prov = run_provenance(self.extractors, self.device, reference=self._ref.identity, generated=src,
+                              seed=provenance.get("seed"), world_size=self.world_size,
+                              timings={"compute_s": time.perf_counter() - t0, "fd_s": t_fd})
         return EvalResult(results, prov, w + warnings, [], gen).to_dict()
 
     def __repr__(self) -> str:
@@ -528,7 +505,8 @@ def evaluate_generator(
 
     ``metric``: an :class:`FDMetric` to reuse (it is reset first; ``ref``/``models``/``metric_kwargs`` are then
     ignored), so the extractor and reference load once per training run. Otherwise one is built from
-    ``ref``, ``models`` and ``metric_kwargs`` (``value_range``, ``weights``, ``device``, ``resize``, ...).
+    ``ref``, ``models`` and ``metric_kwargs`` (``value_range``, ``weights``, ``options``, or run options such as
+    ``device``, ``resize``, ...).
     Returns :meth:`FDMetric.compute`'s document; ``provenance["generated"]`` records n, batch_size and seed.
     """
     if metric is None:

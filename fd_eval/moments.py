@@ -18,8 +18,11 @@ from .errors import InputError
 class MomentAccumulator:
     """Running count, mean (D,) and centred second moment M2 (D, D), all float64 on ``device``.
 
-    Optionally keeps the float32 feature rows (``keep_features=True``) for PRDC/MMD/bootstrap.
+    Optionally keeps the float32 feature rows (``keep_features=True``) for PRDC/MMD/bootstrap. A
+    :class:`fd_eval.pipeline.FeatureConsumer` (``update(features, index)``; the index is not needed).
     """
+
+    uses_index = False  # the extraction loop need not move source indices to the device for this consumer
 
     def __init__(self, dim: int, device: str | torch.device | None = None, keep_features: bool = False):
         self.dim = int(dim)
@@ -33,8 +36,9 @@ class MomentAccumulator:
         self.m2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
         self._features: list[torch.Tensor] = []
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add a batch of feature rows x: (B, D), any float dtype, on ``self.device``."""
+    def update(self, x: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Add a batch of feature rows x: (B, D), any float dtype, on ``self.device``. ``index`` (the rows'
+        source positions, as the extraction loop passes them) is ignored: moments do not depend on order."""
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise InputError(f"features must have shape (B, {self.dim}), got {tuple(x.shape)}")
         b = x.shape[0]
@@ -45,9 +49,10 @@ class MomentAccumulator:
         xb = x.detach().to(torch.float64)
         mb = xb.mean(dim=0)
         xc = xb - mb
-        self._merge(b, mb, xc.T @ xc)
+        self.merge_moments(b, mb, xc.T @ xc)
 
-    def _merge(self, nb: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+    def merge_moments(self, nb: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Fold the triple (nb, mean_b (D,), M2_b (D, D)), float64 on ``self.device``, into the state (Chan)."""
         if nb == 0:
             return
         if self.n == 0:
@@ -63,10 +68,16 @@ class MomentAccumulator:
         """Fold ``other`` into ``self`` (in place; returns self). Merge order is the caller's choice."""
         if other.dim != self.dim:
             raise InputError(f"cannot merge moments of dimension {other.dim} into {self.dim}")
-        self._merge(other.n, other.mean.to(self.device), other.m2.to(self.device))
+        self.merge_moments(other.n, other.mean.to(self.device), other.m2.to(self.device))
         if self.keep_features:
             self._features.extend(f.to(self.device) for f in other._features)
         return self
+
+    def add_features(self, rows: torch.Tensor) -> None:
+        """Append kept feature rows (N, D) float32 (their moments are merged separately; no-op unless
+        ``keep_features``)."""
+        if self.keep_features:
+            self._features.append(rows.to(self.device))
 
     def covariance(self) -> torch.Tensor:
         """Unbiased covariance M2 / (n - 1), (D, D) float64, like ``np.cov(x, rowvar=False)``."""

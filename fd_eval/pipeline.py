@@ -16,35 +16,53 @@ the workers (PNG decoding is lossless, so those pixels are the exact path's). A 
 with PIL instead. nvJPEG's pixels are not libjpeg-turbo's (IDCT and chroma upsampling differ), so statistics
 record the decoder used (``preprocess.decode``) and are refused against PIL-decoded ones unless
 ``allow_mismatch``. Without a CUDA device ``decode="gpu"`` falls back to the exact PIL decode in the workers.
+One loop (:func:`run_units`) serves :func:`extract` and the resumable builder (:mod:`fd_eval.build`): a plan of
+units (index arrays into the source), per unit and extractor a list of :class:`FeatureConsumer` objects (the moment
+accumulator, feature rows, a nearest-neighbour search, ...) fed ``(features, index)`` model batch by model
+batch, and a callback when a unit's last image is in.
 """
 from __future__ import annotations
 
-import io
 import os
 import time
-import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import BadImageError, EmptySourceError, FDEvalError
+from .errors import EmptySourceError, FDEvalError
 from .extractors import Extractor
+from .gpu_decode import (  # noqa: F401 - re-exported: the pipeline's public GPU-decode names
+    DeviceDecoder,
+    EncodedDataset,
+    collate_encoded,
+    device_decode_spec,
+    device_decodes,
+)
+from .loader import Batch, ExtractorDataset, collate, h2d
 from .moments import MomentAccumulator
-from .preprocess import DECODE_PIL_RGB, pil_to_tensor
+from .options import DECODES
+from .preprocess import DECODE_PIL_RGB
 from .provenance import environment
-from .sources import Batch, ExtractorDataset, ImageSource, SkippedItem, SubsetSource, collate, decode_image
+from .sources import ImageSource, SkippedItem, SubsetSource
 from .stats import Stats
 
-DECODES = ("pil", "gpu")
-# Device types on which decode="gpu" decodes JPEGs in the main process (tests add "cpu" to exercise the path
-# with torchvision's CPU decoder, whose pixels equal Pillow's).
-_DEVICE_DECODE_TYPES: tuple[str, ...] = ("cuda",)
-_JPEG_SOI = b"\xff\xd8\xff"
-_JPEG_EOI = b"\xff\xd9"
+
+@runtime_checkable
+class FeatureConsumer(Protocol):
+    """What the extraction loop feeds, per extractor: :class:`MomentAccumulator`, feature rows, a top-K search...
+
+    ``update(features, index)``: features (B, D) float32 on the run's device, one extractor's output for B images;
+    index (B,) int64 positions of those images in the source being iterated (the full source, also under a
+    rank's shard or a build unit), on the same device. Calls come in source order within a unit.
+    """
+
+    def update(self, features: torch.Tensor, index: torch.Tensor) -> None: ...
+
+
 
 
 def available_cpus() -> int:
@@ -127,130 +145,28 @@ def check_decode(decode: str, extractors: Sequence[Extractor], image_transform: 
                           "resize on the host); use --decode pil")
 
 
-def device_decodes(decode: str, device: torch.device) -> bool:
-    """Whether ``decode`` makes this pass decode JPEGs on ``device`` (False: PIL in the workers)."""
-    return decode == "gpu" and device.type in _DEVICE_DECODE_TYPES
+# --- where each extractor runs, and where its Pillow resize runs (the one place that decides) -----------------
+def place_extractors(extractors: Sequence[Extractor], device: torch.device, n_images: int | None, *,
+                     streaming: bool = False) -> None:
+    """Move the extractors to ``device`` and plan the pass (``compile=None`` resolved for ``n_images``).
+
+    Where a Pillow-resizing protocol resizes (same pixels either way, :meth:`Extractor.set_pil_resize_on`):
+    left to the extractor ("auto": the device in fast mode on a GPU, else the DataLoader workers) for a pass
+    over a source; for ``streaming`` input (:class:`fd_eval.FDMetric`: batches already on the GPU) on the
+    device whenever it is a GPU, unless placed explicitly, since a host resize would make every update wait.
+    """
+    for ex in extractors:  # first: where an extractor resizes (host or device) depends on its device
+        ex.to(device)
+        ex.plan_run(n_images)
+    place_pil_resize(extractors, device, streaming=streaming)
 
 
-def device_decode_spec(device: torch.device) -> str:
-    """What statistics record as ``preprocess.decode`` when JPEGs were decoded on ``device``."""
-    return (f"torchvision.io.decode_jpeg(mode=RGB, device='{device.type}') for RGB JPEGs (nvJPEG on CUDA); "
-            f"{DECODE_PIL_RGB} for other images and JPEGs it rejects")
-
-
-def _device_decodable(data: bytes, max_pixels: int | None) -> bool:
-    """A complete YCbCr JPEG within the pixel limit, from its header and its end (CMYK, grayscale, oversized
-    and cut-off files go through PIL, whose conversions and errors are the reference's: a GPU decoder is not
-    known to refuse truncated data, so a file must end with the EOI marker, give or take trailing padding)."""
-    if not data.startswith(_JPEG_SOI) or _JPEG_EOI not in data[-64:]:
-        return False
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # reads the header only
-            w, h = im.size
-            limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else (max_pixels or None)
-            return im.format == "JPEG" and im.mode == "RGB" and (limit is None or w * h <= limit)
-    except Exception:  # noqa: BLE001 - let PIL's full decode report it
-        return False
-
-
-class EncodedDataset(ExtractorDataset):
-    """``decode="gpu"``: item ``i`` is ``(i, [x])`` with x the encoded bytes of an RGB JPEG as a 1-D uint8 tensor
-    (decoded on the device), or the PIL-decoded image as uint8 (3, H, W) (not resized: every extractor of a
-    GPU-decode pass resizes on the device), or a :class:`SkippedItem`."""
-
-    def __getitem__(self, i: int) -> "tuple[int, list[torch.Tensor]] | SkippedItem":
-        src = self.source
-        try:
-            data = src.read_encoded(i)
-        except BadImageError as e:
-            return SkippedItem(int(i), getattr(e, "item", src.describe(i)), getattr(e, "reason", str(e)), str(e))
-        if data is None:  # decoded pixels (arrays): the ordinary path
-            img, err = src._load_or_error(i)
-        elif _device_decodable(data, src.max_image_pixels):
-            return int(i), [torch.frombuffer(bytearray(data), dtype=torch.uint8)]
-        else:
-            try:
-                img, err = decode_image(data, lambda: src.describe(i), max_image_pixels=src.max_image_pixels), None
-            except BadImageError as e:
-                img, err = None, e
-        if err is not None:
-            return SkippedItem(int(i), getattr(err, "item", src.describe(i)), getattr(err, "reason", str(err)),
-                               str(err))
-        return int(i), [pil_to_tensor(img)]
-
-
-def collate_encoded(items: Sequence["tuple[int, list[torch.Tensor]] | SkippedItem"]) -> Batch:
-    """:func:`fd_eval.sources.collate` that never stacks encoded bytes (1-D tensors stay a list)."""
-    ok = [it for it in items if not isinstance(it, SkippedItem)]
-    if ok and any(t[0].ndim == 1 for _, t in ok):
-        skipped = [it for it in items if isinstance(it, SkippedItem)]
-        return Batch(torch.tensor([i for i, _ in ok], dtype=torch.int64), [[t[0] for _, t in ok]], skipped)
-    return collate(items)
-
-
-class DeviceDecoder:
-    """Decodes the encoded JPEGs of a ``decode="gpu"`` batch on the device, in one batched call; on failure one
-    by one, and a JPEG the device decoder rejects with PIL (the reference decoder; its errors name the item)."""
-
-    def __init__(self, device: torch.device):
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        def decode(data: Any, mode: Any, device: torch.device) -> Any:
-            with warnings.catch_warnings():
-                # torchvision >= 0.29 warns on every call that its codecs are deprecated in favour of TorchCodec
-                # (not a dependency of fd-eval); decode_jpeg still works and this path is opt-in
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(data, mode=mode, device=device)
-
-        self.device = device
-        self._decode, self._mode = decode, ImageReadMode.RGB
-        self.n_device = 0
-        self.n_fallback = 0
-
-    def _one(self, data: torch.Tensor) -> torch.Tensor | None:
-        try:
-            return self._decode(data, mode=self._mode, device=self.device)
-        except Exception:  # noqa: BLE001 - nvJPEG's refusal of one file: PIL decides
-            return None
-
-    def __call__(self, batch: Batch, ds: ExtractorDataset, stream: "torch.cuda.Stream | None"
-                 ) -> tuple[list[torch.Tensor] | torch.Tensor, list[SkippedItem]]:
-        x = batch.inputs[0]
-        if isinstance(x, torch.Tensor):  # every item decoded by PIL in the workers
-            return _h2d(x, self.device, stream), []
-        enc = [k for k, t in enumerate(x) if t.ndim == 1]
-        out: list[torch.Tensor | None] = [None] * len(x)
-        for k, t in enumerate(x):
-            if t.ndim != 1:
-                out[k] = _h2d(t, self.device, stream)
-        decoded: list[torch.Tensor | None]
-        try:
-            decoded = list(self._decode([x[k] for k in enc], mode=self._mode, device=self.device))
-        except Exception:  # noqa: BLE001 - one bad file fails the batched call: retry one by one
-            decoded = [self._one(x[k]) for k in enc]
-        bad: list[SkippedItem] = []
-        for k, img in zip(enc, decoded):
-            if img is None:
-                index = int(batch.indices[k])
-                try:
-                    pil = decode_image(x[k].numpy().tobytes(), lambda: ds.source.describe(index),
-                                       max_image_pixels=ds.source.max_image_pixels)
-                except BadImageError as e:
-                    bad.append(SkippedItem(index, getattr(e, "item", ds.source.describe(index)),
-                                           getattr(e, "reason", str(e)), str(e)))
-                    continue
-                out[k] = _h2d(pil_to_tensor(pil), self.device, stream)
-                self.n_fallback += 1
-            else:
-                out[k] = img
-                self.n_device += 1
-        if bad and not ds.skip_bad:
-            s = bad[0]
-            err = BadImageError(s.message or f"{s.name}: {s.reason}")
-            err.item, err.reason = s.name, s.reason  # type: ignore[attr-defined]
-            raise err
-        kept = [t for t in out if t is not None]
-        return kept, bad
+def place_pil_resize(extractors: Sequence[Extractor], device: torch.device, *, streaming: bool) -> None:
+    """The placement rule of :func:`place_extractors` alone (extractors placed explicitly keep their choice)."""
+    if streaming and device.type == "cuda":
+        for ex in extractors:
+            if ex.pil_resize_on == "auto":
+                ex.set_pil_resize_on("device")
 
 
 def make_dataset(source: ImageSource, extractors: Sequence[Extractor], device: torch.device, *, decode: str = "pil",
@@ -275,26 +191,13 @@ def make_loader(ds: ExtractorDataset, collate_fn: Callable, device: torch.device
 
 
 # --- the device side ----------------------------------------------------------------------------------------
-def _h2d(x: torch.Tensor, device: torch.device, stream: "torch.cuda.Stream | None") -> torch.Tensor:
-    """Non-blocking copy to ``device``; on a CUDA side stream when given, so it overlaps the compute already
-    queued on the current stream (which then waits for the copy, and owns the memory: record_stream)."""
-    if stream is None or x.device.type != "cpu":
-        return x.to(device, non_blocking=True)
-    with torch.cuda.stream(stream):
-        y = x.to(device, non_blocking=True)
-    current = torch.cuda.current_stream(device)
-    current.wait_stream(stream)
-    y.record_stream(current)
-    return y
-
-
-def _model_input(ex: Extractor, x: torch.Tensor | list[torch.Tensor], device: torch.device,
+def model_input(ex: Extractor, x: torch.Tensor | list[torch.Tensor], device: torch.device,
                  stream: "torch.cuda.Stream | None" = None) -> torch.Tensor:
     """The float32 network input (B, 3, H, W) of one collated input on ``device``. A list (mixed image sizes,
     resized on the device) is converted run by run of equal size, then concatenated."""
     with torch.inference_mode():
         if isinstance(x, torch.Tensor):
-            return ex.model_input(_h2d(x, device, stream))
+            return ex.model_input(h2d(x, device, stream))
         runs, run = [], [x[0]]
         for t in x[1:]:
             if t.shape == run[0].shape:
@@ -303,7 +206,7 @@ def _model_input(ex: Extractor, x: torch.Tensor | list[torch.Tensor], device: to
                 runs.append(run)
                 run = [t]
         runs.append(run)
-        return torch.cat([ex.model_input(_h2d(torch.stack(r), device, stream)) for r in runs])
+        return torch.cat([ex.model_input(h2d(torch.stack(r), device, stream)) for r in runs])
 
 
 def loader_chunk(batch_size: int, device: torch.device) -> int:
@@ -318,55 +221,76 @@ def loader_chunk(batch_size: int, device: torch.device) -> int:
     return min(batch_size, 32) if device.type == "cuda" else batch_size
 
 
-class BatchRunner:
-    """Collated items through every extractor into its accumulator (shared by :func:`extract` and the resumable
-    builder).
 
-    Each item's images are converted to network inputs on the device at once (:func:`_model_input`; on a CUDA
+class BatchRunner:
+    """Collated items through every extractor into its consumers (the engine of :func:`run_units`).
+
+    Each item's images are converted to network inputs on the device at once (:func:`model_input`; on a CUDA
     side stream); the network runs on model batches of exactly ``batch_size`` images, joined from consecutive
-    items (None: one model batch per item). :meth:`flush` runs what is left. Calls return the item's skipped
-    entries (positions in the dataset) and the number of images taken.
+    items (None: one model batch per item), their source indices joined alongside (``index_map``: dataset
+    position -> source index; None: the same). :meth:`flush` runs what is left. Calls return the number of
+    images taken and the item's skipped entries (positions in the dataset).
     """
 
     def __init__(self, ds: ExtractorDataset, extractors: Sequence[Extractor], device: torch.device, decode: str,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, index_map: np.ndarray | None = None):
         self.ds, self.extractors, self.device = ds, list(extractors), device
         self.batch_size = batch_size
+        self.index_map = None if index_map is None else torch.from_numpy(np.asarray(index_map, dtype=np.int64))
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.decoder = DeviceDecoder(device) if device_decodes(decode, device) else None
-        self._queued: list[list[torch.Tensor]] = [[] for _ in self.extractors]  # network inputs, per extractor
+        self.queued: list[list[torch.Tensor]] = [[] for _ in self.extractors]  # network inputs, per extractor
+        self.queued_index: list[torch.Tensor] = []  # int64 source indices of the queued images (CPU)
         self.n_queued = 0
 
-    def __call__(self, batch: Batch, accs: Sequence[MomentAccumulator]) -> tuple[int, list[SkippedItem]]:
+    def __call__(self, batch: Batch, consumers: Sequence[Any]) -> tuple[int, list[SkippedItem]]:
+        """``consumers``: per extractor a list of :class:`FeatureConsumer` (or one consumer)."""
+        per_ex = _per_extractor(consumers)
         skipped = list(self.ds.check(batch))  # raises the one-line BadImageError unless skip_bad
         if not len(batch):
             return 0, skipped
+        positions = batch.indices
         if self.decoder is not None:
             images, bad = self.decoder(batch, self.ds, self.stream)
             skipped += bad
+            if bad:
+                gone = {s.index for s in bad}
+                positions = torch.tensor([i for i in batch.indices.tolist() if i not in gone], dtype=torch.int64)
             n = len(batch) - len(bad)
             inputs = [images] * len(self.extractors)
         else:
             n, inputs = len(batch), batch.inputs
         if n:
-            for q, ex, x in zip(self._queued, self.extractors, inputs):
-                q.append(_model_input(ex, x, self.device, self.stream))
+            for q, ex, x in zip(self.queued, self.extractors, inputs):
+                q.append(model_input(ex, x, self.device, self.stream))
+            self.queued_index.append(positions if self.index_map is None else self.index_map[positions])
             self.n_queued += n
             while self.n_queued >= (self.batch_size or self.n_queued):
-                self._run(accs, self.batch_size or self.n_queued)
+                self._run(per_ex, self.batch_size or self.n_queued)
         return n, skipped
 
-    def flush(self, accs: Sequence[MomentAccumulator]) -> None:
+    def flush(self, consumers: Sequence[Any]) -> None:
         """Run the queued images (fewer than a model batch) through the networks."""
         if self.n_queued:
-            self._run(accs, self.n_queued)
+            self._run(_per_extractor(consumers), self.n_queued)
 
-    def _run(self, accs: Sequence[MomentAccumulator], m: int) -> None:
-        for j, (ex, acc) in enumerate(zip(self.extractors, accs)):
-            q = self._queued[j]
+    def _run(self, consumers: list[list[FeatureConsumer]], m: int) -> None:
+        qi = self.queued_index
+        idx = qi[0] if len(qi) == 1 else torch.cat(qi)
+        self.queued_index = [idx[m:]] if idx.shape[0] > m else []
+        idx, on_device = idx[:m], None
+        for j, (ex, cs) in enumerate(zip(self.extractors, consumers)):
+            q = self.queued[j]
             x = q[0] if len(q) == 1 else torch.cat(q)
-            acc.update(ex.forward_input(x[:m]))
-            self._queued[j] = [x[m:]] if x.shape[0] > m else []
+            feats = ex.forward_input(x[:m])
+            for c in cs:
+                if getattr(c, "uses_index", True):  # moments need no index: no copy to the device for them
+                    if on_device is None:
+                        on_device = idx.to(self.device, non_blocking=True)
+                    c.update(feats, on_device)
+                else:
+                    c.update(feats, idx)
+            self.queued[j] = [x[m:]] if x.shape[0] > m else []
         self.n_queued -= m
 
     @property
@@ -374,10 +298,98 @@ class BatchRunner:
         return self.decoder.n_device if self.decoder is not None else 0
 
 
+def _per_extractor(consumers: Sequence[Any]) -> list[list[FeatureConsumer]]:
+    return [list(c) if isinstance(c, (list, tuple)) else [c] for c in consumers]
+
+
 def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:
     """Contiguous block ``rank`` of ``world_size`` nearly equal blocks of range(n) (sizes differ by <= 1)."""
     bounds = np.linspace(0, n, world_size + 1).round().astype(np.int64)
     return np.arange(bounds[rank], bounds[rank + 1], dtype=np.int64)
+
+
+@dataclass
+class UnitDone:
+    """What :func:`run_units` hands ``on_unit`` when unit ``k`` is complete: its consumers (per extractor), its
+    skipped items (source indices), images taken, images decoded on the device, and seconds since it started."""
+
+    k: int
+    consumers: list[list[FeatureConsumer]]
+    skipped: list[SkippedItem]
+    n_images: int
+    device_decoded: int
+    seconds: float
+
+
+def run_units(
+    source: ImageSource,
+    extractors: Sequence[Extractor],
+    units: Sequence[np.ndarray],
+    consumers: Callable[[int], Sequence[Any]],
+    *,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int,
+    decode: str = "pil",
+    skip_bad: bool | None = None,
+    image_transform: Callable[[Image.Image], Image.Image] | None = None,
+    on_unit: Callable[[UnitDone], None] | None = None,
+    bar: Any = None,
+    n_planned: int | None = None,
+) -> list[UnitDone]:
+    """The extraction loop: every unit of ``units`` (int64 index arrays into ``source``) through every extractor.
+
+    One DataLoader over all units keeps the decode workers busy across unit boundaries. Batches never straddle
+    units: a unit's images run in model batches of ``batch_size`` from its first image (the last may be short),
+    so a unit's features, and anything accumulated from them, depend only on its images and the batch size.
+    ``consumers(k)`` gives unit k's consumers when it starts (per extractor: a list, or one consumer);
+    ``on_unit`` is called as soon as its last image is in. ``n_planned``: the images of the whole pass (over
+    all ranks; default: these units'), for :meth:`Extractor.plan_run`. Returns the :class:`UnitDone` of every unit.
+    """
+    units = [np.asarray(u, dtype=np.int64) for u in units]
+    if not units:
+        return []
+    all_idx = np.concatenate(units)
+    place_extractors(extractors, device, n_planned or len(all_idx))
+    whole = len(all_idx) == len(source) and bool(np.array_equal(all_idx, np.arange(len(source))))
+    ds, collate_fn = make_dataset(source if whole else SubsetSource(source, all_idx), extractors, device,
+                                  decode=decode, skip_bad=skip_bad, image_transform=image_transform)
+    chunk = loader_chunk(batch_size, device)
+    batches: list[list[int]] = []  # DataLoader items (loader_chunk images); the runner joins them
+    owner: list[int] = []  # the unit of each item
+    off = 0
+    for k, u in enumerate(units):
+        for s in range(0, len(u), chunk):
+            batches.append(list(range(off + s, off + min(s + chunk, len(u)))))
+            owner.append(k)
+        off += len(u)
+    last = {k: i for i, k in enumerate(owner)}  # index of each unit's final item
+    loader = make_loader(ds, collate_fn, device, num_workers, batch_sampler=batches)
+    runner = BatchRunner(ds, extractors, device, decode, batch_size=batch_size, index_map=None if whole else all_idx)
+    done: list[UnitDone] = []
+    cs: list[list[FeatureConsumer]] = []
+    skipped: list[SkippedItem] = []
+    n = decoded_before = 0
+    t0 = time.perf_counter()
+    for i, batch in enumerate(loader):
+        k = owner[i]
+        if not cs:
+            cs = _per_extractor(consumers(k))
+        took, bad = runner(batch, cs)  # raises the one-line BadImageError unless skip_bad
+        n += took
+        skipped += [s if whole or s.index is None else replace(s, index=int(all_idx[s.index])) for s in bad]
+        if bar is not None:
+            bar.update(len(batch) + len(batch.skipped))
+        if i != last[k]:
+            continue
+        runner.flush(cs)  # the unit's last, partial model batch
+        unit = UnitDone(k, cs, skipped, n, runner.device_decoded - decoded_before, time.perf_counter() - t0)
+        decoded_before = runner.device_decoded
+        done.append(unit)
+        if on_unit is not None:
+            on_unit(unit)
+        cs, skipped, n, t0 = [], [], 0, time.perf_counter()
+    return done
 
 
 def extract(
@@ -395,6 +407,7 @@ def extract(
     desc: str = "features",
     rank: int = 0,
     world_size: int = 1,
+    consumers: Sequence[Sequence[FeatureConsumer]] | None = None,
 ) -> Extraction:
     """Run every extractor over ``source`` (this rank's block of it) in one decoding pass.
 
@@ -402,47 +415,46 @@ def extract(
     resize on the device and no ``image_transform``). The extractors' precision modes are theirs
     (:meth:`Extractor.set_precision`).
 
+    ``consumers``: per extractor, more :class:`FeatureConsumer` objects fed beside its moment accumulator (with the
+    images' indices into ``source``).
+
     Returns the per-extractor float64 moment accumulators (on ``device``), merged over ranks when
     ``world_size > 1`` (a collective on the default process group, see :mod:`fd_eval.distributed`: every rank
     must call it; every rank gets the merged result; an :class:`FDEvalError` on any rank is raised on all).
     """
     dev = auto_device(device)
-    for ex in extractors:  # first: where an extractor resizes (host or device) depends on its device
-        ex.to(dev)
-        ex.plan_run(len(source))
+    place_extractors(extractors, dev, len(source))
     check_decode(decode, extractors, image_transform)
     if len(source) == 0:
         raise EmptySourceError(f"{source.spec}: no images to evaluate")
-    part = source if world_size == 1 else SubsetSource(source, shard_indices(len(source), rank, world_size))
+    mine = shard_indices(len(source), rank, world_size)
     workers = default_num_workers(dev) if num_workers is None else num_workers
     bs = batch_size or default_batch_size(dev)
-    ds, collate_fn = make_dataset(part, extractors, dev, decode=decode, skip_bad=skip_bad,
-                                  image_transform=image_transform)
-    loader = make_loader(ds, collate_fn, dev, workers, batch_size=loader_chunk(bs, dev))
     accs = [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
-    runner = BatchRunner(ds, extractors, dev, decode, batch_size=bs)
+    extra = [list(c) for c in consumers] if consumers is not None else [[] for _ in extractors]
+    if len(extra) != len(extractors):
+        raise FDEvalError(f"consumers: one list per extractor ({len(extractors)}), got {len(extra)}")
     result = Extraction(accs)
     t0 = time.perf_counter()
     error: FDEvalError | None = None
-    with tqdm(total=len(part), unit="img", desc=desc, disable=not progress or rank != 0, smoothing=0.1) as bar:
+    device_decoded = 0
+    with tqdm(total=len(mine), unit="img", desc=desc, disable=not progress or rank != 0, smoothing=0.1) as bar:
         try:
-            for batch in loader:
-                n, skipped = runner(batch, accs)
-                result.skipped += skipped
-                result.n_images += n
-                bar.update(len(batch) + len(batch.skipped))
-            runner.flush(accs)
+            # skipped indices come back as indices into the source (also under a rank's block)
+            for u in run_units(source, extractors, [mine], lambda k: [[a, *e] for a, e in zip(accs, extra)],
+                               device=dev, batch_size=bs, num_workers=workers, decode=decode, skip_bad=skip_bad,
+                               image_transform=image_transform, bar=bar, n_planned=len(source)):
+                result.skipped += u.skipped
+                result.n_images += u.n_images
+                device_decoded += u.device_decoded
         except FDEvalError as e:
             if world_size == 1:
                 raise
             error = e  # the other ranks are about to wait for this one in the merge: tell them instead
-    result.device_decoded = runner.device_decoded
+    result.device_decoded = device_decoded
     if world_size > 1:
         from .distributed import all_gather_json, merge_extraction
 
-        # skipped indices are positions in this rank's block; report them as indices into the source
-        result.skipped = [replace(s, index=None if s.index is None else int(part.indices[s.index]))
-                          for s in result.skipped]
         merge_extraction(result, error=error)
         if decode == "gpu":  # same argument on every rank, so every rank joins this collective
             result.device_decoded = sum(all_gather_json(result.device_decoded))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .frechet import _as_f64, _check_inputs, _factor, _Factor, _pick_device
+from .frechet import CovFactor, as_f64, check_inputs, factor_covariance, pick_device
 from .moments import MomentAccumulator
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -39,7 +39,7 @@ _BLOCK_ROWS = 8192
 @dataclass(frozen=True)
 class _Reference:
     mu: torch.Tensor  # (D,) float64
-    factor: _Factor  # of the reference covariance, computed once
+    factor: CovFactor  # of the reference covariance, computed once
 
 
 def _prepare_reference(ref: RefLike, device: torch.device) -> _Reference:
@@ -50,15 +50,15 @@ def _prepare_reference(ref: RefLike, device: torch.device) -> _Reference:
             mu, sigma = ref
         except (TypeError, ValueError) as e:
             raise InputError("ref must be a fd_eval.Stats or a (mu, sigma) pair") from e
-    m, s = _as_f64(mu, device), _as_f64(sigma, device)
-    _check_inputs(m, s, "reference statistics")
-    return _Reference(m, _factor(s, "reference statistics"))
+    m, s = as_f64(mu, device), as_f64(sigma, device)
+    check_inputs(m, s, "reference statistics")
+    return _Reference(m, factor_covariance(s, "reference statistics"))
 
 
 def _fd_against(ref: _Reference, mu: torch.Tensor, sigma: torch.Tensor) -> float:
     """FD(mu, sigma; ref) with the arithmetic of ``frechet_distance(mu, sigma, ref_mu, ref_sigma)`` (the
     reference factor is reused instead of recomputed, so results are bit-identical to it)."""
-    f = _factor(sigma, "generated statistics")
+    f = factor_covariance(sigma, "generated statistics")
     diff = mu - ref.mu
     fd_mean = float(diff @ diff)
     tr_sqrt = float(torch.linalg.svdvals(f.b.T @ ref.factor.b).sum()) if (f.rank and ref.factor.rank) else 0.0
@@ -168,7 +168,7 @@ def fd_infinity(
     """
     if n_reps < 1:
         raise InputError(f"n_reps must be >= 1, got {n_reps}")
-    dev = _pick_device(gen_features, device=device)
+    dev = pick_device(gen_features, device=device)
     reference = _prepare_reference(ref, dev)
     dim = int(reference.mu.shape[0])
     x = _features(gen_features, dim, dev, "generated features", 4)
@@ -312,7 +312,7 @@ def bootstrap_fd(
         raise InputError(f"target must be 'n' or 'infinity', got {target!r}")
     if method not in ("normal", "basic"):
         raise InputError(f"method must be 'normal' or 'basic', got {method!r}")
-    dev = _pick_device(gen_features, device=device)
+    dev = pick_device(gen_features, device=device)
     reference = _prepare_reference(ref, dev)
     dim = int(reference.mu.shape[0])
     x = _features(gen_features, dim, dev, "generated features", 3)

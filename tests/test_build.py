@@ -113,7 +113,7 @@ def test_build_from_gpic_shards_matches_independent_features(world, serial):
 
 def test_loader_items_smaller_than_the_model_batch_give_the_same_units(world, serial, tmp_path, monkeypatch):
     """1-image loader items (GPU-style items smaller than the model batch) joined per unit: same bits."""
-    monkeypatch.setattr(build, "loader_chunk", lambda bs, dev: 1)
+    monkeypatch.setattr(fd_eval.pipeline, "loader_chunk", lambda bs, dev: 1)
     _same(_build(world, tmp_path / "s.safetensors")[MODEL], serial)
 
 

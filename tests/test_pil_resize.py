@@ -120,13 +120,13 @@ def test_placement_policy(ckpt, monkeypatch):
 
 
 def test_the_metric_resizes_on_a_gpu_unless_told_otherwise(ckpt):
-    from fd_eval.metric import _resize_on_device
+    from fd_eval.pipeline import place_pil_resize
 
     auto, host = (load_extractor("dinov2-vits14", weights=ckpt) for _ in range(2))
     host.set_pil_resize_on("host")
-    _resize_on_device([auto, host], torch.device("cpu"))
+    place_pil_resize([auto, host], torch.device("cpu"), streaming=True)
     assert auto.pil_resize_on == "auto" and auto.resizes_on_host  # a CPU metric keeps Pillow
-    _resize_on_device([auto, host], torch.device("cuda", 0))  # the rule only: no GPU here
+    place_pil_resize([auto, host], torch.device("cuda", 0), streaming=True)  # the rule only: no GPU here
     assert auto.pil_resize_on == "device" and host.pil_resize_on == "host"
 
 

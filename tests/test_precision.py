@@ -23,7 +23,7 @@ from PIL import Image
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops, save_images
-from fd_eval import pipeline, precision
+from fd_eval import gpu_decode, pipeline, precision
 from fd_eval.cli import main
 from fd_eval.errors import BadImageError, FDEvalError, StatsMismatchError
 from fd_eval.precision import LazyCompiled, Precision, exact_numerics, fast_numerics, tf32_state
@@ -258,7 +258,7 @@ def test_gpu_decode_falls_back_to_pil_on_cpu_and_its_device_path_gives_the_same_
     ref = fd_eval.compute_stats(world["jpg"], **opts)[MODEL]
     fallback = fd_eval.compute_stats(world["jpg"], decode="gpu", **opts)[MODEL]  # no CUDA: PIL in the workers
     assert np.array_equal(fallback.mu, ref.mu) and fallback.metadata["preprocess"] == ref.metadata["preprocess"]
-    monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))  # torchvision's CPU JPEG decoder
+    monkeypatch.setattr(gpu_decode, "DEVICE_DECODE_TYPES", ("cuda", "cpu"))  # torchvision's CPU JPEG decoder
     dev = fd_eval.compute_stats(world["jpg"], decode="gpu", **opts)[MODEL]
     assert dev.metadata["preprocess"]["decode"].startswith("torchvision.io.decode_jpeg(mode=RGB, device='cpu')")
     np.testing.assert_allclose(dev.mu, ref.mu, rtol=0, atol=1e-6 * np.abs(ref.mu).max())
@@ -277,9 +277,9 @@ def test_gpu_decode_falls_back_to_pil_on_cpu_and_its_device_path_gives_the_same_
     skipped = fd_eval.compute_stats(bad_dir, decode="gpu", skip_bad=True, **opts)[MODEL]
     assert skipped.n == 2 and skipped.metadata["source"]["skipped"] == 1
     # a cut-off file never reaches the device decoder (it may not refuse it): PIL decides, as above
-    assert not pipeline._device_decodable(data[: len(data) // 3], None) and pipeline._device_decodable(data, None)
+    assert not gpu_decode.device_decodable(data[: len(data) // 3], None) and gpu_decode.device_decodable(data, None)
     # the device decoder's own refusal falls back to PIL for that file only
-    monkeypatch.setattr(pipeline, "_device_decodable", lambda data, limit: data.startswith(pipeline._JPEG_SOI))
+    monkeypatch.setattr(gpu_decode, "device_decodable", lambda data, limit: data.startswith(gpu_decode.JPEG_SOI))
     with pytest.raises(BadImageError, match=r"b\.jpg.*truncated"):
         fd_eval.compute_stats(bad_dir, decode="gpu", **opts)
 

@@ -253,7 +253,7 @@ def test_fingerprint_tar_and_index_cache(tmp_path, images, monkeypatch):
     def no_scan(path):
         raise AssertionError(f"rescanned {path}")
 
-    monkeypatch.setattr(sources, "_scan_tar", no_scan)
+    monkeypatch.setattr(sources.discovery, "scan_tar", no_scan)
     again = open_source(spec)
     assert again.fingerprint() == fp and [again.describe(i) for i in range(4)] == [src.describe(i) for i in range(4)]
     np.testing.assert_array_equal(np.asarray(again.load(3)), images[3])

@@ -1,16 +1,18 @@
 """The click group, error handling and output helpers shared by every command."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
 from .._version import __version__
 from ..errors import FDEvalError
 from ..io_utils import atomic_write
+from ..options import DECODES, OPTION_HELP, PRECISIONS, RESIZES, RunOptions
 
 
 class _Group(click.Group):
@@ -65,17 +67,63 @@ def warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
 
 
-def speed_options() -> list:
-    """``--precision``, ``--compile/--no-compile``, ``--decode`` (shared with `ceiling`)."""
-    return [
-        click.option("--precision", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
-                     help="exact: float32, TF32 off (the protocol's numbers); fast: bfloat16 autocast for DINOv2, "
-                          "TF32 for Inception (faster on GPUs; refused against exact references unless "
-                          "--allow-mismatch)."),
-        click.option("--compile/--no-compile", "compile_model", default=None,
-                     help="torch.compile the network with --precision fast [default: only on a GPU for passes "
-                          "of >= 200K images]."),
-        click.option("--decode", type=click.Choice(["pil", "gpu"]), default="pil", show_default=True,
-                     help="gpu: decode JPEGs on the GPU (nvJPEG; needs --resize torch for DINOv2; other formats "
-                          "and CPU runs use PIL)."),
+def _run_option_params(offline: bool) -> list:
+    """The click options of :class:`fd_eval.RunOptions` (help texts from :data:`fd_eval.options.OPTION_HELP`)."""
+    h = OPTION_HELP
+    params = [
+        click.option("--device", default="auto", show_default=True, help=h["device"]),
+        click.option("--batch-size", type=int, default=None, help=h["batch_size"]),
+        click.option("--num-workers", type=int, default=None, help=h["num_workers"]),
+        click.option("--resize", type=click.Choice(list(RESIZES)), default=None, help=h["resize"]),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="exact", show_default=True,
+                     help=h["precision"]),
+        click.option("--compile/--no-compile", "compile_model", default=None, help=h["compile"]),
+        click.option("--decode", type=click.Choice(list(DECODES)), default="pil", show_default=True, help=h["decode"]),
+        click.option("--skip-bad", is_flag=True, help=h["skip_bad"]),
+        click.option("--quiet", "-q", is_flag=True, help=h["progress"]),
     ]
+    if offline:
+        params.append(click.option("--offline", is_flag=True, default=None, help=h["offline"]))
+    return params
+
+
+_RUN_PARAMS = ("device", "batch_size", "num_workers", "resize", "precision", "compile_model", "decode", "skip_bad",
+               "quiet", "offline")
+
+
+def run_options(offline: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The one decorator that gives a command the run options (``--device``, ``--batch-size``,
+    ``--num-workers``, ``--resize``, ``--precision``, ``--compile/--no-compile``, ``--decode``, ``--skip-bad``,
+    ``--quiet``, and ``--offline`` when ``offline``) and hands it ``options``: a validated
+    :class:`fd_eval.RunOptions` (a bad value is the usual one-line ``Error:``)."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def command(*args: Any, **kw: Any) -> Any:
+            v = {k: kw.pop(k) for k in _RUN_PARAMS if k in kw}
+            kw["options"] = RunOptions(
+                device=v["device"], batch_size=v["batch_size"], num_workers=v["num_workers"], resize=v["resize"],
+                precision=v["precision"], compile=v["compile_model"], decode=v["decode"], skip_bad=v["skip_bad"],
+                progress=not v["quiet"], offline=v.get("offline"))
+            return f(*args, **kw)
+
+        for p in reversed(_run_option_params(offline)):
+            command = p(command)
+        return command
+
+    return decorate
+
+
+def weights_arg(values: tuple[str, ...]) -> Any:
+    """``--weights PATH`` (one model) or repeated ``--weights MODEL=PATH``."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r}: with several --weights use MODEL=PATH", param_hint="--weights")
+        k, path = v.split("=", 1)
+        out[k] = path
+    return out

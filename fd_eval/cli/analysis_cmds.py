@@ -10,7 +10,8 @@ import click
 from ..analysis import AnalysisSpec, analyze_result
 from ..ceiling import ceiling as real_ceiling, split_half as real_split_half
 from ..preprocess import SOURCE_TRANSFORMS
-from ._common import echo_table, fmt_num, main, speed_options, warn, write_json
+from ..options import RunOptions
+from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
 
 
 # --- the analysis options of `compute` ----------------------------------------------------------------------
@@ -93,12 +94,6 @@ def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec) -> No
 
 
 # --- `fd-eval ceiling` --------------------------------------------------------------------------------------
-def _speed_options(f):
-    for o in reversed(speed_options()):
-        f = o(f)
-    return f
-
-
 def _short_n(n: int) -> str:
     return f"{n // 1000}K" if n >= 1000 and n % 1000 == 0 else f"{n:,}"
 
@@ -119,38 +114,23 @@ def _short_n(n: int) -> str:
               help="Transform the real images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
 @click.option("--ref-transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform reference images first when REF is an image source.")
-@click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto.")
-@click.option("--batch-size", type=int, default=None,
-              help="Images per batch (default 256 on a GPU, 128 below 20 GiB; 32 on a CPU).")
-@click.option("--num-workers", type=int, default=None, help="Decode workers (default from the CPU count).")
-@click.option("--resize", type=click.Choice(["pil", "torch"]), default=None,
-              help="DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant).")
-@_speed_options
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted and listed) instead of stopping.")
+@run_options(offline=True)
 @click.option("--allow-mismatch", is_flag=True, help="Compare even if the reference was made differently.")
-@click.option("--offline", is_flag=True, default=None, help="Use cached references and weights only.")
 @click.option("--json", "json_path", default=None, help="Write results and provenance as JSON here.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, seed: int, models: tuple[str, ...],
-                weights: tuple[str, ...], image_transform: str | None, ref_transform: str | None, device: str,
-                batch_size: int | None, num_workers: int | None, resize: str | None, precision: str,
-                compile_model: bool | None, decode: str, skip_bad: bool, allow_mismatch: bool, offline: bool | None,
-                json_path: str | None, quiet: bool) -> None:
+                weights: tuple[str, ...], image_transform: str | None, ref_transform: str | None,
+                options: RunOptions, allow_mismatch: bool, json_path: str | None) -> None:
     """The best FD a perfect generator can reach: N real images against REF (GPIC Table 2's definition: the
     sample's statistics against the reference's), shown beside the published floors; or, with --split-half,
     two disjoint halves of the real images against each other."""
-    from .compute_cmds import _weights  # (compute_cmds imports this module)
-
-    opts = dict(weights=_weights(weights), device=device, batch_size=batch_size, num_workers=num_workers,
-                skip_bad=skip_bad, resize=resize, image_transform=image_transform, progress=not quiet,
-                precision=precision, compile=compile_model, decode=decode)
+    opts = dict(weights=weights_arg(weights), image_transform=image_transform, options=options)
     if split_half:
         if ref is not None:
             raise click.UsageError("--split-half compares --real with itself; drop --ref (or drop --split-half)")
         res = real_split_half(real, models, n=num, seed=seed, **opts)
     else:
         res = real_ceiling(real, ref or "gpic-test", models, n=50_000 if num is None else num, seed=seed,
-                      ref_image_transform=ref_transform, allow_mismatch=allow_mismatch, offline=offline, **opts)
+                           ref_image_transform=ref_transform, allow_mismatch=allow_mismatch, **opts)
     for w in res.warnings:
         warn(w)
     for s in res.skipped[:20]:

@@ -13,42 +13,19 @@ from ..distributed import destroy, get_rank, init_distributed
 from ..errors import FDEvalError
 from ..preprocess import SOURCE_TRANSFORMS
 from ..stats import save_stats
-from ._common import echo_table, fmt_num, main, speed_options, warn, write_json
+from ..options import RunOptions
+from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
 from .analysis_cmds import analysis_options, analysis_spec, run_analysis
 
 
-def _weights(values: tuple[str, ...]) -> Any:
-    """``--weights PATH`` (one model) or repeated ``--weights MODEL=PATH``."""
-    if not values:
-        return None
-    if len(values) == 1 and "=" not in values[0]:
-        return values[0]
-    out = {}
-    for v in values:
-        if "=" not in v:
-            raise click.BadParameter(f"{v!r}: with several --weights use MODEL=PATH", param_hint="--weights")
-        k, path = v.split("=", 1)
-        out[k] = path
-    return out
-
-
-def _common(f):
-    """Options shared by `compute` and `stats`."""
+def _selection(f):
+    """What `compute` and `stats` evaluate: --model, --weights, --num, --seed."""
     opts = [
         click.option("--model", "-m", "models", multiple=True, default=("dinov2-vitl14",), show_default=True,
                      help="Extractor (repeatable; `fid` = inception-v3-tf). See `fd-eval models`."),
         click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model."),
         click.option("--num", "-n", type=int, default=None, help="Use the first N images (random N with --seed)."),
         click.option("--seed", type=int, default=None, help="Seed of the random subset taken by --num."),
-        click.option("--device", default="auto", show_default=True, help="cuda, cuda:1, cpu, or auto."),
-        click.option("--batch-size", type=int, default=None,
-                     help="Images per batch (default 256 on a GPU, 128 below 20 GiB; 32 on a CPU)."),
-        click.option("--num-workers", type=int, default=None, help="Decode workers (default from the CPU count)."),
-        click.option("--resize", type=click.Choice(["pil", "torch"]), default=None,
-                     help="DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant)."),
-        *speed_options(),
-        click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted and listed) instead of stopping."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -59,19 +36,17 @@ def _common(f):
 @click.argument("gen")
 @click.option("--ref", "-r", default="gpic-test", show_default=True,
               help="Reference: a registry name, a statistics file, or another image source.")
-@_common
+@_selection
+@run_options(offline=True)
 @click.option("--ref-transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform reference images first when REF is an image source (center-crop-256 = GPIC B.1).")
 @click.option("--allow-mismatch", is_flag=True, help="Compare even if the reference was made differently.")
-@click.option("--offline", is_flag=True, default=None, help="Use cached references and weights only.")
 @click.option("--json", "json_path", default=None, help="Write results and provenance as JSON here.")
 @click.option("--save-stats", "save_stats_path", default=None, help="Also save the generated set's statistics (safetensors).")
 @analysis_options
 def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
-                seed: int | None, device: str, batch_size: int | None, num_workers: int | None, resize: str | None,
-                precision: str, compile_model: bool | None, decode: str, skip_bad: bool, quiet: bool,
-                ref_transform: str | None, allow_mismatch: bool, offline: bool | None, json_path: str | None,
-                save_stats_path: str | None, **analysis_opts: Any) -> None:
+                seed: int | None, options: RunOptions, ref_transform: str | None, allow_mismatch: bool,
+                json_path: str | None, save_stats_path: str | None, **analysis_opts: Any) -> None:
     """FD of the images in GEN against REF, for each --model (default FD-DINOv2 against GPIC Test-1M).
 
     Under torchrun (``torchrun --nproc_per_node 8 -m fd_eval compute ...``) every process extracts its share of
@@ -80,14 +55,12 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     """
     spec = analysis_spec(**analysis_opts)  # None unless --ci/--bootstrap/--fd-infinity/--prdc/--mmd
     if spec is not None and spec.needs_reference_features:
-        check_reference_features(ref, models, offline=offline)  # fail before extracting, not after
-    created = init_distributed(device)  # joins torchrun's process group; a no-op for a single process
+        check_reference_features(ref, models, offline=options.offline)  # fail before extracting, not after
+    created = init_distributed(options.device)  # joins torchrun's process group; a no-op for a single process
     rank = get_rank()
     try:
-        res = compute_fd(gen, ref, models, weights=_weights(weights), device=device, batch_size=batch_size,
-                         num_workers=num_workers, num=num, seed=seed, skip_bad=skip_bad, resize=resize,
-                         precision=precision, compile=compile_model, decode=decode, allow_mismatch=allow_mismatch,
-                         offline=offline, ref_image_transform=ref_transform, progress=not quiet,
+        res = compute_fd(gen, ref, models, weights=weights_arg(weights), num=num, seed=seed, options=options,
+                         allow_mismatch=allow_mismatch, ref_image_transform=ref_transform,
                          keep_features=spec is not None,
                          ref_features=spec is not None and spec.needs_reference_features)
     except FDEvalError:
@@ -115,7 +88,7 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     if any(r["floor"] is not None for r in res.results.values()):
         click.echo("floor: FD of real images of the same N against this reference (published); a perfect "
                    "generator scores about this, not 0")
-    analyses = {} if spec is None else run_analysis(res, spec, device=device)
+    analyses = {} if spec is None else run_analysis(res, spec, device=options.device)
     if save_stats_path:
         save_stats(save_stats_path, list(res.stats.values()))
     if json_path:
@@ -129,7 +102,8 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
 @main.command("stats")
 @click.argument("source")
 @click.option("--output", "-o", required=True, help="Statistics file to write (safetensors).")
-@_common
+@_selection
+@run_options()
 @click.option("--transform", "image_transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
 @click.option("--keep-features", is_flag=True, help="Store the (N, D) features too (for PRDC, MMD, bootstrap).")
@@ -138,22 +112,17 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
               help=f"Images per resumable unit (default: one unit per tar shard, else {DEFAULT_BLOCK:,}).")
 def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
-              seed: int | None, device: str, batch_size: int | None, num_workers: int | None, resize: str | None,
-              precision: str, compile_model: bool | None, decode: str, skip_bad: bool, quiet: bool,
-              image_transform: str | None, keep_features: bool, checkpoint_dir: str | None,
-              checkpoint_every: int | None) -> None:
+              seed: int | None, options: RunOptions, image_transform: str | None, keep_features: bool,
+              checkpoint_dir: str | None, checkpoint_every: int | None) -> None:
     """Build a statistics file (one section per --model) from the images in SOURCE.
 
     Resumable: finished units (tar shards, or blocks of --checkpoint-every images) are saved as the run goes;
     after a crash or kill the same command continues where it stopped and writes bit-identical statistics.
     Under `torchrun --nproc_per_node N -m fd_eval stats ...` each process takes every N-th unit.
     """
-    stats = build_stats(source, output, models, weights=_weights(weights), device=device, batch_size=batch_size,
-                        num_workers=num_workers, num=num, seed=seed, keep_features=keep_features,
-                        skip_bad=skip_bad, image_transform=image_transform, resize=resize, precision=precision,
-                        compile=compile_model, decode=decode, checkpoint_dir=checkpoint_dir,
-                        checkpoint_every=checkpoint_every, progress=not quiet,
-                        log=lambda msg: click.echo(msg, err=True))
+    stats = build_stats(source, output, models, weights=weights_arg(weights), num=num, seed=seed,
+                        keep_features=keep_features, image_transform=image_transform, checkpoint_dir=checkpoint_dir,
+                        checkpoint_every=checkpoint_every, options=options, log=lambda msg: click.echo(msg, err=True))
     if stats is None:  # not rank 0: rank 0 writes the file
         return
     first = next(iter(stats.values()))

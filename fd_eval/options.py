@@ -1,0 +1,160 @@
+"""How a run executes: one frozen :class:`RunOptions`, taken by every entry point and made by one CLI decorator.
+
+    opts = fd_eval.RunOptions(device="cuda", batch_size=128, precision="fast")
+    fd_eval.compute_fd("gen_dir", ref="gpic-test", options=opts)
+    fd_eval.compute_fd("gen_dir", ref="gpic-test", device="cuda", batch_size=128)   # the same, as keywords
+
+What is evaluated (sources, reference, models, weights, ``num``/``seed``, transforms) stays in each function's
+signature; how it runs lives here, validated once (a bad value is a one-line :class:`FDEvalError` before any
+model loads). Keyword arguments of an entry point that name a field build the options (:func:`make_options`);
+any other unknown keyword is a ``TypeError`` listing the fields.
+
+Option defaults (in the spirit of torch-fidelity's defaults table; :data:`OPTION_HELP` is also the CLI's help):
+
+=============  ========  ==================================================================================
+field          default   meaning
+=============  ========  ==================================================================================
+device         None      "auto"/None: cuda (``cuda:LOCAL_RANK`` under torchrun) when available, else cpu
+batch_size     None      images per model batch: 256 on a GPU (128 below 20 GiB), 32 on a CPU
+num_workers    None      decode workers: all cores but one on a GPU machine, half of them on a CPU
+precision      None      "exact" (float32, TF32 off; the protocol) or "fast"; None: exact / the extractors' own
+compile        None      torch.compile in fast mode; None: auto (GPU passes of >= 200K images)
+decode         "pil"     "pil" (reference) or "gpu" (nvJPEG for RGB JPEGs)
+resize         None      DINOv2's resize: "pil" (reference, default) or "torch" (EDM2's)
+skip_bad       False     skip unreadable images (counted and listed) instead of stopping
+progress       True      progress bars
+offline        None      cached references and weights only (None: $FD_EVAL_OFFLINE / $HF_HUB_OFFLINE)
+rank           None      this process's rank (None: torch.distributed / torchrun's environment)
+world_size     None      number of processes (None: as rank; 1 forces a single-process run)
+=============  ========  ==================================================================================
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from .errors import FDEvalError
+
+DECODES = ("pil", "gpu")
+RESIZES = ("pil", "torch")
+PRECISIONS = ("exact", "fast")
+
+OPTION_HELP: dict[str, str] = {
+    "device": "cuda, cuda:1, cpu, or auto.",
+    "batch_size": "Images per batch (default 256 on a GPU, 128 below 20 GiB; 32 on a CPU).",
+    "num_workers": "Decode workers (default from the CPU count).",
+    "precision": "exact: float32, TF32 off (the protocol's numbers); fast: bfloat16 autocast for DINOv2, TF32 for "
+                 "Inception (faster on GPUs; refused against exact references unless --allow-mismatch).",
+    "compile": "torch.compile the network with --precision fast [default: only on a GPU for passes of >= 200K "
+               "images].",
+    "decode": "gpu: decode JPEGs on the GPU (nvJPEG; needs --resize torch for DINOv2; other formats and CPU runs "
+              "use PIL).",
+    "resize": "DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant).",
+    "skip_bad": "Skip unreadable images (counted and listed) instead of stopping.",
+    "progress": "No progress bars.",  # the CLI flag is --quiet/-q
+    "offline": "Use cached references and weights only.",
+}
+
+
+def _check_device(device: Any) -> None:
+    if device is None or isinstance(device, torch.device) and device.type == "cpu":
+        return
+    if isinstance(device, str) and device.strip() == "auto":
+        return
+    if not isinstance(device, (str, torch.device)):
+        raise FDEvalError(f"device must be a string such as 'cuda', 'cuda:1', 'cpu' or 'auto', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FDEvalError(f"unknown device {str(device)!r}; use cuda, cuda:N, cpu or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FDEvalError(f"device {str(device)!r}: no usable CUDA GPU here (torch.cuda.is_available() is "
+                              "False); use --device cpu (device='cpu') or auto")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise FDEvalError(f"device {str(device)!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise FDEvalError(f"device {str(device)!r}: MPS is not available here; use --device cpu or auto")
+    elif dev.type != "cpu":
+        raise FDEvalError(f"unsupported device {str(device)!r}; use cuda, cuda:N, cpu or auto")
+
+
+def _check_int(name: str, value: Any, minimum: int, flag: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive" if minimum > 0 else "a non-negative"
+        raise FDEvalError(f"{flag} ({name}) must be {what} integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run executes (see the module docstring's table); validated on construction."""
+
+    device: str | torch.device | None = None
+    batch_size: int | None = None
+    num_workers: int | None = None
+    precision: str | None = None
+    compile: bool | None = None
+    decode: str = "pil"
+    resize: str | None = None
+    skip_bad: bool = False
+    progress: bool = True
+    offline: bool | None = None
+    rank: int | None = None
+    world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_device(self.device)
+        _check_int("batch_size", self.batch_size, 1, "--batch-size")
+        _check_int("num_workers", self.num_workers, 0, "--num-workers")
+        _check_int("world_size", self.world_size, 1, "world_size")
+        _check_int("rank", self.rank, 0, "rank")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise FDEvalError(f"unknown precision {self.precision!r}; choose 'exact' (the protocol's numbers) or "
+                              "'fast' (bfloat16/TF32)")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise FDEvalError(f"compile must be True, False or None (auto), got {self.compile!r}")
+        if self.decode not in DECODES:
+            raise FDEvalError(f"unknown decode mode {self.decode!r}; choose 'pil' (PIL in the workers: the reference) "
+                              "or 'gpu' (JPEGs decoded on the GPU with nvJPEG)")
+        if self.resize is not None and self.resize not in RESIZES:
+            raise FDEvalError(f"unknown resize {self.resize!r}; choose 'pil' (the reference protocol) or 'torch'")
+
+    def torch_device(self) -> torch.device:
+        """The device this run uses (``None``/"auto" resolved; see :func:`fd_eval.pipeline.auto_device`)."""
+        from .pipeline import auto_device
+
+        return auto_device(self.device)
+
+    def replace(self, **changes: Any) -> "RunOptions":
+        """A copy with ``changes`` (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), torch.device) else v)
+                for f in dataclasses.fields(self)}
+
+
+OPTION_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunOptions))
+
+
+def make_options(options: RunOptions | None, kw: Mapping[str, Any], where: str) -> RunOptions:
+    """``options`` (default :class:`RunOptions()`) with the run-option keywords ``kw`` applied.
+
+    Raises ``TypeError`` naming ``where`` for a keyword that is not a field, and :class:`FDEvalError` for a bad
+    value.
+    """
+    unknown = sorted(set(kw) - set(OPTION_FIELDS))
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; its run "
+                        f"options are the fields of fd_eval.RunOptions: {', '.join(OPTION_FIELDS)}")
+    if options is not None and not isinstance(options, RunOptions):
+        raise TypeError(f"{where}(): options must be an fd_eval.RunOptions, got {type(options).__name__}")
+    base = options if options is not None else RunOptions()
+    return dataclasses.replace(base, **kw) if kw else base

@@ -1,0 +1,182 @@
+"""Finding shards: brace expansion, globs, and the cached index of a tar shard's members."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import re
+import tarfile
+from typing import Any
+
+import numpy as np
+
+from ..errors import SourceError
+from ..io_utils import atomic_path, cache_dir
+from .base import IMAGE_EXTENSIONS, MAX_BRACE_ITEMS, TAR_INDEX_VERSION, WDS_KEY, unsafe_member_name
+
+
+# --- tar shards ------------------------------------------------------------------------------------------
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: ``a{00..02}b`` -> a00b a01b a02b (zero-padded), ``{x,y}`` -> x y."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    prefix, body, rest = pattern[:m.start()], m.group(1), expand_braces(pattern[m.end():])
+    r = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if r:
+        a, b = int(r.group(1)), int(r.group(2))
+        if abs(b - a) + 1 > MAX_BRACE_ITEMS:
+            raise SourceError(f"{pattern}: brace range {body} has more than {MAX_BRACE_ITEMS} items")
+        padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-").startswith("0") for s in r.groups())
+        width = max(len(r.group(1)), len(r.group(2))) if padded else 0
+        step = 1 if b >= a else -1
+        alts = [str(v).zfill(width) for v in range(a, b + step, step)]
+    elif "," in body:
+        alts = body.split(",")
+    else:  # not an expansion: keep the braces literally
+        return [prefix + "{" + body + "}" + t for t in rest]
+    return [prefix + alt + t for alt in alts for t in rest]
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Files named by a brace range and/or glob, in expansion order (each glob sorted), duplicates dropped.
+
+    A name without glob characters must exist (a missing shard in a range is an error, not a silent gap).
+    """
+    out: list[str] = []
+    for pat in expand_braces(spec):
+        if glob.has_magic(pat):
+            hits = sorted(glob.glob(pat, recursive=True))
+            if not hits:
+                raise SourceError(f"{pat}: matches no files; check the pattern (from {spec})")
+            out.extend(hits)
+        elif os.path.exists(pat):
+            out.append(pat)
+        else:
+            raise SourceError(f"{pat}: no such file (from {spec}); check the path or the brace range")
+    return list(dict.fromkeys(out))
+
+
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def scan_tar(path: str) -> dict[str, Any]:
+    """Read every member header of one tar once; group WebDataset samples. Never reads member data."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return {"empty": True}
+    with open(path, "rb") as f:
+        head = f.read(6)
+        for magic, name in COMPRESSED_MAGIC.items():
+            if head.startswith(magic):
+                raise SourceError(f"{path}: {name}-compressed tar; random access needs a plain tar: decompress it "
+                                  f"(e.g. `{'gunzip' if name == 'gzip' else name + ' -d'}`) and keep the .tar")
+        f.seek(0)
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.TarError as e:
+            raise SourceError(f"{path}: not a tar archive ({e}); re-download or re-create the shard") from None
+        digest = hashlib.sha256()
+        regular: list[tuple[str, int, int]] = []  # (name, data offset, size)
+        ignored: list[tuple[str, str]] = []
+        end_problem = ""
+        while True:
+            try:
+                ti = tf.next()
+            except tarfile.TarError as e:
+                if "unexpected end of data" in str(e):  # tarfile noticed the previous member's data is cut off
+                    end_problem = f"truncated: the shard ends inside member data ({size} bytes; interrupted copy?)"
+                else:  # e.g. a corrupt pax/GNU extended header
+                    end_problem = f"corrupt tar header at byte {tf.offset} ({e})"
+                break
+            if ti is None:
+                break
+            tf.members.clear()  # tarfile keeps every TarInfo otherwise; we only need the ones collected here
+            digest.update(f"{ti.name}\0{ti.size}\0{ti.mtime}\0{ti.type!r}\0{ti.offset_data}\n"
+                          .encode("utf-8", "surrogateescape"))
+            if ti.isreg() and not ti.issparse():
+                regular.append((ti.name, ti.offset_data, ti.size))
+            elif not ti.isdir():
+                ignored.append((ti.name, "not a regular file (link, device or sparse member); not read"))
+        if not end_problem:
+            # tarfile ends silently at a corrupt header after the first member; a real end is zero blocks or EOF.
+            f.seek(tf.offset)
+            block = f.read(tarfile.BLOCKSIZE)
+            if block.strip(b"\0"):
+                end_problem = f"corrupt or truncated tar header at byte {tf.offset} of {size}"
+    # WebDataset samples: members sharing a key; the first image member is the sample's image.
+    samples: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for name, off, sz in regular:
+        m = WDS_KEY.match(name)
+        if not m:
+            ignored.append((name, "no file extension; not part of a WebDataset sample"))
+            continue
+        key, ext = m.group(1), m.group(2).lower()
+        s = samples.setdefault(key, {})
+        if "." + ext in IMAGE_EXTENSIONS:
+            if "img" in s:
+                ignored.append((name, f"second image in sample {key}; only {s['img'][0]} is used"))
+            else:
+                s["img"] = (name, off, sz)
+                order.append(key)
+        elif ext == "json" and "json" not in s:
+            s["json"] = (off, sz)
+    for key, s in samples.items():
+        if "img" not in s:
+            ignored.append((key, "sample without an image member (.jpg/.png/...)"))
+    names = [samples[k]["img"][0] for k in order]
+    blob = "".join(names).encode("utf-8", "surrogateescape")
+    ends = np.cumsum([len(n.encode("utf-8", "surrogateescape")) for n in names], dtype=np.int64)
+    unsafe = [n for n in names if unsafe_member_name(n)]
+    info = {
+        "header_digest": digest.hexdigest(), "end_problem": end_problem, "ignored": ignored,
+        "unsafe": unsafe[:3], "n_unsafe": len(unsafe), "file_size": size,
+    }
+    return {
+        "empty": False,
+        "names_blob": np.frombuffer(blob, dtype=np.uint8).copy(),
+        "name_ends": ends.astype(np.int64) if len(names) else np.zeros(0, np.int64),
+        "img_off": np.array([samples[k]["img"][1] for k in order], dtype=np.int64),
+        "img_size": np.array([samples[k]["img"][2] for k in order], dtype=np.int64),
+        "json_off": np.array([samples[k].get("json", (-1, -1))[0] for k in order], dtype=np.int64),
+        "json_size": np.array([samples[k].get("json", (-1, -1))[1] for k in order], dtype=np.int64),
+        "info": info,
+    }
+
+
+def tar_index(path: str) -> dict[str, Any]:
+    """:func:`scan_tar`, cached in ``$FD_EVAL_CACHE/tar_index`` keyed by the shard's path, size, inode, mtime
+    and ctime (which no tool can set back, so a rewrite that keeps size and mtime still misses the cache).
+
+    tarfile reads the headers of a GPIC test shard (~15,600 members) in 0.4-0.9 s on one core here, so a
+    first open of the 128-shard test set takes 1-2 minutes; the cache (~0.4 MB per shard) makes reopening it
+    take well under a second. The cache holds only integer and byte arrays (no pickle).
+    """
+    st = os.stat(path)
+    key = hashlib.sha256(f"{TAR_INDEX_VERSION}\0{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0"
+                         f"{st.st_ino}\0{st.st_dev}\0{st.st_ctime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
+    cache_file = None
+    with contextlib.suppress(OSError):
+        cache_file = cache_dir("tar_index") / f"{key}.npz"
+        if cache_file.exists():
+            try:
+                with np.load(cache_file, allow_pickle=False) as z:
+                    idx = {k: z[k] for k in z.files}
+                idx["info"] = json.loads(bytes(idx.pop("info_json")).decode("utf-8", "surrogateescape"))
+                idx["empty"] = bool(idx["empty"])
+                return idx
+            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+                pass
+    idx = scan_tar(path)
+    if cache_file is not None and not idx["empty"]:
+        with contextlib.suppress(OSError):
+            info_json = json.dumps(idx["info"], ensure_ascii=True).encode()
+            arrays = {k: v for k, v in idx.items() if k not in ("info",)}
+            arrays["info_json"] = np.frombuffer(info_json, dtype=np.uint8)
+            with atomic_path(cache_file) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **arrays)
+    return idx

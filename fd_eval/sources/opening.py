@@ -1,0 +1,84 @@
+"""``open_source``: a spec (path, glob, brace range, array, source) to the right :class:`ImageSource`."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from ..errors import BadArrayError, SourceError
+from .arrays import ArraySource
+from .base import IMAGE_EXTENSIONS, ImageSource
+from .discovery import expand_shards
+from .folder import DirectorySource
+from .tar import TarSource
+from .zip import ZipSource
+
+
+# --- opening by spec ---------------------------------------------------------------------------------------
+def open_source(spec: "str | os.PathLike[str] | np.ndarray | ImageSource", *, skip_bad: bool = False,
+                max_image_pixels: int | None = None, max_item_bytes: int | None = None,
+                npz_key: str = "arr_0") -> ImageSource:
+    """Open images from a path, pattern or array (see the module docstring for the formats).
+
+    Args:
+        spec: a directory, ``.zip``, ``.tar`` / glob / brace range of shards, ``.npz``, ``.npy``, a glob of image
+            files, a uint8 (N, H, W, 3) numpy array, or an :class:`ImageSource` (returned as is).
+        skip_bad: recorded on the source for the pipeline; also lists (instead of raising on) a corrupt tar
+            header, after which the rest of that shard is unreadable.
+        max_image_pixels: Pillow's decompression-bomb limit while decoding (None: Pillow's current
+            ``Image.MAX_IMAGE_PIXELS`` or ``$FD_EVAL_MAX_IMAGE_PIXELS``; 0: no limit).
+        max_item_bytes: most bytes read for one image (None: ``$FD_EVAL_MAX_ITEM_BYTES`` or 1 GiB).
+        npz_key: the array inside an ``.npz``.
+
+    Raises:
+        SourceError: missing path or shard, unknown format, not a plain tar/zip.
+        EmptySourceError: no images. BadArrayError: an array of the wrong dtype/shape or holding objects.
+    """
+    kw: dict[str, Any] = dict(skip_bad=skip_bad, max_image_pixels=max_image_pixels, max_item_bytes=max_item_bytes)
+    if isinstance(spec, ImageSource):
+        return spec
+    if isinstance(spec, np.ndarray):
+        return ArraySource(spec, **kw)
+    if isinstance(spec, torch.Tensor):
+        raise BadArrayError("tensor given: pass a numpy uint8 (N, H, W, 3) array, e.g. "
+                            "x.permute(0, 2, 3, 1).cpu().numpy() for a uint8 NCHW tensor")
+    s = os.fspath(spec)
+    if os.path.isdir(s):
+        return DirectorySource(s, **kw)
+    if os.path.isfile(s):
+        return open_file(s, kw, npz_key)
+    if glob.has_magic(s) or re.search(r"\{[^{}]*(,|\.\.)[^{}]*\}", s):
+        paths = expand_shards(s)
+        if all(p.lower().endswith(".tar") and os.path.isfile(p) for p in paths):
+            return TarSource(paths, spec=s, **kw)
+        if all(os.path.isfile(p) and os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS for p in paths):
+            root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+            return DirectorySource(root, sorted(os.path.relpath(os.path.abspath(p), root) for p in paths),
+                                   spec=s, **kw)
+        raise SourceError(f"{s}: the pattern must match only .tar shards or only image files "
+                          f"(matched {len(paths)} paths, e.g. {paths[0]})")
+    raise SourceError(f"{s}: no such file or directory; give a folder of images, a .zip, .tar shard(s) "
+                      "(a glob or a {00000..00127} range), an .npz or an .npy")
+
+
+def open_file(path: str, kw: dict[str, Any], npz_key: str) -> ImageSource:
+    low = path.lower()
+    if low.endswith(".tar"):
+        return TarSource([path], **kw)
+    if low.endswith(".zip"):
+        return ZipSource(path, **kw)
+    if low.endswith(".npz"):
+        return ArraySource(path=path, key=npz_key, **kw)
+    if low.endswith(".npy"):
+        return ArraySource(path=path, **kw)
+    if os.path.splitext(low)[1] in IMAGE_EXTENSIONS:
+        return DirectorySource(os.path.dirname(path) or ".", [os.path.basename(path)], spec=path, **kw)
+    if re.search(r"\.(tar\.gz|tgz|tar\.bz2|tar\.xz|tar\.zst)$", low):
+        raise SourceError(f"{path}: compressed tar; random access needs a plain .tar: decompress it first")
+    raise SourceError(f"{path}: unknown source format; give a folder of images, a .zip, .tar shard(s), an .npz "
+                      "(arr_0) or an .npy of uint8 (N, H, W, 3)")
