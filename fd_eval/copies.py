@@ -18,28 +18,37 @@ fraction above a copy threshold (default: SSCD's published operating point, 0.75
 cheap consumer pass over the training set) and C_T (Meehan et al. 2020, dgm-eval's ``compute_CTscore``) when a
 held-out real set is given (``test=``). See docs/copies.md for the definitions and the choices made.
 
-``FeatureConsumer`` is the interface of the extraction loop's pluggable consumers. Until that loop takes
-consumers, :func:`run_pass` (marked TEMPORARY DRIVER) feeds them from the existing dataset/loader helpers.
+The passes run through the one extraction loop (:func:`fd_eval.pipeline.run_units`, the consumers implement its
+``FeatureConsumer``) over the units of :func:`fd_eval.build.plan_units` (one per tar shard, else blocks): each unit
+gets fresh consumers whose state is saved (``checkpoint_dir``) and merged exactly, so a killed run resumes to the
+same result, and under torchrun each rank takes every W-th unit and the states are merged over ranks.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ._version import __version__
-from .errors import EmptySourceError, FDEvalError, InputError
-from .extractors import Extractor, load_extractor
+from .errors import CheckpointError, EmptySourceError, FDEvalError, InputError
+from .extractors import Extractor
 from .io_utils import atomic_path, atomic_write
+from .options import RunOptions, make_options
 from .provenance import environment
+from .pipeline import FeatureConsumer  # noqa: F401 - the interface the consumers below implement
 from .sources import ImageSource, SkippedItem, open_source
 
 COPY_DETECTORS = {"sscd-disc-mixup": 0.75}  # name -> published copy threshold (SSCD README, 90% precision DISC)
@@ -50,14 +59,6 @@ MAX_KEY = 2**32 - 2  # keys use the low 32 bits of the packed int64; 2**32 - 1 m
 EMPTY = torch.iinfo(torch.int64).min
 _MASK32 = 0xFFFFFFFF
 _WORK_ELEMENTS = 1 << 22  # rows x columns of one similarity block (float64 + int64: 64 MiB)
-
-
-class FeatureConsumer(Protocol):
-    """What the extraction loop feeds, per extractor."""
-
-    def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
-        """features: (B, D) float32 on the run's device (one extractor's output for B images); index: (B,) int64
-        positions of those images in the source being iterated, on the same device."""
 
 
 # --- packed (similarity, key) top-K -------------------------------------------------------------------------
@@ -145,6 +146,15 @@ class TopKConsumer:
         self.exclude = None if exclude is None else exclude.to(queries.device, torch.int64)
         self._bad_keys = torch.zeros((), dtype=torch.bool, device=queries.device)
 
+    def fresh(self) -> "TopKConsumer":
+        """A consumer with the same queries (shared, not copied) and an empty state: one per checkpoint unit."""
+        c = copy.copy(self)
+        st = self.state
+        c.state = TopKState(torch.full_like(st.packed, EMPTY),
+                            None if st.top1_features is None else torch.zeros_like(st.top1_features))
+        c._bad_keys = torch.zeros_like(self._bad_keys)
+        return c
+
     def check_keys(self) -> None:
         """Raise if any training key fed was outside 0..MAX_KEY (checked once, after the pass)."""
         if bool(self._bad_keys):
@@ -194,8 +204,10 @@ class FeatureShardWriter:
     shorter), written atomically, with the extractor's metadata as JSON in each header. Copies each batch to the
     host (a device sync: an opt-in cost). Call :meth:`close` after the pass."""
 
-    def __init__(self, folder: str | os.PathLike, meta: dict[str, Any] | None = None, rows: int = 65536):
+    def __init__(self, folder: str | os.PathLike, meta: dict[str, Any] | None = None, rows: int = 65536,
+                 prefix: str = "features-"):
         self.folder, self.rows, self.meta = Path(folder), int(rows), json.dumps(meta or {}, sort_keys=True)
+        self.prefix = prefix  # find_copies writes one series per checkpoint unit: features-{unit:06d}-{k:06d}
         self.folder.mkdir(parents=True, exist_ok=True)
         self._buf: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._n, self.shards = 0, 0
@@ -214,7 +226,7 @@ class FeatureShardWriter:
         f, i = torch.cat([b[0] for b in self._buf]), torch.cat([b[1] for b in self._buf])
         end = (f.shape[0] // self.rows) * self.rows if whole_only else f.shape[0]
         for a in range(0, end, self.rows):
-            with atomic_path(self.folder / f"features-{self.shards:06d}.safetensors") as tmp:
+            with atomic_path(self.folder / f"{self.prefix}{self.shards:06d}.safetensors") as tmp:
                 save_file({"features": f[a:min(a + self.rows, end)].contiguous(),
                            "index": i[a:min(a + self.rows, end)].contiguous()},
                           str(tmp), metadata={"fd_eval_extractor": self.meta})
@@ -226,14 +238,17 @@ class FeatureShardWriter:
         self._flush()
 
 
-def read_feature_shards(folder: str | os.PathLike) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def read_feature_shards(folder: str | os.PathLike, unit: int | None = None
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (features float32 (n, D), index int64 (n,)) from the shards :class:`FeatureShardWriter` wrote, in
-    order; feed them to any consumer's ``update`` (no images decoded, no network run)."""
+    order; feed them to any consumer's ``update`` (no images decoded, no network run). ``unit``: only the shards
+    of that checkpoint unit of :func:`find_copies` (``features-{unit:06d}-*``)."""
     from safetensors.torch import load_file
 
-    paths = sorted(Path(folder).glob("features-*.safetensors"))
+    pattern = "features-*.safetensors" if unit is None else f"features-{unit:06d}-*.safetensors"
+    paths = sorted(Path(folder).glob(pattern))
     if not paths:
-        raise EmptySourceError(f"{folder}: no saved feature shards (features-*.safetensors)")
+        raise EmptySourceError(f"{folder}: no saved feature shards ({pattern})")
     for p in paths:
         d = load_file(str(p))
         yield d["features"], d["index"]
@@ -310,6 +325,12 @@ class CellNNConsumer:
         self.dist = torch.full((self.z.shape[0],), float("inf"), dtype=torch.float64, device=self.z.device)
         self.train_counts = torch.zeros(model.centroids.shape[0], dtype=torch.int64, device=self.z.device)
 
+    def fresh(self) -> "CellNNConsumer":
+        """The same queries and cells (shared), no training image seen: one per checkpoint unit."""
+        c = copy.copy(self)
+        c.dist, c.train_counts = torch.full_like(self.dist, float("inf")), torch.zeros_like(self.train_counts)
+        return c
+
     def merge(self, other: "CellNNConsumer") -> None:
         """Fold in the same consumer's state from another part of the training set (exact: a minimum and a sum)."""
         self.dist = torch.minimum(self.dist, other.dist.to(self.dist.device))
@@ -363,51 +384,19 @@ def authpct(top1_sim: torch.Tensor, train_nn_sim: torch.Tensor) -> float:
     return float(100.0 * (train_nn_sim.double() > top1_sim.double()).double().mean())
 
 
-# --- TEMPORARY DRIVER ---------------------------------------------------------------------------------------
-def run_pass(source: ImageSource, extractors: Sequence[Extractor], consumers: Sequence[FeatureConsumer], *,
-             device: torch.device, batch_size: int | None = None, num_workers: int | None = None,
-             skip_bad: bool | None = None, progress: bool = True, desc: str = "features"
-             ) -> tuple[int, list[SkippedItem]]:
-    """TEMPORARY DRIVER, until the extraction loop (fd_eval.pipeline) takes per-extractor consumers: one decoding
-    pass over ``source`` feeding ``consumers[i].update(features, index)`` with extractor i's features. Uses the
-    pipeline's public dataset/loader helpers (same decode and host preprocessing); no GPU overlap tricks.
-    Returns (images fed, skipped items)."""
-    from tqdm.auto import tqdm
-
-    from .pipeline import default_batch_size, default_num_workers, make_dataset, make_loader
-
-    for ex in extractors:
-        ex.to(device)
-        ex.plan_run(len(source))
-    bs = batch_size or default_batch_size(device)
-    workers = default_num_workers(device) if num_workers is None else num_workers
-    ds, collate_fn = make_dataset(source, extractors, device, skip_bad=skip_bad)
-    loader = make_loader(ds, collate_fn, device, workers, batch_size=bs)
-    n, skipped = 0, []
-    with tqdm(total=len(source), unit="img", desc=desc, disable=not progress) as bar:
-        for batch in loader:
-            skipped += ds.check(batch)
-            if len(batch):
-                idx = batch.indices.to(device)
-                for ex, cons, x in zip(extractors, consumers, batch.inputs):
-                    if isinstance(x, torch.Tensor):
-                        feats = ex.forward_prepared(x.to(device))
-                    else:  # mixed sizes (device-resizing protocols): one image at a time
-                        feats = torch.cat([ex.forward_prepared(t[None].to(device)) for t in x])
-                    cons.update(feats, idx)
-                n += len(batch)
-            bar.update(len(batch) + len(batch.skipped))
-    return n, skipped
-
-
 # --- the check ----------------------------------------------------------------------------------------------
 class CopiesConsumer:
-    """The per-extractor consumer of the training pass: top-K lists (+ top-1 features for AuthPct) and, with a
-    held-out real set, C_T's in-cell nearest-training distances. What the extraction loop will be given."""
+    """The per-extractor consumer of a training pass: top-K lists (+ top-1 features for AuthPct) and, with a
+    held-out real set, C_T's in-cell nearest-training distances (and optionally a feature-saving writer).
 
-    def __init__(self, gen_features: torch.Tensor, k: int, *, keep_top1_features: bool = True,
-                 cells: CellNNConsumer | None = None, writer: "FeatureShardWriter | None" = None):
-        self.topk = TopKConsumer(gen_features, k, keep_top1_features=keep_top1_features)
+    The training pass gives each checkpoint unit its own :meth:`fresh` copy (queries shared), saves its
+    :meth:`state_dict`, and folds the units (and the ranks) together with :meth:`merge`: exact and order-free.
+    """
+
+    def __init__(self, gen_features: torch.Tensor | None, k: int = 1, *, keep_top1_features: bool = True,
+                 cells: CellNNConsumer | None = None, writer: "FeatureShardWriter | None" = None,
+                 topk: TopKConsumer | None = None):
+        self.topk = topk if topk is not None else TopKConsumer(gen_features, k, keep_top1_features=keep_top1_features)
         self.cells = cells
         self.writer = writer
 
@@ -417,6 +406,36 @@ class CopiesConsumer:
             self.cells.update(features, index)
         if self.writer is not None:
             self.writer.update(features, index)
+
+    def fresh(self, writer: "FeatureShardWriter | None" = None) -> "CopiesConsumer":
+        return CopiesConsumer(None, cells=self.cells.fresh() if self.cells is not None else None, writer=writer,
+                              topk=self.topk.fresh())
+
+    def merge(self, other: "CopiesConsumer") -> None:
+        """Fold in the state of a disjoint part of the training set (exact: top-K merge, minimum, sum)."""
+        self.topk.state = self.topk.state.merge(other.topk.state)
+        if self.cells is not None and other.cells is not None:
+            self.cells.merge(other.cells)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """CPU tensors: ``packed`` int64 (Q, K), ``n_seen`` int64 (1,), ``top1_features`` float32 (Q, D) when kept,
+        ``ct_dist`` float64 (Q',) and ``ct_counts`` int64 (3,) with C_T."""
+        d = self.topk.state.state_dict()
+        if self.cells is not None:
+            d.update(ct_dist=self.cells.dist.cpu(), ct_counts=self.cells.train_counts.cpu())
+        return d
+
+    def load_state(self, d: dict[str, torch.Tensor]) -> "CopiesConsumer":
+        """This consumer's :meth:`fresh` copy holding the state ``d`` (a :meth:`state_dict`)."""
+        c = self.fresh()
+        dev = self.topk.state.packed.device
+        want = c.state_dict()
+        if set(d) != set(want) or any(d[k].shape != want[k].shape or d[k].dtype != want[k].dtype for k in want):
+            raise ValueError(f"tensors {sorted(d)} do not match the run's {sorted(want)} (shapes or dtypes differ)")
+        c.topk.state = TopKState.from_state_dict({k: v.to(dev) for k, v in d.items()})
+        if c.cells is not None:
+            c.cells.dist, c.cells.train_counts = d["ct_dist"].to(dev), d["ct_counts"].to(dev)
+        return c
 
 
 def memory_needed(n_gen: int, k: int, dim: int, n_test: int = 0) -> int:
@@ -477,6 +496,307 @@ def _summary(sims: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, gen: I
     }
 
 
+# --- the passes: checkpoint units, ranks, exact merges ---------------------------------------------------------
+COPIES_FORMAT = "fd-eval-copies-unit/1"
+_META = "fd_eval_copies"
+_QUERIES = "queries.safetensors"
+_CKPT_RE = re.compile(r"^(\.)?(train|authpct)-\d{6,}\.safetensors(\..*\.tmp)?$|^\.?queries\.safetensors(\..*\.tmp)?$")
+
+
+@dataclass
+class _Run:
+    """What every pass of one :func:`find_copies` call shares."""
+
+    extractors: list[Extractor]
+    device: torch.device
+    batch_size: int
+    num_workers: int
+    decode: str
+    skip_bad: bool
+    progress: bool
+    rank: int
+    world: int
+    ckpt: Path | None
+    identity: dict[str, Any]
+    log: Any
+
+
+def save_unit_file(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """One checkpoint file, atomically (temp file, fsync, rename); header as JSON in the safetensors metadata."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={_META: json.dumps(header, sort_keys=True)})
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _read_unit_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = json.loads((f.metadata() or {})[_META])
+        return header, load_file(str(path))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: damaged or not an fd-eval copies checkpoint ({type(e).__name__}: {e}); "
+                              "delete it to recompute that unit") from None
+
+
+def _check_identity(path: Path, header: dict[str, Any], identity: dict[str, Any], ckpt: Path) -> None:
+    old = header.get("identity")
+    if header.get("format") != COPIES_FORMAT or not isinstance(old, dict):
+        raise CheckpointError(f"{path}: not a {COPIES_FORMAT} checkpoint file; delete {ckpt} to start over")
+    diffs = [k for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
+    if diffs:
+        what = {"extractors": "models, weights or preprocessing", "gen": "GEN images", "test": "--test images",
+                "train": "--train source or its units (--checkpoint-every)", "top_k": "--top",
+                "authpct": "AuthPct on/off", "batch_size": "--batch-size", "device": "device type",
+                "decode": "--decode", "precision": "--precision"}
+        raise CheckpointError(f"{ckpt}: cannot resume: the checkpoint was made with other settings "
+                              f"({', '.join(what.get(k, k) for k in diffs)} differ); rerun with the original "
+                              f"settings, or delete {ckpt} to start over")
+
+
+def _all_ranks_raise(run: _Run, error: FDEvalError | None) -> None:
+    if run.world > 1:
+        from .distributed import raise_first_error
+
+        raise_first_error(error)
+    elif error is not None:
+        raise error
+
+
+def _collect(src: ImageSource, run: _Run, desc: str) -> tuple[list[torch.Tensor], np.ndarray, list[SkippedItem]]:
+    """Features of every readable image of ``src`` (held in memory: the queries), per extractor, with their
+    positions. Ranks extract units r, r + W, ... (the same units and batches as one process) and sum the
+    zero-padded matrices (exact)."""
+    from .build import plan_units
+    from .pipeline import run_units
+
+    units = plan_units(src).units
+    cols = [FeatureCollector(len(src), ex.feature_dim, run.device) for ex in run.extractors]
+    skipped: list[SkippedItem] = []
+    error = None
+    mine = units[run.rank::run.world]
+    try:
+        with tqdm(total=sum(len(u) for u in mine), unit="img", desc=desc,
+                  disable=not run.progress or run.rank != 0) as bar:
+            for u in run_units(src, run.extractors, [u.indices for u in mine], lambda k: cols, device=run.device,
+                               batch_size=run.batch_size, num_workers=run.num_workers, decode=run.decode,
+                               skip_bad=run.skip_bad, bar=bar, n_planned=len(src)):
+                skipped += u.skipped
+    except FDEvalError as e:
+        if run.world == 1:
+            raise
+        error = e
+    _all_ranks_raise(run, error)
+    if run.world > 1:
+        import torch.distributed as dist
+
+        from .distributed import all_gather_json, comm_device
+
+        cd = comm_device(prefer=run.device)
+        for c in cols:  # each image's row is non-zero on exactly one rank: the sum is exact
+            f, s = c.features.to(cd), c.seen.to(cd, torch.int32)
+            dist.all_reduce(f)
+            dist.all_reduce(s)
+            c.features, c.seen = f.to(run.device), s.to(run.device) > 0
+        skipped = [SkippedItem(**d) for part in all_gather_json([s.to_dict() for s in skipped]) for d in part]
+    seen = cols[0].seen.cpu().numpy()
+    if not seen.any():
+        raise EmptySourceError(f"{src.spec}: no readable images ({len(skipped)} skipped)")
+    return [c.features[c.seen] for c in cols], np.flatnonzero(seen), skipped
+
+
+def _queries(gen_src: ImageSource, test_src: ImageSource | None, run: _Run) -> dict[str, Any]:
+    """Generated (and held-out) features: extracted, or read back from the checkpoint folder on a resume (so
+    a resumed run compares against exactly the same queries)."""
+    names = [ex.name for ex in run.extractors]
+    path = run.ckpt / _QUERIES if run.ckpt is not None else None
+    have = path is not None and path.exists()
+    if run.world > 1:
+        from .distributed import all_gather_json
+
+        have = bool(all_gather_json(have)[0])  # rank 0's view (a shared folder)
+    if have:
+        header, t = _read_unit_file(path)
+        _check_identity(path, header, run.identity, run.ckpt)
+        run.log(f"resuming from {run.ckpt}: generated{' and held-out' if test_src else ''} features read back")
+        return {"gen": [t[f"{n}.gen"].to(run.device) for n in names], "gen_idx": t["gen_index"].numpy(),
+                "test": [t[f"{n}.test"].to(run.device) for n in names] if test_src is not None else None,
+                "skipped": {k: [SkippedItem(**d) for d in v] for k, v in header["skipped"].items()}}
+    gen, gen_idx, gen_skipped = _collect(gen_src, run, "generated")
+    test, test_skipped = None, []
+    if test_src is not None:
+        test, _, test_skipped = _collect(test_src, run, "held-out")
+        if test[0].shape[0] < 3:
+            raise InputError(f"{test_src.spec}: C_T needs at least 3 held-out images (3 k-means cells), got "
+                             f"{test[0].shape[0]}; pass a larger held-out set or none")
+    out = {"gen": gen, "gen_idx": gen_idx, "test": test, "skipped": {"gen": gen_skipped, "test": test_skipped}}
+    if path is not None and run.rank == 0:
+        tensors = {f"{n}.gen": f.cpu() for n, f in zip(names, gen)} | {"gen_index": torch.from_numpy(gen_idx)}
+        if test is not None:
+            tensors |= {f"{n}.test": f.cpu() for n, f in zip(names, test)}
+        header = {"format": COPIES_FORMAT, "identity": run.identity,
+                  "skipped": {k: [s.to_dict() for s in v] for k, v in out["skipped"].items()}}
+        save_unit_file(path, header, tensors)
+    return out
+
+
+def _training_pass(kind: str, train: ImageSource, units: Sequence[Any], base: list[CopiesConsumer], run: _Run,
+                   *, save_features: Path | None = None, read_features: Path | None = None
+                   ) -> tuple[list[CopiesConsumer], list[SkippedItem], int]:
+    """One streaming pass over the training units (:func:`fd_eval.build.plan_units`) through the extraction
+    loop (:func:`fd_eval.pipeline.run_units`), one fresh consumer per unit and extractor.
+
+    Each finished unit's state is saved as ``{kind}-{k:06d}.safetensors`` in the checkpoint folder (when there is
+    one) and folded into this rank's total; units already saved are read back instead (by rank 0). Ranks take
+    every W-th unit left, then the totals are merged over ranks (exact: a broadcast per rank). Returns (merged
+    consumers, skipped items, units resumed); the same on every rank.
+    """
+    from .pipeline import run_units
+
+    exs, ckpt = run.extractors, run.ckpt
+    done: dict[int, Path] = {}
+    if ckpt is not None and ckpt.is_dir():
+        for u in units:
+            p = ckpt / f"{kind}-{u.index:06d}.safetensors"
+            if p.exists():
+                done[u.index] = p
+    if run.world > 1:
+        from .distributed import all_gather_json
+
+        done = {k: ckpt / f"{kind}-{k:06d}.safetensors" for k in all_gather_json(sorted(done))[0]}  # type: ignore
+    total = [b.fresh() for b in base]
+    skipped: list[SkippedItem] = []
+    error: FDEvalError | None = None
+    if run.rank == 0 and done:
+        run.log(f"resuming from {ckpt}: {len(done)} of {len(units)} {kind} units already done")
+        for k, p in sorted(done.items()):
+            header, t = _read_unit_file(p)
+            _check_identity(p, header, run.identity, ckpt)
+            if header.get("unit", {}).get("fingerprint") != units[k].fingerprint:
+                raise CheckpointError(f"{p}: cannot resume: the data of unit {k} ({units[k].label}) changed since it "
+                                      f"was computed; restore it, or delete {p} to recompute that unit")
+            if header["skipped"] and not run.skip_bad:
+                raise CheckpointError(f"{p}: unit {k} skipped unreadable images under --skip-bad; pass --skip-bad "
+                                      f"again, or delete {p} to recompute it strictly")
+            try:
+                for j, (b, ex) in enumerate(zip(base, exs)):
+                    total[j].merge(b.load_state({n[len(ex.name) + 1:]: v for n, v in t.items()
+                                                 if n.startswith(ex.name + ".")}))
+            except ValueError as e:
+                raise CheckpointError(f"{p}: damaged checkpoint ({e}); delete it to recompute that unit") from None
+            skipped += [SkippedItem(**d) for d in header["skipped"]]
+    mine = [u for u in units if u.index not in done][run.rank::run.world]
+
+    def finish(unit: Any, cons: list[CopiesConsumer], bad: list[SkippedItem]) -> None:
+        for c in cons:
+            c.topk.check_keys()
+            if c.writer is not None:
+                c.writer.close()
+        if ckpt is not None:
+            tensors = {f"{ex.name}.{n}": v for ex, c in zip(exs, cons) for n, v in c.state_dict().items()}
+            header = {"format": COPIES_FORMAT, "identity": run.identity, "rank": run.rank,
+                      "unit": {"index": unit.index, "label": unit.label, "fingerprint": unit.fingerprint},
+                      "skipped": [s.to_dict() for s in bad]}
+            save_unit_file(ckpt / f"{kind}-{unit.index:06d}.safetensors", header, tensors)
+        for t_, c in zip(total, cons):
+            t_.merge(c)
+        skipped.extend(bad)
+
+    def writers(unit: Any) -> list[FeatureShardWriter | None]:
+        if save_features is None:
+            return [None] * len(exs)
+        return [FeatureShardWriter(save_features / ex.name, {**ex.metadata(), "source": train.spec},
+                                   prefix=f"features-{unit.index:06d}-") for ex in exs]
+
+    n_saved = 0
+    try:
+        with tqdm(total=sum(len(u) for u in mine), unit="img", desc=f"training ({kind})",
+                  disable=not run.progress or run.rank != 0) as bar:
+            if read_features is not None:  # saved features: no decode, no network
+                for u in mine:
+                    cons = [b.fresh() for b in base]
+                    for ex, c in zip(exs, cons):
+                        for f, i in read_feature_shards(read_features / ex.name, unit=u.index):
+                            c.update(f.to(run.device), i.to(run.device))
+                    finish(u, cons, [])
+                    n_saved += 1
+                    bar.update(len(u))
+            elif mine:
+                def consumers(k: int) -> list[CopiesConsumer]:
+                    return [b.fresh(w) for b, w in zip(base, writers(mine[k]))]
+
+                def on_unit(d: Any) -> None:
+                    nonlocal n_saved
+                    finish(mine[d.k], [cs[0] for cs in d.consumers], d.skipped)
+                    n_saved += 1
+
+                run_units(train, exs, [u.indices for u in mine], consumers, device=run.device,
+                          batch_size=run.batch_size, num_workers=run.num_workers, decode=run.decode,
+                          skip_bad=run.skip_bad, on_unit=on_unit, bar=bar, n_planned=sum(len(u) for u in units))
+    except FDEvalError as e:
+        if run.world == 1:
+            raise
+        error = e
+    except BaseException:
+        if ckpt is not None and (n_saved or done):
+            run.log(f"{len(done) + n_saved} of {len(units)} {kind} units are saved in {ckpt}; run the same command "
+                    "again to resume")
+        raise
+    _all_ranks_raise(run, error)
+    if run.world == 1:
+        return total, sorted(skipped, key=_item_order), len(done)
+    from .distributed import all_gather_json
+
+    skipped = [SkippedItem(**d) for part in all_gather_json([s.to_dict() for s in skipped]) for d in part]
+    return _merge_ranks(total, run), sorted(skipped, key=_item_order), len(done)
+
+
+def _item_order(s: SkippedItem) -> tuple[int, str]:
+    return (s.index if s.index is not None else -1, s.name)
+
+
+def _merge_ranks(total: list[CopiesConsumer], run: _Run) -> list[CopiesConsumer]:
+    """Collective: every rank's states merged (the same on every rank); one rank's state broadcast at a time."""
+    import torch.distributed as dist
+
+    from .distributed import comm_device
+
+    cd = comm_device(prefer=run.device)
+    out = []
+    for t in total:
+        mine = t.state_dict()
+        merged = t.fresh()
+        for r in range(run.world):
+            got = {}
+            for name in sorted(mine):
+                buf = mine[name].to(cd) if r == run.rank else torch.empty_like(mine[name], device=cd)
+                dist.broadcast(buf, src=r)
+                got[name] = buf.cpu()
+            merged.merge(t.load_state(got))
+        out.append(merged)
+    return out
+
+
+def _cleanup(ckpt: Path) -> None:
+    """Remove this module's files from the checkpoint folder, then the folder if nothing else is left in it."""
+    with contextlib.suppress(OSError):
+        for p in ckpt.iterdir():
+            if _CKPT_RE.match(p.name):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        ckpt.rmdir()
+
+
 def find_copies(
     gen: "str | os.PathLike | np.ndarray | ImageSource",
     train: "str | os.PathLike | np.ndarray | ImageSource",
@@ -487,16 +807,16 @@ def find_copies(
     test: "str | os.PathLike | np.ndarray | ImageSource | None" = None,
     compute_authpct: bool = True,
     save_features: str | os.PathLike | None = None,
-    weights: dict[str, str] | None = None,
+    weights: "str | dict[str, str] | None" = None,
     extractors: Sequence[Extractor] | None = None,
-    device: str | torch.device | None = None,
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    skip_bad: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
     json_path: str | os.PathLike | None = None,
     sheet: str | os.PathLike | None = None,
     sheet_rows: int = 16,
-    progress: bool = True,
+    log: Any = None,
+    options: RunOptions | None = None,
+    **kw: Any,
 ) -> CopiesResult:
     """Find the training images nearest to each generated image, per extractor.
 
@@ -511,21 +831,36 @@ def find_copies(
         test: held-out real images (e.g. the reference test set) for C_T; None: ``ct`` is null.
         compute_authpct: AuthPct needs a second pass over the training set (features only, no images kept).
         save_features: folder where the training features are saved as shards (``<folder>/<model>/``,
-            :class:`FeatureShardWriter`); AuthPct's second pass then reads them instead of re-extracting.
-        weights: local weights file per model name. ``extractors``: ready extractors instead of ``models``.
-        json_path / sheet: write the JSON document / a contact sheet PNG of the top suspected copies.
+            :class:`FeatureShardWriter`, one series per unit); AuthPct's second pass then reads them.
+        weights: local weights (a path for one model, or {model: path}). ``extractors``: ready extractors.
+        checkpoint_dir: where each finished training unit's top-K state is saved (resumable: the same call
+            continues where a killed one stopped, with a bit-identical result); removed when done. None: no
+            checkpoints. ``checkpoint_every``: images per unit (default one per tar shard, else 10,000).
+        json_path / sheet: write the JSON document / a contact sheet PNG of the top suspected copies (rank 0).
+        log: where one-line notes go (resume); default stderr when ``progress``.
+        options, **kw: how the run executes (:class:`fd_eval.RunOptions`: device, batch_size, num_workers,
+            precision, decode, skip_bad, progress, ...). Under torchrun each rank takes every W-th unit and the
+            states are merged exactly over ranks; every rank gets the result.
 
     Returns:
         :class:`CopiesResult`. Raises :class:`EmptySourceError` for an empty training source, :class:`InputError`
-        when the top-K lists of ``gen`` do not fit in memory (the message says how much is needed).
+        when the top-K lists of ``gen`` do not fit in memory (the message says how much is needed),
+        :class:`CheckpointError` when ``checkpoint_dir`` belongs to other settings or data.
     """
-    from .pipeline import auto_device
+    from .api import resolve_extractors
+    from .build import DEFAULT_BLOCK, plan_units
+    from .distributed import barrier, resolve_world
+    from .pipeline import auto_device, default_batch_size, default_num_workers
 
-    if int(top_k) != top_k or top_k < 1:
+    opts = make_options(options, kw, "find_copies")
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
         raise InputError(f"--top must be a positive integer, got {top_k!r}")
     if threshold is not None and not -1 <= threshold <= 1:
         raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {threshold!r}")
-    dev = auto_device(device)
+    say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if opts.progress else (lambda m: None))
+    rank, world = resolve_world(opts.rank, opts.world_size, device=opts.device)
+    dev = auto_device(opts.device)
+    skip_bad = opts.skip_bad
     gen_src = open_source(gen, skip_bad=skip_bad)
     try:
         train_src = open_source(train, skip_bad=skip_bad)
@@ -535,6 +870,9 @@ def find_copies(
     if len(train_src) == 0:
         raise EmptySourceError(f"{train_src.spec}: the training source holds no images; --train must point at the "
                                "training images (or the reference test set for a leak check)")
+    if len(train_src) > MAX_KEY + 1:
+        raise InputError(f"{train_src.spec}: {len(train_src)} training images; the top-K keys hold at most "
+                         f"{MAX_KEY + 1}; split --train into parts")
     if extractors is None:
         from .extractors import extractor_entry
 
@@ -555,58 +893,51 @@ def find_copies(
             warnings.warn(f"{name} is not a copy detector: the default copy threshold 0.75 is SSCD's operating "
                           f"point; pass --threshold (threshold=) calibrated for {name}", UserWarning, stacklevel=2)
         thresholds[name] = float(threshold if threshold is not None else COPY_DETECTORS.get(name, 0.75))
-    if extractors is None:
-        extractors = [load_extractor(m, weights=(weights or {}).get(m), device=dev) for m in names]
-    exs = list(extractors)
-    kw = dict(device=dev, batch_size=batch_size, num_workers=num_workers, skip_bad=skip_bad, progress=progress)
-
-    def collect(src: ImageSource, desc: str) -> tuple[list[torch.Tensor], np.ndarray, list[SkippedItem]]:
-        cols = [FeatureCollector(len(src), ex.feature_dim, dev) for ex in exs]
-        n, skipped = run_pass(src, exs, cols, desc=desc, **kw)
-        if n == 0:
-            raise EmptySourceError(f"{src.spec}: no readable images ({len(skipped)} skipped)")
-        seen = cols[0].seen.cpu().numpy()
-        return [c.features[c.seen] for c in cols], np.flatnonzero(seen), skipped
-
-    gen_feats, gen_idx, gen_skipped = collect(gen_src, "generated")
-    test_feats, test_skipped = None, []
-    if test_src is not None:
-        test_feats, _, test_skipped = collect(test_src, "held-out")
-        if test_feats[0].shape[0] < 3:
-            raise InputError(f"{test_src.spec}: C_T needs at least 3 held-out images (3 k-means cells), got "
-                             f"{test_feats[0].shape[0]}; pass a larger held-out set or none")
-    consumers = []
-    for j, ex in enumerate(exs):
+    plan = plan_units(train_src, checkpoint_every=checkpoint_every)  # positions in the full training source
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    feats_dir = Path(save_features) if save_features is not None else None
+    resuming = ckpt is not None and ((ckpt / _QUERIES).exists() or any(ckpt.glob("train-*.safetensors")))
+    if feats_dir is not None and not resuming and any(feats_dir.glob("*/features-*.safetensors")):
+        raise InputError(f"{feats_dir}: already holds saved features (features-*.safetensors) and no run is being "
+                         "resumed; delete them or choose another --save-features folder")
+    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    bs = opts.batch_size or default_batch_size(dev)
+    identity = json.loads(json.dumps({
+        "extractors": [{k: ex.metadata()[k] for k in ("extractor", "feature_dim", "weights_sha256", "preprocess")}
+                       for ex in exs],
+        "precision": [ex.metadata().get("precision") for ex in exs],
+        "gen": gen_src.fingerprint(), "test": test_src.fingerprint() if test_src is not None else None,
+        "train": {"spec": str(train_src.spec), "kind": plan.kind, "checkpoint_every": plan.checkpoint_every,
+                  "n_units": len(plan.units), "n_items": plan.n_items},
+        "top_k": int(top_k), "authpct": bool(compute_authpct), "batch_size": bs, "device": dev.type,
+        "decode": opts.decode}))
+    run = _Run(exs, dev, bs, default_num_workers(dev) if opts.num_workers is None else opts.num_workers,
+               opts.decode, skip_bad, opts.progress, rank, world, ckpt, identity,
+               say if rank == 0 else (lambda m: None))
+    if ckpt is not None and rank == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    q = _queries(gen_src, test_src, run)
+    gen_feats, gen_idx, test_feats = q["gen"], q["gen_idx"], q["test"]
+    base = []
+    for j in range(len(exs)):
         cells = None
         if test_feats is not None:
-            model = fit_cells(test_feats[j])
-            cells = CellNNConsumer(model, torch.cat([test_feats[j], gen_feats[j]]))
-        writer = None if save_features is None else FeatureShardWriter(Path(save_features) / ex.name,
-                                                                        {**ex.metadata(), "source": train_src.spec})
-        consumers.append(CopiesConsumer(gen_feats[j], top_k, keep_top1_features=compute_authpct, cells=cells,
-                                        writer=writer))
-    n_train, train_skipped = run_pass(train_src, exs, consumers, desc="training", **kw)
-    for c in consumers:
-        if c.writer is not None:
-            c.writer.close()
+            cells = CellNNConsumer(fit_cells(test_feats[j]), torch.cat([test_feats[j], gen_feats[j]]))
+        base.append(CopiesConsumer(gen_feats[j], top_k, keep_top1_features=compute_authpct, cells=cells))
+    consumers, train_skipped, resumed = _training_pass("train", train_src, plan.units, base, run,
+                                                       save_features=feats_dir)
+    n_train = consumers[0].topk.state.n_seen
     if n_train == 0:
         raise EmptySourceError(f"{train_src.spec}: every training image was skipped as unreadable "
                                f"({len(train_skipped)})")
-    for c in consumers:
-        c.topk.check_keys()
     auth_sims: list[torch.Tensor | None] = [None] * len(exs)
     if compute_authpct and n_train > 1:
         second = []
         for c in consumers:
             _, keys, _ = unpack(c.topk.state.packed[:, :1])
-            second.append(TopKConsumer(c.topk.state.top1_features, 1, exclude=keys[:, 0]))
-        if save_features is not None:  # the saved features: no second decode and network pass
-            for ex, s2 in zip(exs, second):
-                for f, i in read_feature_shards(Path(save_features) / ex.name):
-                    s2.update(f.to(dev), i.to(dev))
-        else:
-            run_pass(train_src, exs, second, desc="training (AuthPct)", **kw)
-        auth_sims = [unpack(s.state.packed)[0][:, 0] for s in second]
+            second.append(CopiesConsumer(None, topk=TopKConsumer(c.topk.state.top1_features, 1, exclude=keys[:, 0])))
+        second, _, _ = _training_pass("authpct", train_src, plan.units, second, run, read_features=feats_dir)
+        auth_sims = [unpack(s.topk.state.packed)[0][:, 0] for s in second]
     results, arrays = {}, {}
     for j, (ex, c) in enumerate(zip(exs, consumers)):
         sims, keys, valid = unpack(c.topk.state.packed)
@@ -627,15 +958,23 @@ def find_copies(
         "similarity": "cosine of L2-normalised features; ties broken by the smaller training index",
         "authpct": "dgm-eval compute_authpct on L2-normalised features" if compute_authpct else None,
         "ct": "dgm-eval compute_CTscore; PCA and k-means fitted on the held-out set" if test_src is not None else None,
-        "skipped": {"gen": [s.to_dict() for s in gen_skipped], "train": [s.to_dict() for s in train_skipped],
-                    "test": [s.to_dict() for s in test_skipped]},
+        "skipped": {"gen": [s.to_dict() for s in q["skipped"]["gen"]], "train": [s.to_dict() for s in train_skipped],
+                    "test": [s.to_dict() for s in q["skipped"]["test"]]},
+        "run": {"units": len(plan.units), "unit_kind": plan.kind,
+                "checkpoint_every": plan.checkpoint_every or (None if plan.kind == "tar-shards" else DEFAULT_BLOCK),
+                "resumed_units": resumed, "world_size": world, "batch_size": bs},
         **environment(dev),
     }
     out = CopiesResult(results, prov, arrays)
-    if json_path is not None:
-        out.save_json(json_path)
-    if sheet is not None:
-        contact_sheet(out, gen_src, train_src, sheet, model=exs[0].name, rows=sheet_rows)
+    if world > 1:
+        barrier(dev)  # every rank is past the checkpoint files before rank 0 removes them
+    if rank == 0:
+        if json_path is not None:
+            out.save_json(json_path)
+        if sheet is not None:
+            contact_sheet(out, gen_src, train_src, sheet, model=exs[0].name, rows=sheet_rows)
+        if ckpt is not None:
+            _cleanup(ckpt)
     return out
 
 
