@@ -6,5 +6,6 @@ from . import compute_cmds  # noqa: F401  (registers `compute`, `stats`, `models
 from . import analysis_cmds  # noqa: F401  (registers `ceiling`; `compute`'s analysis options)
 from . import prompts_cmds  # noqa: F401  (registers `prompts`)
 from . import report_cmds  # noqa: F401  (registers `report`)
+from . import copies_cmds  # noqa: F401  (registers `copies`)
 
 __all__ = ["main"]

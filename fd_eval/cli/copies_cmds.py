@@ -1,0 +1,81 @@
+"""`fd-eval copies`: the training images nearest to each generated image (copy detection, SSCD by default)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..copies import DEFAULT_MODELS, find_copies
+from ..distributed import destroy, get_rank, init_distributed
+from ..errors import FDEvalError
+from ..options import RunOptions
+from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg
+
+
+@main.command("copies")
+@click.argument("gen")
+@click.option("--train", "-t", "train", required=True,
+              help="Training images (folder, tar shard range, ...); the reference test set for a leak check.")
+@click.option("--model", "-m", "models", multiple=True, default=DEFAULT_MODELS, show_default=True,
+              help="Extractor (repeatable): sscd-disc-mixup, or any DINOv2.")
+@click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model.")
+@click.option("--top", "top_k", type=int, default=5, show_default=True, help="Nearest training images kept per image.")
+@click.option("--threshold", type=float, default=None,
+              help="Copy threshold on top-1 cosine similarity [default: 0.75, SSCD's operating point].")
+@click.option("--test", "test", default=None, help="Held-out real images (e.g. the test set) for C_T.")
+@click.option("--no-authpct", is_flag=True, help="Skip AuthPct (its second pass over the training images).")
+@click.option("--save-features", default=None, help="Save the training features here (AuthPct then reads them).")
+@click.option("--json", "json_path", default=None, help="Write the per-image lists, summary and provenance here.")
+@click.option("--sheet", default=None, help="Write a contact-sheet PNG of the top suspected copies here.")
+@click.option("--checkpoint-dir", default=None,
+              help="Where finished units are saved for resuming [default: JSON.partial with --json; shared by all "
+                   "ranks].")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
+              help="Training images per resumable unit [default: one unit per tar shard, else 10,000].")
+@run_options()
+def copies_cmd(gen: str, train: str, models: tuple[str, ...], weights: tuple[str, ...], top_k: int,
+               threshold: float | None, test: str | None, no_authpct: bool, save_features: str | None,
+               json_path: str | None, sheet: str | None, checkpoint_dir: str | None, checkpoint_every: int | None,
+               options: RunOptions) -> None:
+    """For every image in GEN, its --top nearest images in --train (cosine similarity of SSCD descriptors by
+    default); prints the copies above --threshold and the top-1 similarity quantiles.
+
+    Resumable: with --json (or --checkpoint-dir) each finished training unit is saved; after a crash or kill
+    the same command continues and gives the identical result. Under `torchrun --nproc_per_node N -m fd_eval
+    copies ...` each process takes every N-th unit and the top-K lists are merged exactly.
+    """
+    ckpt = checkpoint_dir if checkpoint_dir is not None else (f"{json_path}.partial" if json_path else None)
+    created = init_distributed(options.device)
+    rank = get_rank()
+    try:
+        res = find_copies(gen, train, models=list(models), top_k=top_k, threshold=threshold, test=test,
+                          compute_authpct=not no_authpct, save_features=save_features,
+                          weights=weights_arg(weights), checkpoint_dir=ckpt, checkpoint_every=checkpoint_every,
+                          json_path=json_path, sheet=sheet, options=options,
+                          log=lambda msg: click.echo(msg, err=True))
+    except FDEvalError:
+        if rank != 0:  # every rank raises the same error; rank 0 prints it once
+            sys.exit(1)
+        raise
+    finally:
+        if created:
+            destroy()
+    if rank != 0:
+        return
+    skipped = [s for part in res.provenance["skipped"].values() for s in part]
+    for s in skipped[:20]:
+        warn(f"skipped {s['name']}: {s['reason']}")
+    if len(skipped) > 20:
+        warn(f"... and {len(skipped) - 20} more skipped (see --json)")
+    rows = []
+    for model, r in res.results.items():
+        q = r["quantiles"]
+        rows.append([model, f"{r['n_gen']:,}", f"{r['n_train']:,}", f"{r['n_copies']:,} (> {r['threshold']:g})",
+                     f"{r['copy_fraction']:.4f}", *(fmt_num(q[k]) for k in ("0.5", "0.9", "0.99", "1.0")),
+                     fmt_num(r["authpct"], 2), fmt_num(r["ct"], 3)])
+    echo_table(rows, ["model", "N gen", "N train", "copies", "fraction", "top-1 p50", "p90", "p99", "max",
+                      "AuthPct", "C_T"])
+    if json_path:
+        click.echo(f"wrote {json_path}" + (f" and {sheet}" if sheet else ""))
+    elif sheet:
+        click.echo(f"wrote {sheet}")
