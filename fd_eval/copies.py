@@ -677,7 +677,30 @@ def _training_pass(kind: str, train: ImageSource, units: Sequence[Any], base: li
     total = [b.fresh() for b in base]
     skipped: list[SkippedItem] = []
     error: FDEvalError | None = None
-    if run.rank == 0 and done:
+    mine = [u for u in units if u.index not in done][run.rank::run.world]
+
+    n_saved = 0
+
+    def finish(unit: Any, cons: list[CopiesConsumer], bad: list[SkippedItem]) -> None:
+        nonlocal n_saved
+        for c in cons:
+            c.topk.check_keys()
+            if c.writer is not None:
+                c.writer.close()
+        if ckpt is not None:
+            tensors = {f"{ex.name}.{n}": v for ex, c in zip(exs, cons) for n, v in c.state_dict().items()}
+            header = {"format": COPIES_FORMAT, "identity": run.identity, "rank": run.rank,
+                      "unit": {"index": unit.index, "label": unit.label, "fingerprint": unit.fingerprint},
+                      "skipped": [s.to_dict() for s in bad]}
+            try:
+                save_unit_file(ckpt / f"{kind}-{unit.index:06d}.safetensors", header, tensors)
+            finally:  # counted once on disk, also when an interrupt lands right after the rename
+                n_saved += (ckpt / f"{kind}-{unit.index:06d}.safetensors").exists()
+        for t_, c in zip(total, cons):
+            t_.merge(c)
+        skipped.extend(bad)
+
+    def load_done() -> None:  # rank 0 folds in the units saved by earlier runs
         run.log(f"resuming from {ckpt}: {len(done)} of {len(units)} {kind} units already done")
         for k, p in sorted(done.items()):
             header, t = _read_unit_file(p)
@@ -689,28 +712,12 @@ def _training_pass(kind: str, train: ImageSource, units: Sequence[Any], base: li
                 raise CheckpointError(f"{p}: unit {k} skipped unreadable images under --skip-bad; pass --skip-bad "
                                       f"again, or delete {p} to recompute it strictly")
             try:
-                for j, (b, ex) in enumerate(zip(base, exs)):
-                    total[j].merge(b.load_state({n[len(ex.name) + 1:]: v for n, v in t.items()
-                                                 if n.startswith(ex.name + ".")}))
+                for t_, b, ex in zip(total, base, exs):
+                    t_.merge(b.load_state({n[len(ex.name) + 1:]: v for n, v in t.items()
+                                           if n.startswith(ex.name + ".")}))
             except ValueError as e:
                 raise CheckpointError(f"{p}: damaged checkpoint ({e}); delete it to recompute that unit") from None
-            skipped += [SkippedItem(**d) for d in header["skipped"]]
-    mine = [u for u in units if u.index not in done][run.rank::run.world]
-
-    def finish(unit: Any, cons: list[CopiesConsumer], bad: list[SkippedItem]) -> None:
-        for c in cons:
-            c.topk.check_keys()
-            if c.writer is not None:
-                c.writer.close()
-        if ckpt is not None:
-            tensors = {f"{ex.name}.{n}": v for ex, c in zip(exs, cons) for n, v in c.state_dict().items()}
-            header = {"format": COPIES_FORMAT, "identity": run.identity, "rank": run.rank,
-                      "unit": {"index": unit.index, "label": unit.label, "fingerprint": unit.fingerprint},
-                      "skipped": [s.to_dict() for s in bad]}
-            save_unit_file(ckpt / f"{kind}-{unit.index:06d}.safetensors", header, tensors)
-        for t_, c in zip(total, cons):
-            t_.merge(c)
-        skipped.extend(bad)
+            skipped.extend(SkippedItem(**d) for d in header["skipped"])
 
     def writers(unit: Any) -> list[FeatureShardWriter | None]:
         if save_features is None:
@@ -718,8 +725,9 @@ def _training_pass(kind: str, train: ImageSource, units: Sequence[Any], base: li
         return [FeatureShardWriter(save_features / ex.name, {**ex.metadata(), "source": train.spec},
                                    prefix=f"features-{unit.index:06d}-") for ex in exs]
 
-    n_saved = 0
     try:
+        if run.rank == 0 and done:
+            load_done()
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc=f"training ({kind})",
                   disable=not run.progress or run.rank != 0) as bar:
             if read_features is not None:  # saved features: no decode, no network
@@ -729,16 +737,13 @@ def _training_pass(kind: str, train: ImageSource, units: Sequence[Any], base: li
                         for f, i in read_feature_shards(read_features / ex.name, unit=u.index):
                             c.update(f.to(run.device), i.to(run.device))
                     finish(u, cons, [])
-                    n_saved += 1
                     bar.update(len(u))
             elif mine:
                 def consumers(k: int) -> list[CopiesConsumer]:
                     return [b.fresh(w) for b, w in zip(base, writers(mine[k]))]
 
                 def on_unit(d: Any) -> None:
-                    nonlocal n_saved
                     finish(mine[d.k], [cs[0] for cs in d.consumers], d.skipped)
-                    n_saved += 1
 
                 run_units(train, exs, [u.indices for u in mine], consumers, device=run.device,
                           batch_size=run.batch_size, num_workers=run.num_workers, decode=run.decode,
