@@ -8,9 +8,10 @@ Part ``memory``: ``--rows`` synthetic unit feature rows (seeded, made batch by b
 :class:`fd_eval.copies.TopKConsumer` holding ``--gen`` queries; the process's resident memory (VmRSS) is read
 after 1%, 10% and 100% of the rows, with the rows/s of the consumer alone. Flat RSS = no training state kept.
 
-Part ``throughput``: ``--images`` 256x256 PNGs (GPIC's size) through the training pass (the temporary driver,
-:func:`fd_eval.copies.run_pass`) with a :class:`CopiesConsumer` of 100 generated features, per model, random
-weights in the real architecture; images/s of the whole pass and the consumer's share of the time.
+Part ``throughput``: ``--images`` 256x256 PNGs (GPIC's size) through the training pass (the extraction loop,
+:func:`fd_eval.pipeline.run_units`, as :func:`fd_eval.find_copies` runs it) with a :class:`CopiesConsumer` of 100
+generated features, per model, random weights in the real architecture; images/s of the whole pass and the
+consumer's share of the time.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +30,7 @@ from _bench_utils import images, load_average, random_dinov2_official, sync, wri
 from fd_eval import copies as cp, open_source  # noqa: E402
 from fd_eval.extractors import load_extractor  # noqa: E402
 from fd_eval.io_utils import atomic_write  # noqa: E402
-from fd_eval.pipeline import auto_device  # noqa: E402
+from fd_eval.pipeline import auto_device, run_units  # noqa: E402
 
 
 def rss_mib() -> float:
@@ -93,11 +95,14 @@ def part_throughput(models: list[str], n: int, batch: int, device: torch.device,
                     sync(device)
                     spent[0] += time.perf_counter() - t0
 
-            cp.run_pass(src, [ex], [Timed()], device=device, batch_size=batch, num_workers=workers,
-                        progress=False)  # warm-up (also the first-batch allocations)
+            def one_pass() -> None:
+                run_units(src, [ex], [np.arange(len(src))], lambda k: [[Timed()]], device=device,
+                          batch_size=batch, num_workers=workers)
+
+            one_pass()  # warm-up (also the first-batch allocations)
             spent[0] = 0.0
             t0 = time.perf_counter()
-            cp.run_pass(src, [ex], [Timed()], device=device, batch_size=batch, num_workers=workers, progress=False)
+            one_pass()
             sync(device)
             dt = time.perf_counter() - t0
             res[name] = {"images": n, "images_per_s": round(n / dt, 2), "consumer_share": round(spent[0] / dt, 4)}
