@@ -173,29 +173,59 @@ def cli_args(sets, vit, out, *extra):
             "--num-workers", "0", "--device", "cpu", "-q", "--json", str(out), *extra]
 
 
-def test_cli_table_json_and_resume(sets, vit, tmp_path, monkeypatch, one_thread):
-    monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
-    runner = CliRunner()
-    r = runner.invoke(main, cli_args(sets, vit, tmp_path / "a.json", "--sheet", str(tmp_path / "a.png")))
+@pytest.fixture(scope="module")
+def cli_reference(sets, vit, tmp_path_factory):
+    """An uninterrupted `fd-eval copies` run: (output, JSON document, folder)."""
+    out = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
+        r = CliRunner().invoke(main, cli_args(sets, vit, out / "a.json", "--sheet", str(out / "a.png")))
     assert r.exit_code == 0, r.output + repr(r.exception)
-    lines = r.output.splitlines()
+    return r.output, json.loads((out / "a.json").read_text()), out
+
+
+def test_cli_table_and_json(cli_reference):
+    output, a, out = cli_reference
+    lines = output.splitlines()
     assert lines[0].split()[:6] == ["model", "N", "gen", "N", "train", "copies"]
-    a = json.loads((tmp_path / "a.json").read_text())
     res = a["results"]["dinov2-vits14"]
     row = lines[2].split()
     assert row[:4] == ["dinov2-vits14", "52", "40", str(res["n_copies"])]
     assert f"{res['quantiles']['0.5']:.4f}" in row and res["authpct"] is None
-    assert (tmp_path / "a.png").exists() and not (tmp_path / "a.json.partial").exists()
-    # an interrupted run (after 1 of 5 units), then the same command: the identical JSON results
+    assert [len(p["nearest"]) for p in res["per_image"]] == [2] * 52 and res["top_k"] == 2
+    assert (out / "a.png").exists() and not (out / "a.json.partial").exists()  # checkpoints removed when done
+
+
+def test_cli_interrupted_then_resumed(sets, vit, cli_reference, tmp_path, monkeypatch, one_thread):
+    """Ctrl-C after 1 of 5 units (in process), then the same command: the identical JSON results."""
+    monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
     interrupt_after(monkeypatch, "train", 1)
-    r = runner.invoke(main, cli_args(sets, vit, tmp_path / "b.json"))
+    r = CliRunner().invoke(main, cli_args(sets, vit, tmp_path / "b.json"))
     assert r.exit_code == 1 and "Aborted" in r.output  # click's answer to Ctrl-C
     assert "run the same command again to resume" in r.output and (tmp_path / "b.json.partial").is_dir()
     assert not (tmp_path / "b.json").exists()
     monkeypatch.undo()
     monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
-    r = runner.invoke(main, cli_args(sets, vit, tmp_path / "b.json"))
+    r = CliRunner().invoke(main, cli_args(sets, vit, tmp_path / "b.json"))
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "resuming from" in r.output
     b = json.loads((tmp_path / "b.json").read_text())
-    assert b["results"] == a["results"] and b["provenance"]["run"]["resumed_units"] == 1
+    assert b["results"] == cli_reference[1]["results"] and b["provenance"]["run"]["resumed_units"] == 1
+
+
+def test_cli_killed_then_resumed(sets, vit, cli_reference, tmp_path, monkeypatch, one_thread):
+    """SIGKILL right after the 2nd unit file (a subprocess of the real CLI), then the same command resumes."""
+    out = tmp_path / "c.json"
+    env = {**os.environ, "FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS": "2", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(TESTS / "_copies_cli.py"), str(DEPTH), *cli_args(sets, vit, out)],
+                       capture_output=True, env=env, timeout=600)
+    assert p.returncode == -9, p.stderr[-3000:]
+    ck = tmp_path / "c.json.partial"
+    assert sorted(x.name for x in ck.iterdir()) == ["queries.safetensors", "train-000000.safetensors",
+                                                    "train-000001.safetensors"] and not out.exists()
+    monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
+    r = CliRunner().invoke(main, cli_args(sets, vit, out))
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    c = json.loads(out.read_text())
+    assert c["results"] == cli_reference[1]["results"] and c["provenance"]["run"]["resumed_units"] == 2
+    assert os.listdir(tmp_path) == ["c.json"]

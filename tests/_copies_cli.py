@@ -1,0 +1,28 @@
+"""Run ``fd-eval`` with DINOv2 built DEPTH blocks deep and a deterministic kill: ``python _copies_cli.py DEPTH
+ARGS...``; with ``FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS=K`` the process sends itself SIGKILL right after its K-th
+training unit file of ``fd-eval copies`` is saved (no timing: the same point on any machine)."""
+import functools
+import os
+import signal
+import sys
+
+import fd_eval.copies as cp
+import fd_eval.extractors.dinov2 as dv
+
+dv._build_extractor = functools.partial(dv._build_extractor, _depth=int(sys.argv.pop(1)))
+if os.environ.get("FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"):
+    k, real, calls = int(os.environ["FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"]), cp.save_unit_file, []
+
+    def save(path, header, tensors):
+        real(path, header, tensors)
+        if os.path.basename(path).startswith("train-"):
+            calls.append(path)
+            if len(calls) == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    cp.save_unit_file = save
+
+from fd_eval.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
