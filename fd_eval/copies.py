@@ -440,8 +440,9 @@ class CopiesConsumer:
 
 def memory_needed(n_gen: int, k: int, dim: int, n_test: int = 0) -> int:
     """Bytes a training pass holds per extractor: generated features (float32) and queries (float64), packed
-    lists, top-1 features (float32), C_T queries and distances, and one similarity block."""
-    return n_gen * (16 * dim + 8 * k) + n_test * (4 * dim + 8 * 66) + 16 * _WORK_ELEMENTS
+    lists and top-1 features (float32) twice (the run's total and the current unit's), C_T queries and
+    distances, and one similarity block."""
+    return n_gen * (20 * dim + 16 * k) + n_test * (4 * dim + 8 * 66) + 16 * _WORK_ELEMENTS
 
 
 def available_memory(device: torch.device) -> int:

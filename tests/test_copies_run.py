@@ -229,3 +229,24 @@ def test_cli_killed_then_resumed(sets, vit, cli_reference, tmp_path, monkeypatch
     c = json.loads(out.read_text())
     assert c["results"] == cli_reference[1]["results"] and c["provenance"]["run"]["resumed_units"] == 2
     assert os.listdir(tmp_path) == ["c.json"]
+
+
+def test_skipped_training_image_is_listed_with_its_position(sets, tmp_path, monkeypatch):
+    """--skip-bad: an unreadable training image in unit 1 is listed (by its position in the whole source) in a
+    resumed run too, and is never a neighbour; a strict run stops on it with the one-line error."""
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(sets["train"], train)
+    (train / "009.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    kw = dict(checkpoint_every=UNIT, checkpoint_dir=tmp_path / "ck", skip_bad=True)
+    interrupt_after(monkeypatch, "train", 2)
+    with pytest.raises(KeyboardInterrupt):
+        run({**sets, "train": train}, **kw)
+    monkeypatch.undo()
+    res = run({**sets, "train": train}, **kw)
+    assert [(s["index"], Path(s["name"]).name) for s in res.provenance["skipped"]["train"]] == [(9, "009.png")]
+    r = res.results["pixels-16"]
+    assert r["n_train"] == 39 and all(n["index"] != 9 for p in r["per_image"] for n in p["nearest"])
+    with pytest.raises(fd_eval.BadImageError, match="009.png"):
+        run({**sets, "train": train}, compute_authpct=False)
