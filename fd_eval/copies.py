@@ -205,8 +205,9 @@ class FeatureShardWriter:
     host (a device sync: an opt-in cost). Call :meth:`close` after the pass."""
 
     def __init__(self, folder: str | os.PathLike, meta: dict[str, Any] | None = None, rows: int = 65536,
-                 prefix: str = "features-"):
+                 prefix: str = "features-", dim: int | None = None):
         self.folder, self.rows, self.meta = Path(folder), int(rows), json.dumps(meta or {}, sort_keys=True)
+        self.dim = dim  # given: a series with no rows (every image skipped) still gets one empty shard
         self.prefix = prefix  # find_copies writes one series per checkpoint unit: features-{unit:06d}-{k:06d}
         self.folder.mkdir(parents=True, exist_ok=True)
         self._buf: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -236,6 +237,13 @@ class FeatureShardWriter:
 
     def close(self) -> None:
         self._flush()
+        if self.shards == 0 and self.dim is not None:
+            from safetensors.torch import save_file
+
+            with atomic_path(self.folder / f"{self.prefix}000000.safetensors") as tmp:
+                save_file({"features": torch.zeros(0, self.dim), "index": torch.zeros(0, dtype=torch.int64)},
+                          str(tmp), metadata={"fd_eval_extractor": self.meta})
+            self.shards = 1
 
 
 def read_feature_shards(folder: str | os.PathLike, unit: int | None = None
@@ -401,6 +409,8 @@ class CopiesConsumer:
         self.writer = writer
 
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
+        if features.shape[0] == 0:  # e.g. a saved unit whose images were all skipped
+            return
         self.topk.update(features, index)
         if self.cells is not None:
             self.cells.update(features, index)
@@ -724,7 +734,7 @@ def _training_pass(kind: str, train: ImageSource, units: Sequence[Any], base: li
         if save_features is None:
             return [None] * len(exs)
         return [FeatureShardWriter(save_features / ex.name, {**ex.metadata(), "source": train.spec},
-                                   prefix=f"features-{unit.index:06d}-") for ex in exs]
+                                   prefix=f"features-{unit.index:06d}-", dim=ex.feature_dim) for ex in exs]
 
     try:
         if run.rank == 0 and done:

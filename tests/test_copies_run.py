@@ -250,3 +250,26 @@ def test_skipped_training_image_is_listed_with_its_position(sets, tmp_path, monk
     assert r["n_train"] == 39 and all(n["index"] != 9 for p in r["per_image"] for n in p["nearest"])
     with pytest.raises(fd_eval.BadImageError, match="009.png"):
         run({**sets, "train": train}, compute_authpct=False)
+
+
+def test_a_unit_with_no_readable_image_still_feeds_the_authpct_pass(sets, reference, tmp_path):
+    """Training unit 1 (images 7..13) all unreadable under --skip-bad, features saved: its empty feature shard is
+    read back by the AuthPct pass; the result equals a run over the other 33 images."""
+    import shutil
+
+    train, good = tmp_path / "train", tmp_path / "good"
+    shutil.copytree(sets["train"], train)
+    shutil.copytree(sets["train"], good)
+    for i in range(7, 14):
+        (train / f"{i:03d}.png").write_bytes(b"not an image")
+        (good / f"{i:03d}.png").unlink()
+    res = run({**sets, "train": train}, checkpoint_every=UNIT, skip_bad=True, save_features=tmp_path / "f")
+    empty = list(cp.read_feature_shards(tmp_path / "f" / "pixels-16", unit=1))
+    assert [tuple(f.shape) for f, _ in empty] == [(0, 768)]
+    ref = run({**sets, "train": good}).results["pixels-16"]
+    got = res.results["pixels-16"]
+    assert got["n_train"] == 33 and got["authpct"] == ref["authpct"] and got["ct"] == ref["ct"]
+    # same neighbours; keys differ by the 7 missing files (positions in each source)
+    shift = lambda i: i + 7 * (i >= 7)  # noqa: E731
+    assert [[shift(n["index"]) for n in p["nearest"]] for p in ref["per_image"]] == \
+        [[n["index"] for n in p["nearest"]] for p in got["per_image"]]
