@@ -207,7 +207,35 @@ def test_every_error_class_is_documented():
 @pytest.mark.parametrize("block", PY_BLOCKS, ids=[f"line{b['line']}" for b in PY_BLOCKS])
 def test_python_block_runs(block, readme_dir):
     code = compile(rewrite(block["body"]), f"README.md:{block['line']}", "exec")
-    exec(code, {"__name__": "__readme__"})
+    ns = {"__name__": "__readme__"}
+    exec(code, ns)
+    assert check_claims(ns) > 0, "no claim of this block is checked: extend check_claims"
+
+
+def check_claims(ns: dict) -> int:
+    """Check what the README's comments say about the names its blocks define; returns how many were checked."""
+    import numpy as np
+    import torch
+
+    import fd_eval
+
+    checked = 0
+    if {"r", "gen", "ref"} <= ns.keys():  # the Python quickstart
+        r, gen, ref = ns["r"], ns["gen"], ns["ref"]
+        assert r["fd"] == pytest.approx(r["fd_mean"] + r["fd_cov"], rel=1e-12) and r["n"] == 8
+        assert fd_eval.frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma) == pytest.approx(r["fd"], rel=1e-12)
+        assert ns["doc"]["results"]["dinov2-vits14"]["fd"] == r["fd"]
+        assert np.array_equal(fd_eval.load_stats("samples.safetensors").mu, gen.mu)
+        checked += 1
+    if "features" in ns:
+        f = ns["features"]
+        assert f.dtype == torch.float32 and tuple(f.shape) == (4, 384)  # 1024 for ViT-L
+        checked += 1
+    if "metric" in ns and "result" in ns:  # the training loop
+        res = ns["result"]["results"]["dinov2-vits14"]
+        assert res["n"] == 16 and res["fd"] > 0
+        checked += 1
+    return checked
 
 
 RUN_BASH = [b for b in BASH_BLOCKS if not b["parse_only"]]
