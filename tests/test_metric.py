@@ -97,6 +97,7 @@ def test_float_0_1_quantises_like_torchvision_save_image(tmp_path):
         assert torch.equal(to_uint8(x.to(dt), (0, 1)), to_uint8(x.to(dt).float(), (0, 1)))
 
 
+@pytest.mark.slow
 def test_torch_resize_is_the_fast_protocol_and_is_refused_against_a_pil_reference(world):
     ex_torch = fd_eval.load_extractors(MODEL, world["ckpt"], "cpu", resize="torch")
     with pytest.raises(StatsMismatchError, match="resize_library"):  # at construction, before any image

@@ -429,6 +429,7 @@ def test_metric_and_build_carry_the_mode(world, tmp_path):
 
 
 # --- the benchmarks do not rot ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_benchmarks_run_in_miniature(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import bench_pipeline

@@ -204,6 +204,7 @@ def test_every_error_class_is_documented():
 
 
 # --- the blocks run ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # DINOv2 ViT-S on a few dozen images per block: the costly part of this file
 @pytest.mark.parametrize("block", PY_BLOCKS, ids=[f"line{b['line']}" for b in PY_BLOCKS])
 def test_python_block_runs(block, readme_dir):
     code = compile(rewrite(block["body"]), f"README.md:{block['line']}", "exec")
@@ -244,6 +245,7 @@ RUN_BASH = [b for b in BASH_BLOCKS if not b["parse_only"]]
 OUTPUT_OPTIONS = ("-o", "--output", "--json", "--save-stats")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", RUN_BASH, ids=[f"line{b['line']}" for b in RUN_BASH])
 def test_bash_block_runs(block, readme_dir):
     for cmd in shell_commands(rewrite(block["body"])):
