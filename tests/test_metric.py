@@ -67,6 +67,7 @@ def test_uint8_chunks_of_any_size_and_layout_give_the_clis_number(world):
     assert m.n == N and m.stats()[MODEL].n == N  # compute() keeps the state (more updates may follow)
 
 
+@pytest.mark.slow
 def test_float_minus1_1_equals_cli_on_edm2_saved_pngs(world, tmp_path):
     """[-1, 1] floats (with overshoot, as unclamped samplers give) == the CLI on PNGs saved the EDM2 way."""
     g = torch.Generator().manual_seed(0)
