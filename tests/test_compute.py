@@ -133,6 +133,7 @@ def test_loader_items_smaller_than_the_model_batch_are_joined_exactly(world, mon
     assert np.array_equal(joined.mu, whole.mu) and np.array_equal(joined.sigma, whole.sigma)
 
 
+@pytest.mark.slow
 def test_reference_source_statistics_are_cached(world, monkeypatch):
     kw = dict(weights=world["ckpt"], progress=False, num_workers=0)
     first = fd_eval.compute_fd(world["gen_dir"], world["ref_dir"], "dinov2-vits14", **kw)
@@ -144,6 +145,7 @@ def test_reference_source_statistics_are_cached(world, monkeypatch):
     assert second["dinov2-vits14"]["fd"] == first["dinov2-vits14"]["fd"]
 
 
+@pytest.mark.slow
 def test_num_and_seed_select_deterministic_subsets(world):
     kw = dict(weights=world["ckpt"], progress=False, num_workers=0)
     a = fd_eval.compute_stats(world["gen_dir"], "dinov2-vits14", num=6, seed=0, **kw)["dinov2-vits14"]
@@ -156,6 +158,7 @@ def test_num_and_seed_select_deterministic_subsets(world):
     assert a.n == 6 and a.metadata["source"]["seed"] == 0
 
 
+@pytest.mark.slow
 def test_gpic_official_npz_reference(world, expected_fd, tmp_path):
     """A fake official-format test_stats.npz registered under a name: compute --ref NAME gives the FD."""
     fr = _reference_features(world["hub"], world["ref"])

@@ -146,6 +146,7 @@ def test_registry_names_dims_and_urls():
 
 
 # --- parity with the hub code ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_vits14_matches_hub(vits14, sets, vits14_ref_feats):
     path, hub = vits14
     ex = load_extractor("dinov2-vits14", weights=path)
@@ -174,6 +175,7 @@ def test_vitl14_matches_hub(tmp_path):
 
 
 # --- parity with transformers ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_vits14_hf_checkpoint_matches_transformers(tmp_path, sets, vits14_ref_feats):
     path, hub = save_dinov2_checkpoint(tmp_path / "model.safetensors", "vits14", "hf")  # same seed as `vits14`
     assert dv.detect_format(dv.load_state_dict(path)) == "hf"
@@ -189,6 +191,7 @@ def test_vits14_hf_checkpoint_matches_transformers(tmp_path, sets, vits14_ref_fe
     assert fd_rel(hf_own_rule, vits14_ref_feats) > 5 * TOL
 
 
+@pytest.mark.slow
 def test_vits14_reg_matches_transformers_registers_model(tmp_path, sets):
     # Dinov2WithRegistersModel resamples with size=(16, 16), bicubic, antialias=True: the hub's _reg rule.
     path, ref = save_dinov2_checkpoint(tmp_path / "model.safetensors", "vits14", "hf", seed=5, reg=True)
@@ -200,6 +203,7 @@ def test_vits14_reg_matches_transformers_registers_model(tmp_path, sets):
 # --- checkpoint formats ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,reg,depth", [("vits14", False, None), ("vits14", True, None), ("vitg14", False, 1),
                                             ("vitg14", True, 1)])
+@pytest.mark.slow
 def test_checkpoint_formats(tmp_path, arch, reg, depth):
     """official / HF / timm files of the same weights load to identical features equal to the reference's.
 
@@ -248,6 +252,7 @@ def test_giant_swiglu_halves_are_not_interchangeable(tmp_path):
 
 
 # --- position-embedding rule ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pos_embed_rule_is_the_hubs_and_timms_default_is_not(vits14, sets, vits14_ref_feats):
     from timm.layers import resample_abs_pos_embed
     from timm.models.vision_transformer import checkpoint_filter_fn
@@ -275,6 +280,7 @@ def test_pos_embed_rule_is_the_hubs_and_timms_default_is_not(vits14, sets, vits1
 
 
 # --- resize="torch" (EDM2) ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torch_resize_matches_edm2_and_differs_from_pil(vits14, sets, vits14_ref_feats):
     path, hub = vits14
     ex = load_extractor("dinov2-vits14", weights=path, resize="torch")
@@ -361,6 +367,7 @@ def test_offline_without_cached_weights_names_url_and_flag():
     assert "--weights" in msg and "\n" not in msg
 
 
+@pytest.mark.slow
 def test_download_from_loopback_server(tmp_path, monkeypatch, vits14, sets, vits14_ref_feats):
     src, _ = vits14
     root = tmp_path / "srv"

@@ -70,6 +70,7 @@ def _rel(a, b):
     return abs(a - b) / abs(b)
 
 
+@pytest.mark.slow
 def test_torchrun_cli_equals_one_process(world, tmp_path, one_thread):
     """`torchrun -m fd_eval compute` with a reference image source: both sets sharded, merged, written once."""
     out, saved = tmp_path / "r.json", tmp_path / "gen.safetensors"
@@ -111,6 +112,7 @@ def api_run(world, tmp_path_factory):
     return out, ranks
 
 
+@pytest.mark.slow
 def test_fdmetric_under_torchrun_equals_one_process(world, api_run, one_thread):
     _, ranks = api_run
     m = FDMetric(extractors=world["exs"], ref=world["ref_stats"])
@@ -123,6 +125,7 @@ def test_fdmetric_under_torchrun_equals_one_process(world, api_run, one_thread):
             assert _rel(r["metric"][k], single[k]) <= 1e-10, (k, r["metric"][k], single[k])
 
 
+@pytest.mark.slow
 def test_evaluate_generator_under_torchrun(world, api_run, one_thread):
     _, ranks = api_run
     calls: list = []
@@ -137,6 +140,7 @@ def test_evaluate_generator_under_torchrun(world, api_run, one_thread):
         assert _rel(r["generator"]["fd"], single["results"]["dinov2-vits14"]["fd"]) <= 1e-10
 
 
+@pytest.mark.slow
 def test_compute_stats_features_merged_in_rank_order(world, api_run, one_thread):
     out, _ = api_run
     st = fd_eval.compute_stats(world["gen"], extractors=world["exs"], batch_size=2, num_workers=0,
@@ -148,6 +152,7 @@ def test_compute_stats_features_merged_in_rank_order(world, api_run, one_thread)
         np.testing.assert_allclose(np.load(out / f"mu{r}.npy"), st.mu, rtol=0, atol=1e-12 * np.abs(st.mu).max())
 
 
+@pytest.mark.slow
 def test_moment_merge_is_exact_and_identical_on_every_rank(api_run):
     out, _ = api_run
     g = torch.Generator().manual_seed(0)
@@ -163,6 +168,7 @@ def test_moment_merge_is_exact_and_identical_on_every_rank(api_run):
     np.testing.assert_array_equal(np.load(out / "merged_feats0.npy"), torch.cat([rows[1], rows[3]]).float().numpy())
 
 
+@pytest.mark.slow
 def test_errors_reach_every_rank(api_run):
     _, ranks = api_run
     for r in ranks:  # rank 1 hit the corrupt file; both ranks raise its one-line message
@@ -192,6 +198,7 @@ def test_batch_seed_depends_on_seed_and_batch_only():
     assert batch_seed(0, 5) == batch_seed(0, 5)
 
 
+@pytest.mark.slow
 def test_evaluate_generator_restores_the_callers_rng(world):
     torch.manual_seed(123)
     expected = torch.rand(3)

@@ -112,6 +112,7 @@ def test_network_input_bit_identical_to_references(models, hw):
 
 
 @pytest.mark.parametrize("hw", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+@pytest.mark.slow
 def test_feature_and_fd_parity_with_references(models, hw):
     """Features and FD equal torch-fidelity's (-tf) and pytorch-fid's (-pt); swapping the lineages would fail."""
     h, w = hw

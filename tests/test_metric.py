@@ -67,6 +67,7 @@ def test_uint8_chunks_of_any_size_and_layout_give_the_clis_number(world):
     assert m.n == N and m.stats()[MODEL].n == N  # compute() keeps the state (more updates may follow)
 
 
+@pytest.mark.slow
 def test_float_minus1_1_equals_cli_on_edm2_saved_pngs(world, tmp_path):
     """[-1, 1] floats (with overshoot, as unclamped samplers give) == the CLI on PNGs saved the EDM2 way."""
     g = torch.Generator().manual_seed(0)
@@ -97,6 +98,7 @@ def test_float_0_1_quantises_like_torchvision_save_image(tmp_path):
         assert torch.equal(to_uint8(x.to(dt), (0, 1)), to_uint8(x.to(dt).float(), (0, 1)))
 
 
+@pytest.mark.slow
 def test_torch_resize_is_the_fast_protocol_and_is_refused_against_a_pil_reference(world):
     ex_torch = fd_eval.load_extractors(MODEL, world["ckpt"], "cpu", resize="torch")
     with pytest.raises(StatsMismatchError, match="resize_library"):  # at construction, before any image

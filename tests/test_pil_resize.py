@@ -130,6 +130,7 @@ def test_the_metric_resizes_on_a_gpu_unless_told_otherwise(ckpt):
     assert auto.pil_resize_on == "device" and host.pil_resize_on == "host"
 
 
+@pytest.mark.slow
 def test_pipeline_and_metric_give_identical_statistics_with_the_device_resize(ckpt, tmp_path):
     # mixed sizes: the device path batches runs of equal size; the host path gets 224x224 from the workers
     arr = [photo_crops(3, 256, 256, seed=8), photo_crops(2, 300, 200, seed=9), photo_crops(3, 256, 256, seed=10)]

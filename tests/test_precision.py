@@ -150,6 +150,7 @@ def test_the_network_runs_inside_the_mode_and_the_flags_come_back(world, restore
     assert torch.equal(ex(x), f_exact)  # back to exact: bit-identical
 
 
+@pytest.mark.slow
 def test_inception_fast_is_tf32_and_channels_last_not_bfloat16(tmp_path):
     from _inception_utils import save_inception_checkpoint
 
@@ -188,6 +189,7 @@ def test_mode_is_recorded_and_exact_is_the_default(world):
     assert fd_eval.load_extractor(MODEL, weights=world["ckpt"]).preprocess_spec.model_dtype == "float32"
 
 
+@pytest.mark.slow
 def test_fast_moves_fd_a_little_and_is_refused_against_exact_unless_allowed(world):
     st = world["stats"]
     fd_exact = _fd(st[("gen", "exact")], st[("ref", "exact")])
@@ -209,6 +211,7 @@ def test_fast_moves_fd_a_little_and_is_refused_against_exact_unless_allowed(worl
     fd_eval.compare_stats(st[("gen", "exact")], bare)  # exact vs unrecorded: allowed, as before
 
 
+@pytest.mark.slow
 def test_compute_fd_provenance_and_cli(world, tmp_path):
     out = tmp_path / "fast.json"
     r = CliRunner().invoke(main, ["compute", str(world["gen"]), "--ref", str(world["ref"]), "-m", MODEL,
@@ -252,6 +255,7 @@ def test_invalid_api_values():
 
 
 # --- decode="gpu" -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_gpu_decode_falls_back_to_pil_on_cpu_and_its_device_path_gives_the_same_statistics(world, monkeypatch):
     ex = fd_eval.load_extractor(MODEL, weights=world["ckpt"], resize="torch")
     opts = dict(extractors=[ex], num_workers=0, progress=False, batch_size=4)
@@ -429,6 +433,7 @@ def test_metric_and_build_carry_the_mode(world, tmp_path):
 
 
 # --- the benchmarks do not rot ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_benchmarks_run_in_miniature(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     import bench_pipeline
