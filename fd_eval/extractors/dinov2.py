@@ -308,12 +308,25 @@ def load_model(arch: DINOv2Arch, reg: bool, path: str | os.PathLike, name: str,
 
 # --- the extractor -----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std, float32 (3, 1, 1) on ``device``: made once per device, because copying a host
-    tensor to a GPU blocks the host until the GPU has finished its queued work."""
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 (3, 1, 1) tensors on ``device``: made once per (values, device), because
+    copying a host tensor to a GPU blocks the host until the GPU has finished its queued work."""
     with torch.inference_mode(False):  # cached across calls, so ordinary tensors even when first made in one
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1).to(device)
-        return mean, torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1).to(device)
+        m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(device)
+        return m, torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device)
+
+
+def check_spec(spec: PreprocessSpec, name: str) -> None:
+    """Raise :class:`FDEvalError` for a spec this network cannot run (the model input is fixed at 224x224)."""
+    if tuple(spec.size) != (IMG_SIZE, IMG_SIZE):
+        raise FDEvalError(f"{name}: preprocess size {tuple(spec.size)} is not supported; the position embedding "
+                          f"is resampled for {IMG_SIZE}x{IMG_SIZE} inputs")
+    if spec.resize_library not in RESIZE_MODES:
+        raise FDEvalError(f"{name}: resize library {spec.resize_library!r} is not one of {RESIZE_MODES}")
+    if spec.resize_library == "pil" and not spec.antialias:
+        raise FDEvalError(f"{name}: Pillow resizes with antialiasing only; set antialias=True or resize 'torch'")
+    if len(spec.mean) != 3 or len(spec.std) != 3 or not spec.scale:
+        raise FDEvalError(f"{name}: preprocess needs 3 means, 3 stds and a non-zero scale, got {spec}")
 
 
 class DINOv2Extractor(Extractor):
@@ -350,18 +363,22 @@ class DINOv2Extractor(Extractor):
         the input is bit-identical to the reference pipeline's; images not yet 224x224 are first resized here
         with :func:`fd_eval.pil_resize.pil_resize_checked` (Pillow's integers, on the device). ``torch``: EDM2's
         ``F.interpolate(x.float(), (224, 224), bicubic, antialias=True) / 255``, then the same normalisation (no
-        clamping, as EDM2).
+        clamping, as EDM2). Size, library, filter, antialias, scale, mean and std are read from
+        ``self.preprocess_spec`` (the record saved with the statistics is what ran, by construction).
         """
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise InputRangeError(f"{self.name}: expects uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        if self.resize == "pil":
-            if tuple(x.shape[-2:]) != (IMG_SIZE, IMG_SIZE):  # not resized on the host: same integers, here
-                x = pil_resize_checked(x, (IMG_SIZE, IMG_SIZE), self.preprocess_spec.resize_filter)
+        spec = self.preprocess_spec  # every value below comes from the spec the statistics record
+        check_spec(spec, self.name)
+        size = tuple(spec.size)
+        if spec.resize_library == "pil":
+            if tuple(x.shape[-2:]) != size:  # not resized on the host: same integers, here
+                x = pil_resize_checked(x, size, spec.resize_filter)
             x = x.to(torch.float32)
         else:
-            x = F.interpolate(x.to(torch.float32), size=(IMG_SIZE, IMG_SIZE), mode="bicubic", antialias=True)
-        mean, std = _mean_std(x.device)
-        return x.div(255).sub(mean).div(std)
+            x = F.interpolate(x.to(torch.float32), size=size, mode=spec.resize_filter, antialias=spec.antialias)
+        mean, std = _mean_std(tuple(spec.mean), tuple(spec.std), x.device)
+        return x.div(spec.scale).sub(mean).div(std)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`normalize` (float32 (N, 3, 224, 224), whatever the precision mode)."""
