@@ -30,8 +30,11 @@ import torch.nn.functional as F
 
 from ..errors import FDEvalError, InputRangeError, WeightsError
 from ..pil_resize import pil_resize_checked
+from .. import precision as precision_modes
+from ..precision import LazyCompiled, exact_matmul_path, split3_form, split_numerics
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from .base import Extractor, register_extractor
+from .vit_runner import ViTRunner
 from ..io_utils import sha256_file_cached
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
 
@@ -338,10 +341,13 @@ class DINOv2Extractor(Extractor):
     images of any size go to the device and are resized there in float (EDM2).
 
     Precision: :meth:`forward_prepared` = :meth:`forward_input` (``self.forward_model`` in the precision mode's
-    numerics) of :meth:`normalize` (always float32). ``exact``: float32, TF32 off; ``fast``: bfloat16 autocast,
-    fused SDPA attention (timm's, in both modes), optionally ``torch.compile`` of each transformer block
-    (``forward_model`` is then a :class:`fd_eval.precision.LazyCompiled` with ``regions="blocks"``). The output
-    is float32 in any case.
+    numerics) of :meth:`normalize` (always float32). The network runs as :class:`ViTRunner` (the model's
+    computation; the last block for the CLS token only) with the matmul path of :meth:`matmul_path`:
+    ``exact``: float32-accurate -- on CUDA 3xTF32 split matmuls on tensor cores (``$FD_EVAL_MATMUL`` =
+    ``ieee`` forces IEEE float32), elsewhere IEEE float32; ``fp32``: IEEE float32 with TF32 off everywhere;
+    ``fast``: bfloat16 autocast, fused SDPA attention; ``fp8``: fast with e4m3 Linear layers. Optionally
+    ``torch.compile`` of each transformer block (``forward_model`` is then a
+    :class:`fd_eval.precision.LazyCompiled` with ``regions="blocks"``). The output is float32 in any case.
 
     Speed paths: ``resize="torch"`` resizes on the device (no Pillow resize in the workers) and is what GPU JPEG
     decoding (``decode="gpu"``) requires; it is EDM2's protocol, not GPIC's: with random ViT-S/14 weights its
@@ -352,9 +358,73 @@ class DINOv2Extractor(Extractor):
 
     def __init__(self, name: str, arch: DINOv2Arch, model: torch.nn.Module, resize: str,
                  weights_sha256: str | None, device: str | torch.device | None = None):
+        self._runner: tuple[tuple, ViTRunner] | None = None
         super().__init__(name, arch.embed_dim, preprocess_spec(resize), model, weights_sha256, device)
         self.arch = arch
         self.resize = resize
+        self.plan_run(None)
+
+    # --- how the network runs ----------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> "DINOv2Extractor":
+        super().to(device)
+        if hasattr(self, "arch"):  # not during Extractor.__init__
+            self.plan_run(None)  # prepared weights live on the device: rebuild there
+        return self
+
+    def matmul_path(self) -> str:
+        """``"ieee"``, ``"split3"`` or ``"fp8"``: how this mode computes the Linear layers on this device."""
+        mode = self.precision.mode
+        if mode == "exact":
+            return exact_matmul_path(self.device)
+        return "fp8" if mode == "fp8" else "ieee"
+
+    def runner(self) -> ViTRunner:
+        """The :class:`ViTRunner` for the current mode and device (prepared weights made once, then cached)."""
+        path = self.matmul_path()
+        emulate = self.device.type != "cuda"
+        if path == "fp8" and not emulate and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise FDEvalError(f"{self.name}: --precision fp8 needs FP8 tensor cores (compute capability 8.9+, "
+                              f"Ada/Hopper); {torch.cuda.get_device_name(self.device)} has none: use fast")
+        key = (path, split3_form() if path == "split3" else None, emulate, str(self.device))
+        if self._runner is None or self._runner[0] != key:
+            self._runner = None  # free the previous prepared weights first
+            self._runner = (key, ViTRunner(self.model, path, emulate, key[1] or "cat").eval())
+        return self._runner[1]
+
+    def matmul_description(self) -> str:
+        """What provenance records as ``precision.matmul``, e.g. ``"3xtf32-cat"`` or ``"ieee-fp32"``."""
+        return self.runner().matmul
+
+    def plan_run(self, n_images: int | None) -> None:
+        """Resolve ``compile`` for a pass over ``n_images`` images (None: unknown): True compiles in any mode;
+        None (auto) compiles fast modes on a GPU for passes of at least ``COMPILE_AUTO_MIN_IMAGES`` images (the
+        threshold measured for the eager-vs-compiled bfloat16 network; to be re-measured with the tuned mode and
+        the on-disk cache, benchmarks/bench_gpu.py)."""
+        p, runner = self.precision, self.runner()
+        want = p.compile is True or (p.fast and p.compile is None and self.device.type == "cuda"
+                                     and n_images is not None
+                                     and n_images >= precision_modes.COMPILE_AUTO_MIN_IMAGES)
+        fm = self.forward_model
+        if want and not (isinstance(fm, LazyCompiled) and fm.module is runner):
+            self.forward_model = LazyCompiled(runner, self.name, regions="blocks", device_type=self.device.type)
+        elif not want:
+            self.forward_model = runner
+
+    def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 (N, 3, 224, 224) on ``self.device`` -> float32 (N, D), in the mode's numerics (the 3xTF32
+        path on CUDA: :func:`fd_eval.precision.split_numerics`)."""
+        if self.matmul_path() == "split3" and self.device.type == "cuda":
+            ctx = split_numerics("cuda")
+        else:
+            ctx = self.precision.numerics(self.device, self.fast_compute)
+        with torch.inference_mode(), ctx:
+            out = self.forward_model(x)
+        return out.float()
+
+    def metadata(self) -> dict:
+        md = super().metadata()
+        md["precision"] = {**md["precision"], "matmul": self.matmul_description()}
+        return md
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> float32 (N, 3, 224, 224) model input.
