@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..splitmm import PreparedLinear
 
 ROW_PAD = 16  # the CLS-only last block runs its B rows padded to a multiple of this (see RunBlock.forward)
+QUERY_ROWS = 32  # ... and attends with this many queries (the CLS token's row is kept; see RunBlock.forward)
 
 
 class RunBlock(torch.nn.Module):
@@ -66,8 +67,13 @@ class RunBlock(torch.nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.cls_only:
-            q, x, n = q[:, :, :1], x[:, :1], 1
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+            # QUERY_ROWS queries, not 1: PyTorch's CPU attention kernel takes another path for 1 or 2 queries,
+            # whose rounding depends on the batch size (measured); with a full query block the CLS row is
+            # bit-identical to the all-token computation. Costs 32/257 of one block's attention.
+            q, x, n = q[:, :, :QUERY_ROWS], x[:, :1], 1
+        a = F.scaled_dot_product_attention(q, k, v)[:, :, :1] if self.cls_only else F.scaled_dot_product_attention(
+            q, k, v)
+        a = a.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         if self.cls_only:
             # B rows only: pad them to a multiple of ROW_PAD so that every batch size takes the GEMM kernels of
             # the full-token blocks (measured on oneDNN: fewer than 8 rows take other kernels, other roundings),
