@@ -288,6 +288,10 @@ def split_numerics(device_type: str) -> Iterator[None]:
 
 
 # --- torch.compile ------------------------------------------------------------------------------------------
+# The user's own TORCHINDUCTOR_CACHE_DIR, read at import: once imported, inductor writes its default there itself.
+_USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
 def compile_mode(device_type: str) -> str | None:
     """``torch.compile`` mode: ``$FD_EVAL_COMPILE_MODE`` if set (``default`` = torch's), else
     ``max-autotune-no-cudagraphs`` on CUDA (GEMM autotuning; no CUDA graphs, whose static input buffers would pin
@@ -305,12 +309,12 @@ def inductor_cache_dir(device_type: str) -> str:
     (the batch size and mode are part of inductor's own cache keys). Returns the directory in use."""
     from .io_utils import cache_dir
 
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    if _USER_INDUCTOR_DIR:
+        return _USER_INDUCTOR_DIR
     dev = torch.cuda.get_device_name() if device_type == "cuda" and torch.cuda.is_available() else "cpu"
     tag = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{torch.__version__}/{dev}")
     path = str(cache_dir("inductor", *tag.split("/")))
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # read by inductor when it first resolves its cache dir
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # inductor reads it whenever it resolves its cache dir
     return path
 
 
