@@ -180,3 +180,16 @@ def test_precision_names_and_provenance():
     assert precision.expected_difference("fp32", "dinov2-vits14")["fd_rel"] == 0.0
     with pytest.raises(FDEvalError, match="unknown precision"):
         precision.resolve_precision("fp16")
+
+
+def test_inception_refuses_fp8_and_stays_exact(tmp_path):
+    from _inception_utils import save_inception_checkpoint
+
+    w = save_inception_checkpoint(tmp_path / "pt_inception.pth", seed=0)
+    with pytest.raises(FDEvalError, match="fp8 is for DINOv2 only"):
+        fd_eval.load_extractor("inception-v3-tf", weights=str(w), precision="fp8")
+    ex = fd_eval.load_extractor("inception-v3-tf", weights=str(w))
+    with pytest.raises(FDEvalError, match="fp8"):
+        ex.set_precision("fp8")
+    assert ex.precision.mode == "exact" and ex.preprocess_spec.model_dtype == "float32"
+    assert ex.set_precision("fp32").metadata()["precision"]["mode"] == "fp32"

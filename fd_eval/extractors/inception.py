@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 
 from ..errors import FDEvalError, InputRangeError, WeightsError
 from ..io_utils import sha256_file_cached
+from ..precision import Precision
 from ..preprocess import PreprocessSpec
 from .base import Extractor, register_extractor
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
@@ -318,6 +320,11 @@ class InceptionExtractor(Extractor):
         super().__init__(name, FEATURE_DIM, spec, model, weights_sha256, device)
 
     def _apply_precision(self) -> None:
+        if self.precision.mode == "fp8":  # no FP8 path for convolutions: refuse before anything runs
+            self.precision = Precision()
+            self.preprocess_spec = replace(self.preprocess_spec, model_dtype="float32")
+            raise FDEvalError(f"{self.name}: --precision fp8 is for DINOv2 only (its Linear layers); use fast "
+                              "(TF32) or exact for Inception")
         self.channels_last = self.precision.fast
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
