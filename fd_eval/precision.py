@@ -1,4 +1,11 @@
-"""Named precision modes for feature extraction: ``exact`` (the protocol's numbers) and ``fast``.
+"""Named precision modes for feature extraction: ``exact`` (the protocol's numbers), ``fp32``, ``fast``, ``fp8``.
+
+Modes: ``exact`` (default) is float32-accurate; on CUDA, DINOv2's Linear layers and patch embedding run as
+3xTF32 split matmuls on tensor cores (:mod:`fd_eval.splitmm`; ``$FD_EVAL_MATMUL=ieee`` forces IEEE float32),
+elsewhere IEEE float32. ``fp32`` is IEEE float32 everywhere (bitwise comparison with a CPU run). Both record
+``model_dtype="float32"`` and compare with each other and with GPIC's statistics without a flag; provenance
+records the matmul path (``precision.matmul``). ``fast`` and ``fp8`` (DINOv2: e4m3 Linear layers with row-wise
+scales, opt-in) are reduced precision and refused against exact statistics.
 
 ``exact`` (default) runs every extractor network in float32 with TF32 switched off for both cuDNN convolutions
 and matmuls (:func:`exact_numerics`), the numerics of the reference implementations run on a CPU. PyTorch

@@ -7,7 +7,9 @@ Reference: ``torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")`` (ViT-S
 tokens).
 
 The network is timm's ``VisionTransformer`` (same blocks as the hub code; attention through
-``F.scaled_dot_product_attention``, which agrees with the hub's explicit softmax to ~1e-6 relative). The model
+``F.scaled_dot_product_attention``, which agrees with the hub's explicit softmax to ~1e-6 relative), run by
+:class:`fd_eval.extractors.vit_runner.ViTRunner`: the last block for the CLS token only, Linear layers by the
+precision mode's matmul path (IEEE float32, 3xTF32 on CUDA in exact mode, FP8), the parameters untouched. The model
 input is always 224x224, so the hub's per-forward position-embedding interpolation is done once, at load time,
 with the hub's own rule (:func:`resample_pos_embed`). timm's and transformers' default rules differ from it for the
 models without registers (FD changes of 0.08%-0.6%), which is why they are not used.
