@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
             print(f"{name:16s} FD exact per pair: " + ", ".join(f"{k} {v['fd_exact']:.4g}"
                                                                for k, v in r["pairs"].items()))
-    doc = {"benchmark": "precision modes: FD differences", "device": device_name(torch.device(args.device)), "random_weights": True,
+    doc = {"benchmark": "precision modes: FD differences", "device": device_name(torch.device(args.device)),
+           "random_weights": True,
            "n_per_set": args.n, "sets": list(sets), "results": results, "load_average": bu.load_average(),
            "versions": versions()}
     if args.json:

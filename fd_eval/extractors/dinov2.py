@@ -313,7 +313,8 @@ def load_model(arch: DINOv2Arch, reg: bool, path: str | os.PathLike, name: str,
 
 # --- the extractor -----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
-def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``mean`` and ``std`` as float32 (3, 1, 1) tensors on ``device``: made once per (values, device), because
     copying a host tensor to a GPU blocks the host until the GPU has finished its queued work."""
     with torch.inference_mode(False):  # cached across calls, so ordinary tensors even when first made in one

@@ -71,8 +71,7 @@ class RunBlock(torch.nn.Module):
             # whose rounding depends on the batch size (measured); with a full query block the CLS row is
             # bit-identical to the all-token computation. Costs 32/257 of one block's attention.
             q, x, n = q[:, :, :QUERY_ROWS], x[:, :1], 1
-        a = F.scaled_dot_product_attention(q, k, v)[:, :, :1] if self.cls_only else F.scaled_dot_product_attention(
-            q, k, v)
+        a = F.scaled_dot_product_attention(q, k, v)[:, :, :n]
         a = a.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         if self.cls_only:
             # B rows only: pad them to a multiple of ROW_PAD so that every batch size takes the GEMM kernels of
