@@ -428,10 +428,10 @@ def expected_difference(mode: str, extractor: str) -> dict[str, Any]:
         return {"fd_rel": 0.0, "note": "exact is the protocol's numerics (float32-accurate; on CUDA DINOv2's "
                                        "matmuls by 3xTF32, see fd_eval.splitmm); fp32 is IEEE float32"}
     if mode == "fp8":
-        m = FP8_VS_EXACT.get(extractor) or next(iter(FP8_VS_EXACT.values()), None)
-        if m is None:
+        basis = extractor if extractor in FP8_VS_EXACT else next(iter(FP8_VS_EXACT), None)
+        if basis is None:
             return {"fd_rel": None, "note": "not measured for this extractor"}
-        return {**m, "note": _MEASUREMENT_NOTE}
+        return {**FP8_VS_EXACT[basis], "measured_on": basis, "note": _MEASUREMENT_NOTE}
     m = FAST_VS_EXACT.get(extractor)
     basis = extractor
     if m is None:  # nearest measured model of the family
