@@ -19,7 +19,9 @@ inputs and weights of every Linear/Conv2d rounded to TF32's 10-bit mantissa, rou
 accumulation, which is what TF32 tensor cores compute; attention matmuls stay float32), ``tf32-conv`` (DINOv2:
 the same for convolutions only, i.e. the patch embedding: what the reference codes compute by default on Ampere+
 GPUs, where PyTorch enables TF32 for cuDNN but not for matmuls; for Inception that is ``tf32``), and for DINOv2
-``torch-resize`` (exact numerics, F.interpolate bicubic+antialias on the device instead of Pillow).
+``torch-resize`` (exact numerics, F.interpolate bicubic+antialias on the device instead of Pillow), ``fp8``
+(DINOv2: e4m3 Linear layers with row-wise scales, emulated on a CPU) and ``split3`` (exact's 3xTF32 Linear
+layers, emulated on a CPU: should equal exact to ~1e-6).
 On a CPU the bfloat16 kernels are oneDNN's, not cuBLAS/flash attention's: same rounding of inputs and activations,
 float32 accumulation in both, so the error size carries over; trained weights may behave differently.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -36,9 +39,10 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 import _bench_utils as bu
-from fd_eval import frechet_distance, load_extractor
+from fd_eval import frechet_distance, load_extractor, precision
 from fd_eval.io_utils import atomic_write
 from fd_eval.provenance import device_name, versions
+from fd_eval.splitmm import round_tf32  # TF32 emulation: nearest, ties to even (see its docstring)
 
 
 # --- image sets ---------------------------------------------------------------------------------------------
@@ -73,13 +77,6 @@ def image_sets(n: int, size: int = 256) -> dict[str, np.ndarray]:
 
 
 # --- TF32 emulation -----------------------------------------------------------------------------------------
-def round_tf32(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> nearest TF32 value (10 explicit mantissa bits, ties to even), as float32."""
-    u = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    u = (u + 0xFFF + ((u >> 13) & 1)) & 0xFFFFE000
-    return torch.where(u >= 2**31, u - 2**32, u).to(torch.int32).view(torch.float32)
-
-
 def tf32_model(model: torch.nn.Module, kinds: tuple = (torch.nn.Linear, torch.nn.Conv2d)) -> torch.nn.Module:
     """A copy whose Linear/Conv2d (``kinds``) weights are TF32-rounded and whose inputs are rounded before each
     call."""
@@ -127,19 +124,28 @@ def measure(name: str, weights: Path, sets: dict[str, np.ndarray], batch: int, m
         runs.append(("tf32", None, tf32_model(ex.model)))
     if "tf32-conv" in modes and name.startswith("dinov2"):
         runs.append(("tf32-conv", None, tf32_model(ex.model, (torch.nn.Conv2d,))))
+    if "fp8" in modes and name.startswith("dinov2"):
+        runs.append(("fp8", None, None))
+    if "split3" in modes and name.startswith("dinov2"):
+        runs.append(("split3", None, None))
     if "torch-resize" in modes and name.startswith("dinov2"):
         runs.append(("torch-resize", load_extractor(name, weights=weights, resize="torch", device=device), None))
     for mode, other, model in runs:
         e = other or ex
-        if mode == "fast":
-            e.set_precision("fast")
+        if mode in ("fast", "fp8"):
+            e.set_precision(mode)
+        elif mode == "split3":  # exact's 3xTF32 path (emulated on a CPU)
+            os.environ[precision.MATMUL_ENV] = "split3"
+            e.set_precision("exact")
         elif mode in ("tf32", "tf32-conv", "bf16"):
             e.set_precision("exact")
             e.forward_model = model  # exact numerics around the TF32-rounded copy / the autocast wrapper
         t0 = time.perf_counter()
         feats[mode] = {k: features(e, v, batch) for k, v in sets.items()}
         seconds[mode] = time.perf_counter() - t0
-        if mode in ("fast", "tf32", "tf32-conv", "bf16"):
+        if mode == "split3":
+            os.environ.pop(precision.MATMUL_ENV, None)
+        if mode in ("fast", "tf32", "tf32-conv", "bf16", "fp8", "split3"):
             ex.set_precision("exact")  # back to the plain model
         print(f"  {name} {mode:12s} {sum(len(v) for v in sets.values()) / seconds[mode]:7.1f} img/s", flush=True)
     pairs = [k for k in sets if k != "A"]
@@ -206,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
             print(f"{name:16s} FD exact per pair: " + ", ".join(f"{k} {v['fd_exact']:.4g}"
                                                                for k, v in r["pairs"].items()))
-    doc = {"benchmark": "precision modes: FD differences", "device": device_name(torch.device(args.device)), "random_weights": True,
+    doc = {"benchmark": "precision modes: FD differences", "device": device_name(torch.device(args.device)),
+           "random_weights": True,
            "n_per_set": args.n, "sets": list(sets), "results": results, "load_average": bu.load_average(),
            "versions": versions()}
     if args.json:

@@ -1,4 +1,11 @@
-"""Named precision modes for feature extraction: ``exact`` (the protocol's numbers) and ``fast``.
+"""Named precision modes for feature extraction: ``exact`` (the protocol's numbers), ``fp32``, ``fast``, ``fp8``.
+
+Modes: ``exact`` (default) is float32-accurate; on CUDA, DINOv2's Linear layers and patch embedding run as
+3xTF32 split matmuls on tensor cores (:mod:`fd_eval.splitmm`; ``$FD_EVAL_MATMUL=ieee`` forces IEEE float32),
+elsewhere IEEE float32. ``fp32`` is IEEE float32 everywhere (bitwise comparison with a CPU run). Both record
+``model_dtype="float32"`` and compare with each other and with GPIC's statistics without a flag; provenance
+records the matmul path (``precision.matmul``). ``fast`` and ``fp8`` (DINOv2: e4m3 Linear layers with row-wise
+scales, opt-in) are reduced precision and refused against exact statistics.
 
 ``exact`` (default) runs every extractor network in float32 with TF32 switched off for both cuDNN convolutions
 and matmuls (:func:`exact_numerics`), the numerics of the reference implementations run on a CPU. PyTorch
@@ -32,6 +39,8 @@ refuses to compare ``fast`` statistics with ``exact`` ones (the GPIC reference i
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -41,8 +50,14 @@ import torch
 
 from .errors import FDEvalError
 
-PRECISIONS = ("exact", "fast")
+PRECISIONS = ("exact", "fast", "fp32", "fp8")
+EXACT_MODES = ("exact", "fp32")  # float32-accurate: comparable with the protocol's (GPIC's) statistics
 DEFAULT_PRECISION = "exact"
+# What `exact` computes Linear layers with: "auto" = 3xTF32 ("split3") on CUDA, IEEE float32 elsewhere;
+# "ieee" / "split3" force one (split3 on a CPU is the bit-level emulation, for tests and benchmarks).
+MATMUL_ENV = "FD_EVAL_MATMUL"
+SPLIT3_FORM_ENV = "FD_EVAL_SPLIT3_FORM"  # "cat" (one matmul over the concatenated inner dimension) or "sum"
+COMPILE_MODE_ENV = "FD_EVAL_COMPILE_MODE"  # torch.compile mode; default max-autotune-no-cudagraphs on CUDA
 FAST_COMPUTES = ("bfloat16", "tf32")  # what `fast` means for an extractor family (Extractor.fast_compute)
 # Under compile=None ("auto"), fast mode compiles the network only for passes at least this long on a GPU:
 # measured on an H200 (benchmarks/bench_pipeline.py, ViT-L/14, 8,000 PNGs), compiling cost 17.6 s and saved
@@ -56,6 +71,7 @@ COMPILE_AUTO_MIN_IMAGES = 200_000
 # distribution, and against blurred / noisy / JPEG-compressed / colour-shifted versions). "same_mode": both sides in
 # fast; "mixed": generated in fast against an exact reference (what `--precision fast --allow-mismatch` against GPIC
 # does). Values are max over pairs of |FD_fast - FD_exact| / FD_exact. Real (trained) weights may differ.
+# `fp8` (DINOv2 only: e4m3 Linear layers with row-wise scales, the rest as fast) is in the same table.
 FAST_VS_EXACT: dict[str, dict[str, Any]] = {
     # bfloat16 autocast; 6 sets of 128 (ViT-S, CPU) / 256 (ViT-L, H200)
     "dinov2-vits14": {"compute": "bfloat16", "device": "cpu", "n_per_set": 128, "pairs": 5,
@@ -72,6 +88,15 @@ FAST_VS_EXACT: dict[str, dict[str, Any]] = {
     "inception-v3-pt": {"compute": "tf32 (emulated)", "device": "cpu", "n_per_set": 128, "pairs": 5,
                         "fd_rel_same_max": 1.4e-3, "fd_rel_same_median": 6.8e-4,
                         "fd_rel_mixed_max": 7.3e-3, "fd_rel_mixed_median": 5.3e-3, "feature_rel_rms_error": 5.0e-4},
+}
+# FD(fp8) vs FD(exact), same measurement (bench_precision.py --modes fp8); on a CPU the e4m3 rounding is emulated
+# (cast to float8_e4m3fn and back, float32 matmul; bfloat16 autocast elsewhere as in fast mode).
+# Measured: `python benchmarks/bench_precision.py --models dinov2-vits14 --modes fp8 split3 --n 32` (split3, exact's
+# emulated 3xTF32 path, for scale: FD within 8.9e-8, features 8.0e-7 rel. RMS). GPU figure: run_gpu.sh.
+FP8_VS_EXACT: dict[str, dict[str, Any]] = {
+    "dinov2-vits14": {"compute": "fp8 e4m3 rowwise (emulated)", "device": "cpu", "n_per_set": 32, "pairs": 5,
+                      "fd_rel_same_max": 1.6e-2, "fd_rel_same_median": 1.1e-2,
+                      "fd_rel_mixed_max": 1.8e-2, "fd_rel_mixed_median": 1.3e-2, "feature_rel_rms_error": 8.2e-2},
 }
 # What the reference codes compute by default on Ampere+ GPUs (TF32 cuDNN convolutions, float32 matmuls) against
 # exact, by the same measurement (for DINOv2 only the patch embedding is a convolution; for Inception it is the
@@ -91,9 +116,12 @@ class Precision:
     """A precision mode.
 
     Attributes:
-        mode: ``"exact"`` or ``"fast"``.
-        compile: ``torch.compile`` the network (fast only): True, False, or None = auto (on a GPU for passes of
-            at least :data:`COMPILE_AUTO_MIN_IMAGES` images).
+        mode: ``"exact"`` (the protocol's float32 numerics; on CUDA, DINOv2's matmuls by float32-accurate 3xTF32,
+            see :mod:`fd_eval.splitmm`), ``"fp32"`` (plain IEEE float32 everywhere, for bitwise comparison with
+            a CPU run), ``"fast"`` (bfloat16 autocast / TF32) or ``"fp8"`` (DINOv2: e4m3 Linear layers, opt-in,
+            refused against exact references like fast).
+        compile: ``torch.compile`` the network: True, False, or None = auto (fast modes only: on a GPU for passes
+            of at least :data:`COMPILE_AUTO_MIN_IMAGES` images). True is allowed in exact modes (DINOv2).
     """
 
     mode: str = DEFAULT_PRECISION
@@ -101,20 +129,18 @@ class Precision:
 
     def __post_init__(self) -> None:
         if self.mode not in PRECISIONS:
-            raise FDEvalError(f"unknown precision {self.mode!r}; choose 'exact' (float32, TF32 off: the protocol's "
-                              "numbers) or 'fast' (bfloat16 autocast)")
-        if self.mode == "exact" and self.compile:
-            raise FDEvalError("torch.compile (--compile) is a --precision fast option; exact runs the network eagerly "
-                              "in float32 so its numbers match the reference implementations")
+            raise FDEvalError(f"unknown precision {self.mode!r}; choose 'exact' (float32-accurate: the protocol's "
+                              "numbers), 'fp32' (IEEE float32), 'fast' (bfloat16 autocast) or 'fp8'")
 
     @property
     def fast(self) -> bool:
-        return self.mode == "fast"
+        """True for the reduced-precision modes (fast, fp8): not comparable with exact statistics."""
+        return self.mode not in EXACT_MODES
 
     def model_dtype(self, fast_compute: str = "bfloat16") -> str:
-        """What :class:`PreprocessSpec.model_dtype` records: ``"float32"`` (exact), or in fast mode the family's
-        ``fast_compute`` (``"bfloat16"``: autocast; ``"tf32"``: float32 with TF32 allowed)."""
-        return fast_compute if self.fast else "float32"
+        """What :class:`PreprocessSpec.model_dtype` records: ``"float32"`` (exact, fp32), ``"float8_e4m3"`` (fp8),
+        or in fast mode the family's ``fast_compute`` (``"bfloat16"``: autocast; ``"tf32"``: TF32 allowed)."""
+        return {"fast": fast_compute, "fp8": "float8_e4m3"}.get(self.mode, "float32")
 
     def numerics(self, device: torch.device | str, fast_compute: str = "bfloat16") -> contextlib.AbstractContextManager:
         """Context for the network's forward pass on ``device`` (see :func:`exact_numerics`, :func:`fast_numerics`)."""
@@ -122,30 +148,60 @@ class Precision:
         return fast_numerics(dev.type, fast_compute) if self.fast else exact_numerics()
 
     def to_dict(self, fast_compute: str = "bfloat16") -> dict[str, Any]:
-        """The numerics-defining part (saved with statistics; compile is an implementation detail, not here)."""
+        """The numerics-defining part (saved with statistics; compile is an implementation detail, not here).
+        Extractors add ``"matmul"``: the matmul path that ran (e.g. ``"3xtf32-cat"``, ``"ieee-fp32"``)."""
+        if self.mode == "fp8":
+            return {"mode": "fp8", "model_dtype": "float8_e4m3", "autocast": "bfloat16", "tf32": True,
+                    "fp8": "e4m3 linear layers, per-output-channel weight scales, per-row activation scales"}
         if self.fast:
             return {"mode": "fast", "model_dtype": fast_compute,
                     "autocast": "bfloat16" if fast_compute == "bfloat16" else None, "tf32": True}
-        return {"mode": "exact", "model_dtype": "float32", "autocast": None, "tf32": False}
+        return {"mode": self.mode, "model_dtype": "float32", "autocast": None, "tf32": False}
+
+
+def exact_matmul_path(device: torch.device | str) -> str:
+    """``"split3"`` or ``"ieee"``: what exact mode uses for DINOv2's Linear layers on ``device``
+    (``$FD_EVAL_MATMUL``: ``auto`` (default: split3 on CUDA, ieee elsewhere), ``ieee``, ``split3``)."""
+    env = (os.environ.get(MATMUL_ENV) or "auto").strip().lower()
+    if env not in ("auto", "ieee", "split3"):
+        raise FDEvalError(f"{MATMUL_ENV}={env!r} is not one of auto, ieee, split3")
+    if env == "auto":
+        return "split3" if torch.device(device).type == "cuda" else "ieee"
+    return env
+
+
+def split3_form() -> str:
+    """``$FD_EVAL_SPLIT3_FORM``: ``cat`` (default) or ``sum`` (see :class:`fd_eval.splitmm.PreparedLinear`)."""
+    form = (os.environ.get(SPLIT3_FORM_ENV) or "cat").strip().lower()
+    if form not in ("cat", "sum"):
+        raise FDEvalError(f"{SPLIT3_FORM_ENV}={form!r} is not 'cat' or 'sum'")
+    return form
 
 
 def resolve_precision(precision: "str | Precision | None", compile: bool | None = None) -> Precision:
-    """``"exact"``/``"fast"``/None (exact)/:class:`Precision` -> :class:`Precision` (raises on unknown names)."""
+    """``"exact"``/``"fp32"``/``"fast"``/``"fp8"``/None (exact)/:class:`Precision` -> :class:`Precision` (raises
+    on unknown names). The CLI's ``--precision`` choices (cli/_common.py) list the same names."""
     if isinstance(precision, Precision):
         return precision if compile is None else Precision(precision.mode, compile)
     return Precision(DEFAULT_PRECISION if precision is None else str(precision), compile)
 
 
 def mode_of(metadata_or_spec: Any) -> str:
-    """``"exact"``/``"fast"`` from a statistics' metadata or preprocess dict (absent: exact, the protocol)."""
+    """The mode (:data:`PRECISIONS`) from a statistics' metadata or preprocess dict (absent: exact, the
+    protocol; a non-float32 ``model_dtype`` without a recorded mode: fast, or fp8 for float8 types)."""
     if isinstance(metadata_or_spec, dict):
         p = metadata_or_spec.get("precision")
         if isinstance(p, dict) and p.get("mode") in PRECISIONS:
             return p["mode"]
         spec = metadata_or_spec.get("preprocess", metadata_or_spec)
         if isinstance(spec, dict) and spec.get("model_dtype") not in (None, "float32"):
-            return "fast"
+            return "fp8" if str(spec["model_dtype"]).startswith("float8") else "fast"
     return "exact"
+
+
+def is_exact(metadata_or_spec: Any) -> bool:
+    """True when statistics were computed in a float32-accurate mode (:data:`EXACT_MODES`)."""
+    return mode_of(metadata_or_spec) in EXACT_MODES
 
 
 # --- TF32 flags ---------------------------------------------------------------------------------------------
@@ -227,7 +283,54 @@ def fast_numerics(device_type: str, compute: str = "bfloat16") -> Iterator[None]
             yield
 
 
+@contextlib.contextmanager
+def split_numerics(device_type: str) -> Iterator[None]:
+    """Exact mode's context for the 3xTF32 path: TF32 allowed for CUDA matmuls (every matmul operand is already
+    TF32-representable: :mod:`fd_eval.splitmm`), cuDNN and oneDNN in IEEE float32, and on CUDA SDPA restricted
+    to the memory-efficient kernel (float32-accurate 3xTF32 internally; the math fallback's plain matmuls would
+    be TF32 under this flag). Restores the caller's settings on exit."""
+    with _set_fp32({"cuda.matmul": "tf32", "cudnn.conv": "ieee", "cudnn.rnn": "ieee", "mkldnn.matmul": "ieee",
+                    "mkldnn.conv": "ieee"}):
+        if device_type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                yield
+        else:
+            yield
+
+
 # --- torch.compile ------------------------------------------------------------------------------------------
+# The user's own TORCHINDUCTOR_CACHE_DIR, read at import: once imported, inductor writes its default there itself.
+_USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def compile_mode(device_type: str) -> str | None:
+    """``torch.compile`` mode: ``$FD_EVAL_COMPILE_MODE`` if set (``default`` = torch's), else
+    ``max-autotune-no-cudagraphs`` on CUDA (GEMM autotuning; no CUDA graphs, whose static input buffers would pin
+    each batch size) and torch's default elsewhere. Autotuning results land in the inductor cache."""
+    env = os.environ.get(COMPILE_MODE_ENV)
+    if env:
+        return None if env == "default" else env
+    return "max-autotune-no-cudagraphs" if device_type == "cuda" else None
+
+
+def inductor_cache_dir(device_type: str) -> str:
+    """Point inductor's on-disk caches (FX graph cache, autotuning, Triton kernels) at
+    ``$FD_EVAL_CACHE/inductor/<torch version>/<GPU name or cpu>`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set, so
+    a second run with the same torch, GPU, batch size and mode loads compiled code instead of compiling
+    (the batch size and mode are part of inductor's own cache keys). Returns the directory in use."""
+    from .io_utils import cache_dir
+
+    if _USER_INDUCTOR_DIR:
+        return _USER_INDUCTOR_DIR
+    dev = torch.cuda.get_device_name() if device_type == "cuda" and torch.cuda.is_available() else "cpu"
+    tag = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{torch.__version__}/{dev}")
+    path = str(cache_dir("inductor", *tag.split("/")))
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # inductor reads it whenever it resolves its cache dir
+    return path
+
+
 class _Chain(torch.nn.Module):
     """Calls its functions in order (the compiled blocks; a plain list, so they are not submodules)."""
 
@@ -259,8 +362,10 @@ class LazyCompiled:
     """
 
     def __init__(self, module: torch.nn.Module, name: str = "model",
-                 compiler: Callable[..., Callable] | None = None, regions: str | None = None):
+                 compiler: Callable[..., Callable] | None = None, regions: str | None = None,
+                 device_type: str = "cpu"):
         self.module = module
+        self.device_type = device_type
         self.name = name
         self.regions = regions
         self._compiler = compiler
@@ -269,11 +374,15 @@ class LazyCompiled:
         self.failed: str | None = None  # why compilation was abandoned
 
     def _compile(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        kw: dict[str, Any] = {"dynamic": False}
+        if self._compiler is None:
+            kw["mode"] = compile_mode(self.device_type)
+            inductor_cache_dir(self.device_type)
         compiler = self._compiler or torch.compile
         if self.regions is None:
-            return compiler(self.module, dynamic=False)
+            return compiler(self.module, **kw)
         blocks = getattr(self.module, self.regions)
-        compiled = _Chain([compiler(b, dynamic=False) for b in blocks])
+        compiled = _Chain([compiler(b, **kw) for b in blocks])
 
         def run(x: torch.Tensor) -> torch.Tensor:
             setattr(self.module, self.regions, compiled)
@@ -315,8 +424,14 @@ class LazyCompiled:
 # --- provenance ---------------------------------------------------------------------------------------------
 def expected_difference(mode: str, extractor: str) -> dict[str, Any]:
     """The documented FD difference of ``mode`` from exact for ``extractor`` (see :data:`FAST_VS_EXACT`)."""
-    if mode == "exact":
-        return {"fd_rel": 0.0, "note": "exact is the protocol's numerics (float32, TF32 off)"}
+    if mode in EXACT_MODES:
+        return {"fd_rel": 0.0, "note": "exact is the protocol's numerics (float32-accurate; on CUDA DINOv2's "
+                                       "matmuls by 3xTF32, see fd_eval.splitmm); fp32 is IEEE float32"}
+    if mode == "fp8":
+        basis = extractor if extractor in FP8_VS_EXACT else next(iter(FP8_VS_EXACT), None)
+        if basis is None:
+            return {"fd_rel": None, "note": "not measured for this extractor"}
+        return {**FP8_VS_EXACT[basis], "measured_on": basis, "note": _MEASUREMENT_NOTE}
     m = FAST_VS_EXACT.get(extractor)
     basis = extractor
     if m is None:  # nearest measured model of the family
@@ -338,11 +453,15 @@ def precision_provenance(extractors: Any, device: torch.device | str | None = No
         p = ex.precision
         rec = {**p.to_dict(ex.fast_compute), "compile": ex.compile_status(), "channels_last": ex.channels_last,
                "expected_fd_difference_vs_exact": expected_difference(p.mode, ex.name)}
-        if p.mode == "exact" and dev.type == "cuda":
+        describe = getattr(ex, "matmul_description", None)  # DINOv2: which matmul path ran
+        if describe is not None:
+            rec["matmul"] = describe()
+        if p.mode in EXACT_MODES and dev.type == "cuda":
             gap = REFERENCE_GPU_DEFAULT_VS_EXACT.get(ex.name)
             size = (f" (measured with random weights: FD within {100 * gap['fd_rel_same_max']:.2g}% of exact)"
                     if gap else "")
-            rec["note"] = ("TF32 off: matches the reference implementations run on a CPU or with TF32 disabled; "
-                           f"as run by default on Ampere+ GPUs they use TF32 convolutions{size}")
+            rec["note"] = ("float32-accurate (TF32 off, or 3xTF32 split matmuls: see 'matmul'): matches the "
+                           "reference implementations run on a CPU or with TF32 disabled; as run by default on "
+                           f"Ampere+ GPUs they use TF32 convolutions{size}")
         out[ex.name] = rec
     return out

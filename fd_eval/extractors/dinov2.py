@@ -7,7 +7,9 @@ Reference: ``torch.hub.load("facebookresearch/dinov2", "dinov2_vitl14")`` (ViT-S
 tokens).
 
 The network is timm's ``VisionTransformer`` (same blocks as the hub code; attention through
-``F.scaled_dot_product_attention``, which agrees with the hub's explicit softmax to ~1e-6 relative). The model
+``F.scaled_dot_product_attention``, which agrees with the hub's explicit softmax to ~1e-6 relative), run by
+:class:`fd_eval.extractors.vit_runner.ViTRunner`: the last block for the CLS token only, Linear layers by the
+precision mode's matmul path (IEEE float32, 3xTF32 on CUDA in exact mode, FP8), the parameters untouched. The model
 input is always 224x224, so the hub's per-forward position-embedding interpolation is done once, at load time,
 with the hub's own rule (:func:`resample_pos_embed`). timm's and transformers' default rules differ from it for the
 models without registers (FD changes of 0.08%-0.6%), which is why they are not used.
@@ -30,8 +32,11 @@ import torch.nn.functional as F
 
 from ..errors import FDEvalError, InputRangeError, WeightsError
 from ..pil_resize import pil_resize_checked
+from .. import precision as precision_modes
+from ..precision import LazyCompiled, exact_matmul_path, split3_form, split_numerics
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from .base import Extractor, register_extractor
+from .vit_runner import ViTRunner
 from ..io_utils import sha256_file_cached
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
 
@@ -308,12 +313,26 @@ def load_model(arch: DINOv2Arch, reg: bool, path: str | os.PathLike, name: str,
 
 # --- the extractor -----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std, float32 (3, 1, 1) on ``device``: made once per device, because copying a host
-    tensor to a GPU blocks the host until the GPU has finished its queued work."""
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 (3, 1, 1) tensors on ``device``: made once per (values, device), because
+    copying a host tensor to a GPU blocks the host until the GPU has finished its queued work."""
     with torch.inference_mode(False):  # cached across calls, so ordinary tensors even when first made in one
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1).to(device)
-        return mean, torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1).to(device)
+        m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(device)
+        return m, torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device)
+
+
+def check_spec(spec: PreprocessSpec, name: str) -> None:
+    """Raise :class:`FDEvalError` for a spec this network cannot run (the model input is fixed at 224x224)."""
+    if tuple(spec.size) != (IMG_SIZE, IMG_SIZE):
+        raise FDEvalError(f"{name}: preprocess size {tuple(spec.size)} is not supported; the position embedding "
+                          f"is resampled for {IMG_SIZE}x{IMG_SIZE} inputs")
+    if spec.resize_library not in RESIZE_MODES:
+        raise FDEvalError(f"{name}: resize library {spec.resize_library!r} is not one of {RESIZE_MODES}")
+    if spec.resize_library == "pil" and not spec.antialias:
+        raise FDEvalError(f"{name}: Pillow resizes with antialiasing only; set antialias=True or resize 'torch'")
+    if len(spec.mean) != 3 or len(spec.std) != 3 or not spec.scale:
+        raise FDEvalError(f"{name}: preprocess needs 3 means, 3 stds and a non-zero scale, got {spec}")
 
 
 class DINOv2Extractor(Extractor):
@@ -325,10 +344,13 @@ class DINOv2Extractor(Extractor):
     images of any size go to the device and are resized there in float (EDM2).
 
     Precision: :meth:`forward_prepared` = :meth:`forward_input` (``self.forward_model`` in the precision mode's
-    numerics) of :meth:`normalize` (always float32). ``exact``: float32, TF32 off; ``fast``: bfloat16 autocast,
-    fused SDPA attention (timm's, in both modes), optionally ``torch.compile`` of each transformer block
-    (``forward_model`` is then a :class:`fd_eval.precision.LazyCompiled` with ``regions="blocks"``). The output
-    is float32 in any case.
+    numerics) of :meth:`normalize` (always float32). The network runs as :class:`ViTRunner` (the model's
+    computation; the last block for the CLS token only) with the matmul path of :meth:`matmul_path`:
+    ``exact``: float32-accurate -- on CUDA 3xTF32 split matmuls on tensor cores (``$FD_EVAL_MATMUL`` =
+    ``ieee`` forces IEEE float32), elsewhere IEEE float32; ``fp32``: IEEE float32 with TF32 off everywhere;
+    ``fast``: bfloat16 autocast, fused SDPA attention; ``fp8``: fast with e4m3 Linear layers. Optionally
+    ``torch.compile`` of each transformer block (``forward_model`` is then a
+    :class:`fd_eval.precision.LazyCompiled` with ``regions="blocks"``). The output is float32 in any case.
 
     Speed paths: ``resize="torch"`` resizes on the device (no Pillow resize in the workers) and is what GPU JPEG
     decoding (``decode="gpu"``) requires; it is EDM2's protocol, not GPIC's: with random ViT-S/14 weights its
@@ -339,9 +361,73 @@ class DINOv2Extractor(Extractor):
 
     def __init__(self, name: str, arch: DINOv2Arch, model: torch.nn.Module, resize: str,
                  weights_sha256: str | None, device: str | torch.device | None = None):
+        self._runner: tuple[tuple, ViTRunner] | None = None
         super().__init__(name, arch.embed_dim, preprocess_spec(resize), model, weights_sha256, device)
         self.arch = arch
         self.resize = resize
+        self.plan_run(None)
+
+    # --- how the network runs ----------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> "DINOv2Extractor":
+        super().to(device)
+        if hasattr(self, "arch"):  # not during Extractor.__init__
+            self.plan_run(None)  # prepared weights live on the device: rebuild there
+        return self
+
+    def matmul_path(self) -> str:
+        """``"ieee"``, ``"split3"`` or ``"fp8"``: how this mode computes the Linear layers on this device."""
+        mode = self.precision.mode
+        if mode == "exact":
+            return exact_matmul_path(self.device)
+        return "fp8" if mode == "fp8" else "ieee"
+
+    def runner(self) -> ViTRunner:
+        """The :class:`ViTRunner` for the current mode and device (prepared weights made once, then cached)."""
+        path = self.matmul_path()
+        emulate = self.device.type != "cuda"
+        if path == "fp8" and not emulate and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise FDEvalError(f"{self.name}: --precision fp8 needs FP8 tensor cores (compute capability 8.9+, "
+                              f"Ada/Hopper); {torch.cuda.get_device_name(self.device)} has none: use fast")
+        key = (path, split3_form() if path == "split3" else None, emulate, str(self.device))
+        if self._runner is None or self._runner[0] != key:
+            self._runner = None  # free the previous prepared weights first
+            self._runner = (key, ViTRunner(self.model, path, emulate, key[1] or "cat").eval())
+        return self._runner[1]
+
+    def matmul_description(self) -> str:
+        """What provenance records as ``precision.matmul``, e.g. ``"3xtf32-cat"`` or ``"ieee-fp32"``."""
+        return self.runner().matmul
+
+    def plan_run(self, n_images: int | None) -> None:
+        """Resolve ``compile`` for a pass over ``n_images`` images (None: unknown): True compiles in any mode;
+        None (auto) compiles fast modes on a GPU for passes of at least ``COMPILE_AUTO_MIN_IMAGES`` images (the
+        threshold measured for the eager-vs-compiled bfloat16 network; to be re-measured with the tuned mode and
+        the on-disk cache, benchmarks/bench_gpu.py)."""
+        p, runner = self.precision, self.runner()
+        want = p.compile is True or (p.fast and p.compile is None and self.device.type == "cuda"
+                                     and n_images is not None
+                                     and n_images >= precision_modes.COMPILE_AUTO_MIN_IMAGES)
+        fm = self.forward_model
+        if want and not (isinstance(fm, LazyCompiled) and fm.module is runner):
+            self.forward_model = LazyCompiled(runner, self.name, regions="blocks", device_type=self.device.type)
+        elif not want:
+            self.forward_model = runner
+
+    def forward_input(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 (N, 3, 224, 224) on ``self.device`` -> float32 (N, D), in the mode's numerics (the 3xTF32
+        path on CUDA: :func:`fd_eval.precision.split_numerics`)."""
+        if self.matmul_path() == "split3" and self.device.type == "cuda":
+            ctx = split_numerics("cuda")
+        else:
+            ctx = self.precision.numerics(self.device, self.fast_compute)
+        with torch.inference_mode(), ctx:
+            out = self.forward_model(x)
+        return out.float()
+
+    def metadata(self) -> dict:
+        md = super().metadata()
+        md["precision"] = {**md["precision"], "matmul": self.matmul_description()}
+        return md
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> float32 (N, 3, 224, 224) model input.
@@ -350,18 +436,22 @@ class DINOv2Extractor(Extractor):
         the input is bit-identical to the reference pipeline's; images not yet 224x224 are first resized here
         with :func:`fd_eval.pil_resize.pil_resize_checked` (Pillow's integers, on the device). ``torch``: EDM2's
         ``F.interpolate(x.float(), (224, 224), bicubic, antialias=True) / 255``, then the same normalisation (no
-        clamping, as EDM2).
+        clamping, as EDM2). Size, library, filter, antialias, scale, mean and std are read from
+        ``self.preprocess_spec`` (the record saved with the statistics is what ran, by construction).
         """
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise InputRangeError(f"{self.name}: expects uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        if self.resize == "pil":
-            if tuple(x.shape[-2:]) != (IMG_SIZE, IMG_SIZE):  # not resized on the host: same integers, here
-                x = pil_resize_checked(x, (IMG_SIZE, IMG_SIZE), self.preprocess_spec.resize_filter)
+        spec = self.preprocess_spec  # every value below comes from the spec the statistics record
+        check_spec(spec, self.name)
+        size = tuple(spec.size)
+        if spec.resize_library == "pil":
+            if tuple(x.shape[-2:]) != size:  # not resized on the host: same integers, here
+                x = pil_resize_checked(x, size, spec.resize_filter)
             x = x.to(torch.float32)
         else:
-            x = F.interpolate(x.to(torch.float32), size=(IMG_SIZE, IMG_SIZE), mode="bicubic", antialias=True)
-        mean, std = _mean_std(x.device)
-        return x.div(255).sub(mean).div(std)
+            x = F.interpolate(x.to(torch.float32), size=size, mode=spec.resize_filter, antialias=spec.antialias)
+        mean, std = _mean_std(tuple(spec.mean), tuple(spec.std), x.device)
+        return x.div(spec.scale).sub(mean).div(std)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`normalize` (float32 (N, 3, 224, 224), whatever the precision mode)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -26,6 +27,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 
 from ..errors import FDEvalError, InputRangeError, WeightsError
 from ..io_utils import sha256_file_cached
+from ..precision import Precision
 from ..preprocess import PreprocessSpec
 from .base import Extractor, register_extractor
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
@@ -120,13 +122,24 @@ def resize_bilinear_tf1(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return top + (bottom - top) * dy.view(oh, 1)
 
 
-def resize_bilinear_torch(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """pytorch-fid's resize: ``F.interpolate(bilinear, align_corners=False)``, no antialias, NCHW-contiguous.
+def resize_bilinear_torch(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear",
+                          align_corners: bool = False, antialias: bool = False) -> torch.Tensor:
+    """pytorch-fid's resize: ``F.interpolate(bilinear, align_corners=False)``, no antialias, NCHW-contiguous
+    (``mode``, ``align_corners``, ``antialias``: as the preprocessing spec says; these defaults are pytorch-fid's).
 
     The input is made NCHW-contiguous first, as pytorch-fid's ToTensor/collate batches are: the CPU kernel
     for channels-last inputs is a different code path.
     """
-    return F.interpolate(x.contiguous(), size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x.contiguous(), size=size, mode=mode, align_corners=align_corners, antialias=antialias)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_tensors(mean: tuple[float, ...], std: tuple[float, ...],
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (3, 1, 1) mean and std on ``device``, made once (a host-to-GPU copy waits for queued work)."""
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(device),
+                torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device))
 
 
 # --- network -----------------------------------------------------------------------------------------------
@@ -307,21 +320,40 @@ class InceptionExtractor(Extractor):
         super().__init__(name, FEATURE_DIM, spec, model, weights_sha256, device)
 
     def _apply_precision(self) -> None:
+        if self.precision.mode == "fp8":  # no FP8 path for convolutions: refuse before anything runs
+            self.precision = Precision()
+            self.preprocess_spec = replace(self.preprocess_spec, model_dtype="float32")
+            raise FDEvalError(f"{self.name}: --precision fp8 is for DINOv2 only (its Linear layers); use fast "
+                              "(TF32) or exact for Inception")
         self.channels_last = self.precision.fast
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) network input, in the reference's exact op order."""
+        """uint8 (N, 3, H, W) -> float32 (N, 3, 299, 299) network input, in the reference's exact op order.
+
+        Every value comes from ``self.preprocess_spec`` (what the statistics record is what ran): ``tf1``:
+        TF1 bilinear on 0..255 values, then ``(x / scale - mean) / std``; ``torch``: ``x / scale`` (ToTensor),
+        ``F.interpolate(filter, align_corners, antialias)``, then ``(x - mean) / std``. With the registered
+        specs this is ``(x - 128) / 128`` and ``2 x - 1`` bit for bit (scaling by 2 and 1/2 is exact in floats).
+        """
         if x.dtype != torch.uint8:
             raise InputRangeError(f"{self.name}: expects uint8 images (N, 3, H, W), got {x.dtype}")
-        size = self.preprocess_spec.size
-        if self.preprocess_spec.resize_library == "tf1":
-            x = resize_bilinear_tf1(x.to(torch.float32), size)  # on 0..255 values
-            return (x - 128) / 128
-        x = x.to(torch.float32).div(255)  # ToTensor
-        x = resize_bilinear_torch(x, size)
-        return 2 * x - 1
+        spec = self.preprocess_spec
+        size = tuple(spec.size)
+        if spec.resize_library == "tf1":
+            if spec.resize_filter != "bilinear" or spec.antialias or spec.align_corners:
+                raise FDEvalError(f"{self.name}: the TF1 resize is bilinear without antialias or align_corners, "
+                                  f"not {spec.resize_filter!r} (antialias={spec.antialias}, "
+                                  f"align_corners={spec.align_corners})")
+            x = resize_bilinear_tf1(x.to(torch.float32), size).div(spec.scale)  # on 0..255 values
+        elif spec.resize_library == "torch":
+            x = x.to(torch.float32).div(spec.scale)  # ToTensor
+            x = resize_bilinear_torch(x, size, spec.resize_filter, spec.align_corners, spec.antialias)
+        else:
+            raise FDEvalError(f"{self.name}: resize library {spec.resize_library!r} is not 'tf1' or 'torch'")
+        mean, std = _channel_tensors(tuple(spec.mean), tuple(spec.std), x.device)
+        return (x - mean) / std
 
 
 def _build(name: str, spec: PreprocessSpec, weights: str | os.PathLike | None, device: Any,
