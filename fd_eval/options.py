@@ -40,16 +40,18 @@ from .errors import FDEvalError
 
 DECODES = ("pil", "gpu")
 RESIZES = ("pil", "torch")
-PRECISIONS = ("exact", "fast")
+from .precision import PRECISIONS  # exact, fast, fp32, fp8: one list
 
 OPTION_HELP: dict[str, str] = {
     "device": "cuda, cuda:1, cpu, or auto.",
     "batch_size": "Images per batch (default 256 on a GPU, 128 below 20 GiB; 32 on a CPU).",
     "num_workers": "Decode workers (default from the CPU count).",
-    "precision": "exact: float32, TF32 off (the protocol's numbers); fast: bfloat16 autocast for DINOv2, TF32 for "
-                 "Inception (faster on GPUs; refused against exact references unless --allow-mismatch).",
-    "compile": "torch.compile the network with --precision fast [default: only on a GPU for passes of >= 200K "
-               "images].",
+    "precision": "exact: float32-accurate (the protocol's numbers; DINOv2 on CUDA by 3xTF32 tensor-core products); "
+                 "fp32: IEEE float32 everywhere (bitwise comparable with a CPU run); fast: bfloat16 autocast for "
+                 "DINOv2, TF32 for Inception; fp8: DINOv2 e4m3 linear layers (Hopper). fast and fp8 are refused "
+                 "against exact references unless --allow-mismatch.",
+    "compile": "torch.compile the network [default: only with --precision fast/fp8 on a GPU for passes of >= 200K "
+               "images; --compile also compiles exact].",
     "decode": "gpu: decode JPEGs on the GPU (nvJPEG; needs --resize torch for DINOv2; other formats and CPU runs "
               "use PIL).",
     "resize": "DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant).",
@@ -116,8 +118,8 @@ class RunOptions:
         _check_int("world_size", self.world_size, 1, "world_size")
         _check_int("rank", self.rank, 0, "rank")
         if self.precision is not None and self.precision not in PRECISIONS:
-            raise FDEvalError(f"unknown precision {self.precision!r}; choose 'exact' (the protocol's numbers) or "
-                              "'fast' (bfloat16/TF32)")
+            raise FDEvalError(f"unknown precision {self.precision!r}; choose 'exact' (the protocol's numbers), "
+                              "'fp32' (IEEE float32), 'fast' (bfloat16/TF32) or 'fp8' (DINOv2 e4m3)")
         if self.compile is not None and not isinstance(self.compile, bool):
             raise FDEvalError(f"compile must be True, False or None (auto), got {self.compile!r}")
         if self.decode not in DECODES:

@@ -527,11 +527,11 @@ def check_compatible(a: Stats, b: Stats, allow_mismatch: bool = False) -> list[s
     else:
         # Statistics that do not record their preprocessing (pytorch-fid/clean-fid/GPIC npz files) were made in
         # float32 by every tool that writes them: fast-mode statistics are not comparable with them either.
-        from .precision import mode_of
+        from .precision import is_exact, mode_of
 
         for s, other in ((a, b), (b, a)):
-            if mode_of(s.metadata) == "fast" and not other.metadata.get("preprocess"):
-                problems.append(f"precision: {s.origin} was computed with --precision fast but "
+            if not is_exact(s.metadata) and not other.metadata.get("preprocess"):
+                problems.append(f"precision: {s.origin} was computed with --precision {mode_of(s.metadata)} but "
                                 f"{other.origin} does not record its precision (such files are float32); use "
                                 "--precision exact")
     for s in (a, b):
@@ -548,14 +548,14 @@ def check_compatible(a: Stats, b: Stats, allow_mismatch: bool = False) -> list[s
 
 def _precision_problem(a: Stats, b: Stats) -> str:
     """The mismatch line for statistics computed in different precision modes (see fd_eval.precision)."""
-    from .precision import expected_difference, mode_of
+    from .precision import expected_difference, is_exact, mode_of
 
     ma, mb = mode_of(a.metadata), mode_of(b.metadata)
-    fast = a if ma == "fast" else b
-    exp = expected_difference("fast", fast.name).get("fd_rel_mixed_max")
+    reduced, mode = (a, ma) if not is_exact(a.metadata) else (b, mb)
+    exp = expected_difference(mode, reduced.name).get("fd_rel_mixed_max")
     size = f" (measured up to {100 * exp:.2g}% with random weights; trained weights may differ)" if exp else ""
     return (f"precision: {a.origin} is {ma} ({(a.preprocess.model_dtype if a.preprocess else '?')}), {b.origin} is "
-            f"{mb} ({(b.preprocess.model_dtype if b.preprocess else '?')}); mixing --precision fast with exact "
+            f"{mb} ({(b.preprocess.model_dtype if b.preprocess else '?')}); mixing --precision {mode} with exact "
             f"statistics shifts FD{size}: use --precision exact for the protocol's numbers")
 
 

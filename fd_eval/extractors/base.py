@@ -91,8 +91,10 @@ class Extractor:
         from ..precision import COMPILE_AUTO_MIN_IMAGES
 
         p = self.precision
-        want = p.fast and (p.compile is True or (p.compile is None and self.device.type == "cuda"
-                                                 and n_images is not None and n_images >= COMPILE_AUTO_MIN_IMAGES))
+        # --compile compiles any mode; auto compiles only the reduced-precision modes (exact's compile cost is
+        # unmeasured on a GPU)
+        want = p.compile is True or (p.fast and p.compile is None and self.device.type == "cuda"
+                                    and n_images is not None and n_images >= COMPILE_AUTO_MIN_IMAGES)
         if want and not isinstance(self.forward_model, LazyCompiled):
             self.forward_model = LazyCompiled(self.model, self.name, regions=self.compile_regions)
         elif not want:
