@@ -570,10 +570,10 @@ def build_stats(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     r, w, dist_on = _rank_world(opts.rank, opts.world_size)
     dev = _rank_device(opts.device, w)
-    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    src = open_source(source, skip_bad=skip_bad)  # a missing or unknown source fails before any weights load
+    exs = resolve_extractors(models, extractors, weights, opts, dev)  # under opts.offline
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
-    src = open_source(source, skip_bad=skip_bad)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)
     identity = _identity(exs, tf, num, seed, plan, decode)
 

@@ -18,10 +18,10 @@ from .decode import bad_image, decode_image
 if TYPE_CHECKING:
     from .subset import SubsetSource
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})  # GIF: first frame
 DEFAULT_MAX_ITEM_BYTES = 1 << 30
 FINGERPRINT_VERSION = b"fd_eval.sources.fingerprint/1"
-TAR_INDEX_VERSION = 1
+TAR_INDEX_VERSION = 2  # 2: the member rule (last-dot image extension, every image an item)
 MAX_BRACE_ITEMS = 1_000_000
 # WebDataset's split of a member name into sample key and extension: the extension starts at the first dot
 # of the base name (so "a/b.seg.png" is key "a/b", extension "seg.png").

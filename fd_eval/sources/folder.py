@@ -78,7 +78,7 @@ def scan_dir(root: str) -> tuple[list[str], list[SkippedItem]]:
             with os.scandir(path) as it:
                 entries = list(it)
         except OSError as e:
-            ignored.append(SkippedItem(None, one_line(path), f"cannot list folder ({e.strerror or e})"))
+            ignored.append(SkippedItem(None, one_line(path), "unreadable folder", one_line(e.strerror or e)))
             continue
         for e in entries:
             r = f"{rel}/{e.name}" if rel else e.name
