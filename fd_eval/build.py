@@ -559,14 +559,13 @@ def build_stats(
         plus what :func:`fd_eval.compute_stats` raises (BadImageError, EmptySourceError, ...).
     """
     from .api import resolve_extractors
+    from .preflight import check_outputs
 
     opts = make_options(options, kw, "build_stats")
     progress, skip_bad, decode = opts.progress, opts.skip_bad, opts.decode
     say = log or (_stderr if progress else (lambda msg: None))
     out = Path(out)
-    if out.is_dir():
-        raise FDEvalError(f"{out} is a folder; -o/--output names the statistics file to write, e.g. "
-                          f"{out}/stats.safetensors")
+    check_outputs([source] if isinstance(source, (str, os.PathLike)) else [], {"-o/--output": out})
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     r, w, dist_on = _rank_world(opts.rank, opts.world_size)
     dev = _rank_device(opts.device, w)
