@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -180,3 +181,21 @@ def test_stats_cli_prints_accounting(tmp_path, pixels):
     assert f"input {d}: 7 found, 6 used, 1 ignored (not an image file extension: 1)" in r.output
     meta = fd_eval.load_stats(tmp_path / "s.safetensors").metadata["source"]
     assert meta["inputs"]["ignored_items"] == {"not an image file extension": [str(d / "x.gif.txt")]}
+
+
+def test_unreadable_subfolder_is_listed(tmp_path, monkeypatch):
+    d = save_images(IMGS[:2], tmp_path / "gen")
+    save_images(IMGS[2:4], d / "locked")
+    real = os.scandir
+
+    def scandir(path):  # root reads any folder: simulate the permission error
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    src = open_source(d)
+    acc = InputAccounting.build(src, [], len(src))
+    assert (acc.found, acc.used, acc.ignored) == (3, 2, {"unreadable folder": 1})
+    assert acc.ignored_items["unreadable folder"] == [str(d / "locked")]
+    assert acc.listing() == [f"ignored (unreadable folder): {d / 'locked'}"]

@@ -187,3 +187,25 @@ def test_write_failure_still_prints_the_result(data, pixels, monkeypatch):
     r = run(["compute", str(gen), "--ref", str(ref), "--json", str(tmp / "r.json")])
     assert r.exit_code == 1 and "pixels-4" in r.output and "ENOSPC" in r.output
     assert not (tmp / "r.json").exists()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_offline_reaches_the_weights(data, monkeypatch, offline):
+    """``offline=`` (``--offline``) is in force while the extractors load, in every entry point."""
+    tmp, gen, ref = data
+    from fd_eval.download import offline_mode
+
+    seen = []
+
+    def load(*a, **k):
+        seen.append(offline_mode())
+        return [PixelExtractor()]
+
+    monkeypatch.setattr(api, "load_extractors", load)
+    monkeypatch.delenv("FD_EVAL_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0" if offline else "1")  # the option overrides the environment
+    kw = dict(offline=offline, device="cpu", num_workers=0, progress=False)
+    fd_eval.compute_fd(gen, str(ref), **kw)
+    fd_eval.compute_stats(gen, **kw)
+    fd_eval.build_stats(str(gen), tmp / "s.safetensors", **kw)
+    assert seen == [offline] * 3
