@@ -9,16 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _images import photo_crops, save_images
 from click.testing import CliRunner
 from PIL import Image
+from test_accounting import PixelExtractor
 
 import fd_eval
 import fd_eval.api as api
-from _images import photo_crops, save_images
 from fd_eval.cli import main
-from fd_eval.errors import BadImageError, OutputError, SourceError, UnknownReferenceError
+from fd_eval.errors import (
+    BadImageError,
+    OutputError,
+    SourceError,
+    UnknownReferenceError,
+)
 from fd_eval.sources import open_source
-from test_accounting import PixelExtractor
 
 IMGS = photo_crops(4, 24, 32, seed=7)
 
@@ -87,7 +92,7 @@ def test_stats_output_over_the_array_source(tmp_path, no_weights):
 
 
 def test_json_over_an_image_inside_gen(data, no_weights):
-    tmp, gen, ref = data
+    _, gen, ref = data
     before = snapshot(gen)
     failed(["compute", str(gen), "--ref", str(ref), "--json", str(gen / "000.png")], OutputError,
            "000.png", "--json", "inside the input folder")
