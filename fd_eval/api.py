@@ -10,6 +10,7 @@ with the same extractors and cached (keyed by the source's fingerprint and the e
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,9 +22,10 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .distributed import resolve_world
-from .errors import FDEvalError, StatsFormatError
+from .errors import FDEvalError, OutputError, StatsFormatError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
-from .io_utils import cache_dir
+from .download import offline_scope
+from .io_utils import optional_cache_dir, warn_cache_unusable
 from .options import RunOptions, make_options
 from .pipeline import check_decode, extract, extraction_stats
 from .precision import precision_provenance, resolve_precision
@@ -51,13 +53,15 @@ class EvalResult:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # the generated set's statistics
     ref_stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # what they were compared against
+    # InputAccounting.to_dict() per side: "generated", and "reference" when the reference is an image source
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __getitem__(self, model: str) -> dict[str, Any]:
         return self.results[resolve_name(model)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"results": self.results, "provenance": self.provenance, "warnings": self.warnings,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "inputs": self.inputs}
 
 
 # --- extractors ---------------------------------------------------------------------------------------------
@@ -97,17 +101,24 @@ def configure_extractors(extractors: Sequence[Extractor], precision: str | None 
     return exs
 
 
+def offline_context(options: RunOptions) -> contextlib.AbstractContextManager:
+    """``offline_scope(options.offline)`` when the options say (None keeps an enclosing scope or the environment)."""
+    return contextlib.nullcontext() if options.offline is None else offline_scope(options.offline)
+
+
 def resolve_extractors(models: ModelsArg, extractors: Sequence[Extractor] | None, weights: WeightsArg,
                        options: RunOptions, device: torch.device) -> list[Extractor]:
     """The extractors of a run: ``extractors`` (switched to the options' precision/compile when given), or
-    ``models`` loaded with ``weights`` on ``device`` (the one place every entry point gets them from)."""
+    ``models`` loaded with ``weights`` on ``device`` (the one place every entry point gets them from; weights
+    download under the options' ``offline``)."""
     if extractors is not None:
         exs = configure_extractors(extractors, options.precision, options.compile)
         if not exs:
             raise FDEvalError("no extractor given; pass at least one Extractor (or models=...)")
         return exs
-    return load_extractors(models, weights, device, options.resize, precision=options.precision,
-                           compile=options.compile)
+    with offline_context(options):
+        return load_extractors(models, weights, device, options.resize, precision=options.precision,
+                               compile=options.compile)
 
 
 def run_provenance(extractors: Sequence[Extractor], device: torch.device, *,
@@ -171,12 +182,12 @@ def compute_stats(
         {extractor name: Stats}; ``metadata["source"]`` records the source, its fingerprint, N and skipped items.
     """
     opts = make_options(options, kw, "compute_stats")
+    src = _select(open_source(source, skip_bad=opts.skip_bad), num, seed)  # a bad path fails before any weights
     dev = opts.torch_device()
     rank, world_size = resolve_world(opts.rank, opts.world_size, device=dev)
     exs = resolve_extractors(models, extractors, weights, opts, dev)
     tf = source_transform(image_transform)
     check_decode(opts.decode, exs, tf)
-    src = _select(open_source(source, skip_bad=opts.skip_bad), num, seed)
     ext = extract(src, exs, device=dev, batch_size=opts.batch_size, num_workers=opts.num_workers,
                   keep_features=keep_features, skip_bad=opts.skip_bad, image_transform=tf, decode=opts.decode,
                   progress=opts.progress, rank=rank, world_size=world_size)
@@ -193,6 +204,7 @@ class _Ref:
     stats: dict[str, Stats]
     identity: dict[str, Any]
     registry_name: str | None = None
+    inputs: dict[str, Any] | None = None  # InputAccounting.to_dict() of an image-source reference
 
 
 def _is_stats_file(path: Path) -> bool:
@@ -223,6 +235,8 @@ def reference_kind(ref: Any) -> str:
     reading any statistics or images)."""
     if isinstance(ref, (Stats, Mapping)):
         return "stats"
+    if isinstance(ref, ImageSource):
+        return "source"
     spec = os.fspath(ref)
     path = Path(spec)
     if path.is_file() and _is_stats_file(path):
@@ -232,8 +246,22 @@ def reference_kind(ref: Any) -> str:
     return "source"
 
 
+def open_reference(ref: Any, skip_bad: bool = False) -> Any:
+    """``ref`` checked cheaply, before any weights load: a registry name must be known (UnknownReferenceError
+    lists the names), a statistics file must exist, an image source is opened (SourceError for a missing path or
+    unknown format) and returned as the :class:`ImageSource` to pass on to :func:`resolve_reference`."""
+    kind = reference_kind(ref)
+    if kind == "registry":
+        from .references import get_reference
+
+        get_reference(os.fspath(ref))
+    elif kind == "source" and not isinstance(ref, ImageSource):
+        return open_source(ref, skip_bad=skip_bad)
+    return ref
+
+
 def resolve_reference(
-    ref: str | os.PathLike | Stats | Mapping[str, Stats],
+    ref: str | os.PathLike | Stats | Mapping[str, Stats] | ImageSource,
     extractors: Sequence[Extractor],
     *,
     ref_image_transform: str | None = None,
@@ -246,8 +274,9 @@ def resolve_reference(
 
     ``keep_features``: also read (or extract) the reference's feature rows; a cached image-source entry without
     them counts as a miss and is rebuilt with them. ``options``/``kw``: :class:`fd_eval.RunOptions` (``offline``
-    for registry references; the run options of an image-source reference's extraction, which never skips bad
-    images).
+    for registry references; the run options of an image-source reference's extraction, ``skip_bad`` included:
+    skipped reference images are listed in its ``inputs``; a cached entry that skipped images is not used by a
+    strict run). The cache is optional: when ``$FD_EVAL_CACHE`` is unusable the statistics are computed, not saved.
     """
     opts = make_options(options, kw, "resolve_reference")
     offline = opts.offline
@@ -260,7 +289,7 @@ def resolve_reference(
                 raise FDEvalError("a single Stats reference given for several models; pass {model: Stats}")
             return _Ref({names[0]: ref}, {"kind": "stats", "origin": ref.origin})
         return _Ref({resolve_name(k): v for k, v in ref.items()}, {"kind": "stats"})
-    spec = os.fspath(ref)
+    spec = ref.spec if isinstance(ref, ImageSource) else os.fspath(ref)
     if kind == "file":
         from .io_utils import sha256_file_cached
 
@@ -274,19 +303,23 @@ def resolve_reference(
         return _Ref(stats, {"kind": "registry", **stats[names[0]].metadata.get("reference", {"name": entry.name})},
                     registry_name=spec)
     # an image source: compute its statistics with the same extractors, cached by content and extractor
-    src = open_source(spec)
+    src = open_source(ref, skip_bad=opts.skip_bad)
     tf = ref_image_transform
     out: dict[str, Stats] = {}
     decode = opts.decode
-    files = [cache_dir("ref_stats") / f"{_ref_cache_key(src, ex, tf, decode)}.safetensors" for ex in extractors]
+    folder = optional_cache_dir("ref_stats") if cache else None  # None: compute without the cache, save nothing
+    files = [None if folder is None else folder / f"{_ref_cache_key(src, ex, tf, decode)}.safetensors"
+             for ex in extractors]
     for ex, f in zip(extractors, files):
-        if cache and f.is_file():
+        if f is not None and f.is_file():
             try:
                 st = load_stats(f, model=ex.name, features=features)
             except StatsFormatError:
                 f.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
                 continue
-            if not features or st.features is not None:  # an entry made without feature rows cannot serve them
+            # an entry made without feature rows cannot serve them; one that skipped images cannot serve a strict run
+            if (not features or st.features is not None) and (opts.skip_bad or not st.metadata["source"].get(
+                    "skipped")):
                 out[ex.name] = st
     hits = [ex.name in out for ex in extractors]
     world_size = opts.world_size or 1
@@ -299,14 +332,19 @@ def resolve_reference(
     todo = [(ex, f) for ex, f, hit in zip(extractors, files, hits) if not hit]
     if todo:
         computed = compute_stats(src, extractors=[ex for ex, _ in todo], image_transform=tf, keep_features=features,
-                                 options=opts.replace(skip_bad=False, precision=None, compile=None))
+                                 options=opts.replace(precision=None, compile=None))
         from .distributed import local_rank
 
         for ex, f in todo:
             out[ex.name] = computed[ex.name]
-            if cache and (world_size == 1 or local_rank() == 0):  # one writer per node (atomic rename)
-                save_stats(f, [computed[ex.name]])
-    return _Ref(out, {"kind": "source", "spec": spec, "fingerprint": src.fingerprint(), "image_transform": tf})
+            if f is not None and (world_size == 1 or local_rank() == 0):  # one writer per node (atomic rename)
+                try:
+                    save_stats(f, [computed[ex.name]])
+                except OutputError as e:  # disk full: the run finishes, the next one recomputes
+                    warn_cache_unusable(str(e))
+    inputs = out[extractors[0].name].metadata["source"].get("inputs")
+    return _Ref(out, {"kind": "source", "spec": spec, "fingerprint": src.fingerprint(), "image_transform": tf},
+                inputs=inputs)
 
 
 # --- FD -----------------------------------------------------------------------------------------------------
@@ -384,6 +422,19 @@ def compute_fd(
     """
     t0 = time.perf_counter()
     opts = make_options(options, kw, "compute_fd")
+    # cheap checks first: both inputs exist and have a known format before any weights load or extraction
+    gen = open_source(gen, skip_bad=opts.skip_bad)
+    if num is not None and num > len(gen):
+        raise FDEvalError(f"{gen.spec}: asked for {num} images but the source holds {len(gen)}")
+    ref = open_reference(ref, skip_bad=opts.skip_bad)
+    with offline_context(opts):  # --offline reaches the weights and the references
+        return _compute_fd(t0, opts, gen, ref, models, weights, num, seed, allow_mismatch, ref_image_transform,
+                           keep_features, ref_features)
+
+
+def _compute_fd(t0: float, opts: RunOptions, gen: ImageSource, ref: Any, models: ModelsArg, weights: WeightsArg,
+                num: int | None, seed: int | None, allow_mismatch: bool, ref_image_transform: str | None,
+                keep_features: bool, ref_features: bool | None) -> EvalResult:
     dev = opts.torch_device()
     rank, world_size = resolve_world(opts.rank, opts.world_size, device=dev)
     exs = resolve_extractors(models, None, weights, opts, dev)
@@ -403,6 +454,10 @@ def compute_fd(
     skipped = src_meta.get("skipped_items", [])
     if skipped:
         warnings.append(f"{len(skipped)} unreadable image(s) skipped (--skip-bad); N counts only the rest")
+    ref_skipped = len((reference.inputs or {}).get("skipped", []))
+    if ref_skipped:
+        warnings.append(f"reference: {ref_skipped} unreadable image(s) skipped (--skip-bad); N ref counts only the "
+                        "rest")
     provenance = run_provenance(
         exs, dev, preprocess={ex.name: _recorded_spec(gen_stats, ex) for ex in exs},
         decode={"requested": opts.decode, "used": first.metadata["preprocess"].get("decode")},
@@ -412,4 +467,7 @@ def compute_fd(
         seed=seed, world_size=world_size,
         timings={"total_s": time.perf_counter() - t0, "reference_s": t_ref, "extract_s": src_meta["seconds"],
                  "images_per_s": src_meta["images_per_s"], "fd_s": t_fd})
-    return EvalResult(results, provenance, warnings, skipped, gen_stats, reference.stats)
+    inputs = {"generated": src_meta.get("inputs", {})}
+    if reference.inputs is not None:
+        inputs["reference"] = reference.inputs
+    return EvalResult(results, provenance, warnings, skipped, gen_stats, reference.stats, inputs)

@@ -559,21 +559,20 @@ def build_stats(
         plus what :func:`fd_eval.compute_stats` raises (BadImageError, EmptySourceError, ...).
     """
     from .api import resolve_extractors
+    from .preflight import check_outputs
 
     opts = make_options(options, kw, "build_stats")
     progress, skip_bad, decode = opts.progress, opts.skip_bad, opts.decode
     say = log or (_stderr if progress else (lambda msg: None))
     out = Path(out)
-    if out.is_dir():
-        raise FDEvalError(f"{out} is a folder; -o/--output names the statistics file to write, e.g. "
-                          f"{out}/stats.safetensors")
+    check_outputs([source] if isinstance(source, (str, os.PathLike)) else [], {"-o/--output": out})
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     r, w, dist_on = _rank_world(opts.rank, opts.world_size)
     dev = _rank_device(opts.device, w)
-    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    src = open_source(source, skip_bad=skip_bad)  # a missing or unknown source fails before any weights load
+    exs = resolve_extractors(models, extractors, weights, opts, dev)  # under opts.offline
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
-    src = open_source(source, skip_bad=skip_bad)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)
     identity = _identity(exs, tf, num, seed, plan, decode)
 

@@ -34,6 +34,7 @@ from .api import (
     WeightsArg,
     compute_stats,
     evaluate_stats,
+    open_reference,
     resolve_extractors,
     resolve_reference,
     run_provenance,
@@ -68,13 +69,15 @@ class CeilingResult:
     warnings: list[str] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, Stats] = field(default_factory=dict, repr=False)  # the real sample's (half a's) statistics
+    # InputAccounting.to_dict() per side: "real" (split-half: "real_a", "real_b"), "reference" for an image source
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __getitem__(self, model: str) -> dict[str, Any]:
         return self.results[resolve_name(model)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "results": self.results, "provenance": self.provenance,
-                "warnings": self.warnings, "skipped": self.skipped}
+                "warnings": self.warnings, "skipped": self.skipped, "inputs": self.inputs}
 
 
 def _skipped(stats: dict[str, Stats]) -> list[dict[str, Any]]:
@@ -115,6 +118,8 @@ def ceiling(
     """
     t0 = time.perf_counter()
     opts = make_options(options, kw, "ceiling")
+    real = open_source(real, skip_bad=opts.skip_bad)  # cheap checks before any weights load
+    ref = open_reference(ref, skip_bad=opts.skip_bad)
     dev = opts.torch_device()
     exs = resolve_extractors(models, extractors, weights, opts, dev)
     check_decode(opts.decode, exs, source_transform(image_transform) or source_transform(ref_image_transform))
@@ -139,7 +144,8 @@ def ceiling(
         "sampling": "source.subset(n, seed): sorted(numpy.random.RandomState(seed).permutation(len(source))[:n])"
                     if src["seed"] is not None else ("the first n items" if n is not None else "every item"),
         "skipped": len(skipped)}, timings={"total_s": time.perf_counter() - t0})
-    return CeilingResult("reference", results, prov, warnings, skipped, real_stats)
+    inputs = {"real": src.get("inputs", {}), **({"reference": reference.inputs} if reference.inputs else {})}
+    return CeilingResult("reference", results, prov, warnings, skipped, real_stats, inputs)
 
 
 def split_indices(total: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,4 +210,6 @@ def split_half(
         "spec": src.spec, "fingerprint": src.fingerprint(), "total": total, "n": int(n),
         "n_a": first_a.n, "n_b": first_b.n, "seed": int(seed), "image_transform": image_transform,
         "sampling": SPLIT_SAMPLING, "skipped": len(skipped)}, timings={"total_s": time.perf_counter() - t0})
-    return CeilingResult("split-half", results, prov, warnings, skipped, half_a)
+    inputs = {"real_a": first_a.metadata["source"].get("inputs", {}),
+              "real_b": first_b.metadata["source"].get("inputs", {})}
+    return CeilingResult("split-half", results, prov, warnings, skipped, half_a, inputs)

@@ -71,7 +71,7 @@ def as_f64(x: ArrayLike, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
 
 
-def _storage_eps(x: ArrayLike) -> float:
+def storage_eps(x: ArrayLike) -> float:
     """Machine epsilon of the dtype the covariance was stored in (float32 files are common)."""
     dt = x.dtype if isinstance(x, torch.Tensor) else np.asarray(x).dtype
     if isinstance(dt, torch.dtype):
@@ -169,8 +169,8 @@ def frechet_distance_breakdown(
             f"feature dimensions differ: {m1.shape[0]} vs {m2.shape[0]}; both statistics must come from the "
             "same extractor"
         )
-    f1 = factor_covariance(s1, "statistics 1", _storage_eps(sigma1))
-    f2 = factor_covariance(s2, "statistics 2", _storage_eps(sigma2))
+    f1 = factor_covariance(s1, "statistics 1", storage_eps(sigma1))
+    f2 = factor_covariance(s2, "statistics 2", storage_eps(sigma2))
     diff = m1 - m2
     fd_mean = float(diff @ diff)
     if f1.rank and f2.rank:

@@ -453,7 +453,8 @@ class FDMetric:
         prov = run_provenance(self.extractors, self.device, reference=self._ref.identity, generated=src,
                               seed=provenance.get("seed"), world_size=self.world_size,
                               timings={"compute_s": time.perf_counter() - t0, "fd_s": t_fd})
-        return EvalResult(results, prov, w + warnings, [], gen).to_dict()
+        inputs = {"reference": self._ref.inputs} if self._ref.inputs else {}  # an image-source reference's accounting
+        return EvalResult(results, prov, w + warnings, [], gen, inputs=inputs).to_dict()
 
     def __repr__(self) -> str:
         return (f"FDMetric(models={self.names}, ref={self._ref.identity.get('name') or self._ref.identity.get('kind')}, "

@@ -47,7 +47,7 @@ from .moments import MomentAccumulator
 from .options import DECODES
 from .preprocess import DECODE_PIL_RGB
 from .provenance import environment
-from .sources import ImageSource, SkippedItem, SubsetSource
+from .sources import ImageSource, InputAccounting, SkippedItem, SubsetSource
 from .stats import Stats
 
 
@@ -474,6 +474,8 @@ def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], so
     env = environment(extractors[0].device if extractors else None)
     src = {"spec": source.spec, "n": extraction.n_images, "skipped": len(extraction.skipped),
            **(source_info or {})}
+    # what happened to every candidate entry (found / used / skipped / ignored): no input is dropped unlisted
+    src["inputs"] = InputAccounting.build(source, extraction.skipped, extraction.n_images).to_dict()
     out = {}
     for ex, acc in zip(extractors, extraction.accumulators):
         meta = {**ex.metadata(), "source": src, **env}

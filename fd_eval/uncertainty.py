@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .frechet import CovFactor, as_f64, check_inputs, factor_covariance, pick_device
+from .frechet import CovFactor, as_f64, check_inputs, factor_covariance, pick_device, storage_eps
 from .moments import MomentAccumulator
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -44,7 +44,8 @@ class _Reference:
 
 def _prepare_reference(ref: RefLike, device: torch.device) -> _Reference:
     if hasattr(ref, "mu") and hasattr(ref, "sigma"):
-        mu, sigma = ref.mu, ref.sigma
+        # as stored (float32 files stay float32), so the rank threshold sees the storage precision as FD does
+        mu, sigma = ref.mu, (ref.sigma_as_stored() if hasattr(ref, "sigma_as_stored") else ref.sigma)
     else:
         try:
             mu, sigma = ref
@@ -52,7 +53,7 @@ def _prepare_reference(ref: RefLike, device: torch.device) -> _Reference:
             raise InputError("ref must be a fd_eval.Stats or a (mu, sigma) pair") from e
     m, s = as_f64(mu, device), as_f64(sigma, device)
     check_inputs(m, s, "reference statistics")
-    return _Reference(m, factor_covariance(s, "reference statistics"))
+    return _Reference(m, factor_covariance(s, "reference statistics", storage_eps(sigma)))
 
 
 def _fd_against(ref: _Reference, mu: torch.Tensor, sigma: torch.Tensor) -> float:

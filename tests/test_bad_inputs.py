@@ -294,7 +294,7 @@ def test_truncated_shard(tmp_path):
         open_source(tmp_path / "t.tar")
     one_line_error(e, "t.tar", "truncated", "re-download", "--skip-bad")
     src = open_source(tmp_path / "t.tar", skip_bad=True)
-    assert [s.reason.split(":")[0] for s in src.ignored] == ["truncated"]
+    assert [s.message.split(":")[0] for s in src.ignored] == ["truncated"]
     np.testing.assert_array_equal(np.asarray(src.load(0)), IMG)
     with pytest.raises(BadImageError) as e:
         src.load(1)
@@ -312,7 +312,7 @@ def test_corrupt_tar_header(tmp_path):
         open_source(tmp_path / "c.tar")
     one_line_error(e, "c.tar", "corrupt", "--skip-bad")
     src = open_source(tmp_path / "c.tar", skip_bad=True)
-    assert len(src) == 1 and "corrupt" in src.ignored[0].reason
+    assert len(src) == 1 and "corrupt" in src.ignored[0].message and src.warnings
     np.testing.assert_array_equal(np.asarray(src.load(0)), IMG)
 
 

@@ -58,7 +58,7 @@ def test_uint8_chunks_of_any_size_and_layout_give_the_clis_number(world):
     doc = m.compute()
     cli = world["cli"]
     r, c = doc["results"][MODEL], cli["results"][MODEL]
-    assert set(doc) == set(cli) == {"results", "provenance", "warnings", "skipped"}
+    assert set(doc) == set(cli) == {"results", "provenance", "warnings", "skipped", "inputs"}
     assert set(r) == set(c) and set(r["diagnostics"]) == set(c["diagnostics"])
     assert r["fd"] == pytest.approx(c["fd"], rel=1e-6) and (r["n"], r["n_ref"]) == (N, N)
     assert r["fd"] == pytest.approx(r["fd_mean"] + r["fd_cov"], rel=1e-12)

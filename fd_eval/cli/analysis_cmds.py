@@ -11,6 +11,7 @@ from ..analysis import AnalysisSpec, analyze_result
 from ..ceiling import ceiling as real_ceiling, split_half as real_split_half
 from ..preprocess import SOURCE_TRANSFORMS
 from ..options import RunOptions
+from ._checks import check_paths, render_accounting
 from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
 
 
@@ -123,6 +124,7 @@ def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, s
     """The best FD a perfect generator can reach: N real images against REF (GPIC Table 2's definition: the
     sample's statistics against the reference's), shown beside the published floors; or, with --split-half,
     two disjoint halves of the real images against each other."""
+    check_paths(real, ref, json=json_path)
     opts = dict(weights=weights_arg(weights), image_transform=image_transform, options=options)
     if split_half:
         if ref is not None:
@@ -133,8 +135,7 @@ def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, s
                            ref_image_transform=ref_transform, allow_mismatch=allow_mismatch, **opts)
     for w in res.warnings:
         warn(w)
-    for s in res.skipped[:20]:
-        warn(f"skipped {s['name']}: {s['reason']}")
+    render_accounting(res.inputs)
     rows = []
     for model, r in res.results.items():
         floor = f"{r['floor']:.2f}" if r["floor"] is not None else "-"

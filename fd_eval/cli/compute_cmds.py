@@ -14,6 +14,7 @@ from ..errors import FDEvalError
 from ..preprocess import SOURCE_TRANSFORMS
 from ..stats import save_stats
 from ..options import RunOptions
+from ._checks import check_paths, render_accounting
 from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
 from .analysis_cmds import analysis_options, analysis_spec, run_analysis
 
@@ -53,6 +54,7 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     the images on its own GPU (NCCL; gloo with --device cpu), the statistics are merged exactly, and rank 0
     alone prints and writes the outputs.
     """
+    check_paths(gen, ref, json=json_path, save_stats=save_stats_path)  # before any weights load or extraction
     spec = analysis_spec(**analysis_opts)  # None unless --ci/--bootstrap/--fd-infinity/--prdc/--mmd
     if spec is not None and spec.needs_reference_features:
         check_reference_features(ref, models, offline=options.offline)  # fail before extracting, not after
@@ -74,10 +76,7 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
         return
     for w in res.warnings:
         warn(w)
-    for s in res.skipped[:20]:
-        warn(f"skipped {s['name']}: {s['reason']}")
-    if len(res.skipped) > 20:
-        warn(f"... and {len(res.skipped) - 20} more skipped (see --json)")
+    render_accounting(res.inputs)
     rows = []
     for model, r in res.results.items():
         n = f"{r['n']:,}" + (f" (+{len(res.skipped)} skipped)" if res.skipped else "")
@@ -120,6 +119,7 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
     after a crash or kill the same command continues where it stopped and writes bit-identical statistics.
     Under `torchrun --nproc_per_node N -m fd_eval stats ...` each process takes every N-th unit.
     """
+    check_paths(source, output=output)
     stats = build_stats(source, output, models, weights=weights_arg(weights), num=num, seed=seed,
                         keep_features=keep_features, image_transform=image_transform, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, options=options, log=lambda msg: click.echo(msg, err=True))
@@ -127,10 +127,7 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
         return
     first = next(iter(stats.values()))
     skipped = first.metadata["source"].get("skipped_items", [])
-    for s in skipped[:20]:
-        warn(f"skipped {s['name']}: {s['reason']}")
-    if len(skipped) > 20:
-        warn(f"... and {len(skipped) - 20} more skipped (all listed by `fd-eval info --json {output}`)")
+    render_accounting({"input": first.metadata["source"].get("inputs")}, more=f"`fd-eval info --json {output}`")
     build = first.metadata["source"]["build"]
     resumed = f", {build['resumed_units']} resumed" if build["resumed_units"] else ""
     click.echo(f"wrote {output}: {', '.join(stats)} over {first.n:,} images"

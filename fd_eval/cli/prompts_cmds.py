@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..prompts import write_prompts
+from ._checks import check_paths
 from ._common import main
 
 
@@ -21,6 +22,7 @@ def prompts_cmd(reference: str, output: str, shards: str | None, offline: bool |
     One JSON object per line, in the reference's order: index, key, tar_idx, caption, caption_type. Only the
     shards that tar_idx names are read (downloaded from the Hub unless --shards points at local copies).
     """
+    check_paths(shards, output=output)
     prompts = write_prompts(output, reference, shards, offline=offline, progress=not quiet)
     n_shards = len({p["tar_idx"] for p in prompts})
     click.echo(f"wrote {output}: {len(prompts):,} prompts from {n_shards} shard(s)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..report import write_report
+from ._checks import check_paths
 from ._common import main
 
 
@@ -21,5 +22,6 @@ def report_cmd(results: tuple[str, ...], output: str, title: str | None, thumbna
     """One self-contained HTML page (no network needed; printable) from RESULTS: `fd-eval compute --json`
     documents, FDMetric.compute() dicts saved as JSON (one per training evaluation: an FD-over-steps chart)
     and `fd-eval copies --json` documents. Needs matplotlib: pip install 'fd-eval[report]'."""
+    check_paths(*results, output=output)
     path = write_report(list(results), output, title=title, thumbnails=thumbnails, seed=seed, max_copies=max_copies)
     click.echo(f"wrote {path} ({len(results)} result(s))")

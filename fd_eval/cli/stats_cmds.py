@@ -7,6 +7,7 @@ import click
 
 from ..io_utils import sha256_file
 from ..stats import compare_stats, load_all_stats, load_stats
+from ._checks import check_paths
 from ._common import echo_table, fmt_num, main, warn, write_json
 
 
@@ -20,6 +21,7 @@ from ._common import echo_table, fmt_num, main, warn, write_json
 def fd_cmd(stats_a: str, stats_b: str, model: str | None, allow_mismatch: bool, device: str | None,
            json_path: str | None) -> None:
     """Fréchet distance between two statistics files, with its mean and covariance terms."""
+    check_paths(stats_a, stats_b, json=json_path)
     a, b = load_stats(stats_a, model=model), load_stats(stats_b, model=model)
     res, warnings = compare_stats(a, b, allow_mismatch=allow_mismatch, device=device)
     for w in warnings:

@@ -2,9 +2,9 @@
 
 ``open_source(spec)`` accepts
 
-* a directory (recursive; .png .jpg .jpeg .webp .bmp .tif .tiff, any case; sorted by relative path),
+* a directory (recursive; .png .jpg .jpeg .webp .bmp .tif .tiff .gif (first frame), any case; sorted by path),
 * a ``.zip`` of images (sorted by member name),
-* tar shards in WebDataset layout (``{key}.json`` + ``{key}.jpg|png``): one ``.tar``, a glob
+* tar shards (every image member is an item; ``{key}.json`` sidecars pair, see :class:`TarSource`): one ``.tar``, a glob
   (``shards/*.tar``) or a brace range (``shards/gpic_test_{00000..00127}.tar``), in shard order then tar order,
 * ``.npy`` / ``.npz`` (``arr_0``, ADM / guided-diffusion style) arrays of uint8 (N, H, W, 3), memory-mapped,
 * an in-memory uint8 (N, H, W, 3) numpy array,
@@ -19,7 +19,7 @@ Sources are map-style and safe for ``torch.utils.data.DataLoader`` workers: they
 never an open file across ``fork``/``pickle`` (file descriptors are opened lazily per process).
 
 Limits (untrusted inputs): ``max_item_bytes`` caps the bytes read for one item (file, zip or tar member;
-default 1 GiB, ``$FD_EVAL_MAX_ITEM_BYTES``); ``max_image_pixels`` sets Pillow's decompression-bomb limit
+default 1 GiB, ``$FD_EVAL_MAX_ITEM_BYTES``; 0 = none); ``max_image_pixels`` sets Pillow's decompression-bomb limit
 while fd-eval decodes (default: Pillow's ``Image.MAX_IMAGE_PIXELS``, ``$FD_EVAL_MAX_IMAGE_PIXELS``; 0 = none).
 
 Layout: :mod:`.base` (the :class:`ImageSource` interface, :class:`SkippedItem`), :mod:`.decode` (one image),
@@ -29,6 +29,7 @@ The DataLoader glue (``ExtractorDataset``, ``Batch``, ``collate``) lives in :mod
 """
 from __future__ import annotations
 
+from .accounting import InputAccounting
 from .arrays import ArraySource
 from .base import IMAGE_EXTENSIONS, ImageSource, SkippedItem
 from .decode import decode_image
@@ -41,7 +42,7 @@ from .zip import ZipSource
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageSource", "DirectorySource", "ZipSource", "TarSource", "ArraySource",
-    "SubsetSource", "SkippedItem", "open_source", "decode_image", "expand_braces", "expand_shards",
+    "SubsetSource", "SkippedItem", "InputAccounting", "open_source", "decode_image", "expand_braces", "expand_shards",
     "ExtractorDataset", "Batch", "collate",
 ]
 

@@ -18,10 +18,11 @@ from .decode import bad_image, decode_image
 if TYPE_CHECKING:
     from .subset import SubsetSource
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})  # GIF: first frame
 DEFAULT_MAX_ITEM_BYTES = 1 << 30
+NO_LIMIT = 1 << 62  # max_item_bytes = 0
 FINGERPRINT_VERSION = b"fd_eval.sources.fingerprint/1"
-TAR_INDEX_VERSION = 1
+TAR_INDEX_VERSION = 2  # 2: the member rule (last-dot image extension, every image an item)
 MAX_BRACE_ITEMS = 1_000_000
 # WebDataset's split of a member name into sample key and extension: the extension starts at the first dot
 # of the base name (so "a/b.seg.png" is key "a/b", extension "seg.png").
@@ -85,8 +86,9 @@ class ImageSource:
         self.skip_bad = bool(skip_bad)
         env_pixels = env_int("FD_EVAL_MAX_IMAGE_PIXELS")
         self.max_image_pixels = max_image_pixels if max_image_pixels is not None else env_pixels
-        env_bytes = env_int("FD_EVAL_MAX_ITEM_BYTES")
-        self.max_item_bytes = int(max_item_bytes or env_bytes or DEFAULT_MAX_ITEM_BYTES)
+        limit = max_item_bytes if max_item_bytes is not None else env_int("FD_EVAL_MAX_ITEM_BYTES")
+        # None: the default; 0: no limit (as the messages and docs say)
+        self.max_item_bytes = DEFAULT_MAX_ITEM_BYTES if limit is None else (int(limit) or NO_LIMIT)
         self.ignored: list[SkippedItem] = []
         self.warnings: list[str] = []
         self._handles: OrderedDict[Any, Any] = OrderedDict()
@@ -241,8 +243,8 @@ class ImageSource:
 def read_capped(item: "str | Callable[[], str]", size: int, cap: int) -> None:
     if size > cap:
         raise bad_image(item, f"{size} bytes exceeds the per-item limit of {cap} bytes",
-                         "if the file is trusted raise the limit with open_source(max_item_bytes=N) or "
-                         "FD_EVAL_MAX_ITEM_BYTES=N")
+                         "if the file is trusted raise the limit with the environment variable "
+                         "FD_EVAL_MAX_ITEM_BYTES=N (0 = no limit) or open_source(max_item_bytes=N)")
 
 
 def stat_part(rel: str, path: str) -> bytes:

@@ -73,8 +73,8 @@ def decode_image(data: bytes, item: "str | Callable[[], str]" = "<bytes>", *,
     except Image.DecompressionBombError as e:
         raise bad_image(
             item, f"too many pixels for Pillow's decompression-bomb guard ({e})",
-            "if the file is trusted raise the limit with --max-image-pixels N, open_source(max_image_pixels=N) "
-            "or FD_EVAL_MAX_IMAGE_PIXELS=N (0 = no limit)") from None
+            "if the file is trusted raise the limit with the environment variable FD_EVAL_MAX_IMAGE_PIXELS=N "
+            "(0 = no limit) or open_source(max_image_pixels=N)") from None
     except Image.UnidentifiedImageError:
         raise bad_image(item, f"not an image Pillow can identify ({len(data)} bytes: not PNG/JPEG/WebP/"
                                "BMP/TIFF/... content, or cut off within its header)") from None

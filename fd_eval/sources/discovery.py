@@ -1,7 +1,6 @@
 """Finding shards: brace expansion, globs, and the cached index of a tar shard's members."""
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -13,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import SourceError
-from ..io_utils import atomic_path, cache_dir
+from ..errors import OutputError
+from ..io_utils import atomic_path, optional_cache_dir, warn_cache_unusable
 from .base import IMAGE_EXTENSIONS, MAX_BRACE_ITEMS, TAR_INDEX_VERSION, WDS_KEY, unsafe_member_name
 
 
@@ -99,34 +99,44 @@ def scan_tar(path: str) -> dict[str, Any]:
             if ti.isreg() and not ti.issparse():
                 regular.append((ti.name, ti.offset_data, ti.size))
             elif not ti.isdir():
-                ignored.append((ti.name, "not a regular file (link, device or sparse member); not read"))
+                ignored.append((ti.name, "not a regular file (link, device or sparse member)"))
         if not end_problem:
             # tarfile ends silently at a corrupt header after the first member; a real end is zero blocks or EOF.
             f.seek(tf.offset)
             block = f.read(tarfile.BLOCKSIZE)
             if block.strip(b"\0"):
                 end_problem = f"corrupt or truncated tar header at byte {tf.offset} of {size}"
-    # WebDataset samples: members sharing a key; the first image member is the sample's image.
-    samples: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
+    # The member rule: every member whose extension after the LAST dot is an image type is one item (so
+    # cfg1.5_0001.png is an image and c.png + c.jpg are two items); a .json sidecar pairs with an image by the same
+    # name without extension (c.json for c.png), else by WebDataset key (first dot of the base name: c.json for
+    # c.seg.png). Every other member is listed in ``ignored``: nothing is dropped unlisted.
+    images: list[tuple[str, int, int]] = []
+    sidecars: dict[str, tuple[int, int]] = {}
     for name, off, sz in regular:
+        base = name.rsplit("/", 1)[-1]
+        ext = os.path.splitext(base)[1].lower()
+        if ext in IMAGE_EXTENSIONS:
+            images.append((name, off, sz))
+        elif ext == ".json":
+            sidecars.setdefault(name[:-5], (off, sz))
+        elif not ext:
+            ignored.append((name, "no file extension"))
+        else:
+            ignored.append((name, "not an image file extension"))
+    json_cols: list[tuple[int, int]] = []
+    paired: set[str] = set()
+    for name, _, _ in images:
+        stem = os.path.splitext(name)[0]
         m = WDS_KEY.match(name)
-        if not m:
-            ignored.append((name, "no file extension; not part of a WebDataset sample"))
-            continue
-        key, ext = m.group(1), m.group(2).lower()
-        s = samples.setdefault(key, {})
-        if "." + ext in IMAGE_EXTENSIONS:
-            if "img" in s:
-                ignored.append((name, f"second image in sample {key}; only {s['img'][0]} is used"))
-            else:
-                s["img"] = (name, off, sz)
-                order.append(key)
-        elif ext == "json" and "json" not in s:
-            s["json"] = (off, sz)
-    for key, s in samples.items():
-        if "img" not in s:
-            ignored.append((key, "sample without an image member (.jpg/.png/...)"))
+        key = stem if stem in sidecars else (m.group(1) if m and m.group(1) in sidecars else None)
+        json_cols.append(sidecars[key] if key is not None else (-1, -1))
+        if key is not None:
+            paired.add(key)
+    for key in sidecars:
+        if key not in paired:
+            ignored.append((key + ".json", "sidecar .json without an image"))
+    order = list(range(len(images)))
+    samples = {k: {"img": images[k], "json": json_cols[k]} for k in order}
     names = [samples[k]["img"][0] for k in order]
     blob = "".join(names).encode("utf-8", "surrogateescape")
     ends = np.cumsum([len(n.encode("utf-8", "surrogateescape")) for n in names], dtype=np.int64)
@@ -141,8 +151,8 @@ def scan_tar(path: str) -> dict[str, Any]:
         "name_ends": ends.astype(np.int64) if len(names) else np.zeros(0, np.int64),
         "img_off": np.array([samples[k]["img"][1] for k in order], dtype=np.int64),
         "img_size": np.array([samples[k]["img"][2] for k in order], dtype=np.int64),
-        "json_off": np.array([samples[k].get("json", (-1, -1))[0] for k in order], dtype=np.int64),
-        "json_size": np.array([samples[k].get("json", (-1, -1))[1] for k in order], dtype=np.int64),
+        "json_off": np.array([samples[k]["json"][0] for k in order], dtype=np.int64),
+        "json_size": np.array([samples[k]["json"][1] for k in order], dtype=np.int64),
         "info": info,
     }
 
@@ -158,25 +168,26 @@ def tar_index(path: str) -> dict[str, Any]:
     st = os.stat(path)
     key = hashlib.sha256(f"{TAR_INDEX_VERSION}\0{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0"
                          f"{st.st_ino}\0{st.st_dev}\0{st.st_ctime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
-    cache_file = None
-    with contextlib.suppress(OSError):
-        cache_file = cache_dir("tar_index") / f"{key}.npz"
-        if cache_file.exists():
-            try:
-                with np.load(cache_file, allow_pickle=False) as z:
-                    idx = {k: z[k] for k in z.files}
-                idx["info"] = json.loads(bytes(idx.pop("info_json")).decode("utf-8", "surrogateescape"))
-                idx["empty"] = bool(idx["empty"])
-                return idx
-            except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
-                pass
+    folder = optional_cache_dir("tar_index")  # None (after one warning) when $FD_EVAL_CACHE is unusable
+    cache_file = None if folder is None else folder / f"{key}.npz"
+    if cache_file is not None and cache_file.exists():
+        try:
+            with np.load(cache_file, allow_pickle=False) as z:
+                idx = {k: z[k] for k in z.files}
+            idx["info"] = json.loads(bytes(idx.pop("info_json")).decode("utf-8", "surrogateescape"))
+            idx["empty"] = bool(idx["empty"])
+            return idx
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+            pass
     idx = scan_tar(path)
     if cache_file is not None and not idx["empty"]:
-        with contextlib.suppress(OSError):
-            info_json = json.dumps(idx["info"], ensure_ascii=True).encode()
-            arrays = {k: v for k, v in idx.items() if k not in ("info",)}
-            arrays["info_json"] = np.frombuffer(info_json, dtype=np.uint8)
-            with atomic_path(cache_file) as tmp:
+        info_json = json.dumps(idx["info"], ensure_ascii=True).encode()
+        arrays = {k: v for k, v in idx.items() if k not in ("info",)}
+        arrays["info_json"] = np.frombuffer(info_json, dtype=np.uint8)
+        try:
+            with atomic_path(cache_file, what="tar index cache entry") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, **arrays)
+        except OutputError as e:  # disk full: the next open scans the shard again
+            warn_cache_unusable(str(e))
     return idx

@@ -6,7 +6,7 @@ from typing import Any, Iterable, Sequence
 
 
 from ..errors import EmptySourceError
-from .base import IMAGE_EXTENSIONS, ImageSource, SkippedItem, content_part, read_capped, stat_part
+from .base import IMAGE_EXTENSIONS, NO_LIMIT, ImageSource, SkippedItem, content_part, read_capped, stat_part
 from .decode import bad_image, one_line
 
 
@@ -50,7 +50,8 @@ class DirectorySource(ImageSource):
         try:
             with open(self._path(i), "rb") as f:
                 read_capped(item, os.fstat(f.fileno()).st_size, self.max_item_bytes)
-                return f.read(self.max_item_bytes + 1)
+                # capped: a file that grows after the size check is not read past the limit
+                return f.read(self.max_item_bytes + 1 if self.max_item_bytes < NO_LIMIT else -1)
         except OSError as e:
             raise bad_image(item, f"cannot read ({e.strerror or e})",
                              "check that the file exists and is readable") from None
@@ -78,7 +79,7 @@ def scan_dir(root: str) -> tuple[list[str], list[SkippedItem]]:
             with os.scandir(path) as it:
                 entries = list(it)
         except OSError as e:
-            ignored.append(SkippedItem(None, one_line(path), f"cannot list folder ({e.strerror or e})"))
+            ignored.append(SkippedItem(None, one_line(path), "unreadable folder", one_line(e.strerror or e)))
             continue
         for e in entries:
             r = f"{rel}/{e.name}" if rel else e.name

@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ def open_source(spec: "str | os.PathLike[str] | np.ndarray | ImageSource", *, sk
             header, after which the rest of that shard is unreadable.
         max_image_pixels: Pillow's decompression-bomb limit while decoding (None: Pillow's current
             ``Image.MAX_IMAGE_PIXELS`` or ``$FD_EVAL_MAX_IMAGE_PIXELS``; 0: no limit).
-        max_item_bytes: most bytes read for one image (None: ``$FD_EVAL_MAX_ITEM_BYTES`` or 1 GiB).
+        max_item_bytes: most bytes read for one image (None: ``$FD_EVAL_MAX_ITEM_BYTES`` or 1 GiB; 0: no limit).
         npz_key: the array inside an ``.npz``.
 
     Raises:
@@ -66,8 +67,24 @@ def open_source(spec: "str | os.PathLike[str] | np.ndarray | ImageSource", *, sk
                       "(a glob or a {00000..00127} range), an .npz or an .npy")
 
 
+STATS_HINT = ("is a statistics file, not images; compare two statistics files with `fd-eval fd A B` "
+              "(fd_eval.load_stats + compare_stats), or pass it as the reference (--ref)")
+
+
+def is_stats_npz(path: str) -> bool:
+    """True for an .npz holding statistics (mu/sigma: pytorch-fid, clean-fid, GPIC) rather than images."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = {n.rsplit("/", 1)[-1] for n in zf.namelist()}
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return "arr_0.npy" not in names and bool(names & {"mu.npy", "dino_mu.npy", "inception_mu.npy"})
+
+
 def open_file(path: str, kw: dict[str, Any], npz_key: str) -> ImageSource:
     low = path.lower()
+    if low.endswith(".safetensors") or (low.endswith(".npz") and is_stats_npz(path)):
+        raise SourceError(f"{path}: {STATS_HINT}")
     if low.endswith(".tar"):
         return TarSource([path], **kw)
     if low.endswith(".zip"):

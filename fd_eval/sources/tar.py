@@ -8,13 +8,19 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from ..errors import EmptySourceError, InputError, SourceError
-from .base import WDS_KEY, ImageSource, SkippedItem, content_part, read_capped, relative_names, stat_part
+from .base import ImageSource, SkippedItem, content_part, read_capped, relative_names, stat_part
 from .decode import SKIP_HINT, bad_image, one_line
 from .discovery import tar_index
 
 
 class TarSource(ImageSource):
-    """WebDataset tar shards: one item per sample ``{key}.{jpg,png,...}`` (+ optional ``{key}.json``).
+    """Tar shards (WebDataset layout or any tar of images): one item per image member.
+
+    The member rule: an image member is any regular member whose extension after the LAST dot is an image type
+    (``cfg1.5_0001.png`` is an image; ``c.png`` and ``c.jpg`` are two items). A ``.json`` sidecar pairs with an
+    image by the name without its extension (``c.json`` for ``c.png``), else by WebDataset key (the base name up to
+    its first dot: ``c.json`` for ``c.seg.png``); :meth:`meta` returns it. Every other member (other extensions,
+    unpaired sidecars, links) is listed in ``ignored``.
 
     Member headers are read once per shard (and cached); member bytes are read by offset (``os.pread``),
     in memory, never extracted, so absolute or ``..`` member names are harmless labels (listed in
@@ -43,7 +49,9 @@ class TarSource(ImageSource):
                 msg = one_line(f"{path}: {info['end_problem']}; later members are unreadable")
                 if not self.skip_bad:
                     raise SourceError(f"{msg}; re-download the shard, {SKIP_HINT}")
-                self.ignored.append(SkippedItem(None, one_line(path), info["end_problem"]))
+                self.ignored.append(SkippedItem(None, one_line(path), "unreadable rest of a damaged shard",
+                                                info["end_problem"]))
+                self.warnings.append(f"{msg}; the members before it are used (--skip-bad)")
             for name, reason in info["ignored"]:
                 self.ignored.append(SkippedItem(None, one_line(f"{path}:{name}"), reason))
             if info["n_unsafe"]:
@@ -60,7 +68,7 @@ class TarSource(ImageSource):
         if self._starts[-1] == 0:
             what = "the tar shard holds" if len(self.shards) == 1 else f"the {len(self.shards)} tar shards hold"
             raise EmptySourceError(f"{self.spec}: {what} no images ({len(self.ignored)} members ignored); "
-                                   "expected WebDataset samples {key}.jpg|png (+ {key}.json)")
+                                   "expected image members such as {key}.jpg|png (+ {key}.json)")
         self._names_blob = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
         self._name_ends = np.concatenate(ends)
         for k, v in cols.items():
@@ -125,7 +133,7 @@ class TarSource(ImageSource):
         if size < 0:
             return None
         s, name = self._locate(i)
-        item = one_line(f"{self.shards[s]}:{WDS_KEY.match(name).group(1)}.json")  # type: ignore[union-attr]
+        item = one_line(f"{self.shards[s]}:{name}'s .json sidecar")
         read_capped(item, size, self.max_item_bytes)
         data = self._pread(s, int(self._json_off[i]), size, item)
         try:

@@ -1,0 +1,216 @@
+"""Cheap checks first, and an output never overwrites an input (issue 14, sections 2-3): every case fails before any
+weights load, with one line that names the file, and leaves the inputs untouched."""
+from __future__ import annotations
+
+import io
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _images import photo_crops, save_images
+from click.testing import CliRunner
+from PIL import Image
+from test_accounting import PixelExtractor
+
+import fd_eval
+import fd_eval.api as api
+from fd_eval.cli import main
+from fd_eval.errors import (
+    BadImageError,
+    OutputError,
+    SourceError,
+    UnknownReferenceError,
+)
+from fd_eval.sources import open_source
+
+IMGS = photo_crops(4, 24, 32, seed=7)
+
+
+@pytest.fixture()
+def no_weights(monkeypatch):
+    """Loading any extractor fails the test: the checks must come first."""
+    def boom(*a, **k):
+        raise AssertionError("weights loaded before the cheap checks")
+
+    monkeypatch.setattr(api, "load_extractors", boom)
+
+
+@pytest.fixture()
+def pixels(monkeypatch):
+    monkeypatch.setattr(api, "load_extractors", lambda *a, **k: [PixelExtractor()])
+
+
+@pytest.fixture()
+def data(tmp_path):
+    gen = save_images(IMGS, tmp_path / "gen")
+    ref = save_images(IMGS[::-1], tmp_path / "ref")
+    return tmp_path, gen, ref
+
+
+def run(argv, standalone=True):
+    return CliRunner().invoke(main, [*argv, "--device", "cpu", "--num-workers", "0", "-q"],
+                              standalone_mode=standalone)
+
+
+def failed(argv, cls, *words):
+    """The command fails with one line holding ``words``, raised as ``cls`` (an fd_eval.errors class)."""
+    r = run(argv)
+    assert r.exit_code == 1, r.output
+    line = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
+    assert len(line) == 1 and all(w in line[0] for w in words), r.output
+    raw = run(argv, standalone=False).exception  # the click exception, caused by the fd-eval error
+    assert isinstance(raw.__cause__, cls), repr(raw)
+
+
+def snapshot(*paths: Path) -> dict[str, bytes]:
+    out = {}
+    for p in paths:
+        for f in ([p] if p.is_file() else sorted(p.rglob("*"))):
+            out[str(f)] = f.read_bytes()
+    return out
+
+
+def test_save_stats_over_the_reference_statistics(data, pixels, no_weights):
+    tmp, gen, _ = data
+    ref = tmp / "ref.safetensors"
+    fd_eval.save_stats(ref, [fd_eval.Stats.from_features(np.random.default_rng(0).normal(size=(20, 48)))])
+    before = snapshot(ref, gen)
+    failed(["compute", str(gen), "--ref", str(ref), "--save-stats", str(ref)], OutputError, str(ref),
+           "--save-stats", "input")
+    assert snapshot(ref, gen) == before
+
+
+def test_stats_output_over_the_array_source(tmp_path, no_weights):
+    np.save(tmp_path / "x.npy", IMGS)
+    before = snapshot(tmp_path / "x.npy")
+    failed(["stats", str(tmp_path / "x.npy"), "-o", str(tmp_path / "x.npy")], OutputError, "x.npy", "--output")
+    assert snapshot(tmp_path / "x.npy") == before
+    with pytest.raises(OutputError, match="x.npy"):  # the API checks too
+        fd_eval.build_stats(str(tmp_path / "x.npy"), tmp_path / "x.npy")
+
+
+def test_json_over_an_image_inside_gen(data, no_weights):
+    _, gen, ref = data
+    before = snapshot(gen)
+    failed(["compute", str(gen), "--ref", str(ref), "--json", str(gen / "000.png")], OutputError,
+           "000.png", "--json", "inside the input folder")
+    failed(["compute", str(gen), "--ref", str(ref), "--json", str(gen / "new.png")], OutputError,
+           "new.png", "add an image")
+    assert snapshot(gen) == before
+
+
+def test_json_into_a_folder_or_unwritable_place(data, no_weights):
+    tmp, gen, ref = data
+    (tmp / "out").mkdir()
+    failed(["compute", str(gen), "--ref", str(ref), "--json", str(tmp / "out")], OutputError,
+           str(tmp / "out"), "is a folder")
+    failed(["compute", str(gen), "--ref", str(ref), "--json", str(tmp / "nothere") + "/"], OutputError,
+           "is a folder")
+    (tmp / "afile").write_text("x")
+    failed(["compute", str(gen), "--ref", str(ref), "--json", str(tmp / "afile" / "r.json")], OutputError,
+           "afile", "a file where a folder should be")
+    failed(["compute", str(gen), "--ref", str(ref), "--json", str(tmp / "a.json"), "--save-stats",
+                str(tmp / "a.json")], OutputError, "a.json", "--json", "--save-stats")
+
+
+def test_typo_in_gen_fails_before_weights_and_reference(data, no_weights, monkeypatch):
+    tmp, gen, ref = data
+    monkeypatch.setattr(api, "resolve_reference", lambda *a, **k: pytest.fail("reference read first"))
+    failed(["compute", str(tmp / "gne"), "--ref", str(ref)], SourceError, str(tmp / "gne"), "no such file")
+    failed(["compute", str(gen), "--ref", str(tmp / "rfe")], SourceError, str(tmp / "rfe"))
+    failed(["compute", str(gen), "--ref", "gpic-tset"], UnknownReferenceError, "gpic-tset")
+    for call in (lambda: fd_eval.compute_fd(tmp / "gne", ref), lambda: fd_eval.compute_stats(tmp / "gne"),
+                 lambda: fd_eval.build_stats(str(tmp / "gne"), tmp / "o.safetensors"),
+                 lambda: fd_eval.ceiling(tmp / "gne", str(ref))):
+        with pytest.raises(SourceError, match="gne"):
+            call()
+
+
+def test_statistics_file_as_gen_gets_the_fd_hint(data, no_weights):
+    tmp, _, ref = data
+    st = tmp / "gen.safetensors"
+    fd_eval.save_stats(st, [fd_eval.Stats.from_features(np.random.default_rng(0).normal(size=(20, 48)))])
+    np.savez(tmp / "gen_stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+    for p in (st, tmp / "gen_stats.npz"):
+        failed(["compute", str(p), "--ref", str(ref)], SourceError, str(p), "statistics file", "fd-eval fd")
+
+
+def test_hints_name_real_controls(tmp_path, monkeypatch):
+    big = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(big, "PNG")
+    (tmp_path / "big.png").write_bytes(big.getvalue())
+    with pytest.raises(BadImageError) as e:
+        open_source(tmp_path, max_image_pixels=100).load(0)
+    assert "--max-image-pixels" not in str(e.value) and "FD_EVAL_MAX_IMAGE_PIXELS" in str(e.value)
+    with pytest.raises(BadImageError) as e:
+        open_source(tmp_path, max_item_bytes=10).load(0)
+    assert "FD_EVAL_MAX_ITEM_BYTES=N (0 = no limit)" in str(e.value)
+    monkeypatch.setenv("FD_EVAL_MAX_ITEM_BYTES", "0")  # 0 means no limit, as the message says
+    assert open_source(tmp_path).load(0).size == (40, 40)
+    monkeypatch.setenv("FD_EVAL_MAX_ITEM_BYTES", "10")
+    with pytest.raises(BadImageError, match="per-item limit of 10 bytes"):
+        open_source(tmp_path).load(0)
+
+
+@pytest.mark.parametrize("fmt", ["folder", "tar"])
+def test_unusable_cache_warns_and_the_run_finishes(data, pixels, monkeypatch, fmt):
+    """$FD_EVAL_CACHE is a file: the reference-statistics cache (and the tar index cache) are skipped with one
+    warning naming it; the run finishes with the same FD."""
+    tmp, gen, ref = data
+    if fmt == "tar":
+        with tarfile.open(tmp / "gen.tar", "w") as tf:
+            for p in sorted(gen.iterdir()):
+                tf.add(p, p.name)
+        gen = tmp / "gen.tar"
+    expected = fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False)
+    cache = tmp / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("FD_EVAL_CACHE", str(cache))
+    import fd_eval.io_utils as io_utils
+
+    monkeypatch.setattr(io_utils, "_WARNED_CACHES", set())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False)
+    assert res.results["pixels-4"]["fd"] == expected.results["pixels-4"]["fd"] > 0
+    msgs = [str(x.message) for x in w if "continuing without the cache" in str(x.message)]
+    assert len(msgs) == 1 and str(cache) in msgs[0] and "FD_EVAL_CACHE" in msgs[0]
+    assert cache.read_text() == "not a folder"
+
+
+def test_write_failure_still_prints_the_result(data, pixels, monkeypatch):
+    tmp, gen, ref = data
+    import fd_eval.cli._common as common
+
+    def full(*a, **k):
+        raise OutputError(f"cannot write output {tmp / 'r.json'} (ENOSPC: No space left on device); nothing was "
+                          "written. Free space or choose a writable location")
+
+    monkeypatch.setattr(common, "atomic_write", full)
+    r = run(["compute", str(gen), "--ref", str(ref), "--json", str(tmp / "r.json")])
+    assert r.exit_code == 1 and "pixels-4" in r.output and "ENOSPC" in r.output
+    assert not (tmp / "r.json").exists()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_offline_reaches_the_weights(data, monkeypatch, offline):
+    """``offline=`` (``--offline``) is in force while the extractors load, in every entry point."""
+    tmp, gen, ref = data
+    from fd_eval.download import offline_mode
+
+    seen = []
+
+    def load(*a, **k):
+        seen.append(offline_mode())
+        return [PixelExtractor()]
+
+    monkeypatch.setattr(api, "load_extractors", load)
+    monkeypatch.delenv("FD_EVAL_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0" if offline else "1")  # the option overrides the environment
+    kw = dict(offline=offline, device="cpu", num_workers=0, progress=False)
+    fd_eval.compute_fd(gen, str(ref), **kw)
+    fd_eval.compute_stats(gen, **kw)
+    fd_eval.build_stats(str(gen), tmp / "s.safetensors", **kw)
+    assert seen == [offline] * 3
