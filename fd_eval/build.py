@@ -367,13 +367,15 @@ def _numerics(dev: torch.device, batch_size: int) -> dict[str, Any]:
             "fd_eval": __version__, "torch": torch.__version__}
 
 
-def _save_unit(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Write one unit file atomically (temp file in the same folder, fsync, rename)."""
+def save_unit_file(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   meta_key: str = _META_KEY) -> None:
+    """Write one checkpoint unit atomically (temp file in the same folder, fsync, rename); ``header`` as JSON in
+    the safetensors metadata under ``meta_key`` (also used by :mod:`fd_eval.copies`)."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={_META_KEY: json.dumps(header, sort_keys=True)})
+                  metadata={meta_key: json.dumps(header, sort_keys=True)})
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -409,7 +411,7 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
             "numerics": numerics, "seconds": done.seconds, "rank": rank,
             "decode": device_decode_spec(dev) if done.device_decoded else DECODE_PIL_RGB,
         }
-        _save_unit(_unit_path(ckpt, unit.index), header, tensors)
+        save_unit_file(_unit_path(ckpt, unit.index), header, tensors)
         on_saved(unit)
 
     run_units(plan.source, extractors, [u.indices for u in units], consumers, device=dev, batch_size=batch_size,

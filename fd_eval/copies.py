@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .build import save_unit_file
 from .errors import CheckpointError, EmptySourceError, FDEvalError, InputError
 from .extractors import Extractor
 from .io_utils import atomic_path, atomic_write
@@ -532,20 +533,6 @@ class _Run:
     log: Any
 
 
-def save_unit_file(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """One checkpoint file, atomically (temp file, fsync, rename); header as JSON in the safetensors metadata."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={_META: json.dumps(header, sort_keys=True)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _read_unit_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -657,7 +644,7 @@ def _queries(gen_src: ImageSource, test_src: ImageSource | None, run: _Run) -> d
             tensors |= {f"{n}.test": f.cpu() for n, f in zip(names, test)}
         header = {"format": COPIES_FORMAT, "identity": run.identity,
                   "skipped": {k: [s.to_dict() for s in v] for k, v in out["skipped"].items()}}
-        save_unit_file(path, header, tensors)
+        save_unit_file(path, header, tensors, _META)
     return out
 
 
@@ -704,7 +691,7 @@ def _training_pass(kind: str, train: ImageSource, units: Sequence[Any], base: li
                       "unit": {"index": unit.index, "label": unit.label, "fingerprint": unit.fingerprint},
                       "skipped": [s.to_dict() for s in bad]}
             try:
-                save_unit_file(ckpt / f"{kind}-{unit.index:06d}.safetensors", header, tensors)
+                save_unit_file(ckpt / f"{kind}-{unit.index:06d}.safetensors", header, tensors, _META)
             finally:  # counted once on disk, also when an interrupt lands right after the rename
                 n_saved += (ckpt / f"{kind}-{unit.index:06d}.safetensors").exists()
         for t_, c in zip(total, cons):

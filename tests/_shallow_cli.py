@@ -21,7 +21,7 @@ def _signal_after_units(spec: str) -> None:
     machine (no timing): K units done (and recorded as saved by build_stats), the next one computed but not written.
     """
     k, name = spec.split(":")
-    real, calls = build._save_unit, []
+    real, calls = build.save_unit_file, []
 
     def save(*args, **kwargs):
         calls.append(1)
@@ -29,7 +29,7 @@ def _signal_after_units(spec: str) -> None:
             os.kill(os.getpid(), getattr(signal, name))
         real(*args, **kwargs)
 
-    build._save_unit = save
+    build.save_unit_file = save
 
 
 if os.environ.get("FD_EVAL_TEST_SIGNAL_AFTER_UNITS"):

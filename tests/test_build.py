@@ -80,7 +80,7 @@ def _same(a, b):
 
 def _interrupt_after(monkeypatch, k):
     """Simulate Ctrl-C right after the k-th unit file is saved; returns the list of saved unit paths."""
-    real, saved = build._save_unit, []
+    real, saved = build.save_unit_file, []
 
     def save(path, header, tensors):
         real(path, header, tensors)
@@ -88,7 +88,7 @@ def _interrupt_after(monkeypatch, k):
         if len(saved) == k:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(build, "_save_unit", save)
+    monkeypatch.setattr(build, "save_unit_file", save)
     return saved
 
 
