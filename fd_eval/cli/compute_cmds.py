@@ -14,7 +14,8 @@ from ..errors import FDEvalError
 from ..preprocess import SOURCE_TRANSFORMS
 from ..stats import save_stats
 from ..options import RunOptions
-from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
+from ..report import require_matplotlib, write_report
+from ._common import TABLE_FORMATS, echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
 from .analysis_cmds import analysis_options, analysis_spec, run_analysis
 
 
@@ -43,16 +44,22 @@ def _selection(f):
 @click.option("--allow-mismatch", is_flag=True, help="Compare even if the reference was made differently.")
 @click.option("--json", "json_path", default=None, help="Write results and provenance as JSON here.")
 @click.option("--save-stats", "save_stats_path", default=None, help="Also save the generated set's statistics (safetensors).")
+@click.option("--report", "report_path", default=None, help="Also write a self-contained HTML report (needs fd-eval[report]).")
+@click.option("--format", "table_format", type=click.Choice(TABLE_FORMATS), default="table", show_default=True,
+              help="Results table as aligned text, a Markdown table or CSV (to paste; notes go to stderr then).")
 @analysis_options
 def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
                 seed: int | None, options: RunOptions, ref_transform: str | None, allow_mismatch: bool,
-                json_path: str | None, save_stats_path: str | None, **analysis_opts: Any) -> None:
+                json_path: str | None, save_stats_path: str | None, report_path: str | None, table_format: str,
+                **analysis_opts: Any) -> None:
     """FD of the images in GEN against REF, for each --model (default FD-DINOv2 against GPIC Test-1M).
 
     Under torchrun (``torchrun --nproc_per_node 8 -m fd_eval compute ...``) every process extracts its share of
     the images on its own GPU (NCCL; gloo with --device cpu), the statistics are merged exactly, and rank 0
     alone prints and writes the outputs.
     """
+    if report_path:
+        require_matplotlib()  # fail before extracting, not after
     spec = analysis_spec(**analysis_opts)  # None unless --ci/--bootstrap/--fd-infinity/--prdc/--mmd
     if spec is not None and spec.needs_reference_features:
         check_reference_features(ref, models, offline=options.offline)  # fail before extracting, not after
@@ -78,25 +85,40 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
         warn(f"skipped {s['name']}: {s['reason']}")
     if len(res.skipped) > 20:
         warn(f"... and {len(res.skipped) - 20} more skipped (see --json)")
-    rows = []
-    for model, r in res.results.items():
-        n = f"{r['n']:,}" + (f" (+{len(res.skipped)} skipped)" if res.skipped else "")
-        floor = f"{r['floor']:.2f}" if r["floor"] is not None else "-"
-        rows.append([model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), n,
-                     f"{r['n_ref']:,}" if r["n_ref"] else "?", floor])
-    echo_table(rows, ["model", "FD", "mean term", "cov term", "N", "N ref", "real-vs-real floor"])
-    if any(r["floor"] is not None for r in res.results.values()):
-        click.echo("floor: FD of real images of the same N against this reference (published); a perfect "
-                   "generator scores about this, not 0")
+    echo_results(res, table_format)
     analyses = {} if spec is None else run_analysis(res, spec, device=options.device)
     if save_stats_path:
         save_stats(save_stats_path, list(res.stats.values()))
-    if json_path:
+    if json_path or report_path:
         doc = res.to_dict()
         for model, a in analyses.items():
             doc["results"][model]["analysis"] = a
         doc["provenance"]["command"] = ["fd-eval", *sys.argv[1:]]
-        write_json(json_path, doc)
+        if json_path:
+            write_json(json_path, doc)
+        if report_path:
+            write_report([doc], report_path)
+            click.echo(f"wrote {report_path}", err=True)
+
+
+FLOOR_NOTE = ("floor: published real-vs-real FD at this N (relation: subset = those real images are part of the "
+              "reference); a perfect independent generator scores ≈ the estimate, see docs/floors.md")
+
+
+def echo_results(res: Any, table_format: str = "table") -> None:
+    """The results table of `compute` (aligned text, Markdown or CSV) and its floor note."""
+    rows = []
+    for model, r in res.results.items():
+        n = f"{r['n']:,}" + (f" (+{len(res.skipped)} skipped)" if res.skipped else "")
+        floor = "-" if r["floor"] is None else f"{r['floor']:.2f}" + (f" ({r['floor_relation']})"
+                                                                        if r.get("floor_relation") else "")
+        est = r.get("floor_independent_estimate")
+        rows.append([model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), n,
+                     f"{r['n_ref']:,}" if r["n_ref"] else "?", floor, "-" if est is None else f"{est:.2f}"])
+    echo_table(rows, ["model", "FD", "mean term", "cov term", "N", "N ref", "published floor", "indep. floor (est.)"],
+               table_format)
+    if any(r["floor"] is not None or r.get("floor_independent_estimate") is not None for r in res.results.values()):
+        click.echo(FLOOR_NOTE, err=table_format != "table")
 
 
 @main.command("stats")
