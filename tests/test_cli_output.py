@@ -105,3 +105,19 @@ def test_compute_report_without_matplotlib_fails_before_extracting(monkeypatch, 
     monkeypatch.setattr(compute_cmds, "compute_fd", lambda *a, **k: pytest.fail("extracted before the check"))
     r = CliRunner().invoke(main, ["compute", "gen/", "-q", "--report", str(tmp_path / "r.html")])
     assert r.exit_code == 1 and "fd-eval[report]" in r.output and not (tmp_path / "r.html").exists()
+
+
+def test_fd_infinity_prints_the_reference_bias(capsys):
+    from fd_eval.analysis import AnalysisSpec
+    from fd_eval.cli.analysis_cmds import echo_analysis, reference_biases
+
+    bias = reference_biases(_result(50_000))
+    assert bias == {MODEL: pytest.approx(C_DINO / 1_000_000)} and round(bias[MODEL], 2) == 0.39
+    res_local = _result(50_000)
+    res_local.provenance["reference"] = {"kind": "source"}
+    assert reference_biases(res_local) == {}
+    spec = AnalysisSpec(fd_infinity=True)
+    echo_analysis({MODEL: {"fd_infinity": {"fd_infinity": 3.25, "r2": 0.999}}}, spec, bias)
+    out = capsys.readouterr().out.splitlines()
+    assert "ref. bias (est.)" in out[1] and out[3].split() == [MODEL, "3.2500", "0.999", "0.39"]
+    assert "removes only the generated side's 1/N bias" in out[4]

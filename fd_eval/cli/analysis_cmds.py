@@ -54,16 +54,33 @@ def run_analysis(res: Any, spec: AnalysisSpec, device: str | None = None) -> dic
     for a in analyses.values():
         for w in a["warnings"]:
             warn(w)
-    echo_analysis(analyses, spec)
+    echo_analysis(analyses, spec, reference_biases(res) if spec.fd_infinity else None)
     return analyses
 
 
-def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec) -> None:
+def reference_biases(res: Any) -> dict[str, float | None]:
+    """c / M per model (the reference's own finite-sample share of FD) for a registry reference with floors."""
+    ref = res.provenance.get("reference") or {}
+    if ref.get("kind") != "registry" or not ref.get("name"):
+        return {}
+    from ..errors import UnknownReferenceError
+    from ..references import get_reference
+
+    try:
+        entry = get_reference(ref["name"])
+    except UnknownReferenceError:
+        return {}
+    return {m: (fm.reference_bias if (fm := entry.floor_model(m)) else None) for m in res.results}
+
+
+def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec,
+                  ref_bias: dict[str, float | None] | None = None) -> None:
+    """The analysis table; ``ref_bias``: c / M per model, printed beside FD-infinity (None: not known)."""
     header = ["model"]
     if spec.bootstrap:
         header.append(f"FD {spec.ci * 100:g}% CI")
     if spec.fd_infinity:
-        header += ["FD-infinity", "fit R^2"]
+        header += ["FD-infinity", "fit R^2", "ref. bias (est.)"]
     if spec.prdc:
         header += ["precision", "recall", "density", "coverage"]
     if spec.mmd:
@@ -75,7 +92,9 @@ def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec) -> No
             b = a["bootstrap"]
             row.append(f"[{fmt_num(b['low'])}, {fmt_num(b['high'])}]")
         if spec.fd_infinity:
-            row += [fmt_num(a["fd_infinity"]["fd_infinity"]), f"{a['fd_infinity']['r2']:.3f}"]
+            bias = (ref_bias or {}).get(model)
+            row += [fmt_num(a["fd_infinity"]["fd_infinity"]), f"{a['fd_infinity']['r2']:.3f}",
+                    "?" if bias is None else f"{bias:.2f}"]
         if spec.prdc:
             row += [f"{a['prdc'][k]:.4f}" for k in ("precision", "recall", "density", "coverage")]
         if spec.mmd:
@@ -86,6 +105,9 @@ def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec) -> No
     notes = [f"seed {spec.seed}"]
     if spec.bootstrap:
         notes.append(f"bootstrap: {spec.n_boot} replicates, interval for E[FD] at this N")
+    if spec.fd_infinity:
+        notes.append("FD-infinity removes only the generated side's 1/N bias; the reference's own ~c/M (ref. bias, "
+                     "a model estimate; ? = unknown) remains in it")
     if spec.prdc:
         notes.append(f"PRDC: k={spec.nearest_k}, <= {spec.prdc_max:,} rows each")
     if spec.mmd:
