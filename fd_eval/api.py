@@ -131,6 +131,22 @@ def run_provenance(extractors: Sequence[Extractor], device: torch.device, *,
     }
 
 
+def progress_label(side: str, spec: Any, extractors: Sequence[Extractor]) -> str:
+    """A progress bar's label: which side, which source (its last 40 characters) and which extractors, e.g.
+    ``reference B/ (dinov2-vitl14)``."""
+    spec = str(spec)
+    spec = spec if len(spec) <= 40 else "..." + spec[-37:]
+    return " ".join(p for p in (side, spec, f"({', '.join(ex.name for ex in extractors)})") if p)
+
+
+def _note(opts: RunOptions, msg: str) -> None:
+    """One progress note on stderr (rank 0, only when progress is on; like the bars)."""
+    if opts.progress and (opts.rank or 0) == 0:
+        import sys
+
+        print(msg, file=sys.stderr, flush=True)
+
+
 # --- statistics ---------------------------------------------------------------------------------------------
 def _select(source: ImageSource, num: int | None, seed: int | None) -> ImageSource:
     if num is None:
@@ -150,6 +166,7 @@ def compute_stats(
     seed: int | None = None,
     keep_features: bool = False,
     image_transform: str | None = None,
+    label: str | None = None,
     options: RunOptions | None = None,
     **kw: Any,
 ) -> dict[str, Stats]:
@@ -163,6 +180,7 @@ def compute_stats(
         image_transform: a named source transform applied before the extractors ("center-crop-256" is GPIC's
             reference preprocessing, App. B.1).
         keep_features: also store the (N, D) float32 features (for PRDC, MMD, bootstrap).
+        label: the progress bar's label (default: ``progress_label("", source, extractors)``).
         options, **kw: how the run executes, a :class:`fd_eval.RunOptions` and/or its fields as keywords
             (device, batch_size, num_workers, precision, compile, decode, resize, skip_bad, progress, rank,
             world_size, ...). precision: "exact" (default: float32, TF32 off; the protocol's numbers) or "fast"
@@ -184,7 +202,8 @@ def compute_stats(
     src = _select(open_source(source, skip_bad=opts.skip_bad), num, seed)
     ext = extract(src, exs, device=dev, batch_size=opts.batch_size, num_workers=opts.num_workers,
                   keep_features=keep_features, skip_bad=opts.skip_bad, image_transform=tf, decode=opts.decode,
-                  progress=opts.progress, rank=rank, world_size=world_size)
+                  progress=opts.progress, rank=rank, world_size=world_size,
+                  desc=label or progress_label("", src.spec, exs))
     info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed, "world_size": world_size,
             "image_transform": tf.to_dict() if tf else None,
             "skipped_items": [s.to_dict() for s in ext.skipped], "seconds": ext.seconds,
@@ -276,6 +295,9 @@ def resolve_reference(
 
         entry = get_reference(spec)  # raises UnknownReferenceError listing the known names
         stats = {n: load_reference(spec, n, offline=offline, features=features) for n in names}
+        from .references import cached_path
+
+        _note(opts, f"reference {spec} ({', '.join(names)}): statistics file {cached_path(spec) or entry.location}")
         return _Ref(stats, {"kind": "registry", **stats[names[0]].metadata.get("reference", {"name": entry.name})},
                     registry_name=spec)
     # an image source: compute its statistics with the same extractors, cached by content and extractor
@@ -301,9 +323,13 @@ def resolve_reference(
         from .distributed import all_true
 
         hits = all_true(hits)
+    for ex, f, hit in zip(extractors, files, hits):
+        if hit:
+            _note(opts, f"reference {spec} ({ex.name}): from the cache, {f}")
     todo = [(ex, f) for ex, f, hit in zip(extractors, files, hits) if not hit]
     if todo:
         computed = compute_stats(src, extractors=[ex for ex, _ in todo], image_transform=tf, keep_features=features,
+                                 label=progress_label("reference", spec, [ex for ex, _ in todo]),
                                  options=opts.replace(skip_bad=False, precision=None, compile=None))
         from .distributed import local_rank
 
@@ -413,7 +439,9 @@ def compute_fd(
     reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run,
                                   keep_features=keep_features if ref_features is None else ref_features)
     t_ref = time.perf_counter() - t_ref
-    gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, keep_features=keep_features, options=run)
+    gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, keep_features=keep_features, options=run,
+                              label=progress_label("generated", getattr(gen, "spec", gen if isinstance(
+                                  gen, (str, os.PathLike)) else "images"), exs))
     t_fd = time.perf_counter()
     results, warnings = evaluate_stats(gen_stats, reference, allow_mismatch=allow_mismatch)
     t_fd = time.perf_counter() - t_fd

@@ -33,6 +33,7 @@ from .api import (
     ModelsArg,
     WeightsArg,
     compute_stats,
+    progress_label,
     evaluate_stats,
     resolve_extractors,
     resolve_reference,
@@ -121,7 +122,8 @@ def ceiling(
     run = opts.replace(device=dev, precision=None, compile=None)  # the extractors are in the options' mode now
     reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run)
     real_stats = compute_stats(real, extractors=exs, num=n, seed=seed if n is not None else None,
-                               image_transform=image_transform, options=run)
+                               image_transform=image_transform, options=run, label=progress_label(
+                                   "real", real if isinstance(real, (str, os.PathLike)) else "images", exs))
     results, warnings = evaluate_stats(real_stats, reference, allow_mismatch=allow_mismatch, device=dev)
     for name, r in results.items():
         r["floors"] = list(reference.stats[name].metadata.get("floors") or [])
@@ -191,8 +193,9 @@ def split_half(
     check_decode(opts.decode, exs, source_transform(image_transform))
     idx_a, idx_b = split_indices(total, int(n), seed)
     run = opts.replace(device=dev, precision=None, compile=None)
-    half_a = compute_stats(SubsetSource(src, idx_a), extractors=exs, image_transform=image_transform, options=run)
-    half_b = compute_stats(SubsetSource(src, idx_b), extractors=exs, image_transform=image_transform, options=run)
+    half_a, half_b = (compute_stats(SubsetSource(src, idx), extractors=exs, image_transform=image_transform,
+                                    options=run, label=progress_label(f"half {h}", src.spec, exs))
+                      for h, idx in (("a", idx_a), ("b", idx_b)))
     results, warnings = evaluate_stats(half_a, resolve_reference(half_b, exs), device=dev)
     for r in results.values():
         r["floors"] = []

@@ -115,9 +115,13 @@ def echo_results(res: Any, table_format: str = "table") -> None:
         est = r.get("floor_independent_estimate")
         rows.append([model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), n,
                      f"{r['n_ref']:,}" if r["n_ref"] else "?", floor, "-" if est is None else f"{est:.2f}"])
-    echo_table(rows, ["model", "FD", "mean term", "cov term", "N", "N ref", "published floor", "indep. floor (est.)"],
-               table_format)
-    if any(r["floor"] is not None or r.get("floor_independent_estimate") is not None for r in res.results.values()):
+    header = ["model", "FD", "mean term", "cov term", "N", "N ref", "published floor", "indep. floor (est.)"]
+    floors = any(r["floor"] is not None or r.get("floor_independent_estimate") is not None
+                 for r in res.results.values())
+    if not floors:  # a reference outside the registry: no floor to show
+        header, rows = header[:-2], [r[:-2] for r in rows]
+    echo_table(rows, header, table_format)
+    if floors:
         click.echo(FLOOR_NOTE, err=table_format != "table")
 
 
