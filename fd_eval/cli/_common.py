@@ -77,10 +77,10 @@ def echo_table(rows: list[list[str]], header: list[str], fmt: str = "table") -> 
         return
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    click.echo(line)
+    click.echo(line.rstrip())
     click.echo("  ".join("-" * w for w in widths))
     for r in rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def warn(msg: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from typing import Any
 
 import click
@@ -163,10 +164,53 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
                + (f" ({len(skipped)} skipped)" if skipped else "") + f" from {build['units']} units{resumed}")
 
 
-@main.command("models")
-def models_cmd() -> None:
-    """List the extractors."""
-    from ..extractors import extractor_entry, list_extractors
+def _gpic_models() -> dict[str, list[str]]:
+    """{model: [built-in GPIC references holding its statistics ("?" when the file may lack them)]}."""
+    from ..references import list_references
 
-    echo_table([[n, str(extractor_entry(n).feature_dim), extractor_entry(n).description] for n in list_extractors()],
-               ["name", "D", "description"])
+    out: dict[str, list[str]] = {}
+    for r in list_references():
+        if r.builtin and r.name.startswith("gpic"):
+            for m, info in r.models.items():
+                out.setdefault(m, []).append(r.name + ("?" if info.optional else ""))
+    return out
+
+
+@main.command("models")
+@click.option("--urls", is_flag=True, help="List the official weights files (URL, approximate size, sha256) "
+                                           "to fetch them on another machine.")
+def models_cmd(urls: bool) -> None:
+    """List the extractors: * marks the default, aliases name the same extractor, and the GPIC column says which
+    built-in references hold statistics for it."""
+    from ..extractors import ALIASES, DEFAULT_EXTRACTOR, extractor_entry, list_extractors
+    from ..io_utils import cache_root
+
+    names = list_extractors()
+    if urls:
+        files: dict[str, tuple[Any, list[str]]] = {}
+        for n in names:
+            w = extractor_entry(n).weights
+            if w is not None:
+                files.setdefault(w.url, (w, []))[1].append(n)
+        for url, (w, users) in files.items():
+            size = f"~{w.approx_mib:,.0f} MiB" if w.approx_mib else "size unknown"
+            click.echo(f"{', '.join(users)}: {w.filename} ({size})\n  {url}\n  sha256 "
+                       + (w.sha256 if w.sha256 and len(w.sha256) == 64 else "not published (recorded in every "
+                                                                              "result's provenance)"))
+        click.echo(f"put the files in {cache_root() / 'weights'} (as named) or pass --weights PATH")
+        return
+    aliases: dict[str, list[str]] = {}
+    for a, n in ALIASES.items():
+        aliases.setdefault(n, []).append(a)
+    gpic = _gpic_models()
+    rows = [[n + (" *" if n == DEFAULT_EXTRACTOR else ""), str(extractor_entry(n).feature_dim),
+             ", ".join(aliases.get(n, [])) or "-", ", ".join(gpic.get(n, [])) or "-"] for n in names]
+    left = sum(max(len(r[i]) for r in rows + [["name", "D", "alias", "GPIC references"]]) + 2 for i in range(4))
+    wrapped = []  # the description wrapped so that the table fits 100 columns
+    for n, row in zip(names, rows):
+        lines = textwrap.wrap(extractor_entry(n).description, max(30, 100 - left), break_on_hyphens=False) or ["-"]
+        wrapped += [row + [lines[0]], *([["", "", "", "", line] for line in lines[1:]])]
+    echo_table(wrapped, ["name", "D", "alias", "GPIC references", "description"])
+    click.echo("* = the default --model; alias: another name accepted by --model\n"
+               "GPIC references: built-in references with statistics for it (? = the file may lack them; "
+               "`fd-eval ref list`)\nofficial weights files (URL, size, sha256): `fd-eval models --urls`")

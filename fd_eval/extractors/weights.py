@@ -16,11 +16,16 @@ from ..stats import sniff_format
 
 @dataclass(frozen=True)
 class WeightsSource:
-    """Where the official weights of an extractor live."""
+    """Where the official weights of an extractor live.
+
+    ``approx_mib``: the file's approximate size in MiB (float32 parameters x 4 bytes; shown by
+    ``fd-eval models --urls`` so a user can plan a download elsewhere; not used for verification).
+    """
 
     url: str
     filename: str
     sha256: str | None = None  # full hex digest or a prefix (torch hub names carry one)
+    approx_mib: float | None = None
 
 
 def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, name: str,
