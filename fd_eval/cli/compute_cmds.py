@@ -126,6 +126,10 @@ def echo_results(res: Any, table_format: str = "table") -> None:
         click.echo(FLOOR_NOTE, err=table_format != "table")
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 @main.command("stats")
 @click.argument("source")
 @click.option("--output", "-o", required=True, help="Statistics file to write (safetensors).")
@@ -161,7 +165,7 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
     build = first.metadata["source"]["build"]
     resumed = f", {build['resumed_units']} resumed" if build["resumed_units"] else ""
     click.echo(f"wrote {output}: {', '.join(stats)} over {first.n:,} images"
-               + (f" ({len(skipped)} skipped)" if skipped else "") + f" from {build['units']} units{resumed}")
+               + (f" ({len(skipped)} skipped)" if skipped else "") + f" from {_plural(build['units'], 'unit')}{resumed}")
 
 
 def _gpic_models() -> dict[str, list[str]]:

@@ -55,11 +55,12 @@ def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, na
         err.errno = e.errno
         raise err from e
     offline = offline_mode() if offline is None else offline
+    size = f" (~{source.approx_mib:,.0f} MiB)" if source.approx_mib else ""
     if offline and not dest.is_file():
         raise DownloadError(f"offline mode: the {name} weights {source.filename} are not in the cache; put the file "
-                            f"from {source.url} at {dest} or pass {use}")
+                            f"from {source.url}{size} at {dest} or pass {use}")
     return download_url(source.url, dest, sha256=source.sha256, offline=offline,
-                        hint=f"; or download it yourself to {dest} or pass {use}")
+                        hint=f"; or download it yourself{size} to {dest} or pass {use}")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
