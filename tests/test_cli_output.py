@@ -121,3 +121,122 @@ def test_fd_infinity_prints_the_reference_bias(capsys):
     out = capsys.readouterr().out.splitlines()
     assert "ref. bias (est.)" in out[1] and out[3].split() == [MODEL, "3.2500", "0.999", "0.39"]
     assert "removes only the generated side's 1/N bias" in out[4]
+
+
+def test_sample_overlap_by_keys_and_fingerprint(tmp_path):
+    from _images import photo_crops, save_images
+
+    from fd_eval.ceiling import sample_overlap
+    from fd_eval.sources import open_source
+
+    d = save_images(photo_crops(6, 32, 32, seed=1), tmp_path / "real")  # 000.png ... 005.png
+    names = sorted(p.stem for p in d.iterdir())
+    st = Stats(np.zeros(2), np.eye(2), 10, {}, extras={"key": np.array(names[:4] + ["x", "y"])})
+    assert sample_overlap(d, None, None, st, {}) == {"relation": "partial", "method": "keys", "in_reference": 4,
+                                                     "n": 6}
+    picked = sorted(names[i] for i in np.random.RandomState(5).permutation(6)[:3])
+    for keys, rel in ((picked, "subset"), (sorted(set(names) - set(picked)), "independent")):
+        st.extras["key"] = np.array(keys)
+        assert sample_overlap(d, 3, 5, st, {})["relation"] == rel
+    bare = Stats(np.zeros(2), np.eye(2), 10, {})
+    assert sample_overlap(d, 3, 0, bare, {})["relation"] is None
+    fp = open_source(str(d)).fingerprint()
+    assert sample_overlap(d, 3, 0, bare, {"kind": "source", "fingerprint": fp}) == {
+        "relation": "subset", "method": "fingerprint", "in_reference": 3, "n": 3}
+    assert sample_overlap(d, 3, 0, bare, {"kind": "source", "fingerprint": "0" * 64})["relation"] is None
+
+
+def test_overlap_text():
+    from fd_eval.cli.analysis_cmds import overlap_text
+
+    assert overlap_text({"relation": "subset", "method": "keys", "in_reference": 8, "n": 8}, "gpic-test") == (
+        "overlap (by image keys): all 8 real images are part of gpic-test: a subset result, comparable with "
+        "published subset floors (GPIC Test-50K); a generator's independent floor is higher")
+    assert "3 of 8 real images are in r" in overlap_text({"relation": "partial", "method": "keys",
+                                                          "in_reference": 3, "n": 8}, "r")
+    assert "cannot tell" in overlap_text({"relation": None, "method": None, "in_reference": None, "n": None}, "r")
+
+
+@pytest.mark.parametrize("units, text", [(1, "from 1 unit\n"), (3, "from 3 units, 1 resumed\n")])
+def test_stats_summary_grammar(monkeypatch, tmp_path, units, text):
+    meta = {"source": {"build": {"units": units, "resumed_units": units // 3}, "skipped_items": []}}
+    monkeypatch.setattr(compute_cmds, "build_stats",
+                        lambda *a, **k: {MODEL: Stats(np.zeros(2), np.eye(2), 1234, meta)})
+    r = CliRunner().invoke(main, ["stats", "src/", "-o", str(tmp_path / "s.safetensors"), "-q"])
+    assert r.exit_code == 0 and r.stdout == f"wrote {tmp_path / 's.safetensors'}: {MODEL} over 1,234 images {text}"
+
+
+def test_fd_prints_unknown_n_for_files_without_one(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 3)), rng.normal(size=(40, 3)) + 1
+    np.savez(tmp_path / "a.npz", mu=x.mean(0), sigma=np.cov(x, rowvar=False))  # pytorch-fid layout: no N
+    from fd_eval.stats import save_stats
+
+    save_stats(tmp_path / "b.safetensors", [Stats(y.mean(0), np.cov(y, rowvar=False), 40, {"extractor": "x"})])
+    r = CliRunner().invoke(main, ["fd", str(tmp_path / "a.npz"), str(tmp_path / "b.safetensors"), "--allow-mismatch"])
+    assert r.exit_code == 0, r.output
+    header, _, row = r.stdout.splitlines()[:3]
+    cols = dict(zip(header.split("  "), [c for c in row.split("  ") if c]))
+    assert row.split()[3:6] == ["unknown", "40", "3"], r.stdout
+    from fd_eval.frechet import frechet_distance
+
+    fd = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    assert float(row.split()[0]) == pytest.approx(fd, abs=1e-4) and "FD" in cols
+
+
+def test_models_marks_default_aliases_and_gpic_references():
+    r = CliRunner().invoke(main, ["models"])
+    lines = r.stdout.splitlines()
+    assert r.exit_code == 0 and max(map(len, lines)) <= 100, r.stdout
+    row = {line.split()[0]: line.split() for line in lines[2:] if line and not line[0].isspace()}
+    assert row["dinov2-vitl14"][:6] == ["dinov2-vitl14", "*", "1024", "dinov2", "gpic-test,", "gpic-val"]
+    assert row["inception-v3-tf"][:4] == ["inception-v3-tf", "2048", "fid", "-"]
+    assert row["inception-v3-pt"][3:5] == ["gpic-test?,", "gpic-val?"]
+    assert "* = the default --model" in r.stdout
+
+
+def test_models_urls_lists_each_weights_file_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FD_EVAL_CACHE", str(tmp_path / "c"))
+    r = CliRunner().invoke(main, ["models", "--urls"])
+    out = r.stdout
+    assert r.exit_code == 0 and out.count("pt_inception-2015-12-05-6726825d.pth (~91 MiB)") == 1
+    assert "inception-v3-pt, inception-v3-tf: pt_inception" in out
+    assert "sha256 6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2" in out
+    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth" in out
+    assert f"put the files in {tmp_path / 'c' / 'weights'}" in out and not (tmp_path / "c").exists()
+
+
+def test_weights_sizes_match_the_architectures():
+    """The listed size of each official file is its float32 parameter count x 4 bytes (the real architectures,
+    built on the meta device; Inception's file also holds the 1008-class logits layer, 2048 x 1008 + 1008)."""
+    import torch
+
+    from fd_eval.extractors import extractor_entry
+    from fd_eval.extractors.dinov2 import ARCHS, build_model, extractor_name
+    from fd_eval.extractors.inception import FIDInceptionV3
+    from fd_eval.extractors.sscd import SSCDNet
+
+    def mib(build, extra=0):
+        with torch.device("meta"):
+            m = build()
+        return (sum(p.numel() for p in m.state_dict().values()) + extra) * 4 / 2**20
+
+    for arch in ARCHS:
+        for reg in (False, True):
+            got = extractor_entry(extractor_name(arch, reg)).weights.approx_mib
+            assert got == pytest.approx(mib(lambda: build_model(ARCHS[arch], reg=reg)), abs=0.5)
+    assert extractor_entry("fid").weights.approx_mib == pytest.approx(mib(FIDInceptionV3, 2048 * 1008 + 1008),
+                                                                        abs=0.5)
+    assert extractor_entry("sscd-disc-mixup").weights.approx_mib == pytest.approx(mib(SSCDNet), abs=0.5)
+
+
+def test_ref_list_marks_a_local_file(tmp_path):
+    np.savez(tmp_path / "s.npz", mu=np.zeros(3), sigma=np.eye(3))
+    r = CliRunner().invoke(main, ["ref", "add", "mine", str(tmp_path / "s.npz"), "-m", "dinov2-vits14", "--n", "10"])
+    assert r.exit_code == 0, r.output
+    lines = CliRunner().invoke(main, ["ref", "list"]).stdout.splitlines()
+    assert next(line for line in lines if line.startswith("mine")).split()[:5] == [
+        "mine", "(user)", "10", "local", "dinov2-vits14"]
+    (tmp_path / "s.npz").unlink()
+    lines = CliRunner().invoke(main, ["ref", "list"]).stdout.splitlines()
+    assert next(line for line in lines if line.startswith("mine")).split()[3] == "missing"

@@ -116,6 +116,22 @@ def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec,
 
 
 # --- `fd-eval ceiling` --------------------------------------------------------------------------------------
+def overlap_text(o: dict[str, Any], ref_name: str) -> str:
+    """One line: whether the real sample is part of the reference, and what that makes the result."""
+    how = {"keys": "by image keys", "fingerprint": "same source fingerprint"}.get(o.get("method") or "", "")
+    if o.get("relation") == "subset":
+        return (f"overlap ({how}): all {o['n']:,} real images are part of {ref_name}: a subset result, comparable "
+                "with published subset floors (GPIC Test-50K); a generator's independent floor is higher")
+    if o.get("relation") == "independent":
+        return (f"overlap ({how}): none of the {o['n']:,} real images is in {ref_name}: an independent-sample "
+                "result, the floor a generator faces")
+    if o.get("relation") == "partial":
+        return (f"overlap ({how}): {o['in_reference']:,} of {o['n']:,} real images are in {ref_name}: between "
+                "a subset and an independent floor")
+    return (f"overlap: cannot tell whether the real images are part of {ref_name} (it records no image keys or "
+            "source fingerprint)")
+
+
 def _short_n(n: int) -> str:
     return f"{n // 1000}K" if n >= 1000 and n % 1000 == 0 else f"{n:,}"
 
@@ -159,7 +175,8 @@ def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, s
         warn(f"skipped {s['name']}: {s['reason']}")
     rows = []
     for model, r in res.results.items():
-        floor = f"{r['floor']:.2f}" if r["floor"] is not None else "-"
+        floor = "-" if r["floor"] is None else f"{r['floor']:.2f}" + (f" ({r['floor_relation']})"
+                                                                        if r.get("floor_relation") else "")
         row = [model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), f"{r['n']:,}",
                f"{r['n_ref']:,}" if r["n_ref"] else "?"]
         rows.append(row if split_half else row + [floor])
@@ -174,6 +191,7 @@ def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, s
             if r["floors"]:
                 listed = ", ".join(f"{f['fd']:g} at N={_short_n(f['n'])} ({f['label']})" for f in r["floors"])
                 click.echo(f"published floors, {name} / {model}: {listed}; {r['floors'][0]['source']}")
+        click.echo(overlap_text(next(iter(res.results.values()))["overlap"], name))
         click.echo("real-vs-ref FD: what a generator indistinguishable from these real images scores at this N; "
                    "compare generated sets at the same N")
     if json_path:

@@ -216,5 +216,5 @@ def models_cmd(urls: bool) -> None:
         wrapped += [row + [lines[0]], *([["", "", "", "", line] for line in lines[1:]])]
     echo_table(wrapped, ["name", "D", "alias", "GPIC references", "description"])
     click.echo("* = the default --model; alias: another name accepted by --model\n"
-               "GPIC references: built-in references with statistics for it (? = the file may lack them; "
+               "GPIC references: built-in ones with its statistics (? = the file may lack them; "
                "`fd-eval ref list`)\nofficial weights files (URL, size, sha256): `fd-eval models --urls`")

@@ -78,8 +78,8 @@ def weights_source(arch: str, reg: bool) -> WeightsSource:
     return WeightsSource(url=f"{BASE_URL}/dinov2_{arch}/{filename}", filename=filename, approx_mib=APPROX_MIB[arch])
 
 
-# float32 parameters x 4 bytes (22M, 87M, 304M, 1.1B parameters; the registers add < 0.01%)
-APPROX_MIB = {"vits14": 84, "vitb14": 330, "vitl14": 1161, "vitg14": 4334}
+# float32 parameters x 4 bytes (21.6M, 85.7M, 303M, 1.13B parameters; the registers add < 0.01%)
+APPROX_MIB = {"vits14": 83, "vitb14": 327, "vitl14": 1157, "vitg14": 4329}
 
 
 def preprocess_spec(resize: str) -> PreprocessSpec:
