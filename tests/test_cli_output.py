@@ -240,3 +240,12 @@ def test_ref_list_marks_a_local_file(tmp_path):
     (tmp_path / "s.npz").unlink()
     lines = CliRunner().invoke(main, ["ref", "list"]).stdout.splitlines()
     assert next(line for line in lines if line.startswith("mine")).split()[3] == "missing"
+
+
+def test_floor_model_ignores_a_subset_floor_of_the_whole_reference():
+    from fd_eval.references import Floor, FloorModel
+
+    whole = Floor("m", 100, 5.0, relation="subset")  # n = M: 1/n - 1/M = 0, nothing to fit
+    assert FloorModel.fit([whole], 100) is None
+    fm = FloorModel.fit([whole, Floor("m", 50, 2.0, relation="subset")], 100)
+    assert fm.c == pytest.approx(2.0 / (1 / 50 - 1 / 100))
