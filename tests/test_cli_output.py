@@ -76,6 +76,7 @@ def test_compute_format_markdown_and_csv(monkeypatch):
     rows = list(csv.reader(io.StringIO(_compute(monkeypatch, 50_000, "--format", "csv").stdout)))
     assert rows[0][0] == "model" and rows[0][-1] == "indep. floor (est.)"
     assert rows[1][0] == MODEL and float(rows[1][1]) == pytest.approx(1 + 4 * (4 - 2 * np.sqrt(3)), abs=1e-4)
+    assert rows[1][4:] == ["50000", "1000000", "7.44", "subset", "8.22"]  # plain numbers for a spreadsheet
     assert len(rows) == 2  # the notes go to stderr, the table alone is pasteable
 
 

@@ -107,20 +107,25 @@ FLOOR_NOTE = ("floor: published real-vs-real FD at this N (relation: subset = th
 
 
 def echo_results(res: Any, table_format: str = "table") -> None:
-    """The results table of `compute` (aligned text, Markdown or CSV) and its floor note."""
+    """The results table of `compute` (aligned text, Markdown or CSV) and its floor note. CSV holds plain numbers
+    (N without separators, the floor's relation in a column of its own) for spreadsheets."""
+    csv_ = table_format == "csv"
+    header = ["model", "FD", "mean term", "cov term", "N", "N ref", "published floor"]
+    header += ["floor relation"] if csv_ else []
+    header += ["indep. floor (est.)"]
     rows = []
     for model, r in res.results.items():
-        n = f"{r['n']:,}" + (f" (+{len(res.skipped)} skipped)" if res.skipped else "")
-        floor = "-" if r["floor"] is None else f"{r['floor']:.2f}" + (f" ({r['floor_relation']})"
-                                                                        if r.get("floor_relation") else "")
-        est = r.get("floor_independent_estimate")
-        rows.append([model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), n,
-                     f"{r['n_ref']:,}" if r["n_ref"] else "?", floor, "-" if est is None else f"{est:.2f}"])
-    header = ["model", "FD", "mean term", "cov term", "N", "N ref", "published floor", "indep. floor (est.)"]
+        n = str(r["n"]) if csv_ else f"{r['n']:,}" + (f" (+{len(res.skipped)} skipped)" if res.skipped else "")
+        n_ref = "?" if not r["n_ref"] else str(r["n_ref"]) if csv_ else f"{r['n_ref']:,}"
+        rel, est = r.get("floor_relation"), r.get("floor_independent_estimate")
+        floor = "-" if r["floor"] is None else f"{r['floor']:.2f}" + (f" ({rel})" if rel and not csv_ else "")
+        rows.append([model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), n, n_ref, floor]
+                    + ([rel or "-"] if csv_ else []) + ["-" if est is None else f"{est:.2f}"])
     floors = any(r["floor"] is not None or r.get("floor_independent_estimate") is not None
                  for r in res.results.values())
     if not floors:  # a reference outside the registry: no floor to show
-        header, rows = header[:-2], [r[:-2] for r in rows]
+        k = len(header) - header.index("published floor")
+        header, rows = header[:-k], [r[:-k] for r in rows]
     echo_table(rows, header, table_format)
     if floors:
         click.echo(FLOOR_NOTE, err=table_format != "table")
