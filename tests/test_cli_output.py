@@ -2,6 +2,7 @@
 independent-sample estimate, the N-shift warning), `--format markdown|csv`, `--report`, and the other commands'
 wording. The numbers come from the registry's fitted floor model (docs/floors.md), checked against closed forms."""
 import csv
+import functools
 import io
 import json
 
@@ -225,7 +226,7 @@ def test_weights_sizes_match_the_architectures():
     for arch in ARCHS:
         for reg in (False, True):
             got = extractor_entry(extractor_name(arch, reg)).weights.approx_mib
-            assert got == pytest.approx(mib(lambda: build_model(ARCHS[arch], reg=reg)), abs=0.5)
+            assert got == pytest.approx(mib(functools.partial(build_model, ARCHS[arch], reg=reg)), abs=0.5)
     assert extractor_entry("fid").weights.approx_mib == pytest.approx(mib(FIDInceptionV3, 2048 * 1008 + 1008),
                                                                         abs=0.5)
     assert extractor_entry("sscd-disc-mixup").weights.approx_mib == pytest.approx(mib(SSCDNet), abs=0.5)

@@ -44,8 +44,10 @@ def _selection(f):
               help="Transform reference images first when REF is an image source (center-crop-256 = GPIC B.1).")
 @click.option("--allow-mismatch", is_flag=True, help="Compare even if the reference was made differently.")
 @click.option("--json", "json_path", default=None, help="Write results and provenance as JSON here.")
-@click.option("--save-stats", "save_stats_path", default=None, help="Also save the generated set's statistics (safetensors).")
-@click.option("--report", "report_path", default=None, help="Also write a self-contained HTML report (needs fd-eval[report]).")
+@click.option("--save-stats", "save_stats_path", default=None,
+              help="Also save the generated set's statistics (safetensors).")
+@click.option("--report", "report_path", default=None,
+              help="Also write a self-contained HTML report (needs fd-eval[report]).")
 @click.option("--format", "table_format", type=click.Choice(TABLE_FORMATS), default="table", show_default=True,
               help="Results table as aligned text, a Markdown table or CSV (to paste; notes go to stderr then).")
 @analysis_options
@@ -170,7 +172,8 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
     build = first.metadata["source"]["build"]
     resumed = f", {build['resumed_units']} resumed" if build["resumed_units"] else ""
     click.echo(f"wrote {output}: {', '.join(stats)} over {first.n:,} images"
-               + (f" ({len(skipped)} skipped)" if skipped else "") + f" from {_plural(build['units'], 'unit')}{resumed}")
+               + (f" ({len(skipped)} skipped)" if skipped else "")
+               + f" from {_plural(build['units'], 'unit')}{resumed}")
 
 
 def _gpic_models() -> dict[str, list[str]]:
