@@ -251,3 +251,30 @@ def test_floor_model_ignores_a_subset_floor_of_the_whole_reference():
     assert FloorModel.fit([whole], 100) is None
     fm = FloorModel.fit([whole, Floor("m", 50, 2.0, relation="subset")], 100)
     assert fm.c == pytest.approx(2.0 / (1 / 50 - 1 / 100))
+
+
+def test_progress_is_labelled_by_side_and_notes_the_cached_reference(tmp_path, monkeypatch):
+    """A real (2-block ViT-S) run: the passes are labelled `reference B/ (model)` and `generated ...`, with
+    images/s; the second run takes the reference from the cache and names the file."""
+    import fd_eval.extractors.dinov2 as dv
+    from _checkpoints import save_dinov2_checkpoint
+    from _images import photo_crops, save_images
+
+    monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=2))
+    ckpt, _ = save_dinov2_checkpoint(tmp_path / "w.pth", "vits14", "official", seed=3, depth=2)
+    save_images(photo_crops(4, 32, 32, seed=1), tmp_path / "gen")
+    save_images(photo_crops(4, 32, 32, seed=2), tmp_path / "B")
+    monkeypatch.chdir(tmp_path)
+    args = ["compute", "gen", "-r", "B/", "-m", "dinov2-vits14", "--weights", str(ckpt), "--device", "cpu",
+            "--num-workers", "0"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "reference B/ (dinov2-vits14): 100%" in first.stderr and "4/4" in first.stderr
+    assert "generated gen (dinov2-vits14): 100%" in first.stderr and "img/s" in first.stderr
+    second = CliRunner().invoke(main, args)
+    from fd_eval.io_utils import cache_dir
+
+    (cached,) = cache_dir("ref_stats").glob("*.safetensors")  # the test's own cache (conftest)
+    assert f"reference B/ (dinov2-vits14): from the cache, {cached}" in second.stderr
+    assert "reference B/ (dinov2-vits14): 100%" not in second.stderr
+    assert second.stdout == first.stdout  # the same table
