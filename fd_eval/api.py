@@ -44,7 +44,12 @@ class EvalResult:
     """FD per extractor, with provenance; ``to_dict()`` is the CLI's ``--json`` document.
 
     results[model] = {"fd", "fd_mean", "fd_cov", "n", "n_ref", "floor", "floor_fd_mean", "floor_fd_cov",
-    "diagnostics"}.
+    "floor_relation", "floor_independent_estimate", "diagnostics"}. ``floor`` is the published real-vs-real FD at
+    this N (None when none is published), ``floor_relation`` its relation to the reference ("subset": GPIC's
+    Test-50K is part of Test-1M; "independent"; None), ``floor_independent_estimate`` the model estimate
+    (:class:`fd_eval.references.FloorModel`) of what a perfect sample independent of the reference scores at this
+    N: a generator's floor (GPIC FD-DINOv2 at 50K: published 7.44, estimate ~8.2). None without a registry
+    reference.
     """
 
     results: dict[str, dict[str, Any]]
@@ -137,6 +142,22 @@ def run_provenance(extractors: Sequence[Extractor], device: torch.device, *,
     }
 
 
+def progress_label(side: str, spec: Any, extractors: Sequence[Extractor]) -> str:
+    """A progress bar's label: which side, which source (its last 40 characters) and which extractors, e.g.
+    ``reference B/ (dinov2-vitl14)``."""
+    spec = str(spec)
+    spec = spec if len(spec) <= 40 else "..." + spec[-37:]
+    return " ".join(p for p in (side, spec, f"({', '.join(ex.name for ex in extractors)})") if p)
+
+
+def _note(opts: RunOptions, msg: str) -> None:
+    """One progress note on stderr (rank 0, only when progress is on; like the bars)."""
+    if opts.progress and (opts.rank or 0) == 0:
+        import sys
+
+        print(msg, file=sys.stderr, flush=True)
+
+
 # --- statistics ---------------------------------------------------------------------------------------------
 def _select(source: ImageSource, num: int | None, seed: int | None) -> ImageSource:
     if num is None:
@@ -156,6 +177,7 @@ def compute_stats(
     seed: int | None = None,
     keep_features: bool = False,
     image_transform: str | None = None,
+    label: str | None = None,
     options: RunOptions | None = None,
     **kw: Any,
 ) -> dict[str, Stats]:
@@ -169,6 +191,7 @@ def compute_stats(
         image_transform: a named source transform applied before the extractors ("center-crop-256" is GPIC's
             reference preprocessing, App. B.1).
         keep_features: also store the (N, D) float32 features (for PRDC, MMD, bootstrap).
+        label: the progress bar's label (default: ``progress_label("", source, extractors)``).
         options, **kw: how the run executes, a :class:`fd_eval.RunOptions` and/or its fields as keywords
             (device, batch_size, num_workers, precision, compile, decode, resize, skip_bad, progress, rank,
             world_size, ...). precision: "exact" (default: float32, TF32 off; the protocol's numbers) or "fast"
@@ -190,7 +213,8 @@ def compute_stats(
     check_decode(opts.decode, exs, tf)
     ext = extract(src, exs, device=dev, batch_size=opts.batch_size, num_workers=opts.num_workers,
                   keep_features=keep_features, skip_bad=opts.skip_bad, image_transform=tf, decode=opts.decode,
-                  progress=opts.progress, rank=rank, world_size=world_size)
+                  progress=opts.progress, rank=rank, world_size=world_size,
+                  desc=label or progress_label("", src.spec, exs))
     info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed, "world_size": world_size,
             "image_transform": tf.to_dict() if tf else None,
             "skipped_items": [s.to_dict() for s in ext.skipped], "seconds": ext.seconds,
@@ -300,6 +324,9 @@ def resolve_reference(
 
         entry = get_reference(spec)  # raises UnknownReferenceError listing the known names
         stats = {n: load_reference(spec, n, offline=offline, features=features) for n in names}
+        from .references import cached_path
+
+        _note(opts, f"reference {spec} ({', '.join(names)}): statistics file {cached_path(spec) or entry.location}")
         return _Ref(stats, {"kind": "registry", **stats[names[0]].metadata.get("reference", {"name": entry.name})},
                     registry_name=spec)
     # an image source: compute its statistics with the same extractors, cached by content and extractor
@@ -329,9 +356,13 @@ def resolve_reference(
         from .distributed import all_true
 
         hits = all_true(hits)
+    for ex, f, hit in zip(extractors, files, hits):
+        if hit:
+            _note(opts, f"reference {spec} ({ex.name}): from the cache, {f}")
     todo = [(ex, f) for ex, f, hit in zip(extractors, files, hits) if not hit]
     if todo:
         computed = compute_stats(src, extractors=[ex for ex, _ in todo], image_transform=tf, keep_features=features,
+                                 label=progress_label("reference", spec, [ex for ex, _ in todo]),
                                  options=opts.replace(precision=None, compile=None))
         from .distributed import local_rank
 
@@ -363,6 +394,14 @@ def _floor(ref: _Ref, model: str, n: int) -> Any:
     return floor_for(ref.registry_name, model, n)
 
 
+def _floor_model(ref: _Ref, model: str) -> Any:
+    if ref.registry_name is None:
+        return None
+    from .references import get_reference
+
+    return get_reference(ref.registry_name).floor_model(model)
+
+
 def evaluate_stats(gen: Mapping[str, Stats], ref: _Ref, *, allow_mismatch: bool = False,
                    device: str | torch.device | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """FD per model between generated and reference statistics, with floors and warnings."""
@@ -372,17 +411,23 @@ def evaluate_stats(gen: Mapping[str, Stats], ref: _Ref, *, allow_mismatch: bool 
         res, w = compare_stats(g, r, allow_mismatch=allow_mismatch, device=device)
         warnings += w
         floor = _floor(ref, name, g.n)
+        fm = _floor_model(ref, name)
         results[name] = {
             "fd": res.fd, "fd_mean": res.fd_mean, "fd_cov": res.fd_cov, "n": g.n,
             "n_ref": None if r.metadata.get("n_unknown") else r.n,
             "floor": floor.fd if floor else None,
             "floor_fd_mean": floor.fd_mean if floor else None,
             "floor_fd_cov": floor.fd_cov if floor else None,
+            "floor_relation": floor.relation if floor else None,
+            "floor_independent_estimate": fm.independent(g.n) if fm else None,
             "diagnostics": {k: v for k, v in res.to_dict().items() if k not in {"fd", "fd_mean", "fd_cov"}},
         }
-        if ref.registry_name and ref.registry_name.startswith("gpic") and g.n < PROTOCOL_N:
-            warnings.append(f"{name}: N = {g.n} is below the GPIC protocol's {PROTOCOL_N:,}; FD is biased upward at "
-                            "small N and not comparable to published numbers")
+        if ref.registry_name and ref.registry_name.startswith("gpic") and g.n != PROTOCOL_N:
+            side = "below" if g.n < PROTOCOL_N else "above"
+            shift = f" (estimated shift from sample size alone: {fm.shift(g.n):+.2f}, FD ~ c/N)" if fm else ""
+            warnings.append(f"{name}: N = {g.n:,} is {side} the GPIC protocol's {PROTOCOL_N:,}; FD is biased "
+                            f"{'upward' if g.n < PROTOCOL_N else 'downward'} relative to it{shift} and not "
+                            "comparable to published numbers")
         if g.n <= g.dim:
             warnings.append(f"{name}: N = {g.n} is not above the feature dimension {g.dim}; the covariance is "
                             "rank-deficient and FD is dominated by sample-size bias")
@@ -445,7 +490,9 @@ def _compute_fd(t0: float, opts: RunOptions, gen: ImageSource, ref: Any, models:
     reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run,
                                   keep_features=keep_features if ref_features is None else ref_features)
     t_ref = time.perf_counter() - t_ref
-    gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, keep_features=keep_features, options=run)
+    gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, keep_features=keep_features, options=run,
+                              label=progress_label("generated", getattr(gen, "spec", gen if isinstance(
+                                  gen, (str, os.PathLike)) else "images"), exs))
     t_fd = time.perf_counter()
     results, warnings = evaluate_stats(gen_stats, reference, allow_mismatch=allow_mismatch)
     t_fd = time.perf_counter() - t_fd

@@ -33,6 +33,7 @@ from .api import (
     ModelsArg,
     WeightsArg,
     compute_stats,
+    progress_label,
     evaluate_stats,
     open_reference,
     resolve_extractors,
@@ -60,7 +61,9 @@ class CeilingResult:
     "floors", "diagnostics"}: ``n`` is the size of the real sample (of each half for split-half), ``n_ref`` that of
     the reference (of the other half); ``floor*`` is the published floor at exactly this n (None when the registry
     has none), ``floors`` every published floor of the reference for this model (``[{n, fd, fd_mean, fd_cov,
-    label, source}]``; empty for references outside the registry and for split-half).
+    label, source, relation}]``; empty for references outside the registry and for split-half), ``overlap``
+    whether the real sample is part of the reference (:func:`sample_overlap`; split-half: disjoint halves,
+    "independent"); ``floor_relation`` / ``floor_independent_estimate`` as in :class:`fd_eval.EvalResult`.
     """
 
     mode: str
@@ -78,6 +81,45 @@ class CeilingResult:
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "results": self.results, "provenance": self.provenance,
                 "warnings": self.warnings, "skipped": self.skipped, "inputs": self.inputs}
+
+
+def _item_key(name: str) -> str:
+    """The sample key of an item name (``shard.tar:KEY.png``, ``dir/KEY.jpg``): the file name without extension."""
+    base = name.rsplit(":", 1)[-1].replace("\\", "/").rsplit("/", 1)[-1]
+    return base.split(".", 1)[0]
+
+
+def sample_overlap(real: Any, n: int | None, seed: int | None, ref: Stats,
+                   ref_identity: dict[str, Any]) -> dict[str, Any]:
+    """Whether the real sample is part of the reference set, when that can be told.
+
+    Two ways: the reference records the keys of its images (GPIC's npz ``key``): the sample's item keys (file
+    names without extension, WebDataset keys for tar shards) are looked up in them; or the reference was computed
+    from an image source whose fingerprint equals the real source's (the same files): the sample is a subset.
+
+    Returns ``{"relation": "subset" | "independent" | "partial" | None, "method": "keys" | "fingerprint" | None,
+    "in_reference": int | None, "n": int | None}`` (``in_reference`` of the ``n`` sample items are in the
+    reference; None when it cannot tell: a statistics file without keys or fingerprint).
+    """
+    unknown = {"relation": None, "method": None, "in_reference": None, "n": None}
+    if not isinstance(real, (str, os.PathLike)):
+        return unknown
+    src = open_source(os.fspath(real), skip_bad=True)
+    sample = src if n is None else src.subset(min(int(n), len(src)), seed=seed)
+    keys = ref.extras.get("key")
+    if keys is not None and len(keys):
+        ref_keys = {str(k) for k in np.asarray(keys).reshape(-1)}
+        hits = sum(_item_key(sample.describe(i)) in ref_keys for i in range(len(sample)))
+        rel = "subset" if hits == len(sample) else "independent" if hits == 0 else "partial"
+        return {"relation": rel, "method": "keys", "in_reference": int(hits), "n": len(sample)}
+    fps = {ref_identity.get("fingerprint"), (ref.metadata.get("source") or {}).get("fingerprint")} - {None}
+    if fps and src.fingerprint() in fps:
+        return {"relation": "subset", "method": "fingerprint", "in_reference": len(sample), "n": len(sample)}
+    return unknown
+
+
+def _first_n(stats: dict[str, Stats]) -> int:
+    return next(iter(stats.values())).n
 
 
 def _skipped(stats: dict[str, Stats]) -> list[dict[str, Any]]:
@@ -126,10 +168,14 @@ def ceiling(
     run = opts.replace(device=dev, precision=None, compile=None)  # the extractors are in the options' mode now
     reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run)
     real_stats = compute_stats(real, extractors=exs, num=n, seed=seed if n is not None else None,
-                               image_transform=image_transform, options=run)
+                               image_transform=image_transform, options=run, label=progress_label(
+                                   "real", real if isinstance(real, (str, os.PathLike)) else "images", exs))
     results, warnings = evaluate_stats(real_stats, reference, allow_mismatch=allow_mismatch, device=dev)
+    overlap = sample_overlap(real, n, seed if n is not None else None, next(iter(reference.stats.values())),
+                             reference.identity)
     for name, r in results.items():
         r["floors"] = list(reference.stats[name].metadata.get("floors") or [])
+        r["overlap"] = overlap
     if reference.registry_name and reference.registry_name.startswith("gpic") and image_transform is None:
         warnings.append(f"{reference.registry_name}'s images were centre-cropped and resized to 256x256 before "
                         "feature extraction (GPIC App. B.1); if the real images are raw GPIC samples, pass "
@@ -197,11 +243,13 @@ def split_half(
     check_decode(opts.decode, exs, source_transform(image_transform))
     idx_a, idx_b = split_indices(total, int(n), seed)
     run = opts.replace(device=dev, precision=None, compile=None)
-    half_a = compute_stats(SubsetSource(src, idx_a), extractors=exs, image_transform=image_transform, options=run)
-    half_b = compute_stats(SubsetSource(src, idx_b), extractors=exs, image_transform=image_transform, options=run)
+    half_a, half_b = (compute_stats(SubsetSource(src, idx), extractors=exs, image_transform=image_transform,
+                                    options=run, label=progress_label(f"half {h}", src.spec, exs))
+                      for h, idx in (("a", idx_a), ("b", idx_b)))
     results, warnings = evaluate_stats(half_a, resolve_reference(half_b, exs), device=dev)
     for r in results.values():
         r["floors"] = []
+        r["overlap"] = {"relation": "independent", "method": "split", "in_reference": 0, "n": _first_n(half_a)}
     skipped = _skipped(half_a) + _skipped(half_b)
     if skipped:
         warnings.append(f"{len(skipped)} unreadable image(s) skipped (--skip-bad); the halves count only the rest")

@@ -52,8 +52,10 @@ OPTION_HELP: dict[str, str] = {
                  "against exact references unless --allow-mismatch.",
     "compile": "torch.compile the network [default: only with --precision fast/fp8 on a GPU for passes of >= 200K "
                "images; --compile also compiles exact].",
-    "decode": "gpu: decode JPEGs on the GPU (nvJPEG; needs --resize torch for DINOv2; other formats and CPU runs "
-              "use PIL).",
+    "decode": "gpu: decode JPEGs on the GPU (nvJPEG). Needs extractors that resize on the device (Inception; "
+              "DINOv2 with --resize torch, or --precision fast on a GPU) and no --transform/--ref-transform; PNGs, "
+              "other formats and CPU runs use PIL. Recorded: refused against PIL-decoded statistics (GPIC's) "
+              "unless --allow-mismatch.",
     "resize": "DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant).",
     "skip_bad": "Skip unreadable images (counted and listed) instead of stopping.",
     "progress": "No progress bars.",  # the CLI flag is --quiet/-q

@@ -105,8 +105,9 @@ class FloorModel:
         """From floors with a known relation (None without any, or without M)."""
         for rel in RELATIONS:  # subset floors first: the published protocol's own numbers
             rows = [(f.fd, 1 / f.n + (1 / m if rel == "independent" else -1 / m)) for f in floors if f.relation == rel]
-            if rows and m:
-                return cls(sum(fd * k for fd, k in rows) / sum(k * k for _, k in rows), int(m))
+            den = sum(k * k for _, k in rows)
+            if rows and m and den > 0:  # a subset floor with n = M (the whole reference) carries no information
+                return cls(sum(fd * k for fd, k in rows) / den, int(m))
         return None
 
     def subset(self, n: int) -> float:

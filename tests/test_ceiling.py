@@ -83,6 +83,9 @@ def test_ceiling_is_the_subset_statistics_against_the_reference(world, tmp_path)
     assert doc["provenance"]["reference"]["name"] == "gpic-tiny"
     assert "123.40" in r.stdout and "123.4 at N=8 (Test-8 vs Test-12), 99 at N=10 (Val-10 vs Test-12)" in r.stdout
     assert "--transform center-crop-256" in r.output  # a gpic-* reference without the GPIC image transform
+    # the npz holds no image keys and the real images are another source: the overlap cannot be told
+    assert res["overlap"] == {"relation": None, "method": None, "in_reference": None, "n": None}
+    assert "overlap: cannot tell whether the real images are part of gpic-tiny" in r.stdout
 
 
 def test_split_half_is_the_fd_between_two_disjoint_halves(world, tmp_path):
@@ -98,6 +101,7 @@ def test_split_half_is_the_fd_between_two_disjoint_halves(world, tmp_path):
     assert doc["mode"] == "split-half"
     assert res["fd"] == pytest.approx(_fd(world["f_real"][a], world["f_real"][b]), rel=1e-6)
     assert (res["n"], res["n_ref"], res["floor"], res["floors"]) == (n, n, None, [])
+    assert res["overlap"] == {"relation": "independent", "method": "split", "in_reference": 0, "n": n}
     real = doc["provenance"]["real"]
     assert (real["n"], real["n_a"], real["n_b"], real["seed"], real["total"]) == (n, n, n, 4, N_REAL)
     assert "FD half a vs b" in r.stdout

@@ -414,11 +414,18 @@ def test_bad_user_registry_file():
 # --- the command line -------------------------------------------------------------------------------------
 def test_cli_ref_commands(official, hub, tmp_path):
     runner = CliRunner()
-    out = runner.invoke(main, ["ref", "list"])
+    out = runner.invoke(main, ["ref", "list", "--wide"])
     assert out.exit_code == 0, out.output
     row = next(line for line in out.output.splitlines() if line.startswith("gpic-test"))
     assert "dinov2-vitl14, inception-v3-pt?" in row and " 1M " in row and " no " in row
     assert "dinov2-vitl14 7.44@50K 2.37@200K; inception-v3-pt 0.68@50K 0.21@200K" in row
+    out = runner.invoke(main, ["ref", "list"])  # the default fits 100 columns: one row per model
+    lines = out.output.splitlines()
+    assert out.exit_code == 0 and max(map(len, lines)) <= 100, out.output
+    i = next(i for i, line in enumerate(lines) if line.startswith("gpic-test"))
+    assert lines[i].split() == ["gpic-test", "1M", "no", "dinov2-vitl14", "7.44@50K(s)", "2.37@200K(i)"]
+    assert lines[i + 1].split() == ["inception-v3-pt?", "0.68@50K(s)", "0.21@200K(i)"]
+    assert "gpic-test: hf://" in out.output and "? after a model: the file may lack" in out.output
 
     out = runner.invoke(main, ["ref", "download", "gpic-test"])
     assert out.exit_code == 0 and official["sha256"] in out.output, out.output

@@ -53,14 +53,34 @@ def fmt_num(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}f}" if abs(x) >= 10 ** (-digits + 1) or x == 0 else f"{x:.3e}"
 
 
-def echo_table(rows: list[list[str]], header: list[str]) -> None:
-    """Print a plain left-aligned table."""
+TABLE_FORMATS = ("table", "markdown", "csv")
+
+
+def echo_table(rows: list[list[str]], header: list[str], fmt: str = "table") -> None:
+    """Print a table: plain left-aligned text ("table"), a Markdown table, or CSV (one of :data:`TABLE_FORMATS`)."""
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+        click.echo(buf.getvalue(), nl=False)
+        return
+    if fmt == "markdown":
+        def cell(c: Any) -> str:
+            return str(c).replace("|", "\\|")
+
+        click.echo("| " + " | ".join(cell(h) for h in header) + " |")
+        click.echo("|" + "|".join("---" for _ in header) + "|")
+        for r in rows:
+            click.echo("| " + " | ".join(cell(c) for c in r) + " |")
+        return
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
-    click.echo(line)
+    click.echo(line.rstrip())
     click.echo("  ".join("-" * w for w in widths))
     for r in rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def warn(msg: str) -> None:

@@ -55,16 +55,33 @@ def run_analysis(res: Any, spec: AnalysisSpec, device: str | None = None) -> dic
     for a in analyses.values():
         for w in a["warnings"]:
             warn(w)
-    echo_analysis(analyses, spec)
+    echo_analysis(analyses, spec, reference_biases(res) if spec.fd_infinity else None)
     return analyses
 
 
-def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec) -> None:
+def reference_biases(res: Any) -> dict[str, float | None]:
+    """c / M per model (the reference's own finite-sample share of FD) for a registry reference with floors."""
+    ref = res.provenance.get("reference") or {}
+    if ref.get("kind") != "registry" or not ref.get("name"):
+        return {}
+    from ..errors import UnknownReferenceError
+    from ..references import get_reference
+
+    try:
+        entry = get_reference(ref["name"])
+    except UnknownReferenceError:
+        return {}
+    return {m: (fm.reference_bias if (fm := entry.floor_model(m)) else None) for m in res.results}
+
+
+def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec,
+                  ref_bias: dict[str, float | None] | None = None) -> None:
+    """The analysis table; ``ref_bias``: c / M per model, printed beside FD-infinity (None: not known)."""
     header = ["model"]
     if spec.bootstrap:
         header.append(f"FD {spec.ci * 100:g}% CI")
     if spec.fd_infinity:
-        header += ["FD-infinity", "fit R^2"]
+        header += ["FD-infinity", "fit R^2", "ref. bias (est.)"]
     if spec.prdc:
         header += ["precision", "recall", "density", "coverage"]
     if spec.mmd:
@@ -76,7 +93,9 @@ def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec) -> No
             b = a["bootstrap"]
             row.append(f"[{fmt_num(b['low'])}, {fmt_num(b['high'])}]")
         if spec.fd_infinity:
-            row += [fmt_num(a["fd_infinity"]["fd_infinity"]), f"{a['fd_infinity']['r2']:.3f}"]
+            bias = (ref_bias or {}).get(model)
+            row += [fmt_num(a["fd_infinity"]["fd_infinity"]), f"{a['fd_infinity']['r2']:.3f}",
+                    "?" if bias is None else f"{bias:.2f}"]
         if spec.prdc:
             row += [f"{a['prdc'][k]:.4f}" for k in ("precision", "recall", "density", "coverage")]
         if spec.mmd:
@@ -87,6 +106,9 @@ def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec) -> No
     notes = [f"seed {spec.seed}"]
     if spec.bootstrap:
         notes.append(f"bootstrap: {spec.n_boot} replicates, interval for E[FD] at this N")
+    if spec.fd_infinity:
+        notes.append("FD-infinity removes only the generated side's 1/N bias; the reference's own ~c/M (ref. bias, "
+                     "a model estimate; ? = unknown) remains in it")
     if spec.prdc:
         notes.append(f"PRDC: k={spec.nearest_k}, <= {spec.prdc_max:,} rows each")
     if spec.mmd:
@@ -95,6 +117,22 @@ def echo_analysis(analyses: dict[str, dict[str, Any]], spec: AnalysisSpec) -> No
 
 
 # --- `fd-eval ceiling` --------------------------------------------------------------------------------------
+def overlap_text(o: dict[str, Any], ref_name: str) -> str:
+    """One line: whether the real sample is part of the reference, and what that makes the result."""
+    how = {"keys": "by image keys", "fingerprint": "same source fingerprint"}.get(o.get("method") or "", "")
+    if o.get("relation") == "subset":
+        return (f"overlap ({how}): all {o['n']:,} real images are part of {ref_name}: a subset result, comparable "
+                "with published subset floors (GPIC Test-50K); a generator's independent floor is higher")
+    if o.get("relation") == "independent":
+        return (f"overlap ({how}): none of the {o['n']:,} real images is in {ref_name}: an independent-sample "
+                "result, the floor a generator faces")
+    if o.get("relation") == "partial":
+        return (f"overlap ({how}): {o['in_reference']:,} of {o['n']:,} real images are in {ref_name}: between "
+                "a subset and an independent floor")
+    return (f"overlap: cannot tell whether the real images are part of {ref_name} (it records no image keys or "
+            "source fingerprint)")
+
+
 def _short_n(n: int) -> str:
     return f"{n // 1000}K" if n >= 1000 and n % 1000 == 0 else f"{n:,}"
 
@@ -121,9 +159,10 @@ def _short_n(n: int) -> str:
 def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, seed: int, models: tuple[str, ...],
                 weights: tuple[str, ...], image_transform: str | None, ref_transform: str | None,
                 options: RunOptions, allow_mismatch: bool, json_path: str | None) -> None:
-    """The best FD a perfect generator can reach: N real images against REF (GPIC Table 2's definition: the
-    sample's statistics against the reference's), shown beside the published floors; or, with --split-half,
-    two disjoint halves of the real images against each other."""
+    """FD of N real images against REF (GPIC Table 2's definition: the sample's statistics against the
+    reference's), shown beside the published floors and the independent-sample estimate, and whether the sample is
+    part of the reference (then it scores below what a perfect generator can reach); or, with --split-half, two
+    disjoint halves of the real images against each other."""
     check_paths(real, ref, json=json_path)
     opts = dict(weights=weights_arg(weights), image_transform=image_transform, options=options)
     if split_half:
@@ -138,23 +177,33 @@ def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, s
     render_accounting(res.inputs)
     rows = []
     for model, r in res.results.items():
-        floor = f"{r['floor']:.2f}" if r["floor"] is not None else "-"
+        floor = "-" if r["floor"] is None else f"{r['floor']:.2f}" + (f" ({r['floor_relation']})"
+                                                                        if r.get("floor_relation") else "")
         row = [model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), f"{r['n']:,}",
                f"{r['n_ref']:,}" if r["n_ref"] else "?"]
-        rows.append(row if split_half else row + [floor])
+        est = r.get("floor_independent_estimate")
+        rows.append(row if split_half else row + [floor, "-" if est is None else f"{est:.2f}"])
     if split_half:
         echo_table(rows, ["model", "FD half a vs b", "mean term", "cov term", "N a", "N b"])
         click.echo("split-half: two disjoint real samples of N images; their FD is about twice the FD of one such "
                    "sample against a much larger reference")
     else:
-        echo_table(rows, ["model", "real-vs-ref FD", "mean term", "cov term", "N", "N ref", "published floor"])
+        echo_table(rows, ["model", "real-vs-ref FD", "mean term", "cov term", "N", "N ref", "published floor",
+                          "indep. floor (est.)"])
         name = res.provenance["reference"].get("name") or ref or "gpic-test"
         for model, r in res.results.items():
             if r["floors"]:
                 listed = ", ".join(f"{f['fd']:g} at N={_short_n(f['n'])} ({f['label']})" for f in r["floors"])
                 click.echo(f"published floors, {name} / {model}: {listed}; {r['floors'][0]['source']}")
-        click.echo("real-vs-ref FD: what a generator indistinguishable from these real images scores at this N; "
-                   "compare generated sets at the same N")
+        overlap = next(iter(res.results.values()))["overlap"]
+        click.echo(overlap_text(overlap, name))
+        if overlap.get("relation") in ("subset", "partial"):
+            click.echo("real-vs-ref FD: these real images share the reference's sampling noise, so they score lower "
+                       "than an independent sample; a generator's floor is about the independent estimate "
+                       "(indep. floor, docs/floors.md)")
+        else:
+            click.echo("real-vs-ref FD: what a generator indistinguishable from these real images scores at this "
+                       "N; compare generated sets at the same N")
     if json_path:
         doc = res.to_dict()
         doc["provenance"]["command"] = ["fd-eval", *sys.argv[1:]]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from typing import Any
 
 import click
@@ -14,8 +15,9 @@ from ..errors import FDEvalError
 from ..preprocess import SOURCE_TRANSFORMS
 from ..stats import save_stats
 from ..options import RunOptions
+from ..report import require_matplotlib, write_report
 from ._checks import check_paths, render_accounting
-from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
+from ._common import TABLE_FORMATS, echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
 from .analysis_cmds import analysis_options, analysis_spec, run_analysis
 
 
@@ -43,18 +45,26 @@ def _selection(f):
               help="Transform reference images first when REF is an image source (center-crop-256 = GPIC B.1).")
 @click.option("--allow-mismatch", is_flag=True, help="Compare even if the reference was made differently.")
 @click.option("--json", "json_path", default=None, help="Write results and provenance as JSON here.")
-@click.option("--save-stats", "save_stats_path", default=None, help="Also save the generated set's statistics (safetensors).")
+@click.option("--save-stats", "save_stats_path", default=None,
+              help="Also save the generated set's statistics (safetensors).")
+@click.option("--report", "report_path", default=None,
+              help="Also write a self-contained HTML report (needs fd-eval[report]).")
+@click.option("--format", "table_format", type=click.Choice(TABLE_FORMATS), default="table", show_default=True,
+              help="Results table as aligned text, a Markdown table or CSV (to paste; notes go to stderr then).")
 @analysis_options
 def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
                 seed: int | None, options: RunOptions, ref_transform: str | None, allow_mismatch: bool,
-                json_path: str | None, save_stats_path: str | None, **analysis_opts: Any) -> None:
+                json_path: str | None, save_stats_path: str | None, report_path: str | None, table_format: str,
+                **analysis_opts: Any) -> None:
     """FD of the images in GEN against REF, for each --model (default FD-DINOv2 against GPIC Test-1M).
 
     Under torchrun (``torchrun --nproc_per_node 8 -m fd_eval compute ...``) every process extracts its share of
     the images on its own GPU (NCCL; gloo with --device cpu), the statistics are merged exactly, and rank 0
     alone prints and writes the outputs.
     """
-    check_paths(gen, ref, json=json_path, save_stats=save_stats_path)  # before any weights load or extraction
+    check_paths(gen, ref, json=json_path, save_stats=save_stats_path, report=report_path)  # before any weights load
+    if report_path:
+        require_matplotlib()  # fail before extracting, not after
     spec = analysis_spec(**analysis_opts)  # None unless --ci/--bootstrap/--fd-infinity/--prdc/--mmd
     if spec is not None and spec.needs_reference_features:
         check_reference_features(ref, models, offline=options.offline)  # fail before extracting, not after
@@ -77,25 +87,53 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     for w in res.warnings:
         warn(w)
     render_accounting(res.inputs)
-    rows = []
-    for model, r in res.results.items():
-        n = f"{r['n']:,}" + (f" (+{len(res.skipped)} skipped)" if res.skipped else "")
-        floor = f"{r['floor']:.2f}" if r["floor"] is not None else "-"
-        rows.append([model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), n,
-                     f"{r['n_ref']:,}" if r["n_ref"] else "?", floor])
-    echo_table(rows, ["model", "FD", "mean term", "cov term", "N", "N ref", "real-vs-real floor"])
-    if any(r["floor"] is not None for r in res.results.values()):
-        click.echo("floor: FD of real images of the same N against this reference (published); a perfect "
-                   "generator scores about this, not 0")
+    echo_results(res, table_format)
     analyses = {} if spec is None else run_analysis(res, spec, device=options.device)
     if save_stats_path:
         save_stats(save_stats_path, list(res.stats.values()))
-    if json_path:
+    if json_path or report_path:
         doc = res.to_dict()
         for model, a in analyses.items():
             doc["results"][model]["analysis"] = a
         doc["provenance"]["command"] = ["fd-eval", *sys.argv[1:]]
-        write_json(json_path, doc)
+        if json_path:
+            write_json(json_path, doc)
+        if report_path:
+            write_report([doc], report_path)
+            click.echo(f"wrote {report_path}", err=True)
+
+
+FLOOR_NOTE = ("floor: published real-vs-real FD at this N (relation: subset = those real images are part of the "
+              "reference); a perfect independent generator scores ≈ the estimate, see docs/floors.md")
+
+
+def echo_results(res: Any, table_format: str = "table") -> None:
+    """The results table of `compute` (aligned text, Markdown or CSV) and its floor note. CSV holds plain numbers
+    (N without separators, the floor's relation in a column of its own) for spreadsheets."""
+    csv_ = table_format == "csv"
+    header = ["model", "FD", "mean term", "cov term", "N", "N ref", "published floor"]
+    header += ["floor relation"] if csv_ else []
+    header += ["indep. floor (est.)"]
+    rows = []
+    for model, r in res.results.items():
+        n = str(r["n"]) if csv_ else f"{r['n']:,}" + (f" (+{len(res.skipped)} skipped)" if res.skipped else "")
+        n_ref = "?" if not r["n_ref"] else str(r["n_ref"]) if csv_ else f"{r['n_ref']:,}"
+        rel, est = r.get("floor_relation"), r.get("floor_independent_estimate")
+        floor = "-" if r["floor"] is None else f"{r['floor']:.2f}" + (f" ({rel})" if rel and not csv_ else "")
+        rows.append([model, fmt_num(r["fd"]), fmt_num(r["fd_mean"]), fmt_num(r["fd_cov"]), n, n_ref, floor]
+                    + ([rel or "-"] if csv_ else []) + ["-" if est is None else f"{est:.2f}"])
+    floors = any(r["floor"] is not None or r.get("floor_independent_estimate") is not None
+                 for r in res.results.values())
+    if not floors:  # a reference outside the registry: no floor to show
+        k = len(header) - header.index("published floor")
+        header, rows = header[:-k], [r[:-k] for r in rows]
+    echo_table(rows, header, table_format)
+    if floors:
+        click.echo(FLOOR_NOTE, err=table_format != "table")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 @main.command("stats")
@@ -131,13 +169,57 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
     build = first.metadata["source"]["build"]
     resumed = f", {build['resumed_units']} resumed" if build["resumed_units"] else ""
     click.echo(f"wrote {output}: {', '.join(stats)} over {first.n:,} images"
-               + (f" ({len(skipped)} skipped)" if skipped else "") + f" from {build['units']} units{resumed}")
+               + (f" ({len(skipped)} skipped)" if skipped else "")
+               + f" from {_plural(build['units'], 'unit')}{resumed}")
+
+
+def _gpic_models() -> dict[str, list[str]]:
+    """{model: [built-in GPIC references holding its statistics ("?" when the file may lack them)]}."""
+    from ..references import list_references
+
+    out: dict[str, list[str]] = {}
+    for r in list_references():
+        if r.builtin and r.name.startswith("gpic"):
+            for m, info in r.models.items():
+                out.setdefault(m, []).append(r.name + ("?" if info.optional else ""))
+    return out
 
 
 @main.command("models")
-def models_cmd() -> None:
-    """List the extractors."""
-    from ..extractors import extractor_entry, list_extractors
+@click.option("--urls", is_flag=True, help="List the official weights files (URL, approximate size, sha256) "
+                                           "to fetch them on another machine.")
+def models_cmd(urls: bool) -> None:
+    """List the extractors: * marks the default, aliases name the same extractor, and the GPIC column says which
+    built-in references hold statistics for it."""
+    from ..extractors import ALIASES, DEFAULT_EXTRACTOR, extractor_entry, list_extractors
+    from ..io_utils import cache_root
 
-    echo_table([[n, str(extractor_entry(n).feature_dim), extractor_entry(n).description] for n in list_extractors()],
-               ["name", "D", "description"])
+    names = list_extractors()
+    if urls:
+        files: dict[str, tuple[Any, list[str]]] = {}
+        for n in names:
+            w = extractor_entry(n).weights
+            if w is not None:
+                files.setdefault(w.url, (w, []))[1].append(n)
+        for url, (w, users) in files.items():
+            size = f"~{w.approx_mib:,.0f} MiB" if w.approx_mib else "size unknown"
+            click.echo(f"{', '.join(users)}: {w.filename} ({size})\n  {url}\n  sha256 "
+                       + (w.sha256 if w.sha256 and len(w.sha256) == 64 else "not published (recorded in every "
+                                                                              "result's provenance)"))
+        click.echo(f"put the files in {cache_root() / 'weights'} (as named) or pass --weights PATH")
+        return
+    aliases: dict[str, list[str]] = {}
+    for a, n in ALIASES.items():
+        aliases.setdefault(n, []).append(a)
+    gpic = _gpic_models()
+    rows = [[n + (" *" if n == DEFAULT_EXTRACTOR else ""), str(extractor_entry(n).feature_dim),
+             ", ".join(aliases.get(n, [])) or "-", ", ".join(gpic.get(n, [])) or "-"] for n in names]
+    left = sum(max(len(r[i]) for r in rows + [["name", "D", "alias", "GPIC references"]]) + 2 for i in range(4))
+    wrapped = []  # the description wrapped so that the table fits 100 columns
+    for n, row in zip(names, rows):
+        lines = textwrap.wrap(extractor_entry(n).description, max(30, 100 - left), break_on_hyphens=False) or ["-"]
+        wrapped += [row + [lines[0]], *([["", "", "", "", line] for line in lines[1:]])]
+    echo_table(wrapped, ["name", "D", "alias", "GPIC references", "description"])
+    click.echo("* = the default --model; alias: another name accepted by --model\n"
+               "GPIC references: built-in ones with its statistics (? = the file may lack them; "
+               "`fd-eval ref list`)\nofficial weights files (URL, size, sha256): `fd-eval models --urls`")

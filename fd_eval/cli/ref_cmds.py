@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -15,9 +16,24 @@ def _short_n(n: int) -> str:
     return f"{n // 1000}K" if n % 1000 == 0 else str(n)
 
 
+_REL = {"subset": "s", "independent": "i"}
+
+
+def _floor_list(fl: tuple[refs.Floor, ...], marks: bool = True) -> str:
+    return " ".join(f"{f.fd:g}@{_short_n(f.n)}" + (f"({_REL[f.relation]})" if marks and f.relation else "")
+                    for f in fl) or "-"
+
+
 def _floors_text(ref: refs.Reference) -> str:
-    parts = [f"{m} " + " ".join(f"{f.fd:g}@{_short_n(f.n)}" for f in fl) for m, fl in ref.floors.items() if fl]
+    parts = [f"{m} " + _floor_list(fl, marks=False) for m, fl in ref.floors.items() if fl]
     return "; ".join(parts) or "-"
+
+
+def _cached_text(ref: refs.Reference) -> str:
+    """"yes"/"no" for a download; a local file is read in place: "local" (or "missing" when it is gone)."""
+    if ref.kind == "local":
+        return "local" if Path(ref.location).expanduser().is_file() else "missing"
+    return "yes" if refs.cached_path(ref.name) else "no"
 
 
 def _models_text(ref: refs.Reference) -> str:
@@ -37,15 +53,32 @@ def ref_group() -> None:
 
 @ref_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
-def list_cmd(as_json: bool) -> None:
-    """Known references: models (? = the file may lack it), N, location, cached?, published floors."""
+@click.option("--wide", is_flag=True, help="One line per reference, locations included (wider than 100 columns).")
+def list_cmd(as_json: bool, wide: bool) -> None:
+    """Known references: N, cached?, models with their published floors (FD@N), and where each file lives."""
     entries = refs.list_references()
     if as_json:
         click.echo(json.dumps([_info_dict(r) for r in entries], indent=2))
         return
-    rows = [[r.name + ("" if r.builtin else " (user)"), _models_text(r), _short_n(r.n) if r.n else "?",
-             r.location, "yes" if refs.cached_path(r.name) else "no", _floors_text(r)] for r in entries]
-    echo_table(rows, ["name", "models", "N", "location", "cached", "floors (FD@N)"])
+    if wide:
+        rows = [[r.name + ("" if r.builtin else " (user)"), _models_text(r), _short_n(r.n) if r.n else "?",
+                 r.location, _cached_text(r), _floors_text(r)] for r in entries]
+        echo_table(rows, ["name", "models", "N", "location", "cached", "floors (FD@N)"])
+    else:  # one row per model so that it fits 100 columns; the locations follow
+        rows = []
+        for r in entries:
+            first = [r.name + ("" if r.builtin else " (user)"), _short_n(r.n) if r.n else "?", _cached_text(r)]
+            for i, (m, info) in enumerate(r.models.items() or [("-", None)]):
+                rows.append((first if i == 0 else ["", "", ""])
+                            + [m + ("?" if info and info.optional else ""), _floor_list(r.floors.get(m, ()))])
+        echo_table(rows, ["name", "N", "cached", "model", "published floors (FD@N)"])
+        click.echo("")
+        for r in entries:
+            click.echo(f"{r.name}: {r.location}")
+    click.echo("\n? after a model: the file may lack its statistics (e.g. Inception in the official GPIC files)\n"
+               "cached: yes/no = downloaded and verified in the cache; local = a file read in place (not copied)\n"
+               "(s) = the real images are a subset of the reference, (i) = an independent sample; "
+               "see docs/floors.md")
 
 
 @ref_group.command("download")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -9,6 +10,11 @@ from ..io_utils import sha256_file
 from ..stats import compare_stats, load_all_stats, load_stats
 from ._checks import check_paths
 from ._common import echo_table, fmt_num, main, warn, write_json
+
+
+def _n_text(s: Any) -> str:
+    """N of a statistics file, or "unknown" when the file records none (pytorch-fid / clean-fid npz)."""
+    return "unknown" if s.metadata.get("n_unknown") else f"{s.n:,}"
 
 
 @main.command("fd")
@@ -27,7 +33,7 @@ def fd_cmd(stats_a: str, stats_b: str, model: str | None, allow_mismatch: bool, 
     for w in warnings:
         warn(w)
     echo_table(
-        [[fmt_num(res.fd), fmt_num(res.fd_mean), fmt_num(res.fd_cov), str(a.n), str(b.n), str(res.dim)]],
+        [[fmt_num(res.fd), fmt_num(res.fd_mean), fmt_num(res.fd_cov), _n_text(a), _n_text(b), str(res.dim)]],
         ["FD", "mean term", "cov term", "N a", "N b", "D"],
     )
     if res.clipped1 or res.clipped2 or res.rank1 < res.dim or res.rank2 < res.dim:

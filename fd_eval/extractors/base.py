@@ -200,6 +200,7 @@ class ExtractorEntry:
     factory: Callable[..., Extractor]  # factory(weights=None, device=None, **options) -> Extractor
     feature_dim: int
     description: str
+    weights: Any = None  # the official WeightsSource (None: no download, e.g. a user-registered extractor)
 
 
 _REGISTRY: dict[str, ExtractorEntry] = {}
@@ -207,11 +208,12 @@ ALIASES: dict[str, str] = {"fid": "inception-v3-tf", "dinov2": "dinov2-vitl14"}
 DEFAULT_EXTRACTOR = "dinov2-vitl14"
 
 
-def register_extractor(name: str, feature_dim: int, description: str) -> Callable:
-    """Decorator registering ``factory(weights=None, device=None, **options) -> Extractor`` under ``name``."""
+def register_extractor(name: str, feature_dim: int, description: str, weights: Any = None) -> Callable:
+    """Decorator registering ``factory(weights=None, device=None, **options) -> Extractor`` under ``name``;
+    ``weights``: where its official weights file lives (a :class:`fd_eval.extractors.weights.WeightsSource`)."""
 
     def deco(factory: Callable[..., Extractor]) -> Callable[..., Extractor]:
-        _REGISTRY[name] = ExtractorEntry(name, factory, feature_dim, description)
+        _REGISTRY[name] = ExtractorEntry(name, factory, feature_dim, description, weights)
         return factory
 
     return deco
@@ -233,6 +235,7 @@ def list_extractors() -> list[str]:
 
 
 def extractor_entry(name: str) -> ExtractorEntry:
+    """The registry entry of ``name`` (aliases resolved)."""
     return _REGISTRY[resolve_name(name)]
 
 

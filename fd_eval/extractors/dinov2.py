@@ -80,7 +80,11 @@ def extractor_name(arch: str, reg: bool) -> str:
 def weights_source(arch: str, reg: bool) -> WeightsSource:
     """The official checkpoint (the file torch.hub's ``dinov2_{arch}[_reg]`` loads)."""
     filename = f"dinov2_{arch}{'_reg4' if reg else ''}_pretrain.pth"
-    return WeightsSource(url=f"{BASE_URL}/dinov2_{arch}/{filename}", filename=filename)
+    return WeightsSource(url=f"{BASE_URL}/dinov2_{arch}/{filename}", filename=filename, approx_mib=APPROX_MIB[arch])
+
+
+# float32 parameters x 4 bytes (21.6M, 85.7M, 303M, 1.13B parameters; the registers add < 0.01%)
+APPROX_MIB = {"vits14": 83, "vitb14": 327, "vitl14": 1157, "vitg14": 4329}
 
 
 def preprocess_spec(resize: str) -> PreprocessSpec:
@@ -474,10 +478,9 @@ def _register(arch_key: str, reg: bool) -> None:
     arch = ARCHS[arch_key]
     name = extractor_name(arch_key, reg)
     hub = f"dinov2_{arch_key}{'_reg' if reg else ''}"
-    desc = (f"DINOv2 {arch_key} {'with 4 registers ' if reg else ''}(torch.hub facebookresearch/dinov2 {hub}), "
-            f"final-norm CLS token, {arch.embed_dim}-d, 224x224")
+    desc = f"DINOv2 {arch_key}{' + 4 registers' if reg else ''} (torch.hub {hub}), final-norm CLS token, 224x224"
 
-    @register_extractor(name, arch.embed_dim, desc)
+    @register_extractor(name, arch.embed_dim, desc, weights=weights_source(arch_key, reg))
     def factory(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
                 resize: str = "pil") -> DINOv2Extractor:
         return _build_extractor(arch_key, reg, weights=weights, device=device, resize=resize)

@@ -42,6 +42,7 @@ INCEPTION_WEIGHTS = WeightsSource(
         "pt_inception-2015-12-05-6726825d.pth",
     filename="pt_inception-2015-12-05-6726825d.pth",
     sha256="6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2",
+    approx_mib=91,  # 23.9M float32 parameters (with the 1008-class logits layer FID does not use)
 )
 
 SPEC_TF = PreprocessSpec(
@@ -367,7 +368,7 @@ def _build(name: str, spec: PreprocessSpec, weights: str | os.PathLike | None, d
 
 @register_extractor("inception-v3-tf", FEATURE_DIM,
                     "FID Inception-v3 pool3, TF-exact (TTUR/ADM/StyleGAN/torch-fidelity): TF1 bilinear, "
-                    "(x-128)/128")
+                    "(x-128)/128", weights=INCEPTION_WEIGHTS)
 def inception_v3_tf(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
                     **options: Any) -> InceptionExtractor:
     """TF-exact FID features (alias ``fid``); ``weights``: a local checkpoint, else the official download."""
@@ -375,7 +376,7 @@ def inception_v3_tf(weights: str | os.PathLike | None = None, device: str | torc
 
 
 @register_extractor("inception-v3-pt", FEATURE_DIM,
-                    "FID Inception-v3 pool3 as pytorch-fid/dgm-eval: torch bilinear, 2x-1")
+                    "FID Inception-v3 pool3 as pytorch-fid/dgm-eval: torch bilinear, 2x-1", weights=INCEPTION_WEIGHTS)
 def inception_v3_pt(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
                     **options: Any) -> InceptionExtractor:
     """pytorch-fid/dgm-eval FID features; ``weights``: a local checkpoint, else the official download."""

@@ -42,6 +42,7 @@ SSCD_WEIGHTS = WeightsSource(
     url="https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchvision.pt",
     filename="sscd_disc_mixup.torchvision.pt",
     sha256=None,  # not published by the authors; the file's digest is recorded in every result's provenance
+    approx_mib=94,  # ResNet-50 trunk + 2048x512 projection: 24.6M float32 parameters
 )
 
 
@@ -145,7 +146,8 @@ class SSCDExtractor(Extractor):
 
 
 @register_extractor("sscd-disc-mixup", FEATURE_DIM,
-                    "SSCD copy detector sscd_disc_mixup (ResNet-50, GeM p=3, 512-d, L2-normalised), 288x288")
+                    "SSCD copy detector sscd_disc_mixup (ResNet-50, GeM p=3, 512-d, L2-normalised), 288x288",
+                    weights=SSCD_WEIGHTS)
 def sscd_disc_mixup(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
                     size: int = DEFAULT_SIZE, **options: Any) -> SSCDExtractor:
     """SSCD ``sscd_disc_mixup``; ``weights``: a local ``.torchvision.pt``/safetensors file, else the official

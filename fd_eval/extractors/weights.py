@@ -16,11 +16,16 @@ from ..stats import sniff_format
 
 @dataclass(frozen=True)
 class WeightsSource:
-    """Where the official weights of an extractor live."""
+    """Where the official weights of an extractor live.
+
+    ``approx_mib``: the file's approximate size in MiB (float32 parameters x 4 bytes; shown by
+    ``fd-eval models --urls`` so a user can plan a download elsewhere; not used for verification).
+    """
 
     url: str
     filename: str
     sha256: str | None = None  # full hex digest or a prefix (torch hub names carry one)
+    approx_mib: float | None = None
 
 
 def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, name: str,
@@ -50,11 +55,12 @@ def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, na
         err.errno = e.errno
         raise err from e
     offline = offline_mode() if offline is None else offline
+    size = f" (~{source.approx_mib:,.0f} MiB)" if source.approx_mib else ""
     if offline and not dest.is_file():
         raise DownloadError(f"offline mode: the {name} weights {source.filename} are not in the cache; put the file "
-                            f"from {source.url} at {dest} or pass {use}")
+                            f"from {source.url}{size} at {dest} or pass {use}")
     return download_url(source.url, dest, sha256=source.sha256, offline=offline,
-                        hint=f"; or download it yourself to {dest} or pass {use}")
+                        hint=f"; or download it yourself{size} to {dest} or pass {use}")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
