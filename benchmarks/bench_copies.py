@@ -27,7 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_utils import images, load_average, random_dinov2_official, sync, write_pngs  # noqa: E402
-from fd_eval import copies as cp, open_source  # noqa: E402
+
+from fd_eval import copies as cp  # noqa: E402
+from fd_eval import open_source
 from fd_eval.extractors import load_extractor  # noqa: E402
 from fd_eval.io_utils import atomic_write  # noqa: E402
 from fd_eval.pipeline import auto_device, run_units  # noqa: E402

@@ -72,7 +72,8 @@ def main() -> None:
         rows.append({"d": d, "fd_eval_s": t_ours, "scipy_sqrtm_s": t_sqrtm, "torch_eigvals_s": t_eig,
                      "speedup_vs_sqrtm": t_sqrtm / t_ours, "fd": v_ours, "fd_sqrtm": v_sqrtm, "fd_eigvals": v_eig})
         print(f"d={d:5d}  fd-eval {t_ours:7.3f} s   scipy sqrtm {t_sqrtm:7.3f} s   torch eigvals {t_eig:7.3f} s   "
-              f"speed-up vs sqrtm {t_sqrtm / t_ours:5.1f}x   FD {v_ours:.6f} (sqrtm {v_sqrtm:.6f}, eigvals {v_eig:.6f})")
+              f"speed-up vs sqrtm {t_sqrtm / t_ours:5.1f}x   "
+              f"FD {v_ours:.6f} (sqrtm {v_sqrtm:.6f}, eigvals {v_eig:.6f})")
     out = {"benchmark": "frechet", "device": device_name(args.device), "torch_threads": torch.get_num_threads(),
            "versions": versions(), "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

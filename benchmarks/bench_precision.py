@@ -34,11 +34,11 @@ import os
 import time
 from pathlib import Path
 
+import _bench_utils as bu
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-import _bench_utils as bu
 from fd_eval import frechet_distance, load_extractor, precision
 from fd_eval.io_utils import atomic_write
 from fd_eval.provenance import device_name, versions

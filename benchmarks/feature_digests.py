@@ -22,10 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def digests() -> dict[str, str]:
+    import fd_eval.extractors.dinov2 as d
     from _checkpoints import save_dinov2_checkpoint  # tests/ helpers: the reference-format random checkpoints
     from _inception_utils import save_inception_checkpoint
-
-    import fd_eval.extractors.dinov2 as d
     from fd_eval.extractors import load_extractor
 
     rng = np.random.default_rng(0)

@@ -57,9 +57,10 @@ def main() -> None:
     os.environ["FD_EVAL_CACHE"] = str(work / "cache")  # never the user's cache
     torch.set_num_threads(1)
 
+    from click.testing import CliRunner
+
     import fd_eval
     import fd_eval.extractors.dinov2 as dv
-    from click.testing import CliRunner
     from _checkpoints import save_dinov2_checkpoint
     from _images import photo_crops, save_images
     from fd_eval.cli import main as cli

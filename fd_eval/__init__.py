@@ -11,6 +11,11 @@ Entry points::
     fd_eval.find_copies("gen_dir", train="train_shards/{000..099}.tar")  # nearest training images (SSCD)
 """
 from ._version import __version__
+from .analysis import AnalysisSpec, analyze
+from .api import EvalResult, compute_fd, compute_stats, load_extractors
+from .build import build_stats
+from .ceiling import CeilingResult, ceiling, split_half
+from .copies import CopiesResult, find_copies
 from .errors import (
     BadArrayError,
     BadImageError,
@@ -31,11 +36,6 @@ from .errors import (
     UnknownReferenceError,
     WeightsError,
 )
-from .analysis import AnalysisSpec, analyze
-from .api import EvalResult, compute_fd, compute_stats, load_extractors
-from .build import build_stats
-from .ceiling import CeilingResult, ceiling, split_half
-from .copies import CopiesResult, find_copies
 from .extractors import Extractor, list_extractors, load_extractor
 from .feature_metrics import mmd, mmd_subsets, prdc
 from .frechet import FDResult, frechet_distance, frechet_distance_breakdown

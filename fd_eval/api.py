@@ -22,9 +22,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .distributed import resolve_world
+from .download import offline_scope
 from .errors import FDEvalError, OutputError, StatsFormatError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
-from .download import offline_scope
 from .io_utils import optional_cache_dir, warn_cache_unusable
 from .options import RunOptions, make_options
 from .pipeline import check_decode, extract, extraction_stats

@@ -48,8 +48,8 @@ from .errors import CheckpointError, EmptySourceError, FDEvalError, InputError
 from .extractors import Extractor
 from .io_utils import atomic_path, atomic_write
 from .options import RunOptions, make_options
-from .provenance import environment
 from .pipeline import FeatureConsumer  # noqa: F401 - the interface the consumers below implement
+from .provenance import environment
 from .sources import ImageSource, SkippedItem, open_source
 
 COPY_DETECTORS = {"sscd-disc-mixup": 0.75}  # name -> published copy threshold (SSCD README, 90% precision DISC)
@@ -534,9 +534,8 @@ class _Run:
 
 
 def _read_unit_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:

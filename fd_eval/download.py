@@ -139,8 +139,8 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, p
                     continue  # resume right away with a Range request
                 kept = part.stat().st_size if part.exists() else 0
                 resume = f" ({kept} bytes kept in {part} to resume from)" if kept else ""
-                raise DownloadError(f"could not download {url} ({type(e).__name__}: {e}){resume}; check the network and "
-                                    f"run again{hint}") from e
+                raise DownloadError(f"could not download {url} ({type(e).__name__}: {e}){resume}; check the "
+                                    f"network and run again{hint}") from e
         verify_sha256(part, sha256, url)
         os.replace(part, dest)
     return dest

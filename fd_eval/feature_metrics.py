@@ -112,7 +112,8 @@ def _distances(x: torch.Tensor, xx: torch.Tensor, y: torch.Tensor, yy: torch.Ten
     One deliberate difference: the expansion loses ~eps (|x|^2 + |y|^2) to cancellation, so for duplicated rows
     sklearn returns rounding noise (0, or ~sqrt(eps) |x| ~ 1e-8 |x|) instead of 0, and a point with k duplicates
     could get a noise radius. Pairs with squared distance below _NEAR_REL (|x|^2 + |y|^2)_max (closer than
-    ~1e-3 of the largest norm) are recomputed from their differences: exactly 0 for duplicates, full accuracy for near-duplicates. Elsewhere (all pairs of
+    ~1e-3 of the largest norm) are recomputed from their differences: exactly 0 for duplicates, full accuracy for
+    near-duplicates. Elsewhere (all pairs of
     non-degenerate features) nothing changes.
     """
     d2 = x @ y.T

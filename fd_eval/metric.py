@@ -457,8 +457,9 @@ class FDMetric:
         return EvalResult(results, prov, w + warnings, [], gen, inputs=inputs).to_dict()
 
     def __repr__(self) -> str:
-        return (f"FDMetric(models={self.names}, ref={self._ref.identity.get('name') or self._ref.identity.get('kind')}, "
-                f"device={self.device}, value_range={self.value_range}, n={self.n}, rank={self.rank}/{self.world_size})")
+        ref = self._ref.identity.get('name') or self._ref.identity.get('kind')
+        return (f"FDMetric(models={self.names}, ref={ref}, device={self.device}, value_range={self.value_range}, "
+                f"n={self.n}, rank={self.rank}/{self.world_size})")
 
 
 def _describe(identity: Mapping[str, Any]) -> str:

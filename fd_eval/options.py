@@ -37,10 +37,10 @@ from typing import Any, Mapping
 import torch
 
 from .errors import FDEvalError
+from .precision import PRECISIONS  # exact, fast, fp32, fp8: one list
 
 DECODES = ("pil", "gpu")
 RESIZES = ("pil", "torch")
-from .precision import PRECISIONS  # exact, fast, fp32, fp8: one list
 
 OPTION_HELP: dict[str, str] = {
     "device": "cuda, cuda:1, cpu, or auto.",

@@ -10,7 +10,8 @@ sums are integers below 2**53, so every summation order gives the same exact res
 
 Why: decoding + Pillow resize of a 256x256 PNG costs ~2.7 ms of a CPU core, of which the resize is ~1.0 ms; doing
 the resize on the device let the same DataLoader workers feed 1.4-1.6x more images per second (this 2-core
-machine, ``benchmarks/bench_pipeline.py`` part 2), and lets :class:`fd_eval.FDMetric` keep a training loop's batches on the GPU, with the reference
+machine, ``benchmarks/bench_pipeline.py`` part 2), and lets :class:`fd_eval.FDMetric` keep a training loop's
+batches on the GPU, with the reference
 pixels. Cost, from the FLOP count (not yet measured on a GPU): 256 -> 224 is ~0.17 GFLOP of float64 per image,
 ~1 ms per 256-image batch on GPUs with full-rate float64 (A100, H100, H200), ~30 ms on consumer GPUs whose
 float64 runs at 1/64 rate (~10% of a ViT-L batch there). On a CPU it is 5.5 ms per image against Pillow's 1.3 ms

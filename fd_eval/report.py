@@ -283,7 +283,7 @@ def _series_chart(points: list[dict[str, Any]], by_step: bool, title: str, salt:
                 ax.fill_between(xs, lo, hi, color="#4477aa", alpha=0.2, lw=0, label="bootstrap interval")
             ax.set_xlabel("training step")
         else:
-            err = [[f - l if not math.isnan(l) else 0 for f, l in zip(fd, lo)],
+            err = [[f - low if not math.isnan(low) else 0 for f, low in zip(fd, lo)],
                    [h - f if not math.isnan(h) else 0 for f, h in zip(fd, hi)]]
             ax.errorbar(xs, fd, yerr=err, fmt="o", color="#4477aa", capsize=4, ms=5, label="FD (bootstrap interval)")
             ax.set_xticks(xs, [p["label"] for p in points], rotation=30 if len(points) > 4 else 0, ha="right"

@@ -252,7 +252,8 @@ def load_stats(path: str | os.PathLike, model: str | None = None, features: bool
         if len(sections) == 1 and _UNKNOWN in sections:
             return sections[_UNKNOWN]  # the file does not say which extractor made it
         dino = sections.get(_NPZ_PREFIXES["dino_"])
-        if dino is not None and model.startswith("dinov2-") and dino.metadata.get("source_format", "").startswith("npz"):
+        if (dino is not None and model.startswith("dinov2-")
+                and dino.metadata.get("source_format", "").startswith("npz")):
             # GPIC-layout npz: "dino_" holds DINOv2 statistics; which size is the caller's (registry's) word.
             dino.metadata["extractor"] = model
             return dino

@@ -123,7 +123,8 @@ def default_ns(n_total: int, dim: int, num: int = 10) -> list[int]:
 
     Why: the line in 1/N is the first term of an expansion whose next term is relative O(d_eff / N); fits that
     reach down to N ~ 2 d are visibly biased (PROTOCOL.md: 2K-10K at d = 1024); fits on N >= 10K recover the
-    limit (+0.003 +- 0.004 for a perfect 1024-d generator, PROTOCOL.md). The points are spaced evenly in 1/N (the regressor), not in N as dgm-eval does (5K..50K),
+    limit (+0.003 +- 0.004 for a perfect 1024-d generator, PROTOCOL.md). The points are spaced evenly in 1/N (the
+    regressor), not in N as dgm-eval does (5K..50K),
     which would crowd them at small 1/N and let the smallest N dominate the slope.
     """
     if n_total < 4:

@@ -219,5 +219,6 @@ def save_dinov2_checkpoint(path: str | os.PathLike, arch: str = "vits14", fmt: s
     path = save_state_dict(out, path)
     if not reg:
         return path, hub
-    hf_file = path if fmt == "hf" else save_state_dict(official_to_hf(sd), path.with_name(path.stem + ".hf.safetensors"))
+    hf_file = path if fmt == "hf" else save_state_dict(official_to_hf(sd),
+                                                       path.with_name(path.stem + ".hf.safetensors"))
     return path, load_hf_reference(hf_file, arch, reg, depth)

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _images import photo_crops, save_images
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
 import fd_eval
 import fd_eval.api as api
+from _images import photo_crops, save_images
 from fd_eval.cli import main
 from fd_eval.extractors.base import Extractor
 from fd_eval.preprocess import PreprocessSpec

@@ -20,7 +20,12 @@ from PIL import Image, ImageFile, ImageOps
 
 from _images import photo_crops
 from fd_eval.errors import (
-    BadArrayError, BadImageError, EmptySourceError, FDEvalError, InputError, SourceError,
+    BadArrayError,
+    BadImageError,
+    EmptySourceError,
+    FDEvalError,
+    InputError,
+    SourceError,
 )
 from fd_eval.preprocess import pil_to_tensor
 from fd_eval.sources import ExtractorDataset, collate, decode_image, open_source

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 import fd_eval
 import fd_eval.build as build
+import fd_eval.extractors.dinov2 as dv
 from _checkpoints import save_dinov2_checkpoint
 from _gpic_shards import gpic_sample, make_shards, write_shard
 from _images import photo_crops
-import fd_eval.extractors.dinov2 as dv
 from fd_eval.build import build_stats, plan_units
 from fd_eval.cli import main
 from fd_eval.errors import BadImageError, CheckpointError

@@ -127,7 +127,6 @@ def test_fd_infinity_prints_the_reference_bias(capsys):
 
 def test_sample_overlap_by_keys_and_fingerprint(tmp_path):
     from _images import photo_crops, save_images
-
     from fd_eval.ceiling import sample_overlap
     from fd_eval.sources import open_source
 

@@ -10,7 +10,6 @@ import errno
 import json
 import logging
 import os
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 import fd_eval.io_utils as io
 from _fake_hub import FakeHub, point_hf_at
 from fd_eval import references as refs
-from fd_eval.download import download_hf, download_url, offline_scope
+from fd_eval.download import download_hf, offline_scope
 from fd_eval.errors import (
     CacheError,
     DownloadError,
@@ -534,7 +533,7 @@ def test_docs_floor_table_matches_the_model():
     rows = [[c.strip(" *") for c in line.strip("|").split("|")] for line in text.splitlines()
             if line.startswith("| gpic-test")]
     assert len(rows) == 4
-    for ref, model, n, published, relation, subset, independent in rows:
+    for _ref, model, n, published, relation, subset, independent in rows:
         n = int(n.rstrip("K")) * 1000
         f = refs.floor_for("gpic-test", model, n)
         fm = refs.floor_model("gpic-test", model)

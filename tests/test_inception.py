@@ -13,14 +13,13 @@ import torch
 import torch.nn.functional as F
 
 import fd_eval
+from _images import photo_crops
+from _inception_utils import random_inception_state_dict, save_inception_checkpoint, to_pytorch_fid_module_keys
 from fd_eval.errors import ChecksumError, DownloadError, FDEvalError, InputRangeError, WeightsError
 from fd_eval.extractors import inception as inc
 from fd_eval.extractors.inception import resize_bilinear_tf1, resize_bilinear_torch
 from fd_eval.io_utils import sha256_file
 from fd_eval.preprocess import PreprocessSpec
-
-from _images import photo_crops
-from _inception_utils import random_inception_state_dict, save_inception_checkpoint, to_pytorch_fid_module_keys
 
 SIZES = [(224, 224), (256, 256), (299, 299), (512, 384), (333, 517)]  # (H, W); the last one odd on both axes
 # FD on 2048-d features costs two 2048x2048 eigendecompositions (~4 s of CPU): checked at GPIC's 256x256 and at

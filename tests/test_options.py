@@ -1,6 +1,8 @@
 """One options object (RunOptions) for every entry point, and the one extraction loop with pluggable consumers:
 bad run options are one-line errors everywhere, keywords and ``options=`` are the same run, consumers see every
 image's features with its source index, and compute_stats / build_stats give bit-identical statistics."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -93,7 +95,7 @@ def test_unknown_keywords_are_type_errors_naming_the_fields(world):
     # keywords override the options object; the object is frozen
     opts = make_options(RunOptions(batch_size=8, progress=False), {"batch_size": 2}, "x")
     assert (opts.batch_size, opts.progress) == (2, False)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         opts.batch_size = 3  # type: ignore[misc]
 
 

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _images import photo_crops, save_images
 from click.testing import CliRunner
 from PIL import Image
-from test_accounting import PixelExtractor
 
 import fd_eval
 import fd_eval.api as api
+from _images import photo_crops, save_images
 from fd_eval.cli import main
 from fd_eval.errors import (
     BadImageError,
@@ -24,6 +23,7 @@ from fd_eval.errors import (
     UnknownReferenceError,
 )
 from fd_eval.sources import open_source
+from test_accounting import PixelExtractor
 
 IMGS = photo_crops(4, 24, 32, seed=7)
 

@@ -22,8 +22,16 @@ from fd_eval import sources
 from fd_eval.errors import InputError
 from fd_eval.preprocess import pil_resize, pil_to_tensor
 from fd_eval.sources import (
-    ArraySource, Batch, DirectorySource, ExtractorDataset, SkippedItem, TarSource, ZipSource, collate,
-    expand_braces, open_source,
+    ArraySource,
+    Batch,
+    DirectorySource,
+    ExtractorDataset,
+    SkippedItem,
+    TarSource,
+    ZipSource,
+    collate,
+    expand_braces,
+    open_source,
 )
 
 N = 7

@@ -8,7 +8,6 @@ release's ``.torchvision.pt`` layout (``backbone.*``), which is what fd-eval loa
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T

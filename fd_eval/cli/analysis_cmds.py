@@ -8,9 +8,10 @@ from typing import Any
 import click
 
 from ..analysis import AnalysisSpec, analyze_result
-from ..ceiling import ceiling as real_ceiling, split_half as real_split_half
-from ..preprocess import SOURCE_TRANSFORMS
+from ..ceiling import ceiling as real_ceiling
+from ..ceiling import split_half as real_split_half
 from ..options import RunOptions
+from ..preprocess import SOURCE_TRANSFORMS
 from ._checks import check_paths, render_accounting
 from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
 

@@ -12,10 +12,10 @@ from ..api import compute_fd
 from ..build import DEFAULT_BLOCK, build_stats
 from ..distributed import destroy, get_rank, init_distributed
 from ..errors import FDEvalError
-from ..preprocess import SOURCE_TRANSFORMS
-from ..stats import save_stats
 from ..options import RunOptions
+from ..preprocess import SOURCE_TRANSFORMS
 from ..report import require_matplotlib, write_report
+from ..stats import save_stats
 from ._checks import check_paths, render_accounting
 from ._common import TABLE_FORMATS, echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
 from .analysis_cmds import analysis_options, analysis_spec, run_analysis

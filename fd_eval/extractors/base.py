@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 from ..errors import FDEvalError, InputRangeError
-from ..precision import LazyCompiled, Precision, resolve_precision
 from ..pil_resize import pil_resize_host
+from ..precision import LazyCompiled, Precision, resolve_precision
 from ..preprocess import HostPrepare, PreprocessSpec
-
 
 PIL_RESIZE_ON = ("auto", "host", "device")
 

@@ -30,14 +30,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import FDEvalError, InputRangeError, WeightsError
-from ..pil_resize import pil_resize_checked
 from .. import precision as precision_modes
+from ..errors import FDEvalError, InputRangeError, WeightsError
+from ..io_utils import sha256_file_cached
+from ..pil_resize import pil_resize_checked
 from ..precision import LazyCompiled, exact_matmul_path, split3_form, split_numerics
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from .base import Extractor, register_extractor
 from .vit_runner import ViTRunner
-from ..io_utils import sha256_file_cached
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
 
 IMG_SIZE = 224  # every input is resized to this (H = W)

@@ -10,7 +10,6 @@ from PIL import Image, ImageFile
 
 from ..errors import BadImageError
 
-
 SKIP_HINT = "or pass --skip-bad (skip_bad=True) to skip and list bad images"
 
 def one_line(s: object) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Sequence
 
-
 from ..errors import EmptySourceError
 from .base import IMAGE_EXTENSIONS, NO_LIMIT, ImageSource, SkippedItem, content_part, read_capped, stat_part
 from .decode import bad_image, one_line
