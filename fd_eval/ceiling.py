@@ -7,7 +7,9 @@ data at the same N. Two checks:
 * :func:`ceiling` -- a real sample of size n (GPIC val, a held-out test subset, ...) against the reference: the
   statistics of the sample against the reference's, exactly how the GPIC paper defines its Table 2 rows (e.g.
   "Test-50K vs Test-1M", where the 50K are a subset of the 1M). A generator indistinguishable from the real data
-  scores about this at this n; the registry's published floors are reported beside it.
+  scores about this at this n when the sample is independent of the reference; a sample drawn from the reference
+  itself scores lower (c(1/n - 1/M) instead of c(1/n + 1/M), docs/floors.md), and the result says which it is
+  when it can tell (``overlap``). The registry's published floors are reported beside it.
 
       fd_eval.ceiling("gpic/val/gpic_val_{00000..00031}.tar", ref="gpic-test", n=50_000,
                       image_transform="center-crop-256")
