@@ -382,3 +382,37 @@ def test_brace_expansion():
     assert expand_braces("{a,b}{8..10}") == ["a8", "a9", "a10", "b8", "b9", "b10"]
     assert expand_braces("x{3..1}") == ["x3", "x2", "x1"]
     assert expand_braces("lit{x}y") == ["lit{x}y"]
+
+
+def test_compressed_npz_capped_from_header_and_read_as_far_as_needed(tmp_path, monkeypatch):
+    """A compressed npz over the per-item limit is refused before any decompression; under the limit only the
+    prefix of the deflate stream that the images read need is decompressed (``-n 4`` reads 4 images' worth)."""
+    from fd_eval.errors import BadArrayError
+    from fd_eval.sources import ArraySource
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    path = tmp_path / "c.npz"
+    np.savez_compressed(path, images)
+    with pytest.raises(BadArrayError, match=r"c\.npz\[arr_0\].*compressed.*np\.savez.*FD_EVAL_MAX_ITEM_BYTES"):
+        open_source(str(path), max_item_bytes=images.nbytes - 1)
+
+    reads: list[int] = []
+    real = ArraySource._rows
+
+    def counting(self, n):
+        out = real(self, n)
+        reads.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(ArraySource, "_rows", counting)
+    src = open_source(str(path), max_item_bytes=images.nbytes)
+    assert len(src) == 40 and reads == []  # nothing decompressed at open
+    sub = src.subset(4)
+    got = np.stack([np.asarray(sub.load(i)) for i in range(4)])
+    np.testing.assert_array_equal(got, images[:4])
+    assert max(reads) == 4
+    # a full pass grows the prefix geometrically and equals the array
+    full = np.stack([np.asarray(src.load(i)) for i in range(40)])
+    np.testing.assert_array_equal(full, images)
+    assert reads == [1, 2, 4, 8, 16, 32, 40]  # each read doubles the prefix: O(N) decompression in all

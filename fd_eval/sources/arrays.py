@@ -86,8 +86,10 @@ class ArraySource(ImageSource):
     """uint8 (N, H, W, 3) images from ``.npy``, ``.npz`` (member ``arr_0``) or memory.
 
     ``.npy`` and uncompressed ``.npz`` members are memory-mapped (``np.savez`` stores ``arr_0`` uncompressed,
-    as ADM's sampling scripts do); a compressed member (``np.savez_compressed``) is decompressed into memory
-    once at open (noted in ``warnings``). Nothing is ever unpickled: object arrays are refused.
+    as ADM's sampling scripts do); a compressed member (``np.savez_compressed``) is decompressed into memory as
+    far as the images read need it (``-n 4`` decompresses 4 images' worth of a C-order array), and is refused from
+    its header when the whole array would exceed the per-item cap ``max_item_bytes`` (noted in ``warnings``).
+    Nothing is ever unpickled: object arrays are refused.
     """
 
     kind = "array"
@@ -99,6 +101,7 @@ class ArraySource(ImageSource):
         self._mmap: tuple[int, tuple[int, ...], str, bool] | None = None  # (offset, shape, dtype, fortran)
         self._memory: np.ndarray | None = None
         self._compressed = False
+        self._cinfo: tuple[tuple[int, ...], str, bool] | None = None  # compressed member: (shape, dtype, fortran)
         if array is not None:
             if not isinstance(array, np.ndarray):
                 raise BadArrayError(f"array: expected a numpy uint8 (N, H, W, 3) array, got {type(array).__name__}")
@@ -113,7 +116,9 @@ class ArraySource(ImageSource):
             self._open_npy(path)
         else:
             raise ValueError("ArraySource needs an array or a path")
-        self.shape = tuple(int(s) for s in (self._memory.shape if self._memory is not None else self._mmap[1]))
+        shape = (self._memory.shape if self._cinfo is None and self._memory is not None else
+                 self._cinfo[0] if self._cinfo is not None else self._mmap[1])
+        self.shape = tuple(int(s) for s in shape)
 
     def _open_npy(self, path: str) -> None:
         try:
@@ -173,28 +178,52 @@ class ArraySource(ImageSource):
                     raise
                 except Exception as e:  # noqa: BLE001
                     raise BadArrayError(one_line(f"{item}: cannot read ({e}); re-save it with np.savez")) from None
-                array_problems(tuple(shape), dtype, item, None if dtype.kind != "f" else
-                                lambda: self._decompress()[0])
-                self._compressed = True
-                self._memory = self._decompress()
-                self.warnings.append(f"{path}: {key} is compressed (np.savez_compressed) and was decompressed into "
-                                     f"memory ({self._memory.nbytes / 2**30:.2f} GiB); np.savez (uncompressed) is "
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if not dtype.hasobject else 0
+                if nbytes > self.max_item_bytes:
+                    raise BadArrayError(
+                        f"{item}: compressed (np.savez_compressed) array of {nbytes / 2**30:.2f} GiB would have to "
+                        f"be decompressed into memory, above the per-item limit of {self.max_item_bytes / 2**30:.2f} "
+                        "GiB; re-save it uncompressed with np.savez (memory-mapped, no limit) or raise "
+                        "FD_EVAL_MAX_ITEM_BYTES")
+                self._compressed, self._cinfo = True, (tuple(shape), dtype.str, bool(fortran))
+                array_problems(tuple(shape), dtype, item, None if dtype.kind != "f" else lambda: self._rows(1)[0])
+                self.warnings.append(f"{path}: {key} is compressed (np.savez_compressed): decompressed into memory "
+                                     f"as read (up to {nbytes / 2**30:.2f} GiB); np.savez (uncompressed) is "
                                      "memory-mapped instead")
 
-    def _decompress(self) -> np.ndarray:
-        assert self.path is not None
+    def _rows(self, n: int) -> np.ndarray:
+        """The first ``n`` images of a compressed member (``n`` >= the rows held), read from the start of the
+        deflate stream; a Fortran-order array is not row-contiguous and is decompressed whole."""
+        assert self.path is not None and self._cinfo is not None
+        shape, dtype, fortran = self._cinfo
+        n = shape[0] if fortran else min(shape[0], n)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
         try:
             with zipfile.ZipFile(self.path) as zf, zf.open(self.key + ".npy") as f:
-                return np.lib.format.read_array(f, allow_pickle=False)
+                if fortran:
+                    return np.lib.format.read_array(f, allow_pickle=False)
+                npy_header(f, f"{self.path}[{self.key}]")
+                data = f.read(n * row)
+        except BadArrayError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise BadArrayError(one_line(f"{self.path}[{self.key}]: cannot decompress ({e}); re-save it with "
                                           "np.savez")) from None
+        if len(data) != n * row:
+            raise BadArrayError(f"{self.path}[{self.key}]: truncated: the compressed member ends before image {n - 1}"
+                                "; re-save or re-download it")
+        return np.frombuffer(data, dtype=np.dtype(dtype)).reshape((n, *shape[1:]))
 
-    def _array(self) -> np.ndarray:
-        if self._memory is not None:
+    def _array(self, need: int | None = None) -> np.ndarray:
+        """The images as an array-like holding at least the first ``need`` rows (None: all of them)."""
+        if self._compressed:  # grow the decompressed prefix geometrically: O(N) decompression over a full pass
+            held = 0 if self._memory is None else self._memory.shape[0]
+            want = self.shape[0] if need is None else need
+            if held < want:
+                self._memory = self._rows(max(want, min(self.shape[0], 2 * held)))
+            assert self._memory is not None
             return self._memory
-        if self._compressed:  # unpickled copy of a compressed npz: decompress once in this process
-            self._memory = self._decompress()
+        if self._memory is not None:
             return self._memory
         assert self._mmap is not None and self.path is not None
         offset, shape, dtype, fortran = self._mmap
@@ -210,7 +239,7 @@ class ArraySource(ImageSource):
 
     def load(self, i: int) -> Image.Image:
         i = self._check_index(i)
-        return Image.fromarray(np.ascontiguousarray(self._array()[i]))
+        return Image.fromarray(np.ascontiguousarray(self._array(i + 1)[i]))
 
     def _fingerprint_parts(self, content: bool) -> Iterable[bytes]:
         yield f"{self.key}\0{self.shape}".encode()
