@@ -13,8 +13,8 @@ dv._build_extractor = functools.partial(dv._build_extractor, _depth=int(sys.argv
 if os.environ.get("FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"):
     k, real, calls = int(os.environ["FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"]), cp.save_unit_file, []
 
-    def save(path, header, tensors):
-        real(path, header, tensors)
+    def save(path, header, tensors, *meta_key):
+        real(path, header, tensors, *meta_key)
         if os.path.basename(path).startswith("train-"):
             calls.append(path)
             if len(calls) == k:

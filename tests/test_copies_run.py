@@ -68,8 +68,8 @@ def interrupt_after(monkeypatch, kind, k):
     """KeyboardInterrupt right after the k-th ``kind`` unit file is saved; returns the saved file names."""
     real, saved = cp.save_unit_file, []
 
-    def save(path, header, tensors):
-        real(path, header, tensors)
+    def save(path, header, tensors, *meta_key):
+        real(path, header, tensors, *meta_key)
         if Path(path).name.startswith(kind + "-"):
             saved.append(Path(path).name)
             if len(saved) == k:
