@@ -55,6 +55,7 @@ def _cli(*args, code=0):
     return r
 
 
+@pytest.mark.slow
 def test_analysis_section_equals_direct_calls(world, ref_stats, tmp_path):
     out, saved = tmp_path / "r.json", tmp_path / "gen.safetensors"
     r = _cli("compute", world["gen"], "--ref", world["ref"], "-m", MODEL, "--weights", world["ckpt"], "--json", out,
@@ -110,6 +111,7 @@ def test_registry_reference_embeddings_feed_prdc(world, ref_stats, tmp_path):
     assert (a["bootstrap"]["ci"], a["bootstrap"]["n_boot"]) == (0.95, 5) and "fd_infinity" not in a
 
 
+@pytest.mark.slow
 def test_prdc_after_a_plain_run_recomputes_the_reference_features(world, ref_stats, tmp_path):
     """A plain `compute` caches the reference images' statistics without feature rows; a later --prdc run must
     still compare against the reference's rows (recomputed), not fail or use anything else."""
@@ -165,6 +167,7 @@ def test_analyze_errors_name_the_missing_rows(ref_stats):
         AnalysisSpec(ci=1.5)
 
 
+@pytest.mark.slow
 def test_analyze_result_uses_the_reference_compute_fd_compared_against(world, ref_stats, tmp_path):
     """compute_fd keeps the reference it used (ref_stats), with rows only when asked: the bootstrap needs none,
     PRDC refuses without them, and with ref_features=True analyze_result equals analyze on the same rows."""

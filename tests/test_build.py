@@ -174,6 +174,7 @@ def _cli_args(world, out, *extra):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.slow
 def test_killed_cli_run_resumes_bit_identically(world, serial, tmp_path, sig, monkeypatch):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -212,6 +213,7 @@ def test_ranks_split_units_and_rank0_merges(world, serial, tmp_path):
     assert res.metadata["source"]["build"]["resumed_units"] == N_SHARDS
 
 
+@pytest.mark.slow
 def test_two_processes_by_env_equal_serial(world, serial, tmp_path):
     """Two `fd-eval stats` processes with RANK/WORLD_SIZE (no process group, no store) share one folder."""
     out = tmp_path / "stats.safetensors"
@@ -227,6 +229,7 @@ def test_two_processes_by_env_equal_serial(world, serial, tmp_path):
     assert res.metadata["source"]["build"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_torchrun_gloo_resume_equals_serial(world, serial, tmp_path):
     """torchrun with an initialised gloo process group, resuming a run whose rank 0 finished its share (units 0
     and 2): the ranks agree on the units left and split them evenly, meet at a barrier, rank 0 writes the file."""

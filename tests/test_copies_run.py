@@ -136,6 +136,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(sets, reference, tmp_path):
     """2 gloo ranks on the CPU: each takes every other unit (some ranks none of GEN's), with checkpoints; both
     ranks return the result of one process, exactly; rank 0 alone writes the JSON."""
@@ -213,6 +214,7 @@ def test_cli_interrupted_then_resumed(sets, vit, cli_reference, tmp_path, monkey
     assert b["results"] == cli_reference[1]["results"] and b["provenance"]["run"]["resumed_units"] == 1
 
 
+@pytest.mark.slow
 def test_cli_killed_then_resumed(sets, vit, cli_reference, tmp_path, monkeypatch, one_thread):
     """SIGKILL right after the 2nd unit file (a subprocess of the real CLI), then the same command resumes."""
     out = tmp_path / "c.json"

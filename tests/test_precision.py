@@ -360,6 +360,7 @@ def test_regional_compile_compiles_each_block_and_leaves_the_module_unchanged():
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                     reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_real_regional_compile_of_dinov2_traces_one_graph(tmp_path):
     """torch.compile for real (inductor, CPU): ViT-S/14 with 2 blocks in fast mode compiles one block graph, used
     by both blocks; the features stay within bfloat16 noise of the eager fast ones."""

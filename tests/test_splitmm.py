@@ -100,6 +100,7 @@ def _rel_rms(a, b):
     return float(((a - b).pow(2).mean() / b.pow(2).mean()).sqrt())
 
 
+@pytest.mark.slow
 def test_emulated_3xtf32_matches_ieee_float32(vits, monkeypatch):
     ex, _, sets = vits
     ieee = _feats(ex.set_precision("exact"), sets)
@@ -129,6 +130,7 @@ def test_emulated_3xtf32_matches_ieee_float32(vits, monkeypatch):
         ex.set_precision("exact")
 
 
+@pytest.mark.slow
 def test_cls_only_last_block_matches_the_hub_model_and_is_batch_invariant(vits):
     ex, hub, sets = vits
     ex.set_precision("exact")
@@ -145,6 +147,7 @@ def test_cls_only_last_block_matches_the_hub_model_and_is_batch_invariant(vits):
     assert "blocks.11.mlp.fc2.weight" in ex.model.state_dict() and len(ex.runner().blocks) == 11
 
 
+@pytest.mark.slow
 def test_fp8_emulation_runs_and_is_refused_against_exact_statistics(vits):
     ex, _, sets = vits
     exact = _feats(ex.set_precision("exact"), sets)
