@@ -4,12 +4,14 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from .._version import __version__
+from ..distributed import destroy, get_rank, init_distributed
 from ..errors import FDEvalError
 from ..io_utils import atomic_write
 from ..options import DECODES, OPTION_HELP, PRECISIONS, RESIZES, RunOptions
@@ -147,3 +149,21 @@ def weights_arg(values: tuple[str, ...]) -> Any:
         k, path = v.split("=", 1)
         out[k] = path
     return out
+
+
+def run_distributed(device: str | None, fn: Callable[[], Any]) -> Any:
+    """``fn()`` inside torchrun's process group (joined here; a no-op for a single process): its result on rank 0,
+    None on the other ranks, which print nothing. Every rank raises the same :class:`FDEvalError`; rank 0 alone
+    prints it."""
+    created = init_distributed(device)
+    rank = get_rank()
+    try:
+        res = fn()
+    except FDEvalError:
+        if rank != 0:
+            sys.exit(1)
+        raise
+    finally:
+        if created:
+            destroy()
+    return res if rank == 0 else None

@@ -10,14 +10,22 @@ import click
 from ..analysis import check_reference_features
 from ..api import compute_fd
 from ..build import DEFAULT_BLOCK, build_stats
-from ..distributed import destroy, get_rank, init_distributed
-from ..errors import FDEvalError
 from ..options import RunOptions
 from ..preprocess import SOURCE_TRANSFORMS
 from ..report import require_matplotlib, write_report
 from ..stats import save_stats
 from ._checks import check_paths, render_accounting
-from ._common import TABLE_FORMATS, echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
+from ._common import (
+    TABLE_FORMATS,
+    echo_table,
+    fmt_num,
+    main,
+    run_distributed,
+    run_options,
+    warn,
+    weights_arg,
+    write_json,
+)
 from .analysis_cmds import analysis_options, analysis_spec, run_analysis
 
 
@@ -68,21 +76,11 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     spec = analysis_spec(**analysis_opts)  # None unless --ci/--bootstrap/--fd-infinity/--prdc/--mmd
     if spec is not None and spec.needs_reference_features:
         check_reference_features(ref, models, offline=options.offline)  # fail before extracting, not after
-    created = init_distributed(options.device)  # joins torchrun's process group; a no-op for a single process
-    rank = get_rank()
-    try:
-        res = compute_fd(gen, ref, models, weights=weights_arg(weights), num=num, seed=seed, options=options,
-                         allow_mismatch=allow_mismatch, ref_image_transform=ref_transform,
-                         keep_features=spec is not None,
-                         ref_features=spec is not None and spec.needs_reference_features)
-    except FDEvalError:
-        if rank != 0:  # every rank raises the same error; rank 0 prints it once
-            sys.exit(1)
-        raise
-    finally:
-        if created:
-            destroy()
-    if rank != 0:
+    res = run_distributed(options.device, lambda: compute_fd(
+        gen, ref, models, weights=weights_arg(weights), num=num, seed=seed, options=options,
+        allow_mismatch=allow_mismatch, ref_image_transform=ref_transform, keep_features=spec is not None,
+        ref_features=spec is not None and spec.needs_reference_features))
+    if res is None:  # not rank 0
         return
     for w in res.warnings:
         warn(w)

@@ -1,15 +1,11 @@
 """`fd-eval copies`: the training images nearest to each generated image (copy detection, SSCD by default)."""
 from __future__ import annotations
 
-import sys
-
 import click
 
 from ..copies import DEFAULT_MODELS, find_copies
-from ..distributed import destroy, get_rank, init_distributed
-from ..errors import FDEvalError
 from ..options import RunOptions
-from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg
+from ._common import echo_table, fmt_num, main, run_distributed, run_options, warn, weights_arg
 
 
 @main.command("copies")
@@ -45,22 +41,12 @@ def copies_cmd(gen: str, train: str, models: tuple[str, ...], weights: tuple[str
     copies ...` each process takes every N-th unit and the top-K lists are merged exactly.
     """
     ckpt = checkpoint_dir if checkpoint_dir is not None else (f"{json_path}.partial" if json_path else None)
-    created = init_distributed(options.device)
-    rank = get_rank()
-    try:
-        res = find_copies(gen, train, models=list(models), top_k=top_k, threshold=threshold, test=test,
-                          compute_authpct=not no_authpct, save_features=save_features,
-                          weights=weights_arg(weights), checkpoint_dir=ckpt, checkpoint_every=checkpoint_every,
-                          json_path=json_path, sheet=sheet, options=options,
-                          log=lambda msg: click.echo(msg, err=True))
-    except FDEvalError:
-        if rank != 0:  # every rank raises the same error; rank 0 prints it once
-            sys.exit(1)
-        raise
-    finally:
-        if created:
-            destroy()
-    if rank != 0:
+    res = run_distributed(options.device, lambda: find_copies(
+        gen, train, models=list(models), top_k=top_k, threshold=threshold, test=test,
+        compute_authpct=not no_authpct, save_features=save_features, weights=weights_arg(weights),
+        checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, json_path=json_path, sheet=sheet, options=options,
+        log=lambda msg: click.echo(msg, err=True)))
+    if res is None:  # not rank 0
         return
     skipped = [s for part in res.provenance["skipped"].values() for s in part]
     for s in skipped[:20]:
