@@ -47,7 +47,7 @@ from .consumers import Consumer, merge_topk  # noqa: F401 - merge_topk: public h
 from .errors import CheckpointError, EmptySourceError, FDEvalError, InputError
 from .extractors import Extractor
 from .io_utils import atomic_path, atomic_write
-from .options import RunOptions, make_options
+from .options import ResolvedRun, RunOptions, make_options
 from .pipeline import FeatureConsumer  # noqa: F401 - the interface the consumers below implement
 from .provenance import environment
 from .sources import ImageSource, SkippedItem, open_source
@@ -508,20 +508,33 @@ _CKPT_RE = re.compile(r"^(\.)?(train|authpct)-\d{6,}\.safetensors(\..*\.tmp)?$|^
 
 @dataclass
 class _Run:
-    """What every pass of one :func:`find_copies` call shares."""
+    """What every pass of one :func:`find_copies` call shares: the resolved run and the checkpoint's identity."""
 
     extractors: list[Extractor]
-    device: torch.device
-    batch_size: int
-    num_workers: int
-    decode: str
-    skip_bad: bool
-    progress: bool
-    rank: int
-    world: int
+    opts: ResolvedRun
     ckpt: Path | None
     identity: dict[str, Any]
     log: Any
+
+    @property
+    def device(self) -> torch.device:
+        return self.opts.device
+
+    @property
+    def rank(self) -> int:
+        return self.opts.rank
+
+    @property
+    def world(self) -> int:
+        return self.opts.world_size
+
+    @property
+    def skip_bad(self) -> bool:
+        return self.opts.skip_bad
+
+    @property
+    def progress(self) -> bool:
+        return self.opts.progress
 
 
 def _read_unit_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -576,9 +589,8 @@ def _collect(src: ImageSource, run: _Run, desc: str) -> tuple[list[torch.Tensor]
     try:
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc=desc,
                   disable=not run.progress or run.rank != 0) as bar:
-            for u in run_units(src, run.extractors, [u.indices for u in mine], lambda k: cols, device=run.device,
-                               batch_size=run.batch_size, num_workers=run.num_workers, decode=run.decode,
-                               skip_bad=run.skip_bad, bar=bar, n_planned=len(src)):
+            for u in run_units(src, run.extractors, [u.indices for u in mine], lambda k: cols, run.opts, bar=bar,
+                               n_planned=len(src)):
                 skipped += u.skipped
     except FDEvalError as e:
         if run.world == 1:
@@ -733,9 +745,8 @@ def _training_pass(kind: str, train: ImageSource, units: Sequence[Any], base: li
                 def on_unit(d: Any) -> None:
                     finish(mine[d.k], [cs[0] for cs in d.consumers], d.skipped)
 
-                run_units(train, exs, [u.indices for u in mine], consumers, device=run.device,
-                          batch_size=run.batch_size, num_workers=run.num_workers, decode=run.decode,
-                          skip_bad=run.skip_bad, on_unit=on_unit, bar=bar, n_planned=sum(len(u) for u in units))
+                run_units(train, exs, [u.indices for u in mine], consumers, run.opts, on_unit=on_unit, bar=bar,
+                          n_planned=sum(len(u) for u in units))
     except FDEvalError as e:
         if run.world == 1:
             raise
@@ -827,8 +838,7 @@ def find_copies(
     """
     from .api import resolve_extractors
     from .build import DEFAULT_BLOCK, plan_units
-    from .distributed import barrier, resolve_world
-    from .pipeline import auto_device, default_batch_size, default_num_workers
+    from .distributed import barrier
 
     opts = make_options(options, kw, "find_copies")
     if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
@@ -836,8 +846,8 @@ def find_copies(
     if threshold is not None and not -1 <= threshold <= 1:
         raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {threshold!r}")
     say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if opts.progress else (lambda m: None))
-    rank, world = resolve_world(opts.rank, opts.world_size, device=opts.device)
-    dev = auto_device(opts.device)
+    resolved = opts.resolve()
+    rank, world, dev = resolved.rank, resolved.world_size, resolved.device
     skip_bad = opts.skip_bad
     gen_src = open_source(gen, skip_bad=skip_bad)
     try:
@@ -878,8 +888,8 @@ def find_copies(
     if feats_dir is not None and not resuming and any(feats_dir.glob("*/features-*.safetensors")):
         raise InputError(f"{feats_dir}: already holds saved features (features-*.safetensors) and no run is being "
                          "resumed; delete them or choose another --save-features folder")
-    exs = resolve_extractors(models, extractors, weights, opts, dev)
-    bs = opts.batch_size or default_batch_size(dev)
+    exs = resolve_extractors(models, extractors, weights, resolved, dev)
+    bs = resolved.batch_size
     identity = json.loads(json.dumps({
         "extractors": [{k: ex.metadata()[k] for k in ("extractor", "feature_dim", "weights_sha256", "preprocess")}
                        for ex in exs],
@@ -889,9 +899,7 @@ def find_copies(
                   "n_units": len(plan.units), "n_items": plan.n_items},
         "top_k": int(top_k), "authpct": bool(compute_authpct), "batch_size": bs, "device": dev.type,
         "decode": opts.decode}))
-    run = _Run(exs, dev, bs, default_num_workers(dev) if opts.num_workers is None else opts.num_workers,
-               opts.decode, skip_bad, opts.progress, rank, world, ckpt, identity,
-               say if rank == 0 else (lambda m: None))
+    run = _Run(exs, resolved, ckpt, identity, say if rank == 0 else (lambda m: None))
     if ckpt is not None and rank == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
     q = _queries(gen_src, test_src, run)

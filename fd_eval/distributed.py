@@ -28,16 +28,13 @@ import importlib
 import inspect
 import json
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from . import errors as _errors
 from .errors import FDEvalError
 from .moments import MomentAccumulator
-
-if TYPE_CHECKING:
-    from .pipeline import Extraction
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # a rank may wait this long for the slowest one to finish
 
@@ -253,7 +250,7 @@ def merge_accumulators(accs: Sequence[MomentAccumulator], group: Any = None) -> 
     return merge_over_ranks(accs, group)  # type: ignore[return-value]
 
 
-def merge_extraction(extraction: "Extraction", error: BaseException | None = None, group: Any = None) -> "Extraction":
+def merge_extraction(extraction: Any, error: BaseException | None = None, group: Any = None) -> Any:
     """Collective, called by :func:`fd_eval.pipeline.extract` when ``world_size > 1``: in place, replace this
     rank's accumulators by the merged ones, ``n_images`` by the total and ``skipped`` by every rank's skipped
     items (rank order; indices already global). If any rank failed (``error``), every rank raises instead."""
