@@ -27,9 +27,9 @@ from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_na
 from .io_utils import optional_cache_dir, warn_cache_unusable
 from .options import RunOptions, make_options
 from .pipeline import check_decode, extract, extraction_stats
-from .precision import precision_provenance, resolve_precision
+from .precision import resolve_precision
 from .preprocess import source_transform
-from .provenance import device_name, versions
+from .provenance import result_provenance
 from .sources import ImageSource, open_source
 from .stats import Stats, compare_stats, load_stats, save_stats, sniff_format
 
@@ -127,18 +127,9 @@ def resolve_extractors(models: ModelsArg, extractors: Sequence[Extractor] | None
 
 def run_provenance(extractors: Sequence[Extractor], device: torch.device, *,
                    preprocess: Mapping[str, Mapping[str, Any]] | None = None, **parts: Any) -> dict[str, Any]:
-    """The ``provenance`` document of a result (``compute_fd``, ``FDMetric.compute``, ``ceiling``): versions,
-    device, each extractor's weights and preprocessing (``preprocess[name]`` overrides it: what the statistics
-    record), precision, then ``parts`` in order."""
-    return {
-        "versions": versions(),
-        "device": device_name(device),
-        "extractors": {ex.name: {"weights_sha256": ex.weights_sha256,
-                                 "preprocess": dict((preprocess or {}).get(ex.name) or ex.preprocess_spec.to_dict())}
-                       for ex in extractors},
-        "precision": precision_provenance(extractors, device),
-        **parts,
-    }
+    """The ``provenance`` document of a result: :func:`fd_eval.provenance.result_provenance`, the one schema of
+    every result (compute, FDMetric, ceiling, copies)."""
+    return result_provenance(extractors, device, preprocess=preprocess, **parts)
 
 
 def progress_label(side: str, spec: Any, extractors: Sequence[Extractor]) -> str:
@@ -419,6 +410,8 @@ def evaluate_stats(gen: Mapping[str, Stats], ref: _Ref, *, allow_mismatch: bool 
             "floor_independent_estimate": fm.independent(g.n) if fm else None,
             "diagnostics": {k: v for k, v in res.to_dict().items() if k not in {"fd", "fd_mean", "fd_cov"}},
         }
+        if g.metadata.get("metrics"):  # registered consumer metrics (fd_eval.consumers.ConsumerMetric)
+            results[name]["metrics"] = g.metadata["metrics"]
         if ref.registry_name and ref.registry_name.startswith("gpic") and g.n != PROTOCOL_N:
             side = "below" if g.n < PROTOCOL_N else "above"
             shift = f" (estimated shift from sample size alone: {fm.shift(g.n):+.2f}, FD ~ c/N)" if fm else ""

@@ -37,168 +37,58 @@ Disk: one float64 D x D matrix per unit and extractor (8 MiB for DINOv2 ViT-L/14
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
-import re
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
+from .consumers import CONSUMER_METRICS
 from .distributed import barrier
+from .engine import (  # noqa: F401 - Unit, plan_units, save_unit_file, DEFAULT_BLOCK: public here since 0.x
+    DEFAULT_BLOCK,
+    Unit,
+    UnitFiles,
+    UnitPlan,
+    carry_error,
+    decode_states,
+    encode_states,
+    plan_units,
+    save_unit_file,
+    scan_units,
+    share_units,
+    skipped_items,
+    wait_for_units,
+)
 from .errors import CheckpointError, EmptySourceError, FDEvalError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
-from .io_utils import atomic_path, atomic_write
+from .io_utils import atomic_write
 from .moments import MomentAccumulator
 from .options import ResolvedRun, RunOptions, make_options
-from .pipeline import (
-    Extraction,
-    UnitDone,
-    check_decode,
-    device_decode_spec,
-    extraction_stats,
-    run_units,
-)
+from .pipeline import Extraction, UnitDone, check_decode, device_decode_spec, extraction_stats, feature_consumers
 from .preprocess import DECODE_PIL_RGB, SourceTransform, source_transform
 from .provenance import device_name
-from .sources import (
-    DirectorySource,
-    ImageSource,
-    SkippedItem,
-    SubsetSource,
-    TarSource,
-    open_source,
-)
-from .sources.base import stat_part
+from .sources import SkippedItem, open_source
 from .stats import Stats, save_stats
 
 __all__ = ["UNIT_FORMAT", "DEFAULT_BLOCK", "Unit", "BuildPlan", "plan_units", "build_stats",
            "default_checkpoint_dir"]
 
 UNIT_FORMAT = "fd-eval-build-unit/1"
-DEFAULT_BLOCK = 10_000  # images per unit for sources that are not tar shards
 MANIFEST = "build.json"
 RESULT = "result.safetensors"
 _META_KEY = "fd_eval_unit"
-_UNIT_RE = re.compile(r"^unit-(\d{6,})\.safetensors$")
-# temp files of our atomic writes inside the checkpoint directory (io_utils.atomic_path names them so)
-_TMP_RE = re.compile(r"^\.(unit-\d+\.safetensors|build\.json|result\.safetensors)\..*\.tmp$")
-_POLL_S = 1.0
-
-
-# --- the plan -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Unit:
-    """One checkpointed piece of the work.
-
-    Attributes:
-        index: position in the plan (merge order).
-        indices: int64 (n,) ascending indices into the plan's ``source``.
-        label: how messages name it (a shard path, or a range of items).
-        fingerprint: hex sha256 of the unit's data (see the module docstring).
-    """
-
-    index: int
-    indices: np.ndarray = field(repr=False)
-    label: str
-    fingerprint: str
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-@dataclass
-class BuildPlan:
-    """The units of a build. ``selection`` is ``source`` or its ``num``/``seed`` subset (what the stats cover)."""
-
-    source: ImageSource
-    selection: ImageSource
-    units: list[Unit]
-    kind: str  # "tar-shards" | "blocks"
-    checkpoint_every: int | None
-
-    @property
-    def n_items(self) -> int:
-        return sum(len(u) for u in self.units)
-
-    def describe(self) -> str:
-        what = "tar shard" if self.kind == "tar-shards" else "block"
-        every = f" of at most {self.checkpoint_every:,} images" if self.checkpoint_every else ""
-        return f"{len(self.units)} units ({what}s{every}) over {self.n_items:,} images"
-
-
-def _sha(*parts: bytes) -> str:
-    import hashlib
-
-    h = hashlib.sha256(UNIT_FORMAT.encode())
-    for p in parts:
-        h.update(len(p).to_bytes(8, "little"))
-        h.update(p)
-    return h.hexdigest()
-
-
-def _blocks(idx: np.ndarray, every: int | None) -> list[np.ndarray]:
-    if not every or len(idx) <= every:
-        return [idx]
-    return [idx[s:s + every] for s in range(0, len(idx), every)]
-
-
-def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: int | None = None,
-               seed: int | None = None) -> BuildPlan:
-    """Split ``source`` (or its ``num``/``seed`` subset, as :meth:`ImageSource.subset` picks it) into units.
-
-    Tar shards: one unit per shard (empty shards have none), cut into blocks of at most ``checkpoint_every``
-    images when given. Other sources: blocks of ``checkpoint_every`` (default :data:`DEFAULT_BLOCK`) images.
-    """
-    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or int(checkpoint_every) < 1):
-        raise FDEvalError(f"--checkpoint-every must be a positive number of images, got {checkpoint_every!r}")
-    every = int(checkpoint_every) if checkpoint_every is not None else None
-    selection = source if num is None else source.subset(num, seed=seed)
-    positions = (selection.indices if isinstance(selection, SubsetSource)
-                 else np.arange(len(source), dtype=np.int64))
-    units: list[Unit] = []
-    if isinstance(source, TarSource):
-        kind = "tar-shards"
-        shard_of = source.shard_of(positions)
-        cuts = np.flatnonzero(np.diff(shard_of)) + 1  # positions ascend, so each shard's items are contiguous
-        for group in np.split(positions, cuts):
-            s = int(source.shard_of(group[:1])[0])
-            path, start = source.shards[s], int(source.shard_starts[s])
-            shard_part = stat_part(os.path.basename(path), path) + b"\0" + source.shard_header_digest(s).encode()
-            blocks = _blocks(group, every)
-            for b in blocks:
-                local = b - start
-                label = path if len(blocks) == 1 else f"{path} (samples {local[0]}..{local[-1]})"
-                units.append(Unit(len(units), b, label, _sha(b"tar", shard_part, local.tobytes())))
-    else:
-        kind = "blocks"
-        every = every or DEFAULT_BLOCK
-        if isinstance(source, DirectorySource):
-            def fingerprint(b: np.ndarray) -> str:
-                return _sha(b"dir", *(stat_part(source.files[i], os.path.join(source.root, source.files[i]))
-                                      for i in b.tolist()))
-        else:
-            whole = source.fingerprint().encode()
-
-            def fingerprint(b: np.ndarray) -> str:
-                return _sha(b"source", whole, b.tobytes())
-        for b in _blocks(positions, every):
-            label = f"items {b[0]}..{b[-1]} of {source.spec} ({source.describe(int(b[0]))} ...)"
-            units.append(Unit(len(units), b, label, fingerprint(b)))
-    return BuildPlan(source, selection, units, kind, every)
+BuildPlan = UnitPlan  # the name before the unit engine (fd_eval.engine) took the plan
 
 
 # --- identity -----------------------------------------------------------------------------------------------
 def _identity(extractors: Sequence[Extractor], tf: SourceTransform | None, num: int | None, seed: int | None,
-              plan: BuildPlan, decode: str = "pil") -> dict[str, Any]:
+              plan: UnitPlan, decode: str = "pil") -> dict[str, Any]:
     """What every unit of one build must share (JSON-normalised, so it compares equal to a stored copy)."""
     exs = []
     for ex in extractors:
@@ -213,6 +103,9 @@ def _identity(extractors: Sequence[Extractor], tf: SourceTransform | None, num: 
         "plan": {"kind": plan.kind, "checkpoint_every": plan.checkpoint_every, "n_units": len(plan.units),
                  "n_items": plan.n_items},
     }
+    metrics = sorted(CONSUMER_METRICS)
+    if metrics:  # registered consumer metrics: their states are in the unit files too
+        ident["metrics"] = metrics
     return json.loads(json.dumps(ident))
 
 
@@ -254,86 +147,24 @@ def _identity_diffs(old: Any, new: dict[str, Any]) -> list[str]:
     if old.get("selection") != new["selection"]:
         o, n = old.get("selection") or {}, new["selection"]
         out.append(f"--num/--seed: then {o.get('num')}/{o.get('seed')}, now {n['num']}/{n['seed']}")
+    if old.get("metrics", []) != new.get("metrics", []):
+        out.append(f"consumer metrics: then {old.get('metrics', [])}, now {new.get('metrics', [])}")
     if old.get("plan") != new["plan"]:
         out.append(f"units: then {_plan_words(old.get('plan') or {})}, now {_plan_words(new['plan'])}")
     return out
 
 
-def _unit_path(ckpt: Path, k: int) -> Path:
-    return ckpt / f"unit-{k:06d}.safetensors"
+def _unit_files(ckpt: Path, identity: dict[str, Any]) -> UnitFiles:
+    return UnitFiles(ckpt, UNIT_FORMAT, identity, meta_key=_META_KEY, diffs=_identity_diffs,
+                     extra_names=(MANIFEST, RESULT))
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {})[_META_KEY])
-        if not isinstance(header, dict):
-            raise TypeError("not an object")
-        return header
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: damaged or not an fd-eval unit file ({type(e).__name__}: {e}); delete it to "
-                              "recompute that unit") from None
-
-
-def _check_unit(path: Path, header: dict[str, Any], plan: BuildPlan, identity: dict[str, Any],
-                keep_features: bool, skip_bad: bool, ckpt: Path) -> Unit:
-    """Refuse a unit file that does not belong to this build; return the plan's unit it holds."""
-    fix = f"rerun with the original settings, or delete {ckpt} to start over"
-    if header.get("format") != UNIT_FORMAT:
-        raise CheckpointError(f"{path}: cannot resume: written in checkpoint format {header.get('format')!r}, this "
-                              f"fd-eval writes {UNIT_FORMAT!r}; delete {ckpt} to start over")
-    diffs = _identity_diffs(header.get("identity"), identity)
-    if diffs:
-        raise CheckpointError(f"{ckpt}: cannot resume: the checkpoint was made with other settings "
-                              f"({'; '.join(diffs)}); {fix}")
-    info = header.get("unit") or {}
-    k = int(_UNIT_RE.match(path.name).group(1))  # type: ignore[union-attr]
-    if info.get("index") != k or not 0 <= k < len(plan.units):
-        raise CheckpointError(f"{path}: damaged: it holds unit {info.get('index')!r} of {len(plan.units)}; delete it "
-                              "to recompute that unit")
-    unit = plan.units[k]
-    if info.get("fingerprint") != unit.fingerprint or info.get("n_items") != len(unit):
-        raise CheckpointError(
-            f"{path}: cannot resume: the data of unit {k} ({unit.label}) changed since it was computed (files, sizes, "
-            f"modification times or tar members differ); restore the original data, or delete {path} to recompute "
-            f"that unit (or {ckpt} to start over)")
-    if keep_features and not header.get("features"):
-        raise CheckpointError(f"{path}: cannot resume with --keep-features (keep_features=True): unit {k} was computed "
-                              f"without feature rows; {fix}")
-    if header.get("skipped") and not skip_bad:
-        raise CheckpointError(
-            f"{path}: unit {k} ({unit.label}) skipped {len(header['skipped'])} unreadable image(s) under --skip-bad; "
-            f"pass --skip-bad (skip_bad=True) again, or delete {path} to recompute that unit strictly")
-    return unit
-
-
-def _scan(ckpt: Path, plan: BuildPlan, identity: dict[str, Any], keep_features: bool,
-          skip_bad: bool) -> dict[int, dict[str, Any]]:
-    """Headers of the completed (and valid) units already in ``ckpt``, by unit index."""
-    done = {}
-    if not ckpt.is_dir():
-        return done
-    for p in sorted(ckpt.iterdir()):
-        if _UNIT_RE.match(p.name):
-            header = _read_header(p)
-            unit = _check_unit(p, header, plan, identity, keep_features, skip_bad, ckpt)
-            done[unit.index] = header
-    return done
-
-
-# --- ranks ---------------------------------------------------------------------------------------------------
-def _agree_done(done: set[int], n_units: int, rank: int, dev: torch.device) -> set[int]:
-    """Collective: rank 0's view of the completed units, on every rank (a uint8 mask; nothing pickled)."""
-    import torch.distributed as dist
-
-    comm = dev if dist.get_backend() == "nccl" else torch.device("cpu")
-    mask = torch.zeros(n_units, dtype=torch.uint8, device=comm)
-    if rank == 0 and done:
-        mask[torch.tensor(sorted(done), dtype=torch.int64, device=comm)] = 1
-    dist.broadcast(mask, src=0)
-    return set(torch.nonzero(mask).flatten().cpu().tolist())
+def _features_check(keep_features: bool, fix: str) -> Callable[[Path, dict[str, Any], Unit], None]:
+    def check(path: Path, header: dict[str, Any], unit: Unit) -> None:
+        if keep_features and not header.get("features"):
+            raise CheckpointError(f"{path}: cannot resume with --keep-features (keep_features=True): unit "
+                                  f"{unit.index} was computed without feature rows; {fix}")
+    return check
 
 
 # --- computing units ----------------------------------------------------------------------------------------
@@ -343,122 +174,106 @@ def _numerics(dev: torch.device, batch_size: int) -> dict[str, Any]:
             "fd_eval": __version__, "torch": torch.__version__}
 
 
-def save_unit_file(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor],
-                   meta_key: str = _META_KEY) -> None:
-    """Write one checkpoint unit atomically (temp file in the same folder, fsync, rename); ``header`` as JSON in
-    the safetensors metadata under ``meta_key`` (also used by :mod:`fd_eval.copies`)."""
-    from safetensors.torch import save_file
+def _unit_tensors(extractors: Sequence[Extractor], accs: Sequence[MomentAccumulator], mets: Sequence[dict[str, Any]],
+                  keep_features: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A unit's states as unit-file tensors and header fields. Moments: ``{model}.mean``, ``{model}.m2`` (and
+    ``{model}.features`` when kept and non-empty), ``n`` in the header (the format of fd-eval-build-unit/1);
+    registered consumer metrics: their declared states (:func:`fd_eval.engine.encode_states`) as
+    ``{model}.{metric}.{state}``, scalars under the header's ``states``."""
+    tensors: dict[str, torch.Tensor] = {}
+    extra: dict[str, Any] = {"n": accs[0].n}
+    for ex, acc, m in zip(extractors, accs, mets):
+        st = acc.state_dict()  # float64 mean/m2 on the CPU (the one host sync per unit)
+        tensors[f"{ex.name}.mean"], tensors[f"{ex.name}.m2"] = st["mean"], st["m2"]
+        if keep_features and acc.n:
+            tensors[f"{ex.name}.features"] = st["features"]
+        mt, ms = encode_states({f"{ex.name}.{name}": c for name, c in m.items()})
+        tensors.update(mt)
+        if ms:
+            extra.setdefault("states", {}).update(ms)
+    return tensors, extra
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={meta_key: json.dumps(header, sort_keys=True)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
+def _compute_units(plan: UnitPlan, units: Sequence[Unit], extractors: Sequence[Extractor],
+                   tf: SourceTransform | None, run: ResolvedRun, keep_features: bool, files: UnitFiles,
+                   bar: Any, on_saved: Callable[[Unit], None]) -> FDEvalError | None:
+    """Extract ``units`` in one pass of the unit engine and save each unit's states as soon as its last batch is
+    in (unit u's images run in batches of ``batch_size`` from its first image, exactly as ``pipeline.extract``
+    on that unit alone would run them). Returns a unit's error under a process group (see
+    :func:`fd_eval.engine.scan_units`)."""
+    dev, numerics = run.device, _numerics(run.device, run.batch_size)
+    made: dict[int, tuple[list[MomentAccumulator], list[dict[str, Any]]]] = {}
 
-def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[Extractor],
-                   tf: SourceTransform | None, run: ResolvedRun, keep_features: bool, ckpt: Path,
-                   identity: dict[str, Any], bar: Any, on_saved: Callable[[Unit], None]) -> None:
-    """Extract ``units`` in one pass of :func:`fd_eval.pipeline.run_units` and save each unit's triple as soon as
-    its last batch is in (unit u's images run in batches of ``batch_size`` from its first image, exactly as
-    ``pipeline.extract`` on that unit alone would run them)."""
-    dev, rank = run.device, run.rank
-    numerics = _numerics(dev, run.batch_size)
+    def fresh(unit: Unit) -> list[list[Any]]:
+        accs, mets = made[unit.index] = feature_consumers(extractors, dev, keep_features)
+        return [[a, *m.values()] for a, m in zip(accs, mets)]
 
-    def consumers(k: int) -> list[MomentAccumulator]:
-        return [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
-
-    def save(done: UnitDone) -> None:
-        unit = units[done.k]
-        accs = [cs[0] for cs in done.consumers]
-        tensors: dict[str, torch.Tensor] = {}
-        for ex, acc in zip(extractors, accs):
-            st = acc.state_dict()  # float64 mean/m2 on the CPU (the one host sync per unit)
-            tensors[f"{ex.name}.mean"], tensors[f"{ex.name}.m2"] = st["mean"], st["m2"]
-            if keep_features and acc.n:
-                tensors[f"{ex.name}.features"] = st["features"]
+    def save(unit: Unit, done: UnitDone) -> None:
+        accs, mets = made.pop(unit.index)
+        tensors, extra = _unit_tensors(extractors, accs, mets, keep_features)
         header = {
-            "format": UNIT_FORMAT, "identity": identity,
-            "unit": {"index": unit.index, "label": unit.label, "fingerprint": unit.fingerprint, "n_items": len(unit)},
-            "n": accs[0].n, "features": keep_features, "skipped": [s.to_dict() for s in done.skipped],
-            "numerics": numerics, "seconds": done.seconds, "rank": rank,
-            "decode": device_decode_spec(dev) if done.device_decoded else DECODE_PIL_RGB,
+            **extra, "unit": {"n_items": len(unit)}, "features": keep_features,
+            "skipped": [s.to_dict() for s in done.skipped], "numerics": numerics, "seconds": done.seconds,
+            "rank": run.rank, "decode": device_decode_spec(dev) if done.device_decoded else DECODE_PIL_RGB,
         }
-        save_unit_file(_unit_path(ckpt, unit.index), header, tensors)
+        files.save(unit, header, tensors)
         on_saved(unit)
 
-    run_units(plan.source, extractors, [u.indices for u in units], consumers, run, image_transform=tf, on_unit=save,
-              bar=bar)
+    return scan_units(plan.source, extractors, units, run, fresh=fresh, on_unit=save, image_transform=tf, bar=bar)
 
 
 # --- merging ------------------------------------------------------------------------------------------------
-def _wait_for_units(ckpt: Path, plan: BuildPlan, timeout: float | None, log: Callable[[str], None],
-                    after_barrier: bool) -> None:
-    """Rank 0: wait until every unit file exists (written by the other ranks)."""
-    t0 = last_note = time.monotonic()
-    while True:
-        missing = [u.index for u in plan.units if not _unit_path(ckpt, u.index).exists()]
-        if not missing:
-            return
-        waited = time.monotonic() - t0
-        if timeout is not None and waited > timeout:
-            why = ("every rank has finished, so " + str(ckpt) + " is probably not on a filesystem all ranks share"
-                   if after_barrier else "a rank may have died; run the same command again to resume")
-            raise CheckpointError(f"{ckpt}: units {missing[:5]}{' ...' if len(missing) > 5 else ''} missing after "
-                                  f"waiting {waited:.0f} s ({why})")
-        if time.monotonic() - last_note > 300:
-            log(f"rank 0: waiting for {len(missing)} unit(s) from the other ranks (e.g. unit {missing[0]})")
-            last_note = time.monotonic()
-        time.sleep(_POLL_S)
-
-
-def _merge(ckpt: Path, plan: BuildPlan, extractors: Sequence[Extractor], identity: dict[str, Any],
-           keep_features: bool, skip_bad: bool) -> tuple[list[MomentAccumulator], list[SkippedItem], float,
-                                                         list[dict[str, Any]]]:
-    """Left fold of the unit triples in unit order, on the CPU in float64 (deterministic)."""
-    from safetensors import SafetensorError, safe_open
-
-    accs = [MomentAccumulator(ex.feature_dim, "cpu", keep_features=keep_features) for ex in extractors]
+def _merge(files: UnitFiles, plan: UnitPlan, extractors: Sequence[Extractor], keep_features: bool,
+           skip_bad: bool) -> tuple[Extraction, float, list[dict[str, Any]]]:
+    """Left fold of the unit states in unit order, on the CPU in float64 (deterministic)."""
+    cpu = torch.device("cpu")
+    accs, mets = feature_consumers(extractors, cpu, keep_features)
     skipped: list[SkippedItem] = []
     seconds = 0.0
     numerics: list[dict[str, Any]] = []
     for unit in plan.units:
-        path = _unit_path(ckpt, unit.index)
+        path = files.path(unit.index)
         if not path.exists():
             raise CheckpointError(f"{path}: unit {unit.index} ({unit.label}) is missing (removed while this run was "
                                   "going?); run the same command again to recompute it")
-        header = _read_header(path)
-        _check_unit(path, header, plan, identity, keep_features, skip_bad, ckpt)
+        header, t = files.read(path)
+        files.check(path, header, plan.units, skip_bad=skip_bad)
         n = header.get("n")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                names = set(f.keys())
-                for ex, acc in zip(extractors, accs):
-                    d = ex.feature_dim
-                    part = MomentAccumulator(d, "cpu", keep_features=keep_features)
-                    state = {"n": n, "mean": f.get_tensor(f"{ex.name}.mean"), "m2": f.get_tensor(f"{ex.name}.m2")}
-                    feats = None
-                    if keep_features:
-                        feats = (f.get_tensor(f"{ex.name}.features") if f"{ex.name}.features" in names
-                                 else torch.zeros(0, d, dtype=torch.float32))
-                        state["features"] = feats
-                    ok = (isinstance(n, int) and 0 <= n <= len(unit) and state["mean"].shape == (d,)
-                          and state["m2"].shape == (d, d) and state["mean"].dtype == torch.float64
-                          and state["m2"].dtype == torch.float64 and (feats is None or feats.shape == (n, d)))
-                    if not ok:
-                        raise ValueError(f"{ex.name} tensors do not match n = {n}, D = {d}")
-                    part.load_state_dict(state)
-                    acc.merge(part)
-        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+            for ex, acc, m in zip(extractors, accs, mets):
+                acc.merge(_moments_part(ex, t, n, len(unit), keep_features))
+                part = {f"{ex.name}.{name}": c.fresh() for name, c in m.items()}
+                decode_states(part, t, header.get("states"))
+                for c, p in zip(m.values(), part.values()):
+                    c.merge(p)
+        except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: damaged unit file ({type(e).__name__}: {e}); delete it to recompute "
                                   "that unit") from None
-        skipped += [SkippedItem(**s) for s in header.get("skipped", [])]
+        skipped += skipped_items(header)
         seconds += float(header.get("seconds", 0.0))
         numerics.append({**(header.get("numerics") or {}), "decode": header.get("decode", DECODE_PIL_RGB)})
-    return accs, skipped, seconds, numerics
+    n = accs[0].n
+    used = sorted({str(x.get("decode", DECODE_PIL_RGB)) for x in numerics} - {DECODE_PIL_RGB})
+    ext = Extraction(accs, skipped, n, seconds, decode=used[0] if used else DECODE_PIL_RGB, metrics=mets)
+    return ext, seconds, numerics
+
+
+def _moments_part(ex: Extractor, t: dict[str, torch.Tensor], n: Any, n_unit: int,
+                  keep_features: bool) -> MomentAccumulator:
+    d = ex.feature_dim
+    part = MomentAccumulator(d, "cpu", keep_features=keep_features)
+    state = {"n": n, "mean": t[f"{ex.name}.mean"], "m2": t[f"{ex.name}.m2"]}
+    feats = None
+    if keep_features:
+        feats = t.get(f"{ex.name}.features", torch.zeros(0, d, dtype=torch.float32))
+        state["features"] = feats
+    ok = (isinstance(n, int) and 0 <= n <= n_unit and state["mean"].shape == (d,)
+          and state["m2"].shape == (d, d) and state["mean"].dtype == torch.float64
+          and state["m2"].dtype == torch.float64 and (feats is None or feats.shape == (n, d)))
+    if not ok:
+        raise ValueError(f"{ex.name} tensors do not match n = {n}, D = {d}")
+    part.load_state_dict(state)
+    return part
 
 
 def _numerics_warning(numerics: list[dict[str, Any]]) -> str | None:
@@ -469,16 +284,6 @@ def _numerics_warning(numerics: list[dict[str, Any]]) -> str | None:
     kinds = "; ".join(", ".join(f"{k} {v}" for k, v in zip(keys, s)) for s in seen)
     return (f"the units were computed with different numerics ({kinds}): the statistics agree to float32 "
             "rounding but are not bit-identical to a single uninterrupted run")
-
-
-def _cleanup(ckpt: Path) -> None:
-    """Remove our files from the checkpoint folder, then the folder if nothing else is left in it."""
-    with contextlib.suppress(OSError):
-        for p in ckpt.iterdir():
-            if _UNIT_RE.match(p.name) or _TMP_RE.match(p.name) or p.name in (MANIFEST, RESULT):
-                with contextlib.suppress(OSError):
-                    p.unlink()
-        ckpt.rmdir()
 
 
 def default_checkpoint_dir(out: str | os.PathLike) -> Path:
@@ -554,33 +359,27 @@ def build_stats(
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)
     identity = _identity(exs, tf, num, seed, plan, decode)
 
-    done = _scan(ckpt, plan, identity, keep_features, skip_bad)
+    files = _unit_files(ckpt, identity)
+    done = files.scan(plan.units, skip_bad=skip_bad, check=_features_check(
+        keep_features, f"rerun with the original settings, or delete {ckpt} to start over"))
     ckpt.mkdir(parents=True, exist_ok=True)
     manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units],
                 "note": "fd-eval stats checkpoint: run the same command again to resume; removed when done"}
     if not (ckpt / MANIFEST).exists() or not done:
         with atomic_write(ckpt / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=1)
-    if dist_on and w > 1:
-        # With a process group the ranks can agree on what is left and share it evenly: a resume whose
-        # remaining units all belong to one rank's r::W share would otherwise keep the others waiting at the
-        # barrier for that rank's whole share (and past the process group's timeout on big builds).
-        done_set = _agree_done(set(done), len(plan.units), r, dev)
-        mine = [u for u in plan.units if u.index not in done_set][r::w]
-    else:  # no communication: a fixed share, r, r + W, ..., that needs none (done units skipped)
-        done_set = set(done)
-        mine = [u for u in plan.units[r::w] if u.index not in done_set]
+    done_set, mine = share_units(plan.units, set(done), run)
     where = f"rank {r} of {w}: " if w > 1 else ""
     if done_set:
         here = f", {len(mine)} to compute here" if w > 1 else ""
         say(f"{where}resuming from {ckpt}: {len(done_set)} of {len(plan.units)} units already done{here}")
 
-    bs = run.batch_size
     saved: list[Unit] = []
     try:
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc=f"{where}stats", smoothing=0.1,
                   disable=not progress or r != 0) as bar:
-            _compute_units(plan, mine, exs, tf, run, keep_features, ckpt, identity, bar, saved.append)
+            error = _compute_units(plan, mine, exs, tf, run, keep_features, files, bar, saved.append)
+        carry_error(run, error)  # under a process group: every rank raises a failed unit's error
     except BaseException:
         if saved or done_set:
             say(f"{where}{len(done_set) + len(saved)} of {len(plan.units)} units are saved in {ckpt}; run the same "
@@ -593,29 +392,37 @@ def build_stats(
         if r != 0:
             say(f"rank {r} of {w}: computed {len(saved)} unit(s); rank 0 merges them into {out}")
             return None
-        _wait_for_units(ckpt, plan, wait_timeout if wait_timeout is not None else (600.0 if dist_on else None),
-                        say, after_barrier=dist_on)
+        wait_for_units(files, plan.units, wait_timeout if wait_timeout is not None else (600.0 if dist_on else None),
+                       say, after_barrier=dist_on)
+    build = {"units": len(plan.units), "kind": plan.kind, "checkpoint_every": plan.checkpoint_every,
+             "resumed_units": len(done_set), "world_size": w, "batch_size": run.batch_size}
+    stats = _write_result(files, plan, exs, out, keep_features, skip_bad, say, build,
+                          {"num": num, "seed": seed, "image_transform": tf.to_dict() if tf else None})
+    files.cleanup()
+    return stats
 
-    accs, skipped, seconds, numerics = _merge(ckpt, plan, exs, identity, keep_features, skip_bad)
-    n = accs[0].n
+
+def _write_result(files: UnitFiles, plan: UnitPlan, exs: Sequence[Extractor], out: Path, keep_features: bool,
+                  skip_bad: bool, say: Callable[[str], None], build: dict[str, Any],
+                  selection: dict[str, Any]) -> dict[str, Stats]:
+    """Rank 0: merge every unit, write ``out`` atomically (through the checkpoint folder), return the stats."""
+    ext, seconds, numerics = _merge(files, plan, exs, keep_features, skip_bad)
+    n = ext.n_images
     if n == 0:
-        raise EmptySourceError(f"{src.spec}: every image was skipped as unreadable ({len(skipped)})")
+        raise EmptySourceError(f"{plan.source.spec}: every image was skipped as unreadable ({len(ext.skipped)})")
     warnings = [w_ for w_ in [_numerics_warning(numerics)] if w_]
     for w_ in warnings:
         say(f"warning: {w_}")
     info = {
-        "fingerprint": plan.selection.fingerprint(), "num": num, "seed": seed,
-        "image_transform": tf.to_dict() if tf else None,
-        "skipped_items": [s.to_dict() for s in skipped], "seconds": seconds,
+        "fingerprint": plan.selection.fingerprint(), "num": selection["num"], "seed": selection["seed"],
+        "image_transform": selection["image_transform"],
+        "skipped_items": [s.to_dict() for s in ext.skipped], "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else float("nan"),
-        "build": {"units": len(plan.units), "kind": plan.kind, "checkpoint_every": plan.checkpoint_every,
-                  "resumed_units": len(done_set), "world_size": w, "batch_size": bs, "warnings": warnings},
+        "build": {**build, "warnings": warnings},
     }
-    used = sorted({str(x.get("decode", DECODE_PIL_RGB)) for x in numerics} - {DECODE_PIL_RGB})
-    ext = Extraction(accs, skipped, n, seconds, decode=used[0] if used else DECODE_PIL_RGB)
     stats = extraction_stats(ext, exs, plan.selection, info)
     # Written inside the checkpoint folder first, so a kill at any moment leaves nothing half-written beside OUT.
-    tmp_result = ckpt / RESULT
+    tmp_result = files.folder / RESULT
     save_stats(tmp_result, list(stats.values()))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -624,5 +431,4 @@ def build_stats(
         if e.errno != errno.EXDEV:
             raise
         save_stats(out, list(stats.values()))  # checkpoint folder on another filesystem
-    _cleanup(ckpt)
     return stats

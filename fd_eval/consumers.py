@@ -302,3 +302,51 @@ def state_header(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dic
     scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
     json.dumps(scalars)  # fails early for a state that is neither
     return tensors, scalars
+
+
+# --- metrics computed by a consumer: one registration, every path -------------------------------------------------
+@dataclass(frozen=True)
+class ConsumerMetric:
+    """A metric computed in the one pass over the features by a :class:`Consumer`.
+
+    Registered once (:func:`register_consumer_metric`), it runs wherever the moments run: ``compute``/``stats``
+    (its value in each statistics' ``metadata["metrics"][name]`` and in ``compute_fd``'s
+    ``results[model]["metrics"][name]``), resumable ``build_stats`` (its state saved in every unit file),
+    :class:`fd_eval.FDMetric` (``compute()``'s ``results[model]["metrics"]``, its state in ``state_dict``) and
+    torchrun (merged over ranks by its declared rules).
+
+    name: the result key. make(extractor, device): a fresh consumer for one extractor's features. result(merged
+    consumer): a JSON-able value. applies(extractor): whether it runs for that extractor (default: all).
+    """
+
+    name: str
+    make: Callable[[Any, torch.device], Consumer]
+    result: Callable[[Any], Any]
+    applies: Callable[[Any], bool] = lambda ex: True
+
+
+CONSUMER_METRICS: dict[str, ConsumerMetric] = {}
+
+
+def register_consumer_metric(metric: ConsumerMetric) -> ConsumerMetric:
+    """Add ``metric`` to every run (see :class:`ConsumerMetric`); returns it. A name registered twice is an error."""
+    if not metric.name.isidentifier():
+        raise FDEvalError(f"a consumer metric's name is an identifier (it names saved states), got {metric.name!r}")
+    if metric.name in CONSUMER_METRICS and CONSUMER_METRICS[metric.name] is not metric:
+        raise FDEvalError(f"consumer metric {metric.name!r} is already registered")
+    CONSUMER_METRICS[metric.name] = metric
+    return metric
+
+
+def unregister_consumer_metric(name: str) -> None:
+    CONSUMER_METRICS.pop(name, None)
+
+
+def metric_consumers(extractors: Sequence[Any], device: torch.device) -> list[dict[str, Consumer]]:
+    """Per extractor, ``{metric name: fresh consumer}`` of the registered metrics that apply to it."""
+    return [{m.name: m.make(ex, device) for m in CONSUMER_METRICS.values() if m.applies(ex)} for ex in extractors]
+
+
+def metric_results(consumers: Mapping[str, Consumer]) -> dict[str, Any]:
+    """``{metric name: value}`` of one extractor's merged metric consumers."""
+    return {name: CONSUMER_METRICS[name].result(c) for name, c in consumers.items()}

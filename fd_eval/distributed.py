@@ -256,6 +256,12 @@ def merge_extraction(extraction: Any, error: BaseException | None = None, group:
     items (rank order; indices already global). If any rank failed (``error``), every rank raises instead."""
     raise_first_error(error, group)
     extraction.accumulators = merge_accumulators(extraction.accumulators, group)
+    if any(extraction.metrics):  # the registered consumer metrics, by their declared merge rules
+        from .consumers import merge_over_ranks
+
+        flat = merge_over_ranks([c for m in extraction.metrics for c in m.values()], group)
+        it = iter(flat)
+        extraction.metrics = [{name: next(it) for name in m} for m in extraction.metrics]
     items = all_gather_json([s.to_dict() for s in extraction.skipped], group)
     from .sources import SkippedItem
 

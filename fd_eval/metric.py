@@ -38,11 +38,12 @@ from .api import (
     resolve_reference,
     run_provenance,
 )
+from .consumers import metric_results
 from .errors import FDEvalError, InputError, InputRangeError, StatsMismatchError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .moments import MomentAccumulator
 from .options import RunOptions, make_options
-from .pipeline import available_cpus, place_extractors, shard_indices
+from .pipeline import available_cpus, feature_consumers, feed, place_extractors, shard_indices
 from .provenance import environment
 from .stats import Stats, check_compatible
 
@@ -248,8 +249,8 @@ class FDMetric:
     # --- state -----------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every image seen (the extractors and the reference stay loaded)."""
-        self._accs = [MomentAccumulator(ex.feature_dim, self.device, keep_features=self.keep_features)
-                      for ex in self.extractors]
+        # the consumer list of every pass (pipeline.feature_consumers): moments + registered consumer metrics
+        self._accs, self._metrics = feature_consumers(self.extractors, self.device, self.keep_features)
         self.updates = 0  # update() calls with at least one image
         # [first bad float update (-1: none), its min, its max, global min, global max], float64 on the device
         self._vstate = self._fresh_vstate()
@@ -283,6 +284,8 @@ class FDMetric:
             "updates": self.updates,
             "validation": self._vstate.cpu(),
             "accumulators": {ex.name: acc.state_dict() for ex, acc in zip(self.extractors, self._accs)},
+            **({"metrics": {ex.name: {k: c.state_dict() for k, c in m.items()}
+                            for ex, m in zip(self.extractors, self._metrics)}} if any(self._metrics) else {}),
             "rank": self.rank,
             "world_size": self.world_size,
         }
@@ -302,8 +305,14 @@ class FDMetric:
             raise InputError(f"FDMetric state of rank {state['rank']} of {state['world_size']} loaded into rank "
                              f"{self.rank} of {self.world_size}; resume with the same number of processes, each "
                              "loading its own rank's state")
-        for ex, acc in zip(self.extractors, self._accs):
+        for ex, acc, m in zip(self.extractors, self._accs, self._metrics):
             acc.load_state_dict(state["accumulators"][ex.name])
+            saved = (state.get("metrics") or {}).get(ex.name, {})
+            if set(saved) != set(m):
+                raise InputError(f"FDMetric state has consumer metrics {sorted(saved)} for {ex.name}, this metric "
+                                 f"runs {sorted(m)}; load it with the same metrics registered")
+            for k, c in m.items():
+                c.load_state_dict(saved[k])
         self.updates = int(state["updates"])
         self._vstate = torch.as_tensor(state["validation"], dtype=torch.float64).to(self.device)
 
@@ -326,12 +335,15 @@ class FDMetric:
         x = x.detach().to(self.device, non_blocking=True)
         if x.is_floating_point():
             x = self._float_to_uint8(x, on_host)
-        for ex, acc in zip(self.extractors, self._accs):
+        # the images' positions in this rank's stream (what index-using consumers get; no host sync: n is an int)
+        start = self._accs[0].n
+        index, on_device = torch.arange(start, start + x.shape[0], dtype=torch.int64), None
+        for ex, acc, mets in zip(self.extractors, self._accs, self._metrics):
             if ex.resizes_on_host and tuple(x.shape[-2:]) != tuple(ex.preprocess_spec.size):
                 feats = ex.forward_prepared(self._host_prepare(ex, x).to(self.device, non_blocking=True))
             else:
                 feats = ex(x)  # resizes on the device (or already at the model size); no host sync
-            acc.update(feats)
+            on_device = feed([acc, *mets.values()], feats, index, self.device, on_device)  # the pipeline's step
         self.updates += 1
 
     def _eager(self, on_host: bool) -> bool:
@@ -415,12 +427,15 @@ class FDMetric:
                     "[0, 1] passed? They would be evaluated as far too bright; declare value_range=(0, 1)"]
         return []
 
-    def _merged(self) -> list[MomentAccumulator]:
+    def _merged(self) -> tuple[list[MomentAccumulator], list[dict[str, Any]]]:
+        """Every rank's consumers merged by their declared rules, in rank order (collective)."""
         if self.world_size == 1:
-            return self._accs
-        from .distributed import merge_accumulators
+            return self._accs, self._metrics
+        from .consumers import merge_over_ranks
 
-        return merge_accumulators(self._accs)
+        flat = merge_over_ranks([*self._accs, *(c for m in self._metrics for c in m.values())])
+        accs, rest = flat[:len(self._accs)], iter(flat[len(self._accs):])
+        return accs, [{k: next(rest) for k in m} for m in self._metrics]  # type: ignore[misc]
 
     def stats(self) -> dict[str, Stats]:
         """The generated images' statistics (merged over ranks) as of the last :meth:`compute`."""
@@ -433,15 +448,16 @@ class FDMetric:
         ``provenance["generated"]``."""
         t0 = time.perf_counter()
         warnings = self._raise_deferred()
-        accs = self._merged()
+        accs, mets = self._merged()
         n = accs[0].n
         if n < 2:
             raise InputError(f"FDMetric.compute: {n} image(s) seen over all ranks; FD needs at least 2 (call update)")
         env = environment(self.device)
         src = {"spec": "<tensors>", "kind": "FDMetric", "n": n, "value_range": self.value_range,
                "updates": self.updates, "world_size": self.world_size, **provenance}
-        gen = {ex.name: Stats.from_accumulator(acc, {**ex.metadata(), "source": src, **env})
-               for ex, acc in zip(self.extractors, accs)}
+        gen = {ex.name: Stats.from_accumulator(acc, {**ex.metadata(), "source": src, **env,
+                                                     **({"metrics": metric_results(m)} if m else {})})
+               for ex, acc, m in zip(self.extractors, accs, mets)}
         t_fd = time.perf_counter()
         results, w = evaluate_stats(gen, self._ref, allow_mismatch=self.allow_mismatch)
         t_fd = time.perf_counter() - t_fd

@@ -86,6 +86,7 @@ class Extraction:
     seconds: float = 0.0
     decode: str = DECODE_PIL_RGB
     device_decoded: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # per extractor: {metric name: Consumer}
 
     @property
     def images_per_s(self) -> float:
@@ -249,20 +250,42 @@ class BatchRunner:
         for j, (ex, cs) in enumerate(zip(self.extractors, consumers)):
             q = self.queued[j]
             x = q[0] if len(q) == 1 else torch.cat(q)
-            feats = ex.forward_input(x[:m])
-            for c in cs:
-                if getattr(c, "uses_index", True):  # moments need no index: no copy to the device for them
-                    if on_device is None:
-                        on_device = idx.to(self.device, non_blocking=True)
-                    c.update(feats, on_device)
-                else:
-                    c.update(feats, idx)
+            on_device = feed(cs, ex.forward_input(x[:m]), idx, self.device, on_device)
             self.queued[j] = [x[m:]] if x.shape[0] > m else []
         self.n_queued -= m
 
     @property
     def device_decoded(self) -> int:
         return self.decoder.n_device if self.decoder is not None else 0
+
+
+def feed(consumers: Sequence[FeatureConsumer], features: torch.Tensor, index: torch.Tensor, device: torch.device,
+         index_on_device: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One extractor's features (B, D) float32 on ``device`` into each of its consumers, with the images' int64
+    source indices (B,): moved to the device once, and only for consumers that use them (``uses_index``).
+    The one feeding step of the file pipeline and of :class:`fd_eval.FDMetric`. Returns the index on the device
+    (None if no consumer needed it), for the next extractor's consumers."""
+    for c in consumers:
+        if getattr(c, "uses_index", True):  # moments need no index: no copy to the device for them
+            if index_on_device is None:
+                index_on_device = index.to(device, non_blocking=True)
+            c.update(features, index_on_device)
+        else:
+            c.update(features, index)
+    return index_on_device
+
+
+def feature_consumers(extractors: Sequence[Extractor], device: torch.device, keep_features: bool = False,
+                      keep_features_of: Any = ()) -> tuple[list[MomentAccumulator], list[dict[str, Any]]]:
+    """The consumers every pass feeds, per extractor: its :class:`MomentAccumulator` (float64 moments, plus the
+    feature rows with ``keep_features`` or when its name is in ``keep_features_of``) and the registered
+    consumer metrics (:func:`fd_eval.consumers.register_consumer_metric`) that apply to it. The file pipeline,
+    the resumable build and :class:`fd_eval.FDMetric` all start from this list."""
+    from .consumers import metric_consumers
+
+    accs = [MomentAccumulator(ex.feature_dim, device, keep_features=keep_features or ex.name in keep_features_of)
+            for ex in extractors]
+    return accs, metric_consumers(extractors, device)
 
 
 def _per_extractor(consumers: Sequence[Any]) -> list[list[FeatureConsumer]]:
@@ -293,12 +316,13 @@ def run_units(
     extractors: Sequence[Extractor],
     units: Sequence[np.ndarray],
     consumers: Callable[[int], Sequence[Any]],
-    run: ResolvedRun,
+    run: ResolvedRun | None = None,
     *,
     image_transform: Callable[[Image.Image], Image.Image] | None = None,
     on_unit: Callable[[UnitDone], None] | None = None,
     bar: Any = None,
     n_planned: int | None = None,
+    **legacy: Any,
 ) -> list[UnitDone]:
     """The extraction loop: every unit of ``units`` (int64 index arrays into ``source``) through every extractor.
 
@@ -308,8 +332,18 @@ def run_units(
     ``consumers(k)`` gives unit k's consumers when it starts (per extractor: a list, or one consumer);
     ``on_unit`` is called as soon as its last image is in. ``n_planned``: the images of the whole pass (over
     all ranks; default: these units'), for :meth:`Extractor.plan_run`. ``run``: device, batch size, workers,
-    decode mode and ``skip_bad`` (:meth:`fd_eval.RunOptions.resolve`). Returns the :class:`UnitDone` of every unit.
+    decode mode and ``skip_bad`` (:meth:`fd_eval.RunOptions.resolve`; code written before it may still pass
+    ``device``, ``batch_size``, ``num_workers``, ``decode``, ``skip_bad`` keywords instead). Returns the
+    :class:`UnitDone` of every unit.
     """
+    if run is None:
+        unknown = set(legacy) - {"device", "batch_size", "num_workers", "decode", "skip_bad"}
+        if unknown:
+            raise TypeError(f"run_units() got unexpected keyword argument(s) {sorted(unknown)}")
+        sb = legacy.pop("skip_bad", None)
+        run = RunOptions(**legacy, skip_bad=source.skip_bad if sb is None else bool(sb), world_size=1).resolve()
+    elif legacy:
+        raise TypeError(f"run_units(): pass run= or the keywords {sorted(legacy)}, not both")
     device, batch_size, decode = run.device, run.batch_size, run.decode
     units = [np.asarray(u, dtype=np.int64) for u in units]
     if not units:
@@ -399,11 +433,12 @@ def extract(
     if len(source) == 0:
         raise EmptySourceError(f"{source.spec}: no images to evaluate")
     mine = shard_indices(len(source), run.rank, world_size)
-    accs = [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
+    accs, mets = feature_consumers(extractors, dev, keep_features)
     extra = [list(c) for c in consumers] if consumers is not None else [[] for _ in extractors]
     if len(extra) != len(extractors):
         raise FDEvalError(f"consumers: one list per extractor ({len(extractors)}), got {len(extra)}")
-    result = Extraction(accs)
+    result = Extraction(accs, metrics=mets)
+    every = [[a, *m.values(), *e] for a, m, e in zip(accs, mets, extra)]
     t0 = time.perf_counter()
     error: FDEvalError | None = None
     device_decoded = 0
@@ -411,7 +446,7 @@ def extract(
               smoothing=0.1) as bar:
         try:
             # skipped indices come back as indices into the source (also under a rank's block)
-            for u in run_units(source, extractors, [mine], lambda k: [[a, *e] for a, e in zip(accs, extra)], run,
+            for u in run_units(source, extractors, [mine], lambda k: every, run,
                                image_transform=image_transform, bar=bar, n_planned=len(source)):
                 result.skipped += u.skipped
                 result.n_images += u.n_images
@@ -446,9 +481,14 @@ def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], so
     # what happened to every candidate entry (found / used / skipped / ignored): no input is dropped unlisted
     src["inputs"] = InputAccounting.build(source, extraction.skipped, extraction.n_images).to_dict()
     out = {}
-    for ex, acc in zip(extractors, extraction.accumulators):
+    metrics = extraction.metrics or [{} for _ in extractors]
+    for ex, acc, mets in zip(extractors, extraction.accumulators, metrics):
         meta = {**ex.metadata(), "source": src, **env}
         if extraction.decode != DECODE_PIL_RGB:
             meta["preprocess"] = {**meta["preprocess"], "decode": extraction.decode}
+        if mets:
+            from .consumers import metric_results
+
+            meta["metrics"] = metric_results(mets)
         out[ex.name] = Stats.from_accumulator(acc, meta)
     return out

@@ -42,3 +42,25 @@ def now_utc() -> str:
 
 def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     return {"versions": versions(), "device": device_name(device), "created": now_utc()}
+
+
+def result_provenance(extractors: Any, device: str | torch.device | None, *,
+                      preprocess: Any = None, **parts: Any) -> dict[str, Any]:
+    """The ``provenance`` document of every result (``compute``, ``FDMetric.compute``, ``ceiling``, ``copies``,
+    the training index): ``versions`` (fd-eval's included), ``device``, ``created``, ``extractors`` ({name:
+    {weights_sha256, preprocess}}; ``preprocess[name]`` overrides a model's: what the statistics record),
+    ``precision``, then the result's ``parts`` in order -- its inputs as ``{"spec": ..., ...}`` under the side's
+    name (``generated``, ``reference``, ``real``, ``train``, ``test``) and what else the result records."""
+    from .precision import precision_provenance
+
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return {
+        "versions": versions(),
+        "device": device_name(dev),
+        "created": now_utc(),
+        "extractors": {ex.name: {"weights_sha256": ex.weights_sha256,
+                                 "preprocess": dict((preprocess or {}).get(ex.name) or ex.preprocess_spec.to_dict())}
+                       for ex in extractors},
+        "precision": precision_provenance(extractors, dev),
+        **parts,
+    }

@@ -6,12 +6,12 @@ import os
 import signal
 import sys
 
-import fd_eval.copies as cp
+import fd_eval.engine as engine
 import fd_eval.extractors.dinov2 as dv
 
 dv._build_extractor = functools.partial(dv._build_extractor, _depth=int(sys.argv.pop(1)))
 if os.environ.get("FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"):
-    k, real, calls = int(os.environ["FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"]), cp.save_unit_file, []
+    k, real, calls = int(os.environ["FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"]), engine.save_unit_file, []
 
     def save(path, header, tensors, *meta_key):
         real(path, header, tensors, *meta_key)
@@ -20,7 +20,7 @@ if os.environ.get("FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"):
             if len(calls) == k:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    cp.save_unit_file = save
+    engine.save_unit_file = save  # the unit engine writes every unit file
 
 from fd_eval.cli import main  # noqa: E402
 

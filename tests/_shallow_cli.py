@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-import fd_eval.build as build
+import fd_eval.engine as engine
 import fd_eval.extractors.dinov2 as dv
 
 dv._build_extractor = functools.partial(dv._build_extractor, _depth=int(sys.argv.pop(1)))
@@ -21,7 +21,7 @@ def _signal_after_units(spec: str) -> None:
     machine (no timing): K units done (and recorded as saved by build_stats), the next one computed but not written.
     """
     k, name = spec.split(":")
-    real, calls = build.save_unit_file, []
+    real, calls = engine.save_unit_file, []
 
     def save(*args, **kwargs):
         calls.append(1)
@@ -29,7 +29,7 @@ def _signal_after_units(spec: str) -> None:
             os.kill(os.getpid(), getattr(signal, name))
         real(*args, **kwargs)
 
-    build.save_unit_file = save
+    engine.save_unit_file = save  # the unit engine writes every unit file (stats and copies)
 
 
 if os.environ.get("FD_EVAL_TEST_SIGNAL_AFTER_UNITS"):

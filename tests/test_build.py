@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 import fd_eval
 import fd_eval.build as build
+import fd_eval.engine as engine
 import fd_eval.extractors.dinov2 as dv
 from _checkpoints import save_dinov2_checkpoint
 from _gpic_shards import gpic_sample, make_shards, write_shard
@@ -80,15 +81,15 @@ def _same(a, b):
 
 def _interrupt_after(monkeypatch, k):
     """Simulate Ctrl-C right after the k-th unit file is saved; returns the list of saved unit paths."""
-    real, saved = build.save_unit_file, []
+    real, saved = engine.save_unit_file, []
 
-    def save(path, header, tensors):
-        real(path, header, tensors)
+    def save(path, header, tensors, *meta_key):
+        real(path, header, tensors, *meta_key)
         saved.append(Path(path))
         if len(saved) == k:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(build, "save_unit_file", save)
+    monkeypatch.setattr(engine, "save_unit_file", save)  # the unit engine writes every unit file
     return saved
 
 

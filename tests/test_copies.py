@@ -249,10 +249,16 @@ def test_planted_copies_pixels(planted, tmp_path):
     # AuthPct: exact copies sit on their training image (d1 = 0 is never beaten): not authentic
     assert res["authpct"] is not None and res["authpct"] <= 75.0
     doc = json.loads(out.read_text())
-    assert set(doc) == {"results", "provenance"}
+    assert set(doc) == {"results", "provenance", "inputs"}
+    # per-source accounting, as compute reports it: every candidate entry found, used, skipped or ignored
+    acc = {k: (v["found"], v["used"], len(v["skipped"])) for k, v in doc["inputs"].items()}
+    assert acc == {"generated": (8, 8, 0), "train": (24, 24, 0), "test": (24, 24, 0)}, doc["inputs"]
+    # the provenance schema of every result (compute's): versions, extractors' weights and preprocessing
+    assert {"versions", "device", "created", "extractors", "precision", "generated", "train", "test"} <= set(
+        doc["provenance"])
     assert {"per_image", "threshold", "n_copies", "copy_fraction", "quantiles", "authpct", "ct"} <= set(
         doc["results"]["pixels-16"])
-    assert doc["provenance"]["train"] == str(train)
+    assert doc["provenance"]["train"]["spec"] == str(train)
     with Image.open(tmp_path / "sheet.png") as im:
         assert im.format == "PNG" and im.size[0] > 2 * 160
 

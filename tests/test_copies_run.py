@@ -1,7 +1,7 @@
 """`fd-eval copies` runs: resumable per unit (an interrupted run resumes to the identical result), the same result
 for any unit size and for 2 torchrun processes (gloo, CPU) as for 1, the CLI's table and JSON.
 
-The interruption is deterministic: ``fd_eval.copies.save_unit_file`` raises KeyboardInterrupt once K training
+The interruption is deterministic: ``fd_eval.engine.save_unit_file`` raises KeyboardInterrupt once K training
 units are saved (no timing). The equality checks are exact (==), not approximate: the top-K lists and the C_T
 distances of a partition of the training set merge exactly, and a unit's features depend only on its images and
 the batch size.
@@ -25,6 +25,7 @@ import fd_eval.extractors.dinov2 as dv
 from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops, save_images
 from fd_eval import copies as cp
+from fd_eval import engine
 from fd_eval.cli import main
 from fd_eval.errors import CheckpointError, InputError
 from test_copies import PixelExtractor, jpeg75
@@ -66,7 +67,7 @@ def same(a, b):
 
 def interrupt_after(monkeypatch, kind, k):
     """KeyboardInterrupt right after the k-th ``kind`` unit file is saved; returns the saved file names."""
-    real, saved = cp.save_unit_file, []
+    real, saved = engine.save_unit_file, []
 
     def save(path, header, tensors, *meta_key):
         real(path, header, tensors, *meta_key)
@@ -75,7 +76,7 @@ def interrupt_after(monkeypatch, kind, k):
             if len(saved) == k:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(cp, "save_unit_file", save)
+    monkeypatch.setattr(engine, "save_unit_file", save)
     return saved
 
 
@@ -188,6 +189,11 @@ def cli_reference(sets, vit, tmp_path_factory):
 def test_cli_table_and_json(cli_reference):
     output, a, out = cli_reference
     lines = output.splitlines()
+    # first, on stderr, each source's accounting line (as compute prints it), then the table
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("model"))
+    assert [ln.split(":")[0].split()[0] for ln in lines[:head]] == ["generated", "train"]
+    assert "52 found, 52 used" in lines[0] and "40 found, 40 used" in lines[1]
+    lines = lines[head:]
     assert lines[0].split()[:6] == ["model", "N", "gen", "N", "train", "copies"]
     res = a["results"]["dinov2-vits14"]
     row = lines[2].split()
@@ -248,6 +254,10 @@ def test_skipped_training_image_is_listed_with_its_position(sets, tmp_path, monk
     monkeypatch.undo()
     res = run({**sets, "train": train}, **kw)
     assert [(s["index"], Path(s["name"]).name) for s in res.provenance["skipped"]["train"]] == [(9, "009.png")]
+    # the training side's accounting (as compute's): 40 found, 39 used, the bad one listed, also after a resume
+    tr = res.inputs["train"]
+    assert (tr["found"], tr["used"], [s["index"] for s in tr["skipped"]]) == (40, 39, [9])
+    assert (res.inputs["generated"]["used"], res.inputs["test"]["used"]) == (52, 30)
     r = res.results["pixels-16"]
     assert r["n_train"] == 39 and all(n["index"] != 9 for p in r["per_image"] for n in p["nearest"])
     with pytest.raises(fd_eval.BadImageError, match="009.png"):

@@ -5,7 +5,8 @@ import click
 
 from ..copies import DEFAULT_MODELS, find_copies
 from ..options import RunOptions
-from ._common import echo_table, fmt_num, main, run_distributed, run_options, warn, weights_arg
+from ._checks import render_accounting
+from ._common import echo_table, fmt_num, main, run_distributed, run_options, weights_arg
 
 
 @main.command("copies")
@@ -48,11 +49,7 @@ def copies_cmd(gen: str, train: str, models: tuple[str, ...], weights: tuple[str
         log=lambda msg: click.echo(msg, err=True)))
     if res is None:  # not rank 0
         return
-    skipped = [s for part in res.provenance["skipped"].values() for s in part]
-    for s in skipped[:20]:
-        warn(f"skipped {s['name']}: {s['reason']}")
-    if len(skipped) > 20:
-        warn(f"... and {len(skipped) - 20} more skipped (see --json)")
+    render_accounting(res.inputs)  # per source: found / used / skipped / ignored, as compute reports it
     rows = []
     for model, r in res.results.items():
         q = r["quantiles"]
