@@ -38,7 +38,9 @@ from .copy_metrics import (  # noqa: F401 - re-exported: fd_eval.copies is where
     CellModel,
     CellNNConsumer,
     CopiesConsumer,
+    _gib,
     authpct,
+    available_memory,
     ct_from_distances,
     fit_cells,
     kmeans,
@@ -70,24 +72,6 @@ COPY_DETECTORS = {"sscd-disc-mixup": 0.75}  # name -> published copy threshold (
 DEFAULT_MODELS = ("sscd-disc-mixup",)
 QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 1.0)
 HIST_EDGES = tuple(round(-1 + 0.025 * i, 3) for i in range(81))  # cosine similarity -1..1 in steps of 0.025
-
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device`` (CUDA: mem_get_info; CPU: MemAvailable, else unknown = a large number)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
-
-
-def _gib(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB"
 
 
 @dataclass
@@ -403,6 +387,16 @@ def _check_memory(models: Any, extractors: Sequence[Extractor] | None, gen_src: 
     return names
 
 
+def _features_folder(save_features: str | os.PathLike | None, ckpt: Path | None) -> Path | None:
+    """``--save-features``: refused when it already holds features and no run is being resumed."""
+    feats_dir = Path(save_features) if save_features is not None else None
+    resuming = ckpt is not None and ((ckpt / _QUERIES).exists() or any(ckpt.glob("train-*.safetensors")))
+    if feats_dir is not None and not resuming and any(feats_dir.glob("*/features-*.safetensors")):
+        raise InputError(f"{feats_dir}: already holds saved features (features-*.safetensors) and no run is being "
+                         "resumed; delete them or choose another --save-features folder")
+    return feats_dir
+
+
 def _thresholds(names: Sequence[str], threshold: float | None) -> dict[str, float]:
     out = {}
     for name in names:
@@ -546,11 +540,7 @@ def find_copies(
     thresholds = _thresholds(names, threshold)
     plan = engine.plan_units(train_src, checkpoint_every=checkpoint_every)  # positions in the full training source
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    feats_dir = Path(save_features) if save_features is not None else None
-    resuming = ckpt is not None and ((ckpt / _QUERIES).exists() or any(ckpt.glob("train-*.safetensors")))
-    if feats_dir is not None and not resuming and any(feats_dir.glob("*/features-*.safetensors")):
-        raise InputError(f"{feats_dir}: already holds saved features (features-*.safetensors) and no run is being "
-                         "resumed; delete them or choose another --save-features folder")
+    feats_dir = _features_folder(save_features, ckpt)
     exs = resolve_extractors(models, extractors, weights, resolved, resolved.device)
     identity = _identity(exs, gen_src, test_src, train_src, plan, top_k, compute_authpct, resolved)
     run = _Run(exs, resolved, ckpt, identity, say if resolved.is_main else (lambda m: None))
@@ -558,12 +548,10 @@ def find_copies(
         ckpt.mkdir(parents=True, exist_ok=True)
     q = _queries(gen_src, test_src, run)
     gen_feats, gen_idx, test_feats = q["gen"], q["gen_idx"], q["test"]
-    base = []
-    for j in range(len(exs)):
-        cells = None
-        if test_feats is not None:
-            cells = CellNNConsumer(fit_cells(test_feats[j]), torch.cat([test_feats[j], gen_feats[j]]))
-        base.append(CopiesConsumer(gen_feats[j], top_k, keep_top1_features=compute_authpct, cells=cells))
+    base = [CopiesConsumer(gen_feats[j], top_k, keep_top1_features=compute_authpct,
+                           cells=None if test_feats is None else CellNNConsumer(
+                               fit_cells(test_feats[j]), torch.cat([test_feats[j], gen_feats[j]])))
+            for j in range(len(exs))]
     consumers, train_skipped, resumed = _training_pass("train", train_src, plan.units, base, run,
                                                        save_features=feats_dir)
     n_train = consumers[0].topk.state.n_seen

@@ -193,3 +193,21 @@ def memory_needed(n_gen: int, k: int, dim: int, n_test: int = 0) -> int:
     lists and top-1 features (float32) twice (the run's total and the current unit's), C_T queries and
     distances, and one similarity block."""
     return n_gen * (20 * dim + 16 * k) + n_test * (4 * dim + 8 * 66) + 16 * _WORK_ELEMENTS
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device`` (CUDA: mem_get_info; CPU: MemAvailable, else unknown = a large number)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
