@@ -125,7 +125,7 @@ class BuildPlan:
     source: ImageSource
     selection: ImageSource
     units: list[Unit]
-    kind: str  # "tar-shards" | "blocks"
+    kind: str  # "tar-shards" | "row-groups" | "blocks"
     checkpoint_every: int | None
 
     @property
@@ -133,7 +133,7 @@ class BuildPlan:
         return sum(len(u) for u in self.units)
 
     def describe(self) -> str:
-        what = "tar shard" if self.kind == "tar-shards" else "block"
+        what = {"tar-shards": "tar shard", "row-groups": "row group"}.get(self.kind, "block")
         every = f" of at most {self.checkpoint_every:,} images" if self.checkpoint_every else ""
         return f"{len(self.units)} units ({what}s{every}) over {self.n_items:,} images"
 
@@ -168,14 +168,15 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
     positions = (selection.indices if isinstance(selection, SubsetSource)
                  else np.arange(len(source), dtype=np.int64))
     units: list[Unit] = []
-    if isinstance(source, TarSource):
-        kind = "tar-shards"
+    if isinstance(source, TarSource) or callable(getattr(source, "shard_part", None)):
+        # sharded sources (tar shards, local or streamed; Parquet row groups): one unit per shard
+        kind = "tar-shards" if isinstance(source, TarSource) else "row-groups"
         shard_of = source.shard_of(positions)
         cuts = np.flatnonzero(np.diff(shard_of)) + 1  # positions ascend, so each shard's items are contiguous
         for group in np.split(positions, cuts):
             s = int(source.shard_of(group[:1])[0])
             path, start = source.shards[s], int(source.shard_starts[s])
-            shard_part = stat_part(os.path.basename(path), path) + b"\0" + source.shard_header_digest(s).encode()
+            shard_part = source.shard_part(s)
             blocks = _blocks(group, every)
             for b in blocks:
                 local = b - start
@@ -224,7 +225,7 @@ def _short(x: Any) -> str:
 
 
 def _plan_words(p: dict[str, Any]) -> str:
-    what = "one per tar shard" if p.get("kind") == "tar-shards" else "blocks"
+    what = {"tar-shards": "one per tar shard", "row-groups": "one per Parquet row group"}.get(p.get("kind"), "blocks")
     every = f", at most {p['checkpoint_every']} images each" if p.get("checkpoint_every") else ""
     return f"{p.get('n_units')} units ({what}{every}) over {p.get('n_items')} images"
 
@@ -571,7 +572,8 @@ def build_stats(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     r, w, dist_on = _rank_world(opts.rank, opts.world_size)
     dev = _rank_device(opts.device, w)
-    src = open_source(source, skip_bad=skip_bad)  # a missing or unknown source fails before any weights load
+    # a missing or unknown source (or a remote one offline) fails before any weights load
+    src = open_source(source, skip_bad=skip_bad, offline=opts.offline)
     exs = resolve_extractors(models, extractors, weights, opts, dev)  # under opts.offline
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)

@@ -863,12 +863,12 @@ def find_copies(
     rank, world = resolve_world(opts.rank, opts.world_size, device=opts.device)
     dev = auto_device(opts.device)
     skip_bad = opts.skip_bad
-    gen_src = open_source(gen, skip_bad=skip_bad)
+    gen_src = open_source(gen, skip_bad=skip_bad, offline=opts.offline)
     try:
-        train_src = open_source(train, skip_bad=skip_bad)
+        train_src = open_source(train, skip_bad=skip_bad, offline=opts.offline)
     except EmptySourceError as e:
         raise EmptySourceError(f"training source (--train) is empty: {e}") from None
-    test_src = open_source(test, skip_bad=skip_bad) if test is not None else None
+    test_src = open_source(test, skip_bad=skip_bad, offline=opts.offline) if test is not None else None
     if len(train_src) == 0:
         raise EmptySourceError(f"{train_src.spec}: the training source holds no images; --train must point at the "
                                "training images (or the reference test set for a leak check)")

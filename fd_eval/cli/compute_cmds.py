@@ -138,7 +138,7 @@ def _plural(n: int, word: str) -> str:
 @click.argument("source")
 @click.option("--output", "-o", required=True, help="Statistics file to write (safetensors).")
 @_selection
-@run_options()
+@run_options(offline=True)
 @click.option("--transform", "image_transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
 @click.option("--keep-features", is_flag=True, help="Store the (N, D) features too (for PRDC, MMD, bootstrap).")
