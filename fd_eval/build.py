@@ -582,7 +582,8 @@ def build_stats(
 
     done = _scan(ckpt, plan, identity, keep_features, skip_bad)
     ckpt.mkdir(parents=True, exist_ok=True)
-    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units],
+    files = src.provenance() if callable(getattr(src, "provenance", None)) else None  # remote: ETag, revision
+    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units], "files": files,
                 "note": "fd-eval stats checkpoint: run the same command again to resume; removed when done"}
     if not (ckpt / MANIFEST).exists() or not done:
         with atomic_write(ckpt / MANIFEST, "w") as fh:

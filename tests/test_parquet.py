@@ -110,6 +110,13 @@ def test_keys_from_row_numbers_and_named_columns(world, tmp_path):
     assert len(src) == 4 and src.meta(2) == {"key": "2"}
     with pytest.raises(SourceError, match="no column 'img'"):
         open_source(str(p), image_column="img")
+    from click.testing import CliRunner
+
+    from fd_eval.cli import main
+
+    for cmd in (["stats", str(p), "-o", str(tmp_path / "o.safetensors")], ["compute", str(p)]):
+        r = CliRunner().invoke(main, [*cmd, "--image-column", "img"])  # the option reaches the source, before weights
+        assert r.exit_code == 1 and "no column 'img'" in r.output, r.output
     renamed = tmp_path / "renamed.parquet"
     pq.write_table(_table(images, null_row=-1, image_name="picture"), renamed)
     assert open_source(str(renamed)).image_column == "picture"  # found by its type

@@ -83,6 +83,10 @@ def test_streamed_shards_equal_shards_on_disk(world, on_disk, hub, tmp_path, whe
         gets = [r.path for r in hub.body_gets(".tar") if "/resolve/" in r.path]
         assert gets and all("/resolve/0123456789abcdef0123456789abcdef01234567/" in p for p in gets)
         assert not any("authorization" in r.headers for r in hub.requests if r.path.startswith("/cdn/"))
+        files = src["files"]  # provenance: every shard's URL, size, ETag (the LFS sha256) and the commit
+        assert [f["url"] for f in files] == [HF.replace(RANGE, f"{k:05d}") for k in range(N_SHARDS)]
+        assert {f["revision"] for f in files} == {"0123456789abcdef0123456789abcdef01234567"}
+        assert all(f["etag"] == f["sha256"] and len(f["sha256"]) == 64 for f in files)
 
 
 def test_fsspec_memory_filesystem_equals_shards_on_disk(world, on_disk, tmp_path, monkeypatch):

@@ -213,6 +213,11 @@ class ParquetSource(ImageSource):
         (rel,) = relative_names([src])
         return (content_part if content else stat_part)(rel, src)
 
+    def provenance(self) -> list[dict[str, Any]]:
+        """Per file: the path, or for a remote file its URL, size, ETag and revision (the Hub commit)."""
+        return [{"url": f.url, "size": f.size, "etag": f.etag, "revision": f.revision} if isinstance(f, RemoteFile)
+                else {"path": str(f), "size": os.path.getsize(f)} for f in self.files]
+
     def _fingerprint_parts(self, content: bool) -> Iterable[bytes]:
         yield f"{self.image_column}\0{self.key_column}".encode()
         for f in range(len(self.files)):
