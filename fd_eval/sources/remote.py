@@ -25,12 +25,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
-from ..errors import SourceError
+from ..errors import RemoteReadError, SourceError
 from .base import TAR_INDEX_VERSION, ImageSource, SkippedItem
 from .decode import bad_image, one_line
 from .discovery import cached_index, scan_tar_file
 from .registry import OpenOptions, SourceFormat, register_format
-from .remote_io import RemoteFile, RemoteReadError, StreamReader, env_float, expand_remote, is_remote, stat_remote
+from .remote_io import RemoteFile, StreamReader, env_float, expand_remote, is_remote, stat_remote
 from .tar import TarSource
 
 READAHEAD = 8 << 20

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from .._version import __version__
-from ..errors import SourceError
+from ..errors import RemoteReadError, SourceError
 from .decode import one_line
 from .discovery import expand_braces
 
@@ -64,14 +64,8 @@ def env_float(name: str, default: float) -> float:
         return default
 
 
-class RemoteReadError(SourceError):
-    """A remote file that could not be read (after retries): ``url``, ``offset`` (the byte reached), ``reason``."""
-
-    def __init__(self, url: str, offset: int, reason: str):
-        super().__init__(one_line(f"{url}: {reason} at byte {offset:,}; check the network or the URL and run again "
-                                  "(a resumable `fd-eval stats` keeps every finished shard), or pass --skip-bad to "
-                                  "list the shard as skipped"))
-        self.url, self.offset, self.reason = url, offset, one_line(reason)
+def read_error(url: str, offset: int, reason: str) -> RemoteReadError:
+    return RemoteReadError(one_line(url), offset, one_line(reason))
 
 
 # --- what a source keeps per file ---------------------------------------------------------------------------------
@@ -405,7 +399,7 @@ class StreamReader:
                 self._fails += 1
                 self._fail_at = self.net
                 if self._fails > self.retries:
-                    raise RemoteReadError(self.rf.url, self.net, f"connection lost after {self.retries} retries "
+                    raise read_error(self.rf.url, self.net, f"connection lost after {self.retries} retries "
                                           f"({type(e).__name__}: {e})") from None
                 time.sleep(min(env_float("FD_EVAL_REMOTE_BACKOFF", BACKOFF_S) * 2 ** (self._fails - 1), 8.0))
         b = b[:self.rf.size - self.net]
