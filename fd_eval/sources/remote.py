@@ -116,10 +116,12 @@ class RemoteTarSource(TarSource):
             self._failed, self._failed_pid = {}, os.getpid()
         if s in self._failed:  # one failure per shard and process: its other items are skipped at once
             raise bad_image(item, f"remote shard unreadable ({self._failed[s]})", "check the network and run again")
-        readahead = int(env_float("FD_EVAL_REMOTE_READAHEAD", READAHEAD))
         try:
-            r = self._handle(("stream", s), lambda: StreamReader(self.files[s], offset, readahead=readahead),
-                             self._closer, limit=2)
+            r = self._handles.get(("stream", s)) if self._handles_pid == os.getpid() else None
+            if r is None:  # first read of this shard in this process (the LRU keeps the previous shard's reader)
+                readahead = int(env_float("FD_EVAL_REMOTE_READAHEAD", READAHEAD))
+                r = self._handle(("stream", s), lambda: StreamReader(self.files[s], offset, readahead=readahead),
+                                 self._closer, limit=2)
             r.seek(offset)
             data = r.read(size)
         except (RemoteReadError, SourceError) as e:

@@ -41,7 +41,7 @@ MAX_RETRIES = 5  # reconnects in a row (without 1 MiB of progress in between) be
 BACKOFF_S = 0.5  # first wait; doubled per retry, at most 8 s
 PROGRESS_RESET = 1 << 20  # a reconnect after this much progress starts the retry count over
 SEEK_SKIP = 1 << 20  # a forward jump up to this far reads through; farther, a new Range request
-REWIND = 1 << 16  # bytes kept for small seeks back (tarfile looks back one block at the end)
+REWIND = 1 << 12  # bytes kept for small seeks back (tarfile looks back one 512-byte block at the end)
 CHUNK = 1 << 18
 RETRYABLE = (OSError, http.client.HTTPException, socket.timeout, ConnectionError)
 
@@ -253,7 +253,7 @@ class _ReadAhead:
     """A background thread reading ``raw`` in chunks into a bounded queue (at most ``limit`` bytes ahead)."""
 
     def __init__(self, raw: Any, limit: int):
-        self.raw, self.buf = raw, b""
+        self.raw, self.buf, self.off = raw, b"", 0  # the current chunk and how much of it was handed out
         self.q: queue.Queue = queue.Queue(maxsize=max(1, limit // CHUNK))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="fd-eval-readahead")
@@ -275,15 +275,16 @@ class _ReadAhead:
                 return
 
     def read(self, n: int) -> bytes:
-        if not self.buf:
+        if self.off >= len(self.buf):
             item = self.q.get()
             if isinstance(item, BaseException):
                 raise item
-            self.buf = item
+            self.buf, self.off = item, 0
             if not item:
                 self.q.put(b"")  # stay at EOF
                 return b""
-        out, self.buf = self.buf[:n], self.buf[n:]
+        out = self.buf[self.off:self.off + n]  # one copy of what is asked for, not of the rest of the chunk
+        self.off += len(out)
         return out
 
     def close(self) -> None:
@@ -352,7 +353,7 @@ class StreamReader:
                 break
             parts.append(b)
             self.pos += len(b)
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def sha256(self) -> str | None:
         """Hex sha256 of the whole file when it was read contiguously from byte 0 to its end, else None."""
@@ -406,7 +407,7 @@ class StreamReader:
         if self._hash is not None:
             self._hash.update(b)
         self.net += len(b)
-        self._win = (self._win + b)[-REWIND:]
+        self._win = b[-REWIND:] if len(b) >= REWIND else (self._win + b)[-REWIND:]
         return b
 
     def _open(self, start: int) -> Any:
