@@ -14,8 +14,9 @@ Parts (one JSON, default ``benchmarks/results/remote_cpu.json``):
    when decoding (the model then only widens the margin).
 2. **Indexing**: opening the streamed shards the first time (each read once for its index) and again (from
    the index cache).
-3. **Memory flat in shard count**: the peak RSS above the baseline of a fresh process that opens S streamed shards
-   and reads every image, for two shard counts of the same shard size.
+3. **Memory flat in shard count**: the resident memory (sampled every 5 ms) above its level after the imports, of
+   a fresh process that opens S streamed shards and reads and decodes every image, for 8 and 32 shards
+   of 40 images (the first 8 warm up the allocator and code paths; flat means 32 costs what 8 does).
 """
 from __future__ import annotations
 
@@ -77,19 +78,37 @@ def rate(src, decode: bool) -> tuple[float, float]:
     return len(src) / dt, 1000 * dc / len(src)
 
 
-def child_memory(url_spec: str) -> None:
-    """Run in a fresh process: open the streamed shards, read + decode every image, print the RSS figures."""
-    import fd_eval  # noqa: F401 - imports before the baseline
+def rss_mib() -> float:
+    """This process's resident memory now (Linux /proc; ru_maxrss cannot see below the peak of the imports)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def child_memory(url_spec: str) -> None:
+    """Run in a fresh process: open the streamed shards, read + decode every image, print the RSS figures (the
+    resident memory sampled every 5 ms, above what it was after the imports)."""
+    import threading
+
+    import fd_eval  # noqa: F401 - imported before the baseline
     from fd_eval.sources import open_source
 
+    base, peak, done = rss_mib(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mib())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
     src = open_source(url_spec)
     for i in range(len(src)):
         src.load(i)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"n": len(src), "baseline_rss_mib": base / 1024, "peak_rss_mib": peak / 1024,
-                      "growth_mib": (peak - base) / 1024}))
+    done.set()
+    t.join()
+    print(json.dumps({"n": len(src), "baseline_rss_mib": round(base, 1), "peak_rss_mib": round(peak[0], 1),
+                      "growth_mib": round(peak[0] - base, 1),
+                      "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def serve(folder: Path) -> None:
@@ -97,8 +116,8 @@ def serve(folder: Path) -> None:
     from _fake_hub import FakeHub
 
     with FakeHub() as hub:
-        for p in sorted(folder.glob("*.tar")):
-            hub.add_mirror(p.name, p.read_bytes())
+        for p in sorted(folder.rglob("*.tar")):
+            hub.add_mirror(p.relative_to(folder).as_posix(), p.read_bytes())
         print(hub.url, flush=True)
         sys.stdin.read()  # until the parent closes our stdin
 
@@ -107,7 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--per-shard", type=int, default=150)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "remote_cpu.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -126,8 +145,10 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="fd_eval_bench_remote_"))
     os.environ["FD_EVAL_CACHE"] = str(tmp / "cache")  # a cold index cache of our own
-    small, large = max(2, a.shards // 4), a.shards
+    large = a.shards
     paths = write_shards(tmp / "shards", large, a.per_shard)
+    mem_counts = (4, 16) if a.quick else (8, 32)  # small shards for part 3: many of them in little time
+    write_shards(tmp / "shards" / "mem", mem_counts[1], 10 if a.quick else 40)
     disk_spec = str(tmp / "shards" / f"shard_{{00000..{large - 1:05d}}}.tar")
     out: dict = {"benchmark": "bench_remote.py: streamed tar shards (loopback http) vs the same shards on disk",
                  "device": f"cpu ({platform.machine()}, {os.cpu_count()} threads)", "shards": large,
@@ -169,8 +190,8 @@ def main() -> None:
             "decode_cpu_per_image": round(cpu["remote_decode"] / cpu["disk_decode"], 3),
             "read_only_images_per_s": round(med["remote_read"] / med["disk_read"], 3)}
         mem = {}
-        for s in (small, large):
-            spec = f"{url}/mirror/shard_{{00000..{s - 1:05d}}}.tar"
+        for s in mem_counts:
+            spec = f"{url}/mirror/mem/shard_{{00000..{s - 1:05d}}}.tar"
             r = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True,
                                env={**os.environ}, timeout=600)
             if r.returncode:
