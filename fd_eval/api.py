@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .distributed import resolve_world
 from .download import offline_scope
 from .errors import FDEvalError, OutputError, StatsFormatError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
@@ -207,16 +206,13 @@ def compute_stats(
     opts = make_options(options, kw, "compute_stats")
     # a bad path (or a remote source offline) fails before any weights load
     src = _select(open_source(source, skip_bad=opts.skip_bad, offline=opts.offline), num, seed)
-    dev = opts.torch_device()
-    rank, world_size = resolve_world(opts.rank, opts.world_size, device=dev)
-    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    run = opts.resolve()
+    exs = resolve_extractors(models, extractors, weights, run, run.device)
     tf = source_transform(image_transform)
-    check_decode(opts.decode, exs, tf)
-    ext = extract(src, exs, device=dev, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                  keep_features=keep_features, skip_bad=opts.skip_bad, image_transform=tf, decode=opts.decode,
-                  progress=opts.progress, rank=rank, world_size=world_size,
+    check_decode(run.decode, exs, tf)
+    ext = extract(src, exs, run=run, keep_features=keep_features, image_transform=tf,
                   desc=label or progress_label("", src.spec, exs))
-    info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed, "world_size": world_size,
+    info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed, "world_size": run.world_size,
             "image_transform": tf.to_dict() if tf else None,
             "skipped_items": [s.to_dict() for s in ext.skipped], "seconds": ext.seconds,
             "images_per_s": ext.images_per_s}
@@ -350,7 +346,8 @@ def resolve_reference(
                     "skipped")):
                 out[ex.name] = st
     hits = [ex.name in out for ex in extractors]
-    world_size = opts.world_size or 1
+    opts = opts.resolve()  # the source's statistics are computed (and merged over ranks) below
+    world_size = opts.world_size
     if world_size > 1:
         # the computation below is collective: run it on every rank unless every rank found the cache entry
         # (nodes may not share a cache directory)
@@ -481,12 +478,12 @@ def compute_fd(
 def _compute_fd(t0: float, opts: RunOptions, gen: ImageSource, ref: Any, models: ModelsArg, weights: WeightsArg,
                 num: int | None, seed: int | None, allow_mismatch: bool, ref_image_transform: str | None,
                 keep_features: bool, ref_features: bool | None) -> EvalResult:
-    dev = opts.torch_device()
-    rank, world_size = resolve_world(opts.rank, opts.world_size, device=dev)
-    exs = resolve_extractors(models, None, weights, opts, dev)
+    resolved = opts.resolve()
+    dev, world_size = resolved.device, resolved.world_size
+    exs = resolve_extractors(models, None, weights, resolved, dev)
     check_decode(opts.decode, exs, source_transform(ref_image_transform))
     # the extractors are loaded in the options' mode: the passes below keep it
-    run = opts.replace(device=dev, rank=rank, world_size=world_size, precision=None, compile=None)
+    run = resolved.replace(precision=None, compile=None)
     t_ref = time.perf_counter()
     reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run,
                                   keep_features=keep_features if ref_features is None else ref_features)

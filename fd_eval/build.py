@@ -53,19 +53,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .distributed import barrier, default_device, env_world, get_rank, get_world_size, is_initialized
+from .distributed import barrier
 from .errors import CheckpointError, EmptySourceError, FDEvalError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .io_utils import atomic_path, atomic_write
 from .moments import MomentAccumulator
-from .options import RunOptions, make_options
+from .options import ResolvedRun, RunOptions, make_options
 from .pipeline import (
     Extraction,
     UnitDone,
-    auto_device,
     check_decode,
-    default_batch_size,
-    default_num_workers,
     device_decode_spec,
     extraction_stats,
     run_units,
@@ -327,28 +324,7 @@ def _scan(ckpt: Path, plan: BuildPlan, identity: dict[str, Any], keep_features: 
     return done
 
 
-# --- ranks --------------------------------------------------------------------------------------------------
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    """(rank, world size, whether torch.distributed is initialised and used for the barrier). Without a process
-    group, torchrun's ``RANK``/``WORLD_SIZE`` alone (units are shared through the checkpoint folder)."""
-    if rank is not None or world_size is not None:
-        r, w, dist_on = int(rank or 0), int(world_size or 1), False
-    elif is_initialized():
-        r, w, dist_on = get_rank(), get_world_size(), True
-    else:
-        (r, w), dist_on = env_world() or (0, 1), False
-    if w < 1 or not 0 <= r < w:
-        raise FDEvalError(f"rank {r} is not within world size {w}; check RANK/WORLD_SIZE or rank=/world_size=")
-    return r, w, dist_on
-
-
-def _rank_device(device: str | torch.device | None, world: int) -> torch.device:
-    dev = auto_device(device)
-    if world > 1 and dev.type == "cuda" and dev.index is None:  # one GPU per local process
-        dev = default_device()
-    return dev
-
-
+# --- ranks ---------------------------------------------------------------------------------------------------
 def _agree_done(done: set[int], n_units: int, rank: int, dev: torch.device) -> set[int]:
     """Collective: rank 0's view of the completed units, on every rank (a uint8 mask; nothing pickled)."""
     import torch.distributed as dist
@@ -385,13 +361,13 @@ def save_unit_file(path: Path, header: dict[str, Any], tensors: dict[str, torch.
 
 
 def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[Extractor],
-                   tf: SourceTransform | None, dev: torch.device, batch_size: int, num_workers: int,
-                   keep_features: bool, skip_bad: bool, ckpt: Path, identity: dict[str, Any], rank: int,
-                   bar: Any, on_saved: Callable[[Unit], None], decode: str = "pil") -> None:
+                   tf: SourceTransform | None, run: ResolvedRun, keep_features: bool, ckpt: Path,
+                   identity: dict[str, Any], bar: Any, on_saved: Callable[[Unit], None]) -> None:
     """Extract ``units`` in one pass of :func:`fd_eval.pipeline.run_units` and save each unit's triple as soon as
     its last batch is in (unit u's images run in batches of ``batch_size`` from its first image, exactly as
     ``pipeline.extract`` on that unit alone would run them)."""
-    numerics = _numerics(dev, batch_size)
+    dev, rank = run.device, run.rank
+    numerics = _numerics(dev, run.batch_size)
 
     def consumers(k: int) -> list[MomentAccumulator]:
         return [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
@@ -415,8 +391,8 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
         save_unit_file(_unit_path(ckpt, unit.index), header, tensors)
         on_saved(unit)
 
-    run_units(plan.source, extractors, [u.indices for u in units], consumers, device=dev, batch_size=batch_size,
-              num_workers=num_workers, decode=decode, skip_bad=skip_bad, image_transform=tf, on_unit=save, bar=bar)
+    run_units(plan.source, extractors, [u.indices for u in units], consumers, run, image_transform=tf, on_unit=save,
+              bar=bar)
 
 
 # --- merging ------------------------------------------------------------------------------------------------
@@ -570,11 +546,11 @@ def build_stats(
     out = Path(out)
     check_outputs([source] if isinstance(source, (str, os.PathLike)) else [], {"-o/--output": out})
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
-    r, w, dist_on = _rank_world(opts.rank, opts.world_size)
-    dev = _rank_device(opts.device, w)
+    run = opts.resolve(collectives=False)  # ranks share the checkpoint folder; a process group is optional
+    r, w, dist_on, dev = run.rank, run.world_size, run.group, run.device
     # a missing or unknown source (or a remote one offline) fails before any weights load
     src = open_source(source, skip_bad=skip_bad, offline=opts.offline)
-    exs = resolve_extractors(models, extractors, weights, opts, dev)  # under opts.offline
+    exs = resolve_extractors(models, extractors, weights, run, dev)  # under opts.offline
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)
@@ -602,14 +578,12 @@ def build_stats(
         here = f", {len(mine)} to compute here" if w > 1 else ""
         say(f"{where}resuming from {ckpt}: {len(done_set)} of {len(plan.units)} units already done{here}")
 
-    bs = opts.batch_size or default_batch_size(dev)
-    workers = default_num_workers(dev) if opts.num_workers is None else opts.num_workers
+    bs = run.batch_size
     saved: list[Unit] = []
     try:
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc=f"{where}stats", smoothing=0.1,
                   disable=not progress or r != 0) as bar:
-            _compute_units(plan, mine, exs, tf, dev, bs, workers, keep_features, skip_bad, ckpt, identity, r, bar,
-                           saved.append, decode)
+            _compute_units(plan, mine, exs, tf, run, keep_features, ckpt, identity, bar, saved.append)
     except BaseException:
         if saved or done_set:
             say(f"{where}{len(done_set) + len(saved)} of {len(plan.units)} units are saved in {ckpt}; run the same "
