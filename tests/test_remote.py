@@ -144,6 +144,7 @@ def test_connection_that_keeps_failing_is_one_line_naming_shard_and_byte(world, 
     assert "gpic_test_00000.tar" in src.ignored[0].name
     acc = fd_eval.sources.InputAccounting.build(src, [], len(src))
     assert acc.found == 9 and "unreadable remote shard: 1" in acc.summary()
+    assert [(p["found"], p["used"], p["ignored"]) for p in acc.per_shard] == [(1, 0, 1), (4, 4, 0), (4, 4, 0)]
 
 
 def test_connection_lost_during_the_pass(world, hub, tmp_path, monkeypatch):
@@ -159,6 +160,9 @@ def test_connection_lost_during_the_pass(world, hub, tmp_path, monkeypatch):
     res = _build(world, src, tmp_path / "y.safetensors", skip_bad=True)[MODEL]
     skipped = res.metadata["source"]["inputs"]["skipped"]
     assert res.n == 8 and len(skipped) == PER_SHARD
+    per_shard = res.metadata["source"]["inputs"]["per_shard"]  # everything accounted for, shard by shard
+    assert [(p["found"], p["used"], p["skipped"], p["ignored"]) for p in per_shard] == [(4, 0, 4, 0), (4, 4, 0, 0),
+                                                                                     (4, 4, 0, 0)]
     assert all("gpic_test_00000.tar:" in s["name"] and "remote shard unreadable" in s["reason"] for s in skipped)
 
 
