@@ -240,3 +240,24 @@ def test_cli_stats_offline_refuses_a_remote_source(hub, tmp_path):
     r = CliRunner().invoke(main, ["stats", _http(hub), "-o", str(tmp_path / "o.safetensors"), "--offline"])
     assert r.exit_code == 1 and "offline mode is on" in r.output and not hub.requests
     assert not os.path.exists(tmp_path / "o.safetensors")
+
+
+def test_index_is_one_sequential_read_even_over_large_members(world, hub, tmp_path):
+    """tarfile jumps over member data; the index read reads through it (one request, the whole file hashed)."""
+    import hashlib
+    import io
+    import tarfile
+
+    path = tmp_path / "big.tar"
+    blob = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()  # 3 MiB, not an image
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in (("a.bin", blob), ("b.png", b"x")):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    data = path.read_bytes()
+    url = hub.add_mirror("big.tar", data)
+    src = open_source(url)
+    assert len(src) == 1 and [s.reason for s in src.ignored] == ["not an image file extension"]
+    assert len(hub.body_gets("big.tar")) == 1
+    assert src.provenance()[0]["sha256"] == hashlib.sha256(data).hexdigest()

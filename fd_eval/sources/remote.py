@@ -87,7 +87,8 @@ class RemoteTarSource(TarSource):
             return {"empty": True}
 
         def scan() -> dict[str, Any]:
-            with StreamReader(rf, readahead=READAHEAD) as r:
+            # one sequential read: tarfile's jumps over member data read through, so the hash covers every byte
+            with StreamReader(rf, readahead=READAHEAD, max_skip=rf.size) as r:
                 idx = scan_tar_file(r, rf.size, rf.url)
                 r.seek(r.net)
                 while r.read(1 << 20):  # the rest (end blocks), so the hash covers the whole file

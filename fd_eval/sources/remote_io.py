@@ -298,15 +298,16 @@ class _ReadAhead:
 class StreamReader:
     """A forward-reading binary file over a :class:`RemoteFile`, from byte ``start`` to the end.
 
-    ``read(n)`` returns exactly ``n`` bytes unless the file ends. ``seek`` forward up to :data:`SEEK_SKIP` reads
-    through, farther opens a new ``Range`` request; back within the last :data:`REWIND` bytes is served from memory.
-    A dropped connection reconnects at the byte reached (``Range``), at most :data:`MAX_RETRIES` times in a row
+    ``read(n)`` returns exactly ``n`` bytes unless the file ends. ``seek`` forward up to ``max_skip`` bytes
+    (default :data:`SEEK_SKIP`) reads through, farther opens a new ``Range`` request; back within the last
+    :data:`REWIND` bytes is served from memory, farther back opens a new request. A dropped connection
+    reconnects at the byte reached (``Range``), at most :data:`MAX_RETRIES` times in a row
     (``$FD_EVAL_REMOTE_RETRIES``) with backoff, then :class:`RemoteReadError`. ``readahead`` bytes (0: none) are
     read ahead in a background thread. ``sha256()``: the hash of every byte read, when read contiguously from 0.
     """
 
-    def __init__(self, rf: RemoteFile, start: int = 0, *, readahead: int = 0):
-        self.rf, self.readahead = rf, int(readahead)
+    def __init__(self, rf: RemoteFile, start: int = 0, *, readahead: int = 0, max_skip: int = SEEK_SKIP):
+        self.rf, self.readahead, self.max_skip = rf, int(readahead), int(max_skip)
         self.pos = self.net = int(start)  # logical position; position of the network stream
         self._raw: Any = None
         self._win = b""  # the last bytes read from the network, ending at self.net
@@ -328,7 +329,7 @@ class StreamReader:
 
     def seek(self, pos: int, whence: int = 0) -> int:
         pos = {0: pos, 1: self.pos + pos, 2: self.rf.size + pos}[whence]
-        if self.net - len(self._win) <= pos <= self.net + SEEK_SKIP:
+        if self.net - len(self._win) <= pos <= self.net + self.max_skip:
             self.pos = pos
         else:  # far: a new request from there
             self._close()
