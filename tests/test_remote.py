@@ -261,3 +261,19 @@ def test_index_is_one_sequential_read_even_over_large_members(world, hub, tmp_pa
     assert len(src) == 1 and [s.reason for s in src.ignored] == ["not an image file extension"]
     assert len(hub.body_gets("big.tar")) == 1
     assert src.provenance()[0]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_server_that_refuses_head_is_asked_for_one_byte(world, hub, monkeypatch):
+    """Presigned URLs are signed for GET only: the size comes from a one-byte range request instead."""
+    import _fake_hub
+
+    def refuse(self):
+        self.send_response(405)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    monkeypatch.setattr(_fake_hub._Handler, "do_HEAD", refuse)
+    src = open_source(_http(hub))
+    assert len(src) == 12 and [f.size for f in src.files] == [len(d) for d in world["data"].values()]
+    assert [r.range for r in hub.requests if r.range == "bytes=0-0"] == ["bytes=0-0"] * N_SHARDS

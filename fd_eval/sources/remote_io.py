@@ -147,14 +147,41 @@ def _request(url: str, method: str, headers: dict[str, str], what: str, token: s
 def _http_error(what: str, e: urllib.error.HTTPError) -> Exception:
     code = e.code
     if code in (401, 403):
-        return SourceError(one_line(f"{what}: access refused (HTTP {code}); for a gated Hub dataset request access on "
-                                    "its page and log in with `hf auth login` (or set HF_TOKEN)"))
-    if code == 404:
-        return SourceError(one_line(f"{what}: not found (HTTP 404); check the URL, the repository and the brace "
-                                    "range"))
-    if code >= 500 or code == 429:
+        err = SourceError(one_line(f"{what}: access refused (HTTP {code}); for a gated Hub dataset request access on "
+                                   "its page and log in with `hf auth login` (or set HF_TOKEN)"))
+    elif code == 404:
+        err = SourceError(one_line(f"{what}: not found (HTTP 404); check the URL, the repository and the brace "
+                                   "range"))
+    elif code >= 500 or code == 429:
         return OSError(f"HTTP {code} {e.reason}")  # retryable
-    return SourceError(one_line(f"{what}: HTTP {code} {e.reason}; check the URL"))
+    else:
+        err = SourceError(one_line(f"{what}: HTTP {code} {e.reason}; check the URL"))
+    err.http_code = code  # type: ignore[attr-defined]
+    return err
+
+
+def _head(fetch: str, url: str, hf: bool) -> tuple[Any, int | None]:
+    """The first hop's headers and the size. A server that refuses HEAD (405; a presigned URL, signed for GET
+    only: 403) is asked for its first byte instead (``Range: bytes=0-0``, the size from ``Content-Range``)."""
+    token = hf_token() if hf else None
+    try:
+        resp, first = _request(fetch, "HEAD", {}, url, token)
+        ranged = False
+    except SourceError as e:
+        if hf or getattr(e, "http_code", None) not in (403, 405):
+            raise
+        resp, first = _request(fetch, "GET", {"Range": "bytes=0-0"}, url, None)
+        ranged = True
+    headers = resp.headers if resp is not None else first
+    if resp is not None:
+        resp.close()
+    size = first.get("X-Linked-Size")
+    if size is None and ranged:
+        m = re.match(r"bytes \d+-\d+/(\d+)", headers.get("Content-Range", ""))
+        size = m.group(1) if m else None
+    if size is None and not ranged:
+        size = headers.get("Content-Length")
+    return first, None if size is None else int(size)
 
 
 def _hf_url(url: str, revision: str | None = None) -> str:
@@ -187,17 +214,14 @@ def stat_remote(url: str) -> RemoteFile:
         last: Exception | None = None
         for attempt in range(MAX_RETRIES + 1):
             try:
-                resp, first = _request(fetch, "HEAD", {}, url, hf_token() if hf else None)
+                first, size = _head(fetch, url, hf)
                 break
-            except OSError as e:
+            except OSError as e:  # refused, reset, timed out, 5xx: retried with backoff
                 last = e
-                time.sleep(min(BACKOFF_S * 2 ** attempt, 8.0))
+                if attempt < MAX_RETRIES:
+                    time.sleep(min(env_float("FD_EVAL_REMOTE_BACKOFF", BACKOFF_S) * 2 ** attempt, 8.0))
         else:
             raise SourceError(one_line(f"{url}: cannot reach the server ({last}); check the network and the URL"))
-        headers = resp.headers if resp is not None else first
-        if resp is not None:
-            resp.close()
-        size = first.get("X-Linked-Size") or headers.get("Content-Length")
         if size is None:
             raise SourceError(f"{url}: the server gives no size (Content-Length); a streamed source needs it")
         etag = (first.get("X-Linked-Etag") or first.get("ETag") or "").strip()
