@@ -76,8 +76,8 @@ class RemoteTarSource(TarSource):
         idx = self._prefetched.get(path) or self._remote_index(self._by_url[path], self.skip_bad)
         if idx.get("unreadable"):
             self.ignored.append(SkippedItem(None, one_line(path), "unreadable remote shard", idx["unreadable"]))
-            self.warnings.append(one_line(f"{idx['unreadable']} (listed as skipped: --skip-bad)"))
-            return {"empty": True, "why": f"{path}: unreadable, no samples used"}
+            return {"empty": True, "why": f"{path}: {idx['unreadable']}; listed as skipped (--skip-bad), no "
+                                          "samples used"}
         if "sha256" in idx.get("info", {}):
             self._sha[path] = idx["info"]["sha256"]
         return idx
@@ -109,7 +109,7 @@ class RemoteTarSource(TarSource):
         except RemoteReadError as e:
             if not skip_bad:
                 raise
-            return {"empty": True, "unreadable": str(e)}
+            return {"empty": True, "unreadable": f"{e.reason} at byte {e.offset:,}"}
 
     # --- reading ----------------------------------------------------------------------------------------------------
     def _pread(self, s: int, offset: int, size: int, item: "str | Callable[[], str]") -> bytes:

@@ -425,8 +425,9 @@ class StreamReader:
                 self._fails += 1
                 self._fail_at = self.net
                 if self._fails > self.retries:
-                    raise read_error(self.rf.url, self.net, f"connection lost after {self.retries} retries "
-                                          f"({type(e).__name__}: {e})") from None
+                    n = self.retries
+                    raise read_error(self.rf.url, self.net, f"connection lost after {n} retr{'y' if n == 1 else 'ies'} "
+                                     f"({type(e).__name__}: {e})") from None
                 time.sleep(min(env_float("FD_EVAL_REMOTE_BACKOFF", BACKOFF_S) * 2 ** (self._fails - 1), 8.0))
         b = b[:self.rf.size - self.net]
         if self._hash is not None:
