@@ -104,6 +104,13 @@ def test_fsspec_memory_filesystem_equals_shards_on_disk(world, on_disk, tmp_path
         mem.rm("/fd_eval_test", recursive=True)
 
 
+def test_hub_glob_lists_the_shards(world, hub):
+    src = open_source("hf://datasets/org/gpic/test/gpic_test_*.tar")  # listed with HfFileSystem
+    local = open_source(str(world["root"] / "shards" / f"gpic_test_{RANGE}.tar"))
+    assert src.shards == [HF.replace(RANGE, f"{k:05d}") for k in range(N_SHARDS)]
+    assert [src.read_encoded(i) for i in range(len(src))] == [local.read_encoded(i) for i in range(len(local))]
+
+
 def test_each_shard_is_streamed_once_per_pass(world, hub):
     """The index comes from one sequential read of each shard (then cached); a pass with no workers reads each
     shard's members on one connection, never the whole file twice more."""

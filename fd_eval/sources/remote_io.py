@@ -259,7 +259,10 @@ def expand_remote(spec: str) -> list[str]:
         if sch == "hf":
             from huggingface_hub import HfFileSystem
 
-            fs, path = HfFileSystem(token=hf_token()), pat[len("hf://"):]
+            from ..download import hf_endpoint
+
+            fs = HfFileSystem(token=hf_token(), endpoint=hf_endpoint())  # HF_ENDPOINT read now, not at import
+            path = pat[len("hf://"):]
         else:
             fs, path = _fsspec(pat)
         try:
