@@ -12,9 +12,10 @@ It serves what ``huggingface_hub.hf_hub_download`` (2.x) asks for:
   ``GET /api/datasets/ORG/REPO/tree/REV[/PATH][?recursive=true]`` (one page of files and folders): what
   ``huggingface_hub.HfFileSystem`` lists with (globs in ``hf://`` paths); every other ``/api/...``: 404.
 
-Bodies honour ``Range: bytes=START-`` (206 + ``Content-Range``; 416 past the end). ``cuts`` makes the next body
-responses drop the connection after that many bytes; ``throttle`` slows bodies down (to overlap two clients).
-Every response closes its connection, so a stopped server really is gone. ``requests`` logs what arrived.
+Bodies honour ``Range: bytes=START-`` and ``bytes=START-END`` (206 + ``Content-Range``; 416 past the end).
+``cuts`` makes the next body responses drop the connection after that many bytes; ``throttle`` slows bodies down
+(to overlap two clients). Every response closes its connection, so a stopped server really is gone. ``requests``
+logs what arrived.
 """
 from __future__ import annotations
 
@@ -232,8 +233,10 @@ class _Handler(BaseHTTPRequestHandler):
         size, start = len(data), 0
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         status = 200
+        end = size  # exclusive
         if m and body:
             start = int(m.group(1))
+            end = min(size, int(m.group(2)) + 1) if m.group(2) else size
             if start >= size:
                 self.send_response(416)
                 for k, v in {"Content-Range": f"bytes */{size}", "Content-Length": "0", "Connection": "close",
@@ -242,12 +245,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             status = 206
-        chunk = data[start:]
+        chunk = data[start:end]
         self.send_response(status)
         hdrs = {**headers, "Content-Length": str(len(chunk)), "Accept-Ranges": "bytes", "Connection": "close",
                 "Content-Type": "application/octet-stream"}
         if status == 206:
-            hdrs["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+            hdrs["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         for k, v in hdrs.items():
             self.send_header(k, v)
         self.end_headers()

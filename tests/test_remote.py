@@ -284,3 +284,24 @@ def test_server_that_refuses_head_is_asked_for_one_byte(world, hub, monkeypatch)
     src = open_source(_http(hub))
     assert len(src) == 12 and [f.size for f in src.files] == [len(d) for d in world["data"].values()]
     assert [r.range for r in hub.requests if r.range == "bytes=0-0"] == ["bytes=0-0"] * N_SHARDS
+
+
+def test_a_reader_that_jumps_asks_for_windows_without_read_ahead(hub, tmp_path):
+    """A DataLoader worker reads runs of members with other workers' runs between them: after its first far jump
+    its reader requests closed ranges the size of the run it read, and reads nothing ahead."""
+    from fd_eval.sources.remote_io import SEEK_SKIP, StreamReader, stat_remote
+
+    data = np.random.default_rng(1).integers(0, 256, 6 << 20, dtype=np.uint8).tobytes()
+    rf = stat_remote(hub.add_mirror("blob.bin", data))
+    with StreamReader(rf, 0, readahead=4 << 20) as r:
+        assert r.read(100_000) == data[:100_000]  # a run of 100 KB, then a jump over others' runs
+        r.seek(3_000_000)
+        assert r.read(50_000) == data[3_000_000:3_050_000]
+        r.seek(3_048_000)  # back within the rewind window (4 KiB): no request
+        assert r.read(20_000) == data[3_048_000:3_068_000]
+        r.seek(5_000_000)
+        assert r.read(SEEK_SKIP + 10) == data[5_000_000:5_000_000 + SEEK_SKIP + 10]  # across two windows
+    ranges = [q.range for q in hub.body_gets("blob.bin")]
+    w = SEEK_SKIP
+    assert ranges == ["bytes=0-", f"bytes=3000000-{3_000_000 + w - 1}", f"bytes=5000000-{5_000_000 + w - 1}",
+                      f"bytes={5_000_000 + w}-"]  # the second window reaches the end of the file

@@ -10,9 +10,10 @@ How a streamed shard becomes an indexable source (the DataLoader asks for items 
 2. A pass reads member bytes through one :class:`~fd_eval.sources.remote_io.StreamReader` per shard and process:
    the items of a shard are asked for in order (units are shards; the DataLoader hands each worker runs of
    consecutive items), so each worker's reads go forward through the shard on one connection, jumping ahead over
-   the other workers' runs with a new ``Range`` request; with no workers a shard is one sequential read.
-   Each reader reads ahead (``$FD_EVAL_REMOTE_READAHEAD`` bytes, default 8 MiB) in a background thread, and the
-   DataLoader's prefetch crosses into the next shard before the current one is done.
+   the other workers' runs with a new ``Range`` request (after its first jump, closed ranges of about its run
+   length, with no read-ahead: the bytes between its runs are not transferred); with no workers a shard is one
+   sequential read. A sequential reader reads ahead (``$FD_EVAL_REMOTE_READAHEAD`` bytes, default 8 MiB) in a
+   background thread, and the DataLoader's prefetch crosses into the next shard before the current one is done.
 
 So the first pass over an uncached shard set reads every byte twice (index, then data); later passes, and every
 resume, read each member once. A connection that drops is resumed at the byte reached; one that keeps failing is

@@ -341,6 +341,11 @@ class StreamReader:
         self._hash = hashlib.sha256() if start == 0 else None
         self._fails, self._fail_at = 0, -1
         self.retries = int(env_float("FD_EVAL_REMOTE_RETRIES", MAX_RETRIES))
+        # One request asks for the rest of the file, until the reader jumps far: then it asks for windows of about
+        # the run it read before the jump, without read-ahead (the bytes after a run belong to another reader,
+        # e.g. another DataLoader worker, and are not transferred for nothing).
+        self.window: int | None = None
+        self._end, self._opened_at = self.rf.size, self.net
 
     # --- file-like API ---------------------------------------------------------------------------------------
     def tell(self) -> int:
@@ -359,6 +364,9 @@ class StreamReader:
         if self.net - len(self._win) <= pos <= self.net + self.max_skip:
             self.pos = pos
         else:  # far: a new request from there
+            if self._raw is not None or self.net > self._opened_at:
+                self.readahead = 0
+                self.window = max(SEEK_SKIP, self.net - self._opened_at, self.window or 0)
             self._close()
             self.pos = self.net = pos
             self._win, self._hash = b"", None
@@ -410,11 +418,14 @@ class StreamReader:
         """Up to ``n`` bytes at ``self.net`` (b"" only at the end of the file), reconnecting on failure."""
         if self.net >= self.rf.size:
             return b""
+        if self._raw is not None and self.net >= self._end:  # this window is done: the next one
+            self._close()
         while True:
             try:
                 if self._raw is None:
+                    self._opened_at = self.net
                     self._raw = self._open(self.net)
-                b = self._raw.read(n)
+                b = self._raw.read(min(n, self._end - self.net))
                 if not b:
                     raise ConnectionError(f"connection closed early ({self.rf.size - self.net:,} bytes missing)")
                 break
@@ -441,13 +452,15 @@ class StreamReader:
 
     def _open(self, start: int) -> Any:
         rf = self.rf
+        self._end = rf.size if self.window is None or rf.kind == "fsspec" else min(rf.size, start + self.window)
         if rf.kind == "fsspec":
             fs, path = _fsspec(rf.fetch_url)
             f = fs.open(path, "rb")
             f.seek(start)
             raw: Any = f
         else:
-            resp, first = _request(rf.fetch_url, "GET", {"Range": f"bytes={start}-"}, rf.url,
+            last = "" if self._end >= rf.size else str(self._end - 1)
+            resp, first = _request(rf.fetch_url, "GET", {"Range": f"bytes={start}-{last}"}, rf.url,
                                    hf_token() if rf.hf else None)
             if resp is None:  # 416: nothing left
                 raise ConnectionError(f"the server has no bytes from {start} (HTTP 416): the file shrank")
