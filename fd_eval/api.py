@@ -195,7 +195,8 @@ def compute_stats(
         {extractor name: Stats}; ``metadata["source"]`` records the source, its fingerprint, N and skipped items.
     """
     opts = make_options(options, kw, "compute_stats")
-    src = _select(open_source(source, skip_bad=opts.skip_bad), num, seed)  # a bad path fails before any weights
+    # a bad path (or a remote source offline) fails before any weights load
+    src = _select(open_source(source, skip_bad=opts.skip_bad, offline=opts.offline), num, seed)
     run = opts.resolve()
     exs = resolve_extractors(models, extractors, weights, run, run.device)
     tf = source_transform(image_transform)
@@ -317,7 +318,7 @@ def resolve_reference(
         return _Ref(stats, {"kind": "registry", **stats[names[0]].metadata.get("reference", {"name": entry.name})},
                     registry_name=spec)
     # an image source: compute its statistics with the same extractors, cached by content and extractor
-    src = open_source(ref, skip_bad=opts.skip_bad)
+    src = open_source(ref, skip_bad=opts.skip_bad, offline=opts.offline)
     tf = ref_image_transform
     out: dict[str, Stats] = {}
     decode = opts.decode
@@ -458,7 +459,7 @@ def compute_fd(
     t0 = time.perf_counter()
     opts = make_options(options, kw, "compute_fd")
     # cheap checks first: both inputs exist and have a known format before any weights load or extraction
-    gen = open_source(gen, skip_bad=opts.skip_bad)
+    gen = open_source(gen, skip_bad=opts.skip_bad, offline=opts.offline)
     if num is not None and num > len(gen):
         raise FDEvalError(f"{gen.spec}: asked for {num} images but the source holds {len(gen)}")
     ref = open_reference(ref, skip_bad=opts.skip_bad)

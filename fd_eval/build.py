@@ -114,7 +114,7 @@ def _short(x: Any) -> str:
 
 
 def _plan_words(p: dict[str, Any]) -> str:
-    what = "one per tar shard" if p.get("kind") == "tar-shards" else "blocks"
+    what = {"tar-shards": "one per tar shard", "row-groups": "one per Parquet row group"}.get(p.get("kind"), "blocks")
     every = f", at most {p['checkpoint_every']} images each" if p.get("checkpoint_every") else ""
     return f"{p.get('n_units')} units ({what}{every}) over {p.get('n_items')} images"
 
@@ -352,7 +352,8 @@ def build_stats(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     run = opts.resolve(collectives=False)  # ranks share the checkpoint folder; a process group is optional
     r, w, dist_on, dev = run.rank, run.world_size, run.group, run.device
-    src = open_source(source, skip_bad=skip_bad)  # a missing or unknown source fails before any weights load
+    # a missing or unknown source (or a remote one offline) fails before any weights load
+    src = open_source(source, skip_bad=skip_bad, offline=opts.offline)
     exs = resolve_extractors(models, extractors, weights, run, dev)  # under opts.offline
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
@@ -363,7 +364,8 @@ def build_stats(
     done = files.scan(plan.units, skip_bad=skip_bad, check=_features_check(
         keep_features, f"rerun with the original settings, or delete {ckpt} to start over"))
     ckpt.mkdir(parents=True, exist_ok=True)
-    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units],
+    files = src.provenance() if callable(getattr(src, "provenance", None)) else None  # remote: ETag, revision
+    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units], "files": files,
                 "note": "fd-eval stats checkpoint: run the same command again to resume; removed when done"}
     if not (ckpt / MANIFEST).exists() or not done:
         with atomic_write(ckpt / MANIFEST, "w") as fh:

@@ -162,7 +162,7 @@ def ceiling(
     """
     t0 = time.perf_counter()
     opts = make_options(options, kw, "ceiling")
-    real = open_source(real, skip_bad=opts.skip_bad)  # cheap checks before any weights load
+    real = open_source(real, skip_bad=opts.skip_bad, offline=opts.offline)  # cheap checks before any weights load
     ref = open_reference(ref, skip_bad=opts.skip_bad)
     resolved = opts.resolve()
     dev = resolved.device
@@ -231,7 +231,7 @@ def split_half(
     """
     t0 = time.perf_counter()
     opts = make_options(options, kw, "split_half")
-    src = open_source(real, skip_bad=opts.skip_bad)
+    src = open_source(real, skip_bad=opts.skip_bad, offline=opts.offline)
     total = len(src)
     if n is None:
         n = min(PROTOCOL_N, total // 2)

@@ -350,15 +350,15 @@ def _cleanup(ckpt: Path) -> None:
         UnitFiles(ckpt, COPIES_FORMAT, {}, prefix=f"{kind}-", extra_names=(_QUERIES,)).cleanup()
 
 
-def _open_sources(gen: Any, train: Any, test: Any, skip_bad: bool
+def _open_sources(gen: Any, train: Any, test: Any, skip_bad: bool, offline: bool | None
                   ) -> tuple[ImageSource, ImageSource, ImageSource | None]:
-    """GEN, --train and --test opened and checked (before any weights load)."""
-    gen_src = open_source(gen, skip_bad=skip_bad)
+    """GEN, --train and --test opened and checked (before any weights load; a remote source offline fails)."""
+    gen_src = open_source(gen, skip_bad=skip_bad, offline=offline)
     try:
-        train_src = open_source(train, skip_bad=skip_bad)
+        train_src = open_source(train, skip_bad=skip_bad, offline=offline)
     except EmptySourceError as e:
         raise EmptySourceError(f"training source (--train) is empty: {e}") from None
-    test_src = open_source(test, skip_bad=skip_bad) if test is not None else None
+    test_src = open_source(test, skip_bad=skip_bad, offline=offline) if test is not None else None
     if len(train_src) == 0:
         raise EmptySourceError(f"{train_src.spec}: the training source holds no images; --train must point at the "
                                "training images (or the reference test set for a leak check)")
@@ -468,7 +468,7 @@ def _provenance_and_inputs(exs: Sequence[Extractor], run: _Run, srcs: dict[str, 
         ct="dgm-eval compute_CTscore; PCA and k-means fitted on the held-out set" if srcs["test"] else None,
         skipped={k: [s.to_dict() for s in v] for k, v in skipped.items()},
         run={"units": len(plan.units), "unit_kind": plan.kind,
-             "checkpoint_every": plan.checkpoint_every or (None if plan.kind == "tar-shards" else DEFAULT_BLOCK),
+             "checkpoint_every": plan.checkpoint_every or (None if plan.kind != "blocks" else DEFAULT_BLOCK),
              "resumed_units": resumed, "world_size": run.world, "batch_size": run.opts.batch_size})
     return prov, inputs
 
@@ -534,7 +534,7 @@ def find_copies(
         raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {threshold!r}")
     say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if opts.progress else (lambda m: None))
     resolved = opts.resolve()
-    gen_src, train_src, test_src = _open_sources(gen, train, test, opts.skip_bad)
+    gen_src, train_src, test_src = _open_sources(gen, train, test, opts.skip_bad, opts.offline)
     names = _check_memory(models, extractors, gen_src, len(test_src) if test_src is not None else 0, top_k,
                           resolved.device)
     thresholds = _thresholds(names, threshold)

@@ -82,7 +82,7 @@ class UnitPlan:
     source: ImageSource
     selection: ImageSource
     units: list[Unit]
-    kind: str  # "tar-shards" | "blocks"
+    kind: str  # "tar-shards" | "row-groups" | "blocks"
     checkpoint_every: int | None
 
     @property
@@ -90,7 +90,7 @@ class UnitPlan:
         return sum(len(u) for u in self.units)
 
     def describe(self) -> str:
-        what = "tar shard" if self.kind == "tar-shards" else "block"
+        what = {"tar-shards": "tar shard", "row-groups": "row group"}.get(self.kind, "block")
         every = f" of at most {self.checkpoint_every:,} images" if self.checkpoint_every else ""
         return f"{len(self.units)} units ({what}s{every}) over {self.n_items:,} images"
 
@@ -113,7 +113,8 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
                seed: int | None = None) -> UnitPlan:
     """Split ``source`` (or its ``num``/``seed`` subset, as :meth:`ImageSource.subset` picks it) into units.
 
-    Tar shards: one unit per shard (empty shards have none), cut into blocks of at most ``checkpoint_every``
+    Tar shards (and other sharded sources: Parquet row groups): one unit per shard (empty shards have none), cut
+    into blocks of at most ``checkpoint_every``
     images when given. Other sources: blocks of ``checkpoint_every`` (default :data:`DEFAULT_BLOCK`) images.
     """
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or int(checkpoint_every) < 1):
@@ -123,14 +124,15 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
     positions = (selection.indices if isinstance(selection, SubsetSource)
                  else np.arange(len(source), dtype=np.int64))
     units: list[Unit] = []
-    if isinstance(source, TarSource):
-        kind = "tar-shards"
+    if isinstance(source, TarSource) or callable(getattr(source, "shard_part", None)):
+        # sharded sources (tar shards, local or streamed; Parquet row groups): one unit per shard
+        kind = "tar-shards" if isinstance(source, TarSource) else "row-groups"
         shard_of = source.shard_of(positions)
         cuts = np.flatnonzero(np.diff(shard_of)) + 1  # positions ascend, so each shard's items are contiguous
         for group in np.split(positions, cuts):
             s = int(source.shard_of(group[:1])[0])
             path, start = source.shards[s], int(source.shard_starts[s])
-            shard_part = stat_part(os.path.basename(path), path) + b"\0" + source.shard_header_digest(s).encode()
+            shard_part = source.shard_part(s)
             blocks = _blocks(group, every)
             for b in blocks:
                 local = b - start

@@ -27,7 +27,7 @@ decode         "pil"     "pil" (reference) or "gpu" (nvJPEG for RGB JPEGs)
 resize         None      DINOv2's resize: "pil" (reference, default) or "torch" (EDM2's)
 skip_bad       False     skip unreadable images (counted and listed) instead of stopping
 progress       True      progress bars
-offline        None      cached references and weights only (None: $FD_EVAL_OFFLINE / $HF_HUB_OFFLINE)
+offline        None      cached references and weights only, no remote source (None: $FD_EVAL_OFFLINE / $HF_HUB_OFFLINE)
 rank           None      this process's rank (None: torch.distributed / torchrun's environment)
 world_size     None      number of processes (None: as rank; 1 forces a single-process run)
 =============  ========  ==================================================================================
@@ -65,7 +65,7 @@ OPTION_HELP: dict[str, str] = {
     "resize": "DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant).",
     "skip_bad": "Skip unreadable images (counted and listed) instead of stopping.",
     "progress": "No progress bars.",  # the CLI flag is --quiet/-q
-    "offline": "Use cached references and weights only.",
+    "offline": "Use cached references and weights only; refuse remote (hf://, https://) sources.",
 }
 
 

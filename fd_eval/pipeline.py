@@ -480,6 +480,9 @@ def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], so
            **(source_info or {})}
     # what happened to every candidate entry (found / used / skipped / ignored): no input is dropped unlisted
     src["inputs"] = InputAccounting.build(source, extraction.skipped, extraction.n_images).to_dict()
+    files = getattr(getattr(source, "parent", None) or source, "provenance", None)
+    if callable(files):  # remote files: URL, size, ETag, revision (the Hub commit), sha256 when read
+        src["files"] = files()
     out = {}
     metrics = extraction.metrics or [{} for _ in extractors]
     for ex, acc, mets in zip(extractors, extraction.accumulators, metrics):
