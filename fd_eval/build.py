@@ -159,6 +159,11 @@ def _unit_files(ckpt: Path, identity: dict[str, Any]) -> UnitFiles:
                      extra_names=(MANIFEST, RESULT))
 
 
+def _read_header(path: Path) -> dict[str, Any]:
+    """A unit file's JSON header (CheckpointError when damaged)."""
+    return _unit_files(path.parent, {}).read_header(path)
+
+
 def _features_check(keep_features: bool, fix: str) -> Callable[[Path, dict[str, Any], Unit], None]:
     def check(path: Path, header: dict[str, Any], unit: Unit) -> None:
         if keep_features and not header.get("features"):
@@ -364,8 +369,8 @@ def build_stats(
     done = files.scan(plan.units, skip_bad=skip_bad, check=_features_check(
         keep_features, f"rerun with the original settings, or delete {ckpt} to start over"))
     ckpt.mkdir(parents=True, exist_ok=True)
-    files = src.provenance() if callable(getattr(src, "provenance", None)) else None  # remote: ETag, revision
-    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units], "files": files,
+    remote = src.provenance() if callable(getattr(src, "provenance", None)) else None  # remote: ETag, revision
+    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units], "files": remote,
                 "note": "fd-eval stats checkpoint: run the same command again to resume; removed when done"}
     if not (ckpt / MANIFEST).exists() or not done:
         with atomic_write(ckpt / MANIFEST, "w") as fh:

@@ -10,6 +10,7 @@ import pytest
 
 import fd_eval
 import fd_eval.build as build
+import fd_eval.engine as engine
 import fd_eval.extractors.dinov2 as dv
 from _checkpoints import save_dinov2_checkpoint
 from _fake_hub import FakeHub, point_hf_at
@@ -176,15 +177,15 @@ def test_connection_lost_during_the_pass(world, hub, tmp_path, monkeypatch):
 
 # --- resume ---------------------------------------------------------------------------------------------------------
 def _interrupt_after(monkeypatch, k):
-    real, saved = build.save_unit_file, []
+    real, saved = engine.save_unit_file, []
 
-    def save(path, header, tensors):
-        real(path, header, tensors)
+    def save(path, header, tensors, *meta_key):
+        real(path, header, tensors, *meta_key)
         saved.append(Path(path))
         if len(saved) == k:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(build, "save_unit_file", save)
+    monkeypatch.setattr(engine, "save_unit_file", save)  # the unit engine writes every unit file
     return saved
 
 
@@ -192,11 +193,11 @@ def _interrupt_after(monkeypatch, k):
 def test_resume_over_a_changed_remote_shard_is_refused(world, on_disk, hub, tmp_path, monkeypatch, where):
     spec = _http(hub) if where == "http" else HF
     out = tmp_path / "r.safetensors"
-    real = build.save_unit_file
+    real = engine.save_unit_file
     _interrupt_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         _build(world, spec, out)
-    monkeypatch.setattr(build, "save_unit_file", real)
+    monkeypatch.setattr(engine, "save_unit_file", real)
     header = build._read_header(build.default_checkpoint_dir(out) / "unit-000000.safetensors")
     assert header["unit"]["label"].startswith(spec.split("{")[0])
     other = write_shard(tmp_path / "new.tar", [gpic_sample(i, im) for i, im in
