@@ -305,3 +305,10 @@ def test_a_reader_that_jumps_asks_for_windows_without_read_ahead(hub, tmp_path):
     w = SEEK_SKIP
     assert ranges == ["bytes=0-", f"bytes=3000000-{3_000_000 + w - 1}", f"bytes=5000000-{5_000_000 + w - 1}",
                       f"bytes={5_000_000 + w}-"]  # the second window reaches the end of the file
+
+
+def test_a_shard_that_is_not_a_tar_stops_the_open_in_one_line(world, hub):
+    hub.mirror["gpic_test_00001.tar"] = b"\x1f\x8b" + bytes(5000)  # gzip magic
+    with pytest.raises(SourceError, match=r"gpic_test_00001\.tar: gzip-compressed tar; .*decompress it") as e:
+        open_source(_http(hub))
+    assert "\n" not in str(e.value)

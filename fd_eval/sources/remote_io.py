@@ -333,8 +333,9 @@ class StreamReader:
     read ahead in a background thread. ``sha256()``: the hash of every byte read, when read contiguously from 0.
     """
 
-    def __init__(self, rf: RemoteFile, start: int = 0, *, readahead: int = 0, max_skip: int = SEEK_SKIP):
-        self.rf, self.readahead, self.max_skip = rf, int(readahead), int(max_skip)
+    def __init__(self, rf: RemoteFile, start: int = 0, *, readahead: int = 0, max_skip: int = SEEK_SKIP,
+                 cancel: threading.Event | None = None):
+        self.rf, self.readahead, self.max_skip, self.cancel = rf, int(readahead), int(max_skip), cancel
         self.pos = self.net = int(start)  # logical position; position of the network stream
         self._raw: Any = None
         self._win = b""  # the last bytes read from the network, ending at self.net
@@ -418,6 +419,8 @@ class StreamReader:
         """Up to ``n`` bytes at ``self.net`` (b"" only at the end of the file), reconnecting on failure."""
         if self.net >= self.rf.size:
             return b""
+        if self.cancel is not None and self.cancel.is_set():
+            raise SourceError(f"{self.rf.url}: reading stopped (another shard failed, or Ctrl-C)")
         if self._raw is not None and self.net >= self._end:  # this window is done: the next one
             self._close()
         while True:
