@@ -1,10 +1,13 @@
 """The click group, error handling and output helpers shared by every command."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,14 +20,74 @@ from ..io_utils import atomic_write
 from ..options import DECODES, OPTION_HELP, PRECISIONS, RESIZES, RunOptions
 
 
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's status for a run stopped by Ctrl-C
+
+
+@contextlib.contextmanager
+def _sigint_stops() -> Any:
+    """SIGINT raises KeyboardInterrupt in this process for the duration, whatever the parent set.
+
+    Why: a process started as a background job of a non-interactive shell (``cmd &`` in a script, CI runners, test
+    harnesses) inherits SIGINT *ignored*, and Python then keeps it ignored: a Ctrl-C or ``kill -INT`` was silently
+    lost and an hours-long build ran to the end. A command of this tool is always stoppable: the handler is
+    installed explicitly (main thread only; the previous one is restored afterwards, for callers such as
+    ``CliRunner``).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+
 class _Group(click.Group):
-    """Turns every :class:`FDEvalError` into a one-line ``Error: ...`` and exit status 1."""
+    """Turns every :class:`FDEvalError` into a one-line ``Error: ...`` and exit status 1, Ctrl-C (SIGINT) into one
+    line and exit status 130, and every Python warning into one ``warning: ...`` line."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        with _sigint_stops(), _warnings_as_lines():
+            return super().main(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except FDEvalError as e:
             raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt:
+            # click would print "Aborted!" and exit 1; a stopped run is 130 with one line. Every writer is atomic
+            # (temp file + rename), so nothing half-written is left; unit files already saved stay for a resume.
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            click.echo("Error: interrupted (SIGINT); nothing half-written was left", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Any:
+    """Python warnings (ours and libraries') print as one ``warning: <first line of the message>`` line, without
+    the file:line and source line of :func:`warnings.showwarning`. Left alone where the caller already customised
+    warnings or records them (``warnings.catch_warnings(record=True)``, as pytest does)."""
+    import warnings
+
+    previous = warnings.showwarning
+    recording = getattr(getattr(warnings, "_showwarnmsg_impl", None), "__self__", None) is not None
+    if previous is not getattr(warnings, "_showwarning_orig", previous) or recording:
+        yield
+        return
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        text = str(message).strip().splitlines()
+        click.echo(f"warning: {text[0] if text else category.__name__}", err=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
