@@ -567,8 +567,8 @@ def build_stats(
     progress, skip_bad, decode = opts.progress, opts.skip_bad, opts.decode
     say = log or (_stderr if progress else (lambda msg: None))
     out = Path(out)
-    check_outputs([source] if isinstance(source, (str, os.PathLike)) else [], {"-o/--output": out})
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
+    check_outputs({"SOURCE": source, "--weights": weights}, {"-o/--output": out}, {"--checkpoint-dir": ckpt})
     r, w, dist_on = _rank_world(opts.rank, opts.world_size)
     dev = _rank_device(opts.device, w)
     src = open_source(source, skip_bad=skip_bad)  # a missing or unknown source fails before any weights load

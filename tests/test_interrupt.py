@@ -142,7 +142,7 @@ def test_repeated_sigint_at_load_never_exits_0(world, tmp_path, burners):
         assert not (folder / "c.json").exists()
     # the last interrupted copies run resumes to the end (plain CLI, no signal)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(TESTS / "_copies_cli.py"), str(DEPTH), *copies_args(world, folder / "c.json")],
-                       capture_output=True, env=env, timeout=600)
+    argv = [sys.executable, str(TESTS / "_copies_cli.py"), str(DEPTH), *copies_args(world, folder / "c.json")]
+    p = subprocess.run(argv, capture_output=True, env=env, timeout=600)
     assert p.returncode == 0 and b"resuming from" in p.stderr, p.stderr[-3000:]
     assert (folder / "c.json").exists()

@@ -214,3 +214,89 @@ def test_offline_reaches_the_weights(data, monkeypatch, offline):
     fd_eval.compute_stats(gen, **kw)
     fd_eval.build_stats(str(gen), tmp / "s.safetensors", **kw)
     assert seen == [offline] * 3
+
+
+# --- issue 23 §2: one output rule for every output of every command ---------------------------------------------
+@pytest.fixture()
+def copies_data(tmp_path):
+    gen = save_images(IMGS, tmp_path / "gen")
+    train = save_images(IMGS[::-1], tmp_path / "train")
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"weights")
+    return tmp_path, gen, train, w
+
+
+def _copies(gen, train, *extra):
+    return ["copies", str(gen), "--train", str(train), "-m", "dinov2-vits14", *extra]
+
+
+@pytest.mark.parametrize("case", ["json-on-gen-image", "sheet-on-train-image", "json-on-train-image",
+                                  "sheet-new-image-in-gen", "json-and-sheet-one-path", "json-in-gen-folder",
+                                  "checkpoint-in-train", "weights-as-json", "json-inside-checkpoint-dir"])
+def test_copies_outputs_never_touch_inputs(copies_data, no_weights, case):
+    tmp, gen, train, w = copies_data
+    args, words = {
+        "json-on-gen-image": (["--json", str(gen / "000.png")], ["000.png", "--json", "inside the input folder",
+                                                                 "(GEN)", "replace a file"]),
+        "sheet-on-train-image": (["--sheet", str(train / "001.png")], ["001.png", "--sheet", "(--train)"]),
+        "json-on-train-image": (["--json", str(train / "001.png")], ["001.png", "--json", "(--train)"]),
+        "sheet-new-image-in-gen": (["--sheet", str(gen / "sheet.png")], ["sheet.png", "add an image"]),
+        "json-and-sheet-one-path": (["--json", str(tmp / "x"), "--sheet", str(tmp / "x")],
+                                    ["given to both", "--json", "--sheet"]),
+        "json-in-gen-folder": (["--json", str(gen / "r.json")], ["r.json", "inside the input folder", "add files"]),
+        "checkpoint-in-train": (["--checkpoint-dir", str(train / "ck")], ["--checkpoint-dir", "(--train)"]),
+        "weights-as-json": (["--weights", str(w), "--json", str(w)], ["w.pth", "(--weights)", "replace"]),
+        "json-inside-checkpoint-dir": (["--checkpoint-dir", str(tmp / "ck"), "--json", str(tmp / "ck" / "r.json")],
+                                       ["r.json", "inside the --checkpoint-dir folder"]),
+    }[case]
+    before = snapshot(gen, train, w)
+    failed(_copies(gen, train, *args), OutputError, *words)
+    assert snapshot(gen, train, w) == before and not (tmp / "x").exists()
+
+
+def test_copies_api_checks_outputs_first(copies_data, no_weights):
+    tmp, gen, train, _ = copies_data
+    before = snapshot(gen, train)
+    for kw in ({"json_path": gen / "000.png"}, {"sheet": train / "001.png"}, {"checkpoint_dir": gen / "ck"},
+               {"save_features": train / "f"}, {"json_path": tmp / "a", "sheet": tmp / "a"}):
+        with pytest.raises(OutputError):
+            fd_eval.find_copies(gen, train, models=["dinov2-vits14"], **kw)
+    assert snapshot(gen, train) == before and not (gen / "ck").exists()
+
+
+def test_save_stats_over_the_weights_file(data, no_weights):
+    tmp, gen, ref = data
+    w = tmp / "w.pth"
+    w.write_bytes(b"weights")
+    failed(["compute", str(gen), "--ref", str(ref), "-m", "dinov2-vits14", "--weights", str(w), "--save-stats",
+            str(w)], OutputError, "w.pth", "--save-stats", "(--weights)")
+    failed(["compute", str(gen), "--ref", str(ref), "-m", "dinov2-vits14", "--weights", f"dinov2-vits14={w}",
+            "--json", str(w)], OutputError, "w.pth", "--json", "(--weights)")
+    assert w.read_bytes() == b"weights"
+
+
+def test_stats_checkpoint_folder_inside_the_source_or_a_file(data, no_weights):
+    tmp, gen, _ = data
+    before = snapshot(gen)
+    failed(["stats", str(gen), "-o", str(tmp / "s.safetensors"), "--checkpoint-dir", str(gen / "ckpt")],
+           OutputError, "ckpt", "--checkpoint-dir", "inside the input folder", "(SOURCE)")
+    failed(["stats", str(gen), "-o", str(gen / "s.safetensors")], OutputError, "inside the input folder")
+    (tmp / "afile").write_text("x")
+    failed(["stats", str(gen), "-o", str(tmp / "s.safetensors"), "--checkpoint-dir", str(tmp / "afile")],
+           OutputError, "afile", "is a file", "--checkpoint-dir")
+    with pytest.raises(OutputError, match="is a file"):  # the API too
+        fd_eval.build_stats(str(gen), tmp / "s.safetensors", checkpoint_dir=tmp / "afile")
+    with pytest.raises(OutputError, match="inside the input folder"):
+        fd_eval.build_stats(str(gen), tmp / "s.safetensors", checkpoint_dir=gen / "ckpt")
+    assert snapshot(gen) == before and (tmp / "afile").read_text() == "x"
+
+
+def test_prompts_and_report_outputs(data, tmp_path):
+    tmp, gen, _ = data
+    (tmp / "r.json").write_text("{}")
+    r = CliRunner().invoke(main, ["report", str(tmp / "r.json"), "-o", str(tmp / "r.json")])
+    assert r.exit_code == 1 and "is an input of this run" in r.output
+    shards = tmp / "shards"
+    shards.mkdir()
+    r = CliRunner().invoke(main, ["prompts", "--shards", str(shards), "-o", str(shards / "p.jsonl")])
+    assert r.exit_code == 1 and "inside the input folder" in r.output and "(--shards)" in r.output

@@ -19,7 +19,6 @@ from ..errors import FDEvalError
 from ..io_utils import atomic_write
 from ..options import DECODES, OPTION_HELP, PRECISIONS, RESIZES, RunOptions
 
-
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's status for a run stopped by Ctrl-C
 
 

@@ -164,7 +164,7 @@ def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, s
     reference's), shown beside the published floors and the independent-sample estimate, and whether the sample is
     part of the reference (then it scores below what a perfect generator can reach); or, with --split-half, two
     disjoint halves of the real images against each other."""
-    check_paths(real, ref, json=json_path)
+    check_paths({"--real": real, "--ref": ref, "--weights": weights_arg(weights)}, json=json_path)
     opts = dict(weights=weights_arg(weights), image_transform=image_transform, options=options)
     if split_half:
         if ref is not None:

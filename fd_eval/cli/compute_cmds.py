@@ -9,7 +9,7 @@ import click
 
 from ..analysis import check_reference_features
 from ..api import compute_fd
-from ..build import DEFAULT_BLOCK, build_stats
+from ..build import DEFAULT_BLOCK, build_stats, default_checkpoint_dir
 from ..options import RunOptions
 from ..preprocess import SOURCE_TRANSFORMS
 from ..report import require_matplotlib, write_report
@@ -70,7 +70,8 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     the images on its own GPU (NCCL; gloo with --device cpu), the statistics are merged exactly, and rank 0
     alone prints and writes the outputs.
     """
-    check_paths(gen, ref, json=json_path, save_stats=save_stats_path, report=report_path)  # before any weights load
+    check_paths({"GEN": gen, "--ref": ref, "--weights": weights_arg(weights)}, json=json_path,
+                save_stats=save_stats_path, report=report_path)  # before any weights load
     if report_path:
         require_matplotlib()  # fail before extracting, not after
     spec = analysis_spec(**analysis_opts)  # None unless --ci/--bootstrap/--fd-infinity/--prdc/--mmd
@@ -155,7 +156,8 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
     after a crash or kill the same command continues where it stopped and writes bit-identical statistics.
     Under `torchrun --nproc_per_node N -m fd_eval stats ...` each process takes every N-th unit.
     """
-    check_paths(source, output=output)
+    check_paths({"SOURCE": source, "--weights": weights_arg(weights)}, output=output,
+                folders={"--checkpoint-dir": checkpoint_dir or default_checkpoint_dir(output)})
     stats = build_stats(source, output, models, weights=weights_arg(weights), num=num, seed=seed,
                         keep_features=keep_features, image_transform=image_transform, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, options=options, log=lambda msg: click.echo(msg, err=True))

@@ -5,6 +5,7 @@ import click
 
 from ..copies import DEFAULT_MODELS, find_copies
 from ..options import RunOptions
+from ._checks import check_paths
 from ._common import echo_table, fmt_num, main, run_distributed, run_options, warn, weights_arg
 
 
@@ -41,6 +42,8 @@ def copies_cmd(gen: str, train: str, models: tuple[str, ...], weights: tuple[str
     copies ...` each process takes every N-th unit and the top-K lists are merged exactly.
     """
     ckpt = checkpoint_dir if checkpoint_dir is not None else (f"{json_path}.partial" if json_path else None)
+    check_paths({"GEN": gen, "--train": train, "--test": test, "--weights": weights_arg(weights)}, json=json_path,
+                sheet=sheet, folders={"--save-features": save_features, "--checkpoint-dir": ckpt})
     res = run_distributed(options.device, lambda: find_copies(
         gen, train, models=list(models), top_k=top_k, threshold=threshold, test=test,
         compute_authpct=not no_authpct, save_features=save_features, weights=weights_arg(weights),

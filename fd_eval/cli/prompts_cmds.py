@@ -22,7 +22,7 @@ def prompts_cmd(reference: str, output: str, shards: str | None, offline: bool |
     One JSON object per line, in the reference's order: index, key, tar_idx, caption, caption_type. Only the
     shards that tar_idx names are read (downloaded from the Hub unless --shards points at local copies).
     """
-    check_paths(shards, output=output)
+    check_paths({"--shards": shards, "REFERENCE": reference}, output=output)
     prompts = write_prompts(output, reference, shards, offline=offline, progress=not quiet)
     n_shards = len({p["tar_idx"] for p in prompts})
     click.echo(f"wrote {output}: {len(prompts):,} prompts from {n_shards} shard(s)")
