@@ -17,7 +17,7 @@ from .._version import __version__
 from ..distributed import destroy, get_rank, init_distributed
 from ..errors import FDEvalError
 from ..io_utils import atomic_write
-from ..options import DECODES, OPTION_HELP, PRECISIONS, RESIZES, RunOptions
+from ..options import CLI_FLAGS, OPTION_HELP, CliFlag, RunOptions
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's status for a run stopped by Ctrl-C
 
@@ -151,51 +151,58 @@ def warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
 
 
-def _run_option_params(offline: bool) -> list:
-    """The click options of :class:`fd_eval.RunOptions` (help texts from :data:`fd_eval.options.OPTION_HELP`)."""
-    h = OPTION_HELP
-    params = [
-        click.option("--device", default="auto", show_default=True, help=h["device"]),
-        click.option("--batch-size", type=int, default=None, help=h["batch_size"]),
-        click.option("--num-workers", type=int, default=None, help=h["num_workers"]),
-        click.option("--resize", type=click.Choice(list(RESIZES)), default=None, help=h["resize"]),
-        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="exact", show_default=True,
-                     help=h["precision"]),
-        click.option("--compile/--no-compile", "compile_model", default=None, help=h["compile"]),
-        click.option("--decode", type=click.Choice(list(DECODES)), default="pil", show_default=True, help=h["decode"]),
-        click.option("--skip-bad", is_flag=True, help=h["skip_bad"]),
-        click.option("--quiet", "-q", is_flag=True, help=h["progress"]),
-    ]
-    if offline:
-        params.append(click.option("--offline", is_flag=True, default=None, help=h["offline"]))
-    return params
+def _click_option(flag: CliFlag) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of one :data:`fd_eval.options.CLI_FLAGS` row; its parameter is named after the field."""
+    kw: dict[str, Any] = {"help": OPTION_HELP[flag.field], "default": flag.default}
+    if flag.show_default:
+        kw["show_default"] = True
+    if isinstance(flag.type, tuple):
+        kw["type"] = click.Choice(list(flag.type))
+    elif flag.type is not None:
+        kw["type"] = flag.type
+    elif "/" not in flag.decls[0]:
+        kw["is_flag"] = True
+    return click.option(*flag.decls, f"_run_{flag.field}", **kw)
 
 
-_RUN_PARAMS = ("device", "batch_size", "num_workers", "resize", "precision", "compile_model", "decode", "skip_bad",
-               "quiet", "offline")
-
-
-def run_options(offline: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The one decorator that gives a command the run options (``--device``, ``--batch-size``,
-    ``--num-workers``, ``--resize``, ``--precision``, ``--compile/--no-compile``, ``--decode``, ``--skip-bad``,
-    ``--quiet``, and ``--offline`` when ``offline``) and hands it ``options``: a validated
-    :class:`fd_eval.RunOptions` (a bad value is the usual one-line ``Error:``)."""
+def run_options(offline: bool = False, fields: tuple[str, ...] | None = None
+                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The one decorator that gives a command the run options, generated from :data:`fd_eval.options.CLI_FLAGS`
+    (``--device``, ``--batch-size``, ``--num-workers``, ``--resize``, ``--precision``, ``--compile/--no-compile``,
+    ``--decode``, ``--skip-bad``, ``--quiet``, and ``--offline`` when ``offline``; only ``fields`` when given), and
+    hands it ``options``: a validated :class:`fd_eval.RunOptions` (a bad value is the usual one-line ``Error:``)."""
+    flags = [f for f in CLI_FLAGS if (f.field in fields if fields is not None else f.field != "offline" or offline)]
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(f)
         def command(*args: Any, **kw: Any) -> Any:
-            v = {k: kw.pop(k) for k in _RUN_PARAMS if k in kw}
-            kw["options"] = RunOptions(
-                device=v["device"], batch_size=v["batch_size"], num_workers=v["num_workers"], resize=v["resize"],
-                precision=v["precision"], compile=v["compile_model"], decode=v["decode"], skip_bad=v["skip_bad"],
-                progress=not v["quiet"], offline=v.get("offline"))
+            values = {}
+            for flag in flags:
+                v = kw.pop(f"_run_{flag.field}")
+                values[flag.field] = (not v) if flag.inverted else v
+            if values.get("offline") is False:
+                values["offline"] = None  # a flag not given: $FD_EVAL_OFFLINE / $HF_HUB_OFFLINE decide
+            kw["options"] = RunOptions(**values)
             return f(*args, **kw)
 
-        for p in reversed(_run_option_params(offline)):
-            command = p(command)
+        for flag in reversed(flags):
+            command = _click_option(flag)(command)
         return command
 
     return decorate
+
+
+def model_option(default: tuple[str, ...] = ("dinov2-vitl14",),
+                 help: str = "Extractor (repeatable; `fid` = inception-v3-tf). See `fd-eval models`."
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--model/-m`` (repeatable; the command receives ``models``), declared once for every command."""
+    return click.option("--model", "-m", "models", multiple=True, default=default, show_default=True, help=help)
+
+
+def weights_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--weights PATH`` or repeated ``--weights MODEL=PATH`` (the command receives ``weights``; see
+    :func:`weights_arg`)."""
+    return click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model.")(f)
 
 
 def weights_arg(values: tuple[str, ...]) -> Any:

@@ -20,10 +20,12 @@ from ._common import (
     echo_table,
     fmt_num,
     main,
+    model_option,
     run_distributed,
     run_options,
     warn,
     weights_arg,
+    weights_option,
     write_json,
 )
 from .analysis_cmds import analysis_options, analysis_spec, run_analysis
@@ -32,9 +34,8 @@ from .analysis_cmds import analysis_options, analysis_spec, run_analysis
 def _selection(f):
     """What `compute` and `stats` evaluate: --model, --weights, --num, --seed."""
     opts = [
-        click.option("--model", "-m", "models", multiple=True, default=("dinov2-vitl14",), show_default=True,
-                     help="Extractor (repeatable; `fid` = inception-v3-tf). See `fd-eval models`."),
-        click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model."),
+        model_option(),
+        weights_option,
         click.option("--num", "-n", type=int, default=None, help="Use the first N images (random N with --seed)."),
         click.option("--seed", type=int, default=None, help="Seed of the random subset taken by --num."),
     ]
