@@ -477,19 +477,37 @@ def compute_fd(
                            keep_features, ref_features)
 
 
+@dataclass(frozen=True)
+class _Named:
+    """An extractor's name alone: all :func:`resolve_reference` needs of it for a registry name or a file."""
+
+    name: str
+
+
 def _compute_fd(t0: float, opts: RunOptions, gen: ImageSource, ref: Any, models: ModelsArg, weights: WeightsArg,
                 num: int | None, seed: int | None, allow_mismatch: bool, ref_image_transform: str | None,
                 keep_features: bool, ref_features: bool | None) -> EvalResult:
     dev = opts.torch_device()
     rank, world_size = resolve_world(opts.rank, opts.world_size, device=dev)
+    ref_kw = dict(ref_image_transform=ref_image_transform,
+                  keep_features=keep_features if ref_features is None else ref_features)
+    t_ref = time.perf_counter()
+    reference = None
+    if reference_kind(ref) in ("registry", "file"):
+        # cheap before expensive: a reference that needs no extraction is read first, so that a gated registry
+        # reference's access check (and its download) or a statistics file without this model fails before any
+        # extractor weights (1.2 GB for DINOv2-L) are downloaded
+        names = dict.fromkeys(resolve_name(m) for m in ([models] if isinstance(models, str) else models))
+        reference = resolve_reference(ref, [_Named(n) for n in names], options=opts, **ref_kw)  # type: ignore[misc]
+    t_ref = time.perf_counter() - t_ref
     exs = resolve_extractors(models, None, weights, opts, dev)
     check_decode(opts.decode, exs, source_transform(ref_image_transform))
     # the extractors are loaded in the options' mode: the passes below keep it
     run = opts.replace(device=dev, rank=rank, world_size=world_size, precision=None, compile=None)
-    t_ref = time.perf_counter()
-    reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run,
-                                  keep_features=keep_features if ref_features is None else ref_features)
-    t_ref = time.perf_counter() - t_ref
+    if reference is None:
+        t_ref = time.perf_counter()
+        reference = resolve_reference(ref, exs, options=run, **ref_kw)
+        t_ref = time.perf_counter() - t_ref
     gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, keep_features=keep_features, options=run,
                               label=progress_label("generated", getattr(gen, "spec", gen if isinstance(
                                   gen, (str, os.PathLike)) else "images"), exs))

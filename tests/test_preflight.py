@@ -300,3 +300,31 @@ def test_prompts_and_report_outputs(data, tmp_path):
     shards.mkdir()
     r = CliRunner().invoke(main, ["prompts", "--shards", str(shards), "-o", str(shards / "p.jsonl")])
     assert r.exit_code == 1 and "inside the input folder" in r.output and "(--shards)" in r.output
+
+
+# --- issue 23 §3: a registry reference's access (and download) before any weights download ---------------------
+@pytest.mark.parametrize("status", [401, 403])
+def test_gated_reference_is_checked_before_any_weights(data, no_weights, monkeypatch, tmp_path, status):
+    from _fake_hub import FakeHub, point_hf_at
+    from fd_eval.errors import GatedRepoError
+    from test_references import REPO, TEST_FILE, gpic_npz
+
+    tmp, gen, _ = data
+    with FakeHub() as hub:
+        point_hf_at(hub, monkeypatch, tmp_path / "hf_cache")
+        hub.add_file(REPO, TEST_FILE, gpic_npz()[0])
+        hub.gated[f"datasets/{REPO}"], hub.token = status, "hf_granted"
+        if status == 403:
+            monkeypatch.setenv("HF_TOKEN", "hf_not_granted")
+        with pytest.raises(GatedRepoError, match="request access"):  # not the no_weights AssertionError
+            fd_eval.compute_fd(gen, "gpic-test", device="cpu", num_workers=0, progress=False)
+        failed(["compute", str(gen), "--ref", "gpic-test"], GatedRepoError, "gpic-test", "request access")
+
+
+def test_statistics_file_without_the_model_fails_before_weights(data, no_weights):
+    tmp, gen, _ = data
+    st = tmp / "ref.safetensors"
+    fd_eval.save_stats(st, [fd_eval.Stats.from_features(np.random.default_rng(0).normal(size=(20, 48)),
+                                                        {"extractor": "pixels-4"})])
+    with pytest.raises(fd_eval.errors.StatsError, match="ref.safetensors"):
+        fd_eval.compute_fd(gen, str(st), "dinov2-vits14", device="cpu", num_workers=0, progress=False)
