@@ -31,6 +31,16 @@ class EmptySourceError(InputError):
     """A source that holds no images (empty directory, empty tar, empty array)."""
 
 
+class TooFewImagesError(EmptySourceError):
+    """Fewer usable images than the statistics need (a covariance needs 2), e.g. once ``--skip-bad`` skipped the
+    rest. The message names the source and its accounting; ``inputs`` holds the accounting as a dict (found, used,
+    skipped with every skipped item's name and reason, ignored), which the CLI prints before the error."""
+
+    def __init__(self, message: str, inputs: dict | None = None) -> None:
+        super().__init__(message)
+        self.inputs = inputs
+
+
 class SourceError(InputError):
     """A source spec that cannot be opened: missing path or shard, unknown format, not a (plain) tar/zip."""
 

@@ -475,7 +475,14 @@ def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], so
     src = {"spec": source.spec, "n": extraction.n_images, "skipped": len(extraction.skipped),
            **(source_info or {})}
     # what happened to every candidate entry (found / used / skipped / ignored): no input is dropped unlisted
-    src["inputs"] = InputAccounting.build(source, extraction.skipped, extraction.n_images).to_dict()
+    acc_in = InputAccounting.build(source, extraction.skipped, extraction.n_images)
+    src["inputs"] = acc_in.to_dict()
+    if extraction.n_images < 2 and extractors:  # before the covariance's bare "needs at least 2 samples"
+        from .errors import TooFewImagesError
+
+        fix = "fix or replace the skipped files listed with this error" if extraction.skipped else "add images"
+        raise TooFewImagesError(f"{acc_in.summary()}; statistics need at least 2 images: {fix}",
+                                {str(source.spec): src["inputs"]})
     out = {}
     for ex, acc in zip(extractors, extraction.accumulators):
         meta = {**ex.metadata(), "source": src, **env}

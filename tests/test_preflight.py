@@ -328,3 +328,26 @@ def test_statistics_file_without_the_model_fails_before_weights(data, no_weights
                                                         {"extractor": "pixels-4"})])
     with pytest.raises(fd_eval.errors.StatsError, match="ref.safetensors"):
         fd_eval.compute_fd(gen, str(st), "dinov2-vits14", device="cpu", num_workers=0, progress=False)
+
+
+# --- issue 23 §4: clear endings ------------------------------------------------------------------------------
+def test_too_few_images_after_skip_bad_names_the_source_and_lists_the_skipped(data, pixels):
+    tmp, _, ref = data
+    gen = save_images(IMGS[:1], tmp / "few")
+    for i in range(3):
+        (gen / f"bad{i}.png").write_bytes(b"not a png")
+    (gen / "notes.txt").write_text("x")
+    r = run(["compute", str(gen), "--ref", str(ref), "--skip-bad"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.output.splitlines()
+    listed = [ln.strip() for ln in lines if ln.strip().startswith("skipped ")]
+    assert len(listed) == 3 and all(f"bad{i}.png: not an image" in ln for i, ln in enumerate(listed)), r.output
+    assert any(ln.strip().startswith("ignored (not an image file extension)") for ln in lines)
+    err = lines[-1]
+    assert err.startswith(f"Error: {gen}: 5 found, 1 used, 3 skipped") and "at least 2 images" in err, err
+    assert "fix or replace the skipped files" in err and "ignored" in err
+    with pytest.raises(fd_eval.errors.TooFewImagesError) as e:
+        fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False, skip_bad=True)
+    doc = e.value.inputs[str(gen)]
+    assert doc["used"] == 1 and sorted(Path(s["name"]).name for s in doc["skipped"]) == ["bad0.png", "bad1.png",
+                                                                                           "bad2.png"]

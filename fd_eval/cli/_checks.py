@@ -25,6 +25,15 @@ def check_paths(*inputs: Any, folders: Mapping[str, Any] | None = None, **output
     check_outputs(labeled, {"--" + k.replace("_", "-"): v for k, v in outputs.items()}, folders)
 
 
+def render_listing(inputs: Mapping[str, Mapping[str, Any] | None]) -> None:
+    """The skipped items (first 20) and a few ignored entries per reason of each side, on stderr (the summary is
+    in the error line that follows)."""
+    for doc in inputs.values():
+        if doc:
+            for line in InputAccounting.from_dict(doc).listing(MAX_LISTED):
+                click.echo(f"  {line.replace('(see --json)', '(see the error)')}", err=True)
+
+
 def render_accounting(inputs: Mapping[str, Mapping[str, Any] | None], more: str = "see --json") -> None:
     """One summary line per side (``generated samples/: 1,000 found, 998 used, 1 skipped (corrupt), 1 ignored
     (not an image file extension: 1)``), then the skipped items (first 20, then ``... see --json``), a few ignored

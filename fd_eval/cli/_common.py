@@ -55,6 +55,11 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FDEvalError as e:
+            inputs = getattr(e, "inputs", None)
+            if isinstance(inputs, dict):  # too few images: the skipped and ignored items, before the error line
+                from ._checks import render_listing
+
+                render_listing(inputs)
             raise click.ClickException(str(e)) from e
         except KeyboardInterrupt:
             # click would print "Aborted!" and exit 1; a stopped run is 130 with one line. Every writer is atomic
