@@ -539,3 +539,55 @@ def test_docs_floor_table_matches_the_model():
         fm = refs.floor_model("gpic-test", model)
         assert published.split()[0] == f"{f.fd:g}" and relation == f.relation
         assert float(subset) == round(fm.subset(n), 2) and float(independent) == round(fm.independent(n), 2)
+
+
+# --- issue 23 §4: weights-file problems are named as weights problems ---------------------------------------------
+def _weights_error(path, *words):
+    from fd_eval.errors import WeightsError
+    from fd_eval.extractors.weights import load_state_dict
+
+    with pytest.raises(WeightsError) as e:
+        load_state_dict(path)
+    msg = _one_line(e.value, path, *words)
+    assert "weights_only=False" not in msg and "statistics" not in msg, msg
+    return msg
+
+
+def test_weights_with_nan_text_onnx_pickle_and_folder(tmp_path):
+    import torch
+
+    from fd_eval.errors import WeightsError
+
+    sd = {"a.weight": torch.ones(3, 3), "b.bias": torch.tensor([0.0, float("nan"), 1.0])}
+    torch.save(sd, tmp_path / "nan.pth")
+    _weights_error(tmp_path / "nan.pth", "NaN or Inf", "b.bias", "download it again")
+    (tmp_path / "w.txt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1234\n")
+    _weights_error(tmp_path / "w.txt", "text file", "state dict")
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x052.1.0" + bytes(100))
+    _weights_error(tmp_path / "m.onnx", "ONNX is not supported")
+    (tmp_path / "m.bin").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x052.1.0" + bytes(100))  # by content
+    _weights_error(tmp_path / "m.bin", "ONNX is not supported")
+
+    import datetime
+
+    torch.save({"model": {"w": torch.ones(2)}, "saved": datetime.date(2026, 1, 1)}, tmp_path / "obj.pt")
+    _weights_error(tmp_path / "obj.pt", "never unpickles", "torch.save(model.state_dict(), PATH)")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    _weights_error(tmp_path / "empty.pth", "empty")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(WeightsError) as e:
+        resolve_weights(tmp_path / "folder", WeightsSource("https://x/w.pth", "w.pth"), "dinov2-vits14")
+    _one_line(e.value, tmp_path / "folder", "is a folder", "w.pth")
+
+
+def test_weights_folder_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from _images import photo_crops, save_images
+    from fd_eval.cli import main
+
+    gen = save_images(photo_crops(3, 16, 16), tmp_path / "gen")
+    (tmp_path / "wdir").mkdir()
+    r = CliRunner().invoke(main, ["stats", str(gen), "-o", str(tmp_path / "s.safetensors"), "-m", "dinov2-vits14",
+                                  "--weights", str(tmp_path / "wdir"), "--device", "cpu", "-q"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "is a folder" in r.output, r.output
