@@ -488,5 +488,13 @@ def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], so
         meta = {**ex.metadata(), "source": src, **env}
         if extraction.decode != DECODE_PIL_RGB:
             meta["preprocess"] = {**meta["preprocess"], "decode": extraction.decode}
-        out[ex.name] = Stats.from_accumulator(acc, meta)
+        if not (bool(torch.isfinite(acc.mean).all()) and bool(torch.isfinite(acc.m2).all())):
+            from .errors import InvalidStatsError
+
+            raise InvalidStatsError(f"{source.spec}: the {ex.name} features of these images hold NaN or Inf; the "
+                                    "weights or the precision mode are at fault, not the images: check --weights "
+                                    "and use --precision exact")
+        st = Stats.from_accumulator(acc, meta)
+        st.origin = str(source.spec)  # mismatch messages name the images, not "<memory>"
+        out[ex.name] = st
     return out

@@ -321,15 +321,6 @@ def test_gated_reference_is_checked_before_any_weights(data, no_weights, monkeyp
         failed(["compute", str(gen), "--ref", "gpic-test"], GatedRepoError, "gpic-test", "request access")
 
 
-def test_statistics_file_without_the_model_fails_before_weights(data, no_weights):
-    tmp, gen, _ = data
-    st = tmp / "ref.safetensors"
-    fd_eval.save_stats(st, [fd_eval.Stats.from_features(np.random.default_rng(0).normal(size=(20, 48)),
-                                                        {"extractor": "pixels-4"})])
-    with pytest.raises(fd_eval.errors.StatsError, match="ref.safetensors"):
-        fd_eval.compute_fd(gen, str(st), "dinov2-vits14", device="cpu", num_workers=0, progress=False)
-
-
 # --- issue 23 §4: clear endings ------------------------------------------------------------------------------
 def test_too_few_images_after_skip_bad_names_the_source_and_lists_the_skipped(data, pixels):
     tmp, _, ref = data
@@ -351,3 +342,22 @@ def test_too_few_images_after_skip_bad_names_the_source_and_lists_the_skipped(da
     doc = e.value.inputs[str(gen)]
     assert doc["used"] == 1 and sorted(Path(s["name"]).name for s in doc["skipped"]) == ["bad0.png", "bad1.png",
                                                                                            "bad2.png"]
+
+
+def test_mismatch_is_refused_before_extraction_and_names_the_images(data, monkeypatch):
+    tmp, gen, _ = data
+    ex = PixelExtractor()
+    ex.weights_sha256 = "cd" * 32
+    monkeypatch.setattr(api, "load_extractors", lambda *a, **k: [ex])
+    ref = tmp / "other_weights.safetensors"
+    meta = {**PixelExtractor().metadata(), "weights_sha256": "ab" * 32}
+    fd_eval.save_stats(ref, [fd_eval.Stats.from_features(np.random.default_rng(0).normal(size=(20, 48)), meta)])
+    monkeypatch.setattr(api, "compute_stats", lambda *a, **k: pytest.fail("images extracted before the check"))
+    with pytest.raises(fd_eval.StatsMismatchError) as e:
+        fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False)
+    msg = str(e.value)
+    assert f"{gen} and {ref} were made differently" in msg and "weights sha256" in msg and "<memory>" not in msg
+    monkeypatch.undo()
+    monkeypatch.setattr(api, "load_extractors", lambda *a, **k: [ex])
+    res = fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False, allow_mismatch=True)
+    assert any("weights sha256" in w for w in res.warnings)
