@@ -591,3 +591,68 @@ def test_weights_folder_on_the_command_line(tmp_path):
     r = CliRunner().invoke(main, ["stats", str(gen), "-o", str(tmp_path / "s.safetensors"), "-m", "dinov2-vits14",
                                   "--weights", str(tmp_path / "wdir"), "--device", "cpu", "-q"])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "is a folder" in r.output, r.output
+
+
+# --- issue 23 §4/§6: one rule for n and dtypes in both formats; widths refused from headers -----------------------
+@pytest.mark.parametrize("n, ok", [(8, True), (8.0, True), (1e30, False), (2.5, False), (0, False), (True, False),
+                                   (2 ** 53, True), (2 ** 53 + 2, False)])
+def test_n_rule_is_the_same_for_npz_and_safetensors(tmp_path, n, ok):
+    npz = tmp_path / "s.npz"
+    np.savez(npz, mu=np.zeros(4), sigma=np.eye(4), n=np.array(n, dtype=np.float64 if isinstance(n, float) else
+                                                               np.int64 if not isinstance(n, bool) else bool))
+    st = _stats_file(tmp_path)
+    _rewrite_meta(st, _set(("sections", "toy", "n"), n))
+    for p in (npz, st):
+        if ok:
+            assert load_stats(p).n == int(n)
+        else:
+            with pytest.raises(StatsFormatError) as ei:
+                load_stats(p)
+            _one_line(ei.value, p, "2**53")
+
+
+def test_float16_sigma_warns_in_both_formats(tmp_path):
+    x = np.random.default_rng(1).standard_normal((50, 4))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    np.savez(tmp_path / "h.npz", mu=mu, sigma=sigma.astype(np.float16), n=50)
+    s = Stats(mu, sigma.astype(np.float16), 50, {})
+    save_stats(tmp_path / "h.safetensors", [s])
+    other = Stats.from_features(x[::-1])
+    for p in (tmp_path / "h.npz", tmp_path / "h.safetensors"):
+        loaded = load_stats(p)
+        assert loaded.storage_dtype == "float16"
+        _, warns = compare_stats(other, loaded)
+        assert [w for w in warns if "float16" in w and str(p) in w and "re-save" in w], warns
+    _, warns = compare_stats(other, Stats(mu, sigma, 50, {}))
+    assert not [w for w in warns if "float16" in w]
+
+
+def _zeros_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...]) -> None:
+    """A .npy member of float64 zeros written in chunks (the test never holds the array)."""
+    with zf.open(name, "w", force_zip64=True) as f:
+        f.write(_npy_header(shape))
+        left = int(np.prod(shape)) * 8
+        chunk = bytes(1 << 22)
+        while left:
+            f.write(chunk[:min(left, len(chunk))])
+            left -= min(left, len(chunk))
+
+
+def test_statistics_wider_than_the_limit_refused_from_the_header(tmp_path, monkeypatch):
+    p = tmp_path / "wide.npz"  # 5000 x 5000 float64 zeros: 200 MB, a few hundred KB deflated
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+        _zeros_member(zf, "mu.npy", (5000,))
+        _zeros_member(zf, "sigma.npy", (5000, 5000))
+    assert p.stat().st_size < 2_000_000
+    with pytest.raises(StatsFormatError) as ei:
+        load_stats(p)
+    _one_line(ei.value, p, "'mu'", "(5000,)", "limit of 4096", "FD_EVAL_MAX_STATS_DIM")
+    # safetensors: the header's shapes, before a tensor is read
+    s = Stats(np.zeros(80), np.eye(80), 10, {"extractor": "toy"})
+    save_stats(tmp_path / "w.safetensors", [s])
+    monkeypatch.setenv("FD_EVAL_MAX_STATS_DIM", "64")
+    with pytest.raises(StatsFormatError) as ei:
+        load_stats(tmp_path / "w.safetensors")
+    _one_line(ei.value, tmp_path / "w.safetensors", "(80,)", "limit of 64")
+    monkeypatch.setenv("FD_EVAL_MAX_STATS_DIM", "0")  # no limit
+    assert load_stats(tmp_path / "w.safetensors").dim == 80
