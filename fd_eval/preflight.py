@@ -64,8 +64,8 @@ def _inside(real: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def _check_writable_place(s: str, opt: str) -> None:
-    parent = Path(s).absolute().parent
+def _check_writable_place(s: str, opt: str, is_folder: bool = False) -> None:
+    parent = Path(s).absolute() if is_folder else Path(s).absolute().parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
@@ -115,7 +115,7 @@ def check_outputs(inputs: Iterable[Spec] | Mapping[str, Spec], outputs: Mapping[
         if is_folder and p.exists() and not p.is_dir():
             raise OutputError(f"{s} ({opt}) is a file; {opt} names a folder to write into: choose a folder path "
                               "(or remove the file)")
-        _check_writable_place(s, opt)
+        _check_writable_place(s, opt, is_folder)
         real = os.path.realpath(s)
         for label, f in files:
             if _same(p, f) or real == os.path.realpath(f):

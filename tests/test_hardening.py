@@ -656,3 +656,41 @@ def test_statistics_wider_than_the_limit_refused_from_the_header(tmp_path, monke
     _one_line(ei.value, tmp_path / "w.safetensors", "(80,)", "limit of 64")
     monkeypatch.setenv("FD_EVAL_MAX_STATS_DIM", "0")  # no limit
     assert load_stats(tmp_path / "w.safetensors").dim == 80
+
+
+# --- issue 23 §5: safetensors' own full-disk error is an OutputError line, in every writer -----------------------
+_SAFETENSORS_FULL = ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                     'on device" })')
+
+
+def _safetensors_full(tensors, filename, metadata=None):
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"partial")
+    raise SafetensorError(_SAFETENSORS_FULL)
+
+
+@pytest.mark.parametrize("writer", ["save_stats", "unit", "feature_shards"])
+def test_safetensors_disk_full_is_one_output_error(tmp_path, monkeypatch, writer):
+    import safetensors.numpy as stn
+    import safetensors.torch as stt
+    import torch
+
+    from fd_eval.build import save_unit_file
+    from fd_eval.copies import FeatureShardWriter
+
+    monkeypatch.setattr(stn, "save_file", _safetensors_full)
+    monkeypatch.setattr(stt, "save_file", _safetensors_full)
+    out = tmp_path / "o"
+    out.mkdir()
+    with pytest.raises(OutputError) as ei:
+        if writer == "save_stats":
+            save_stats(out / "s.safetensors", [_small_stats()])
+        elif writer == "unit":
+            save_unit_file(out / "unit-000000.safetensors", {"a": 1}, {"x": torch.zeros(2)})
+        else:
+            w = FeatureShardWriter(out, rows=2)
+            w.update(torch.zeros(2, 3), torch.arange(2))
+    assert ei.value.errno == errno.ENOSPC
+    _one_line(ei.value, out, "ENOSPC", "No space left on device")
+    assert os.listdir(out) == []
