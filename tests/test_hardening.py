@@ -694,3 +694,45 @@ def test_safetensors_disk_full_is_one_output_error(tmp_path, monkeypatch, writer
     assert ei.value.errno == errno.ENOSPC
     _one_line(ei.value, out, "ENOSPC", "No space left on device")
     assert os.listdir(out) == []
+
+
+# --- issue 23 §5: configuration paths and hostile report input are one line ---------------------------------------
+def test_fd_eval_config_that_is_a_file_or_holds_a_folder(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from fd_eval.cli import main
+
+    cfg = tmp_path / "cfg"
+    cfg.write_text("not a folder")
+    monkeypatch.setenv("FD_EVAL_CONFIG", str(cfg))
+    for argv in (["ref", "list"], ["ref", "remove", "mine"]):
+        r = CliRunner().invoke(main, argv)
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert str(cfg) in r.output and "FD_EVAL_CONFIG" in r.output and "is a file" in r.output
+    with pytest.raises(UnknownReferenceError) as ei:
+        refs.list_references()
+    _one_line(ei.value, cfg, "FD_EVAL_CONFIG")
+    cfg.unlink()
+    (cfg / "references.json").mkdir(parents=True)
+    with pytest.raises(UnknownReferenceError) as ei:
+        refs.list_references()
+    _one_line(ei.value, cfg / "references.json", "is a folder")
+
+
+def test_report_refuses_json_nested_deeper_than_results(tmp_path):
+    from click.testing import CliRunner
+
+    from fd_eval.cli import main
+    from fd_eval.errors import InputError
+    from fd_eval.report import MAX_JSON_DEPTH, read_input
+
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"results": {"m": ' + "[" * 100_000 + "]" * 100_000 + "}}")
+    with pytest.raises(InputError) as ei:
+        read_input(deep)
+    _one_line(ei.value, deep, "100002 levels", str(MAX_JSON_DEPTH))
+    r = CliRunner().invoke(main, ["report", str(deep), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "levels deep" in r.output, r.output
+    ok = tmp_path / "ok.json"  # brackets inside strings do not count
+    ok.write_text(json.dumps({"results": {"m": {"fd": 1.0, "note": "[[[[" * 100}}}))
+    assert read_input(ok).doc["results"]["m"]["fd"] == 1.0
