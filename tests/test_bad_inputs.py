@@ -502,3 +502,32 @@ def test_fuzz_decode_is_pil_or_bad_image_error(data):
         assert isinstance(e.value, FDEvalError) and "\n" not in str(e.value) and "fuzz.png" in str(e.value)
     else:
         np.testing.assert_array_equal(np.asarray(decode_image(data, "fuzz.png")), expected)
+
+
+# --- issue 23 §5: an error raised in a DataLoader worker reaches the user as its own one line -------------------
+def test_worker_error_is_the_original_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import fd_eval
+    import fd_eval.api as api
+    from fd_eval.cli import main
+    from test_accounting import PixelExtractor
+
+    np.savez_compressed(tmp_path / "a.npz", photo_crops(40, 32, 32, seed=1))
+    b = bytearray((tmp_path / "a.npz").read_bytes())
+    for i in range(len(b) // 2, len(b) // 2 + 2000):  # damage the deflate stream, keep the zip directory
+        b[i] ^= 0x5A
+    bad = tmp_path / "c.npz"
+    bad.write_bytes(bytes(b))
+    with pytest.raises(BadArrayError) as e:
+        fd_eval.compute_stats(bad, extractors=[PixelExtractor()], num_workers=1, progress=False, batch_size=4)
+    msg = one_line_error(e, f"{bad}[arr_0]", "re-save it")
+    rest = msg.replace(str(tmp_path), "")
+    assert "Caught" not in rest and "Traceback" not in rest and "worker" not in rest
+    monkeypatch.setattr(api, "load_extractors", lambda *a, **k: [PixelExtractor()])
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, photo_crops(8, 32, 32, seed=2))
+    r = CliRunner().invoke(main, ["compute", str(bad), "--ref", str(ref), "--num-workers", "1", "--device", "cpu",
+                                  "-q", "--batch-size", "4"])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {bad}[arr_0]: cannot decompress"), r.output
+    assert r.output.count("\n") == 1, r.output
