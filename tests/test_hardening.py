@@ -736,3 +736,55 @@ def test_report_refuses_json_nested_deeper_than_results(tmp_path):
     ok = tmp_path / "ok.json"  # brackets inside strings do not count
     ok.write_text(json.dumps({"results": {"m": {"fd": 1.0, "note": "[[[[" * 100}}}))
     assert read_input(ok).doc["results"]["m"]["fd"] == 1.0
+
+
+# --- issue 23 §7: the FD step's thread count follows the problem size and the free cores -----------------------
+def test_choose_threads_rules(monkeypatch):
+    import torch
+
+    from fd_eval import threads as th
+
+    monkeypatch.delenv("FD_EVAL_LINALG_THREADS", raising=False)
+    monkeypatch.setattr(th, "usable_cores", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(th, "other_runnable", lambda: 0)
+    assert th.choose_threads(64) == 1  # small: never threaded
+    assert th.choose_threads(2048) == 8  # idle: every core
+    monkeypatch.setattr(th, "other_runnable", lambda: 5)
+    assert th.choose_threads(2048) == 3  # 5 of 8 cores busy
+    monkeypatch.setattr(th, "other_runnable", lambda: 40)
+    assert th.choose_threads(2048) == 1  # overloaded: one thread, never zero
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(th, "other_runnable", lambda: 0)
+    assert th.choose_threads(2048) == 2  # never above the user's torch.set_num_threads
+    monkeypatch.setenv("FD_EVAL_LINALG_THREADS", "3")
+    assert th.choose_threads(64) == 3
+    monkeypatch.setenv("FD_EVAL_LINALG_THREADS", "x")
+    with pytest.raises(FDEvalError, match="FD_EVAL_LINALG_THREADS"):
+        th.choose_threads(64)
+
+
+def test_fd_runs_at_the_chosen_count_and_restores_torch(monkeypatch):
+    import torch
+
+    from fd_eval import frechet
+    from fd_eval import threads as th
+
+    seen = []
+    real = frechet.factor_covariance
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(frechet, "factor_covariance", spy)
+    monkeypatch.setenv("FD_EVAL_LINALG_THREADS", "1")
+    before = torch.get_num_threads()
+    a, b = _small_stats(d=300, n=400, seed=1), _small_stats(d=300, n=400, seed=2)
+    one = frechet.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    monkeypatch.setenv("FD_EVAL_LINALG_THREADS", "0")  # torch's default
+    seen.clear()
+    assert frechet.frechet_distance(a.mu, a.sigma, b.mu, b.sigma) == pytest.approx(one, rel=1e-10)
+    assert seen == [before, before]
+    assert th.other_runnable() is None or th.other_runnable() >= 0
