@@ -18,12 +18,14 @@ than the work). So the FD step asks :func:`choose_threads` and runs inside :func
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
+T = TypeVar("T")
 MIN_PARALLEL_DIM = 256  # below this, threads gain nothing measurable (a 256-d FD takes a few milliseconds)
 _SAMPLES, _SAMPLE_GAP_S = 3, 0.001
 
@@ -85,6 +87,19 @@ def limit_threads(n: int) -> Iterator[int]:
         yield n
     finally:
         torch.set_num_threads(before)
+
+
+def with_linalg_threads(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator for feature math taking (N, D) features first (PRDC, MMD, the bootstrap): the call runs under
+    :func:`linalg_threads` for D and its ``device=`` keyword."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kw: Any) -> T:
+        shape = getattr(args[0], "shape", ()) if args else ()
+        with linalg_threads(int(shape[-1]) if len(shape) else 0, kw.get("device")):
+            return fn(*args, **kw)
+
+    return run
 
 
 def linalg_threads(dim: int, device: torch.device | str | None = None) -> contextlib.AbstractContextManager:
