@@ -15,6 +15,7 @@ import click
 
 from .._version import __version__
 from ..distributed import destroy, get_rank, init_distributed
+from ..download import offline_scope
 from ..errors import FDEvalError
 from ..io_utils import atomic_write
 from ..options import CLI_FLAGS, OPTION_HELP, CliFlag, RunOptions
@@ -188,7 +189,10 @@ def run_options(offline: bool = False, fields: tuple[str, ...] | None = None
             if values.get("offline") is False:
                 values["offline"] = None  # a flag not given: $FD_EVAL_OFFLINE / $HF_HUB_OFFLINE decide
             kw["options"] = RunOptions(**values)
-            return f(*args, **kw)
+            if values.get("offline") is None:
+                return f(*args, **kw)
+            with offline_scope(values["offline"]):  # also reaches what the options do not carry (remote sources)
+                return f(*args, **kw)
 
         for flag in reversed(flags):
             command = _click_option(flag)(command)
