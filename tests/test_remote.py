@@ -306,3 +306,29 @@ def test_a_reader_that_jumps_asks_for_windows_without_read_ahead(hub, tmp_path):
     w = SEEK_SKIP
     assert ranges == ["bytes=0-", f"bytes=3000000-{3_000_000 + w - 1}", f"bytes=5000000-{5_000_000 + w - 1}",
                       f"bytes={5_000_000 + w}-"]  # the second window reaches the end of the file
+
+
+def test_a_shard_that_is_not_a_tar_stops_the_open_in_one_line(world, hub):
+    hub.mirror["gpic_test_00001.tar"] = b"\x1f\x8b" + bytes(5000)  # gzip magic
+    with pytest.raises(SourceError, match=r"gpic_test_00001\.tar: gzip-compressed tar; .*decompress it") as e:
+        open_source(_http(hub))
+    assert "\n" not in str(e.value)
+
+
+def test_hub_cdn_location_is_reused_by_a_reader_that_jumps(world, hub):
+    """With LFS redirects, a reader's later windows go straight to the CDN location (no token), not through the
+    resolve URL again."""
+    from fd_eval.sources.remote_io import StreamReader, stat_remote
+
+    hub.lfs_redirect = True
+    data = world["data"]["gpic_test_00000.tar"]
+    rf = stat_remote(HF.replace(RANGE, "00000"))
+    with StreamReader(rf, 0, max_skip=0) as r:
+        assert r.read(3000) == data[:3000]
+        r.seek(9000)
+        assert r.read(2000) == data[9000:11000]
+        r.seek(20000)
+        assert r.read(100) == data[20000:20100]
+    gets = [(q.path.split("/")[1], q.range) for q in hub.requests if q.method == "GET"]
+    assert [g[0] for g in gets] == ["datasets", "cdn", "cdn", "cdn"]
+    assert not any("authorization" in q.headers for q in hub.requests if q.path.startswith("/cdn/"))

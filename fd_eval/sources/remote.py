@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
@@ -65,12 +66,19 @@ class RemoteTarSource(TarSource):
         self._failed_pid = os.getpid()
         self._prefetched: dict[str, dict[str, Any]] = {}
         skip_bad = bool(kw.get("skip_bad", False))
+        self._cancel: threading.Event | None = threading.Event()
         if len(self.files) > 1:  # index the uncached shards a few at a time (each read is one stream)
-            with ThreadPoolExecutor(min(INDEX_THREADS, len(self.files))) as pool:
-                done = pool.map(lambda f: (f.url, self._remote_index(f, skip_bad)), self.files)
-                self._prefetched = dict(done)
+            pool = ThreadPoolExecutor(min(INDEX_THREADS, len(self.files)))
+            try:
+                futures = [pool.submit(self._remote_index, f, skip_bad) for f in self.files]
+                self._prefetched = {f.url: fu.result() for f, fu in zip(self.files, futures)}
+            except BaseException:  # an error or Ctrl-C: the other reads stop at their next chunk
+                self._cancel.set()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         super().__init__([f.url for f in self.files], spec=spec, **kw)
-        self._prefetched = {}
+        self._prefetched, self._cancel = {}, None  # (an Event does not pickle into DataLoader workers)
 
     # --- indexing -------------------------------------------------------------------------------------------------
     def _index(self, path: str) -> dict[str, Any]:
@@ -89,7 +97,7 @@ class RemoteTarSource(TarSource):
 
         def scan() -> dict[str, Any]:
             # one sequential read: tarfile's jumps over member data read through, so the hash covers every byte
-            with StreamReader(rf, readahead=READAHEAD, max_skip=rf.size) as r:
+            with StreamReader(rf, readahead=READAHEAD, max_skip=rf.size, cancel=self._cancel) as r:
                 idx = scan_tar_file(r, rf.size, rf.url)
                 r.seek(r.net)
                 while r.read(1 << 20):  # the rest (end blocks), so the hash covers the whole file
