@@ -24,7 +24,7 @@ import torch
 from .distributed import resolve_world
 from .download import offline_scope
 from .errors import FDEvalError, OutputError, StatsFormatError
-from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
+from .extractors import DEFAULT_EXTRACTOR, Extractor, extractor_entry, load_extractor, resolve_name
 from .io_utils import optional_cache_dir, warn_cache_unusable
 from .options import RunOptions, make_options
 from .pipeline import check_decode, extract, extraction_stats
@@ -90,7 +90,7 @@ def load_extractors(models: ModelsArg = (DEFAULT_EXTRACTOR,), weights: WeightsAr
         raise FDEvalError(f"weights given for {', '.join(sorted(unknown))}, which is not among the models {names}")
     out = []
     for name in names:
-        opts = {"resize": resize} if (resize and name.startswith("dinov2")) else {}
+        opts = {"resize": resize} if (resize and "resize" in extractor_entry(name).options) else {}
         out.append(load_extractor(name, weights=wmap.get(name), device=device, precision=precision, compile=compile,
                                   **opts))
     return out

@@ -266,19 +266,28 @@ class ExtractorEntry:
     feature_dim: int
     description: str
     weights: Any = None  # the official WeightsSource (None: no download, e.g. a user-registered extractor)
+    options: tuple[str, ...] = ()  # the run options the factory takes (e.g. ("resize",) for DINOv2)
+    metrics: tuple[str, ...] = ("fd",)  # what compute reports with its features ("cmmd": CLIP's MMD, fd_eval.cmmd)
 
 
 _REGISTRY: dict[str, ExtractorEntry] = {}
+# The modules that register the built-in families (imported on first use of the registry, to keep `import fd_eval`
+# light); a new family is one module here plus its @register_extractor calls.
+FAMILY_MODULES: list[str] = [f"{__package__}.{m}" for m in ("dinov2", "inception", "sscd", "clip")]
 ALIASES: dict[str, str] = {"fid": "inception-v3-tf", "dinov2": "dinov2-vitl14"}
 DEFAULT_EXTRACTOR = "dinov2-vitl14"
 
 
-def register_extractor(name: str, feature_dim: int, description: str, weights: Any = None) -> Callable:
+def register_extractor(name: str, feature_dim: int, description: str, weights: Any = None,
+                       options: tuple[str, ...] = (), metrics: tuple[str, ...] = ("fd",)) -> Callable:
     """Decorator registering ``factory(weights=None, device=None, **options) -> Extractor`` under ``name``;
-    ``weights``: where its official weights file lives (a :class:`fd_eval.extractors.weights.WeightsSource`)."""
+    ``weights``: where its official weights file lives (a :class:`fd_eval.extractors.weights.WeightsSource`);
+    ``options``: the run options (:class:`fd_eval.RunOptions` fields) its factory takes; ``metrics``: what
+    ``compute`` reports with its features (``"fd"``; ``"cmmd"`` also keeps the feature rows for CMMD)."""
 
     def deco(factory: Callable[..., Extractor]) -> Callable[..., Extractor]:
-        _REGISTRY[name] = ExtractorEntry(name, factory, feature_dim, description, weights)
+        _REGISTRY[name] = ExtractorEntry(name, factory, feature_dim, description, weights, tuple(options),
+                                         tuple(metrics))
         return factory
 
     return deco
@@ -325,5 +334,6 @@ def load_extractor(name: str = DEFAULT_EXTRACTOR, weights: str | None = None,
 
 
 def _ensure_loaded() -> None:
-    # Importing the family modules registers their names; done lazily to keep `import fd_eval` light.
-    from . import dinov2, inception, sscd  # noqa: F401
+    # Importing the family modules registers their names (idempotent: modules are imported once).
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)

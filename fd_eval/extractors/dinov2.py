@@ -457,7 +457,7 @@ def _register(arch_key: str, reg: bool) -> None:
     hub = f"dinov2_{arch_key}{'_reg' if reg else ''}"
     desc = f"DINOv2 {arch_key}{' + 4 registers' if reg else ''} (torch.hub {hub}), final-norm CLS token, 224x224"
 
-    @register_extractor(name, arch.embed_dim, desc, weights=weights_source(arch_key, reg))
+    @register_extractor(name, arch.embed_dim, desc, weights=weights_source(arch_key, reg), options=("resize",))
     def factory(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
                 resize: str = "pil") -> DINOv2Extractor:
         return _build_extractor(arch_key, reg, weights=weights, device=device, resize=resize)
