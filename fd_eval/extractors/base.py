@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable
