@@ -573,6 +573,10 @@ def build_stats(
     dev = _rank_device(opts.device, w)
     src = open_source(source, skip_bad=skip_bad)  # a missing or unknown source fails before any weights load
     exs = resolve_extractors(models, extractors, weights, opts, dev)  # under opts.offline
+    from .cmmd import wants_cmmd
+
+    # a CMMD reference (CLIP) is its embeddings: kept whatever keep_features says (and resumed as such)
+    keep_features = keep_features or any(wants_cmmd(ex.name) for ex in exs)
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)
