@@ -138,6 +138,18 @@ def test_api_and_fdmetric(world, shallow, tmp_path):
     r = ref["clip-vitl14-336"]
     want = reference_cmmd(r.features, res.stats["clip-vitl14-336"].features)
     assert abs(res["clip-vitl14-336"]["cmmd"] - want) <= 1e-9 * abs(want)
+    # FDMetric on uint8 tensors (a training loop): the same images in two updates give the same CMMD
+    import torch
+
+    imgs = torch.from_numpy(photo_crops(5, 230, 250, seed=8)).permute(0, 3, 1, 2)
+    metric = fd_eval.FDMetric("clip-vitl14-336", ref=ref, extractors=[ex])
+    metric.update(imgs[:2])
+    metric.update(imgs[2:])
+    doc = metric.compute()
+    gen = metric.stats()["clip-vitl14-336"].features
+    assert np.array_equal(gen, ex(imgs).numpy())  # crop + Pillow resize as the decode path does
+    want = reference_cmmd(r.features, gen)
+    assert abs(doc["results"]["clip-vitl14-336"]["cmmd"] - want) <= 1e-9 * abs(want)
 
 
 def test_resume_is_bit_identical(world, shallow, tmp_path, monkeypatch):
