@@ -123,6 +123,11 @@ def test_stats_and_compute_report_fd_and_cmmd_from_one_pass(world, shallow, tmp_
     want = reference_cmmd(ref.features, gen.features)
     assert abs(res["cmmd"] - want) <= 1e-9 * abs(want) and res["cmmd_detail"]["n_ref"] == 8
     assert "cmmd" not in doc["results"]["dinov2-vits14"] and np.isfinite(doc["results"]["dinov2-vits14"]["fd"])
+    from fd_eval.report import _num, build_report
+
+    page = build_report([doc])  # the HTML report shows CMMD beside FD
+    assert "<th>CMMD</th>" in page.replace(' class="num"', "") or "CMMD" in page
+    assert _num(res["cmmd"]) in page
     # the generated embeddings are the extractor's (CMMD's preprocessing: floor crop, PIL bicubic 336)
     ex = cl._build("clip-vitl14-336", world["clip"], "cpu", {})
     direct = fd_eval.compute_stats(world["gen"], extractors=[ex], keep_features=True, batch_size=6, num_workers=0,
