@@ -51,3 +51,41 @@ def save_safetensors(sd: dict[str, torch.Tensor], path: Path) -> Path:
 
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
+
+
+def clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """vocab.json and merges.txt of OpenAI's CLIP BPE, made from the vocabulary open_clip ships (the files of the
+    Hub's openai/clip-vit-large-patch14 tokenizer hold the same tables)."""
+    import gzip
+    import json
+
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def save_hf_clip(folder: Path, vision_depth: int = 2, text_layers: int = 2, seed: int = 0):
+    """A random transformers CLIPModel with OpenAI ViT-L/14's shapes (224 px; eos_token_id=2 as the Hub's OpenAI
+    configs, i.e. pooling at the highest token id) and a Pillow CLIPProcessor; returns (model, processor, file)."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vision = hf_vision_config(224, vision_depth).to_dict()
+    text = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=text_layers,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                projection_dim=768, eos_token_id=2, bos_token_id=0, pad_token_id=1)
+    torch.manual_seed(seed)
+    model = perturb_norms_(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).eval(),
+                           seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    vocab, merges = clip_tokenizer_files(Path(folder) / "tokenizer")
+    tok = CLIPTokenizer(str(vocab), str(merges), pad_token="<|endoftext|>")
+    proc = CLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tok)
+    return model, proc, Path(folder) / "model.safetensors"
