@@ -6,12 +6,12 @@ per pair ``s = 100 * cos(E_image, E_text)`` (both embeddings divided by their L2
 are reported here (``clip_score`` is torchmetrics' number; ``clip_score_clamped_per_pair`` the docstring's).
 
 * Image side: the ``clip-vitl14`` extractor (OpenAI CLIP ViT-L/14 image tower + projection at 224x224; the central
-  square, Pillow bicubic to 224, /255, CLIP mean/std: the pixels of transformers' Pillow ``CLIPImageProcessor``
+  square, Pillow bicubic to 224, /255, CLIP mean/std: the pixels of transformers' Pillow ``CLIPImageProcessor(Pil)``
   for square images).
 * Text side: open_clip's text transformer (causal, QuickGELU, pooled at the highest token id -- the end-of-text
   token -- as OpenAI CLIP and transformers' ``CLIPTextModel`` with the OpenAI configuration do) and open_clip's
-  BPE tokenizer (OpenAI's vocabulary, shipped with open_clip) after transformers' text normaliser. Truncation as torchmetrics: the tokens
-  ``[start] + BPE(text) + [end]`` are cut to 77, so a caption over 75 BPE tokens loses its end token and is pooled
+  BPE tokenizer (OpenAI's vocabulary, shipped with open_clip) after transformers' text normaliser. Truncation as
+  torchmetrics: the tokens ``[start] + BPE(text) + [end]`` are cut to 77, so a caption over 75 BPE tokens loses its end token and is pooled
   at its highest remaining token id (torchmetrics truncates the processor's output the same way). Such prompts
   are counted and listed.
 * Weights (``weights=PATH``): one full CLIP checkpoint holding both towers, Hugging Face
