@@ -11,9 +11,9 @@ are reported here (``clip_score`` is torchmetrics' number; ``clip_score_clamped_
 * Text side: open_clip's text transformer (causal, QuickGELU, pooled at the highest token id -- the end-of-text
   token -- as OpenAI CLIP and transformers' ``CLIPTextModel`` with the OpenAI configuration do) and open_clip's
   BPE tokenizer (OpenAI's vocabulary, shipped with open_clip) after transformers' text normaliser. Truncation as
-  torchmetrics: the tokens ``[start] + BPE(text) + [end]`` are cut to 77, so a caption over 75 BPE tokens loses its end token and is pooled
-  at its highest remaining token id (torchmetrics truncates the processor's output the same way). Such prompts
-  are counted and listed.
+  torchmetrics: the tokens ``[start] + BPE(text) + [end]`` are cut to 77, so a caption over 75 BPE tokens loses
+  its end token and is pooled at its highest remaining token id (torchmetrics truncates the processor's output
+  the same way). Such prompts are counted and listed.
 * Weights (``weights=PATH``): one full CLIP checkpoint holding both towers, Hugging Face
   ``openai/clip-vit-large-patch14`` ``model.safetensors`` (the default download) or open_clip's
   ``open_clip_pytorch_model.safetensors``; TorchScript archives are refused.
