@@ -89,6 +89,7 @@ class CMMDResult:
     n_ref: int
     sigma: float = SIGMA
     scale: float = SCALE
+    gen_kernel_sum: float = 0.0  # sum_ij k(gen_i, gen_j): what a saved generated set stores (metadata "cmmd")
 
     def to_dict(self) -> dict[str, Any]:
         return {"cmmd": self.cmmd, "k_ref_mean": self.k_ref, "k_gen_mean": self.k_gen, "k_cross_mean": self.k_cross,
@@ -96,18 +97,19 @@ class CMMDResult:
                 "images": "all (the reference implementation drops those after its last full batch)"}
 
 
-def cmmd(gen: Any, ref: Any, *, ref_kernel_sum: float | None = None, sigma: float = SIGMA, scale: float = SCALE,
-         block: int = BLOCK, device: str | torch.device | None = None) -> CMMDResult:
+def cmmd(gen: Any, ref: Any, *, ref_kernel_sum: float | None = None, gen_kernel_sum: float | None = None,
+         sigma: float = SIGMA, scale: float = SCALE, block: int = BLOCK,
+         device: str | torch.device | None = None) -> CMMDResult:
     """CMMD between generated rows ``gen`` (M, D) and reference rows ``ref`` (N, D), float64.
 
-    ``ref_kernel_sum``: the reference's stored self-term ``sum_ij k(ref_i, ref_j)`` (skips its N² work).
+    ``ref_kernel_sum`` / ``gen_kernel_sum``: a side's stored self-term ``sum_ij k(x_i, x_j)`` (skips its N² work).
     """
     m, n = int(gen.shape[0]), int(ref.shape[0])
     s_rr = kernel_sum(ref, None, sigma, block, device) if ref_kernel_sum is None else float(ref_kernel_sum)
-    s_gg = kernel_sum(gen, None, sigma, block, device)
+    s_gg = kernel_sum(gen, None, sigma, block, device) if gen_kernel_sum is None else float(gen_kernel_sum)
     s_gr = kernel_sum(gen, ref, sigma, block, device)
     k_ref, k_gen, k_cross = s_rr / (n * n), s_gg / (m * m), s_gr / (m * n)
-    return CMMDResult(scale * (k_ref + k_gen - 2.0 * k_cross), k_ref, k_gen, k_cross, m, n, sigma, scale)
+    return CMMDResult(scale * (k_ref + k_gen - 2.0 * k_cross), k_ref, k_gen, k_cross, m, n, sigma, scale, s_gg)
 
 
 # --- the reference side -----------------------------------------------------------------------------------
@@ -128,10 +130,14 @@ def annotate_reference(stats: Any, sigma: float = SIGMA, block: int = BLOCK) -> 
     feats = stats.features
     if feats is None or not wants_cmmd(stats.name) or _stored_sum(stats, sigma) is not None:
         return False
-    stats.metadata["cmmd"] = {"sigma": sigma, "kernel_sum": kernel_sum(feats, None, sigma, block),
-                              "n": int(feats.shape[0]), "features_sha256": features_digest(feats),
-                              "estimator": ESTIMATOR}
+    _store(stats, kernel_sum(feats, None, sigma, block), sigma)
     return True
+
+
+def _store(stats: Any, total: float, sigma: float) -> None:
+    feats = stats.features
+    stats.metadata["cmmd"] = {"sigma": sigma, "kernel_sum": total, "n": int(feats.shape[0]),
+                              "features_sha256": features_digest(feats), "estimator": ESTIMATOR}
 
 
 def _stored_sum(stats: Any, sigma: float) -> float | None:
@@ -151,4 +157,9 @@ def cmmd_between(gen: Any, ref: Any, sigma: float = SIGMA, device: str | torch.d
         if s.features is None:
             raise InputError(f"{s.origin}: CMMD needs the {side} set's {s.name} embeddings; build the statistics "
                              "with feature rows (fd-eval stats keeps them for CLIP models)")
-    return cmmd(gen.features, ref.features, ref_kernel_sum=_stored_sum(ref, sigma), sigma=sigma, device=device)
+    stored = _stored_sum(gen, sigma)
+    res = cmmd(gen.features, ref.features, ref_kernel_sum=_stored_sum(ref, sigma), gen_kernel_sum=stored,
+               sigma=sigma, device=device)
+    if stored is None:  # kept with the generated statistics: saving them (--save-stats) does not sum again
+        _store(gen, res.gen_kernel_sum, sigma)
+    return res

@@ -122,6 +122,8 @@ def test_stats_and_compute_report_fd_and_cmmd_from_one_pass(world, shallow, tmp_
     gen = fd_eval.load_stats(saved, model="clip-vitl14-336")
     want = reference_cmmd(ref.features, gen.features)
     assert abs(res["cmmd"] - want) <= 1e-9 * abs(want) and res["cmmd_detail"]["n_ref"] == 8
+    # the saved generated set carries its own self-term (computed once, during compute)
+    assert gen.metadata["cmmd"]["kernel_sum"] == kernel_sum(gen.features)
     assert "cmmd" not in doc["results"]["dinov2-vits14"] and np.isfinite(doc["results"]["dinov2-vits14"]["fd"])
     from fd_eval.report import _num, build_report
 
