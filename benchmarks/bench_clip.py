@@ -2,11 +2,12 @@
 
     python benchmarks/bench_clip.py [--images 8] [--cmmd-n 8192] [--out benchmarks/results/clip_cpu.json]
 
-Part 1: images per second of the network on prepared inputs (``forward_prepared``: normalisation + network, the
-host's Pillow resize excluded), exact mode, random weights in the real architectures, batches of 4 after one
-warm-up batch, the two models alternating batch by batch; reported with the ratio CLIP-L/336 : DINOv2-L/224 (cost per image).
-Part 2: CMMD between two n x 768 sets of unit rows in float64 (:func:`fd_eval.cmmd.cmmd`): the generated self-term,
-the cross term and (for a new reference) the reference self-term, timed at ``--cmmd-n`` and extrapolated to
+Part 1: images per second of the network on prepared inputs (``forward_prepared``: normalisation + network,
+the host's Pillow resize excluded), exact mode, random weights in the real architectures, batches of 4 after one
+warm-up batch, the two models alternating batch by batch; reported with the ratio CLIP-L/336 : DINOv2-L/224
+(cost per image).
+Part 2: CMMD between two n x 768 sets of unit rows in float64 (:func:`fd_eval.cmmd.cmmd`): the generated
+self-term, the cross term and (for a new reference) the reference self-term, timed at ``--cmmd-n`` and extrapolated to
 50K x 50K by the n^2 scaling of every term (each term is ~n^2 * 768 multiply-adds plus n^2 exponentials).
 Timings are wall clock on a possibly shared machine; a benchmark, never a test.
 """
