@@ -35,6 +35,7 @@ from .errors import (
     StatsError,
     StatsFormatError,
     StatsMismatchError,
+    TooFewImagesError,
     UnknownReferenceError,
     WeightsError,
 )
@@ -67,7 +68,8 @@ __all__ = [
     # errors
     "BadArrayError", "BadImageError", "CheckpointError", "ChecksumError", "DownloadError", "EmptySourceError",
     "FDEvalError", "GatedRepoError", "InputError", "InputRangeError", "InvalidStatsError", "MissingFeaturesError",
-    "SourceError", "StatsError", "StatsFormatError", "StatsMismatchError", "UnknownReferenceError", "WeightsError",
+    "SourceError", "StatsError", "StatsFormatError", "StatsMismatchError", "TooFewImagesError",
+    "UnknownReferenceError", "WeightsError",
     # images -> numbers
     "EvalResult", "compute_fd", "compute_stats", "load_extractors", "build_stats", "RunOptions", "FeatureConsumer",
     "FDMetric", "evaluate_generator", "to_uint8",

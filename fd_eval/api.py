@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .cmmd import cmmd_between, wants_cmmd
@@ -32,7 +33,7 @@ from .precision import precision_provenance, resolve_precision
 from .preprocess import source_transform
 from .provenance import device_name, versions
 from .sources import ImageSource, open_source
-from .stats import Stats, compare_stats, load_stats, save_stats, sniff_format
+from .stats import Stats, check_compatible, compare_stats, load_stats, save_stats, sniff_format
 
 PROTOCOL_N = 50_000  # GPIC: 50K generated images against Test-1M
 ModelsArg = str | Sequence[str]
@@ -491,22 +492,59 @@ def compute_fd(
                            keep_features, ref_features)
 
 
+@dataclass(frozen=True)
+class _Named:
+    """An extractor's name alone: all :func:`resolve_reference` needs of it for a registry name or a file."""
+
+    name: str
+
+
+def _check_planned(gen: ImageSource, exs: Sequence[Extractor], reference: _Ref) -> None:
+    """:func:`fd_eval.stats.check_compatible` of the statistics the extraction would make (the extractors'
+    metadata, the generated source as their origin) against a reference already read: StatsMismatchError before
+    any image is decoded, naming both files. The decode used (``--decode gpu``) is only known afterwards."""
+    for ex in exs:
+        ref = reference.stats.get(ex.name)
+        if ref is None:
+            continue
+        d = ex.feature_dim
+        planned = Stats(np.zeros(d), np.zeros((d, d)), 2, ex.metadata(), origin=str(gen.spec))
+        check_compatible(planned, ref)
+
+
 def _compute_fd(t0: float, opts: RunOptions, gen: ImageSource, ref: Any, models: ModelsArg, weights: WeightsArg,
                 num: int | None, seed: int | None, allow_mismatch: bool, ref_image_transform: str | None,
                 keep_features: bool, ref_features: bool | None) -> EvalResult:
     resolved = opts.resolve()
     dev, world_size = resolved.device, resolved.world_size
+    # CMMD (CLIP extractors) needs both sides' embeddings: kept for those models whatever keep_features says
+    cmmd_models = frozenset(n for n in (resolve_name(m) for m in ([models] if isinstance(models, str) else models))
+                            if wants_cmmd(n))
+    ref_keep = keep_features if ref_features is None else ref_features
+    ref_kw = dict(ref_image_transform=ref_image_transform, keep_features=True if ref_keep else cmmd_models)
+    t_ref = time.perf_counter()
+    reference = None
+    kind = reference_kind(ref)
+    if kind == "registry":
+        # cheap before expensive: a registry reference is read first, so that a gated reference's access check
+        # (and its download) fails before any extractor weights (1.2 GB for DINOv2-L) are downloaded
+        names = dict.fromkeys(resolve_name(m) for m in ([models] if isinstance(models, str) else models))
+        reference = resolve_reference(ref, [_Named(n) for n in names], options=opts, **ref_kw)  # type: ignore[misc]
+    t_ref = time.perf_counter() - t_ref
     exs = resolve_extractors(models, None, weights, resolved, dev)
     check_decode(opts.decode, exs, source_transform(ref_image_transform))
+    if reference is None and kind in ("file", "stats"):  # no extraction needed: read before the generated pass
+        t_ref = time.perf_counter()
+        reference = resolve_reference(ref, exs, options=opts, **ref_kw)
+        t_ref = time.perf_counter() - t_ref
+    if reference is not None and not allow_mismatch:  # refuse a mismatch (precision, weights) before extracting
+        _check_planned(gen, exs, reference)
     # the extractors are loaded in the options' mode: the passes below keep it
     run = resolved.replace(precision=None, compile=None)
-    t_ref = time.perf_counter()
-    # CMMD (CLIP extractors) needs both sides' embeddings: kept for those models whatever keep_features says
-    cmmd_models = frozenset(ex.name for ex in exs if wants_cmmd(ex.name))
-    ref_keep = keep_features if ref_features is None else ref_features
-    reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run,
-                                  keep_features=True if ref_keep else cmmd_models)
-    t_ref = time.perf_counter() - t_ref
+    if reference is None:
+        t_ref = time.perf_counter()
+        reference = resolve_reference(ref, exs, options=run, **ref_kw)
+        t_ref = time.perf_counter() - t_ref
     gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, keep_features=keep_features or bool(
                               cmmd_models), options=run,
                               label=progress_label("generated", getattr(gen, "spec", gen if isinstance(

@@ -544,8 +544,8 @@ def build_stats(
     progress, skip_bad, decode = opts.progress, opts.skip_bad, opts.decode
     say = log or (_stderr if progress else (lambda msg: None))
     out = Path(out)
-    check_outputs([source] if isinstance(source, (str, os.PathLike)) else [], {"-o/--output": out})
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
+    check_outputs({"SOURCE": source, "--weights": weights}, {"-o/--output": out}, {"--checkpoint-dir": ckpt})
     run = opts.resolve(collectives=False)  # ranks share the checkpoint folder; a process group is optional
     r, w, dist_on, dev = run.rank, run.world_size, run.group, run.device
     # a missing or unknown source (or a remote one offline) fails before any weights load

@@ -150,6 +150,8 @@ def test_parquet_from_the_hub(world, tmp_path, monkeypatch):
         assert isinstance(src, ParquetSource) and len(src) == len(local)
         assert [src.read_encoded(i) for i in range(len(src))] == [local.read_encoded(i) for i in range(len(local))]
         assert src.fingerprint() != local.fingerprint()
+        whole = open_source("hf://datasets/org/samples")  # a Hub dataset: its Parquet files, listed
+        assert isinstance(whole, ParquetSource) and whole.names == ["hf://datasets/org/samples/data/train-00000.parquet"]
         with pytest.raises(SourceError, match="offline mode is on"):
             open_source("hf://datasets/org/samples/data/train-00000.parquet", offline=True)
 

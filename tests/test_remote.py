@@ -104,6 +104,13 @@ def test_fsspec_memory_filesystem_equals_shards_on_disk(world, on_disk, tmp_path
         mem.rm("/fd_eval_test", recursive=True)
 
 
+def test_hub_glob_lists_the_shards(world, hub):
+    src = open_source("hf://datasets/org/gpic/test/gpic_test_*.tar")  # listed with HfFileSystem
+    local = open_source(str(world["root"] / "shards" / f"gpic_test_{RANGE}.tar"))
+    assert src.shards == [HF.replace(RANGE, f"{k:05d}") for k in range(N_SHARDS)]
+    assert [src.read_encoded(i) for i in range(len(src))] == [local.read_encoded(i) for i in range(len(local))]
+
+
 def test_each_shard_is_streamed_once_per_pass(world, hub):
     """The index comes from one sequential read of each shard (then cached); a pass with no workers reads each
     shard's members on one connection, never the whole file twice more."""
@@ -277,3 +284,50 @@ def test_server_that_refuses_head_is_asked_for_one_byte(world, hub, monkeypatch)
     src = open_source(_http(hub))
     assert len(src) == 12 and [f.size for f in src.files] == [len(d) for d in world["data"].values()]
     assert [r.range for r in hub.requests if r.range == "bytes=0-0"] == ["bytes=0-0"] * N_SHARDS
+
+
+def test_a_reader_that_jumps_asks_for_windows_without_read_ahead(hub, tmp_path):
+    """A DataLoader worker reads runs of members with other workers' runs between them: after its first far jump
+    its reader requests closed ranges the size of the run it read, and reads nothing ahead."""
+    from fd_eval.sources.remote_io import SEEK_SKIP, StreamReader, stat_remote
+
+    data = np.random.default_rng(1).integers(0, 256, 6 << 20, dtype=np.uint8).tobytes()
+    rf = stat_remote(hub.add_mirror("blob.bin", data))
+    with StreamReader(rf, 0, readahead=4 << 20) as r:
+        assert r.read(100_000) == data[:100_000]  # a run of 100 KB, then a jump over others' runs
+        r.seek(3_000_000)
+        assert r.read(50_000) == data[3_000_000:3_050_000]
+        r.seek(3_048_000)  # back within the rewind window (4 KiB): no request
+        assert r.read(20_000) == data[3_048_000:3_068_000]
+        r.seek(5_000_000)
+        assert r.read(SEEK_SKIP + 10) == data[5_000_000:5_000_000 + SEEK_SKIP + 10]  # across two windows
+    ranges = [q.range for q in hub.body_gets("blob.bin")]
+    w = SEEK_SKIP
+    assert ranges == ["bytes=0-", f"bytes=3000000-{3_000_000 + w - 1}", f"bytes=5000000-{5_000_000 + w - 1}",
+                      f"bytes={5_000_000 + w}-"]  # the second window reaches the end of the file
+
+
+def test_a_shard_that_is_not_a_tar_stops_the_open_in_one_line(world, hub):
+    hub.mirror["gpic_test_00001.tar"] = b"\x1f\x8b" + bytes(5000)  # gzip magic
+    with pytest.raises(SourceError, match=r"gpic_test_00001\.tar: gzip-compressed tar; .*decompress it") as e:
+        open_source(_http(hub))
+    assert "\n" not in str(e.value)
+
+
+def test_hub_cdn_location_is_reused_by_a_reader_that_jumps(world, hub):
+    """With LFS redirects, a reader's later windows go straight to the CDN location (no token), not through the
+    resolve URL again."""
+    from fd_eval.sources.remote_io import StreamReader, stat_remote
+
+    hub.lfs_redirect = True
+    data = world["data"]["gpic_test_00000.tar"]
+    rf = stat_remote(HF.replace(RANGE, "00000"))
+    with StreamReader(rf, 0, max_skip=0) as r:
+        assert r.read(3000) == data[:3000]
+        r.seek(9000)
+        assert r.read(2000) == data[9000:11000]
+        r.seek(20000)
+        assert r.read(100) == data[20000:20100]
+    gets = [(q.path.split("/")[1], q.range) for q in hub.requests if q.method == "GET"]
+    assert [g[0] for g in gets] == ["datasets", "cdn", "cdn", "cdn"]
+    assert not any("authorization" in q.headers for q in hub.requests if q.path.startswith("/cdn/"))

@@ -5,16 +5,26 @@ import click
 
 from ..copies import DEFAULT_MODELS, find_copies
 from ..options import RunOptions
-from ._common import echo_table, fmt_num, main, run_distributed, run_options, warn, weights_arg
+from ._checks import check_paths
+from ._common import (
+    echo_table,
+    fmt_num,
+    main,
+    model_option,
+    run_distributed,
+    run_options,
+    warn,
+    weights_arg,
+    weights_option,
+)
 
 
 @main.command("copies")
 @click.argument("gen")
 @click.option("--train", "-t", "train", required=True,
               help="Training images (folder, tar shard range, ...); the reference test set for a leak check.")
-@click.option("--model", "-m", "models", multiple=True, default=DEFAULT_MODELS, show_default=True,
-              help="Extractor (repeatable): sscd-disc-mixup, or any DINOv2.")
-@click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model.")
+@model_option(tuple(DEFAULT_MODELS), "Extractor (repeatable): sscd-disc-mixup, or any DINOv2.")
+@weights_option
 @click.option("--top", "top_k", type=int, default=5, show_default=True, help="Nearest training images kept per image.")
 @click.option("--threshold", type=float, default=None,
               help="Copy threshold on top-1 cosine similarity [default: 0.75, SSCD's operating point].")
@@ -41,6 +51,8 @@ def copies_cmd(gen: str, train: str, models: tuple[str, ...], weights: tuple[str
     copies ...` each process takes every N-th unit and the top-K lists are merged exactly.
     """
     ckpt = checkpoint_dir if checkpoint_dir is not None else (f"{json_path}.partial" if json_path else None)
+    check_paths({"GEN": gen, "--train": train, "--test": test, "--weights": weights_arg(weights)}, json=json_path,
+                sheet=sheet, folders={"--save-features": save_features, "--checkpoint-dir": ckpt})
     res = run_distributed(options.device, lambda: find_copies(
         gen, train, models=list(models), top_k=top_k, threshold=threshold, test=test,
         compute_authpct=not no_authpct, save_features=save_features, weights=weights_arg(weights),

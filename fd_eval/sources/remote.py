@@ -10,9 +10,10 @@ How a streamed shard becomes an indexable source (the DataLoader asks for items 
 2. A pass reads member bytes through one :class:`~fd_eval.sources.remote_io.StreamReader` per shard and process:
    the items of a shard are asked for in order (units are shards; the DataLoader hands each worker runs of
    consecutive items), so each worker's reads go forward through the shard on one connection, jumping ahead over
-   the other workers' runs with a new ``Range`` request; with no workers a shard is one sequential read.
-   Each reader reads ahead (``$FD_EVAL_REMOTE_READAHEAD`` bytes, default 8 MiB) in a background thread, and the
-   DataLoader's prefetch crosses into the next shard before the current one is done.
+   the other workers' runs with a new ``Range`` request (after its first jump, closed ranges of about its run
+   length, with no read-ahead: the bytes between its runs are not transferred); with no workers a shard is one
+   sequential read. A sequential reader reads ahead (``$FD_EVAL_REMOTE_READAHEAD`` bytes, default 8 MiB) in a
+   background thread, and the DataLoader's prefetch crosses into the next shard before the current one is done.
 
 So the first pass over an uncached shard set reads every byte twice (index, then data); later passes, and every
 resume, read each member once. A connection that drops is resumed at the byte reached; one that keeps failing is
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence
 
@@ -64,20 +66,27 @@ class RemoteTarSource(TarSource):
         self._failed_pid = os.getpid()
         self._prefetched: dict[str, dict[str, Any]] = {}
         skip_bad = bool(kw.get("skip_bad", False))
+        self._cancel: threading.Event | None = threading.Event()
         if len(self.files) > 1:  # index the uncached shards a few at a time (each read is one stream)
-            with ThreadPoolExecutor(min(INDEX_THREADS, len(self.files))) as pool:
-                done = pool.map(lambda f: (f.url, self._remote_index(f, skip_bad)), self.files)
-                self._prefetched = dict(done)
+            pool = ThreadPoolExecutor(min(INDEX_THREADS, len(self.files)))
+            try:
+                futures = [pool.submit(self._remote_index, f, skip_bad) for f in self.files]
+                self._prefetched = {f.url: fu.result() for f, fu in zip(self.files, futures)}
+            except BaseException:  # an error or Ctrl-C: the other reads stop at their next chunk
+                self._cancel.set()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         super().__init__([f.url for f in self.files], spec=spec, **kw)
-        self._prefetched = {}
+        self._prefetched, self._cancel = {}, None  # (an Event does not pickle into DataLoader workers)
 
     # --- indexing -------------------------------------------------------------------------------------------------
     def _index(self, path: str) -> dict[str, Any]:
         idx = self._prefetched.get(path) or self._remote_index(self._by_url[path], self.skip_bad)
         if idx.get("unreadable"):
             self.ignored.append(SkippedItem(None, one_line(path), "unreadable remote shard", idx["unreadable"]))
-            self.warnings.append(one_line(f"{idx['unreadable']} (listed as skipped: --skip-bad)"))
-            return {"empty": True, "why": f"{path}: unreadable, no samples used"}
+            return {"empty": True, "why": f"{path}: {idx['unreadable']}; listed as skipped (--skip-bad), no "
+                                          "samples used"}
         if "sha256" in idx.get("info", {}):
             self._sha[path] = idx["info"]["sha256"]
         return idx
@@ -88,7 +97,7 @@ class RemoteTarSource(TarSource):
 
         def scan() -> dict[str, Any]:
             # one sequential read: tarfile's jumps over member data read through, so the hash covers every byte
-            with StreamReader(rf, readahead=READAHEAD, max_skip=rf.size) as r:
+            with StreamReader(rf, readahead=READAHEAD, max_skip=rf.size, cancel=self._cancel) as r:
                 idx = scan_tar_file(r, rf.size, rf.url)
                 r.seek(r.net)
                 while r.read(1 << 20):  # the rest (end blocks), so the hash covers the whole file
@@ -109,7 +118,7 @@ class RemoteTarSource(TarSource):
         except RemoteReadError as e:
             if not skip_bad:
                 raise
-            return {"empty": True, "unreadable": str(e)}
+            return {"empty": True, "unreadable": f"{e.reason} at byte {e.offset:,}"}
 
     # --- reading ----------------------------------------------------------------------------------------------------
     def _pread(self, s: int, offset: int, size: int, item: "str | Callable[[], str]") -> bytes:

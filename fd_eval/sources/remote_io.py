@@ -43,6 +43,7 @@ PROGRESS_RESET = 1 << 20  # a reconnect after this much progress starts the retr
 SEEK_SKIP = 1 << 20  # a forward jump up to this far reads through; farther, a new Range request
 REWIND = 1 << 12  # bytes kept for small seeks back (tarfile looks back one 512-byte block at the end)
 CHUNK = 1 << 18
+DIRECT_TTL_S = 300.0  # how long a reader reuses the Hub's CDN location (signed URLs last longer)
 RETRYABLE = (OSError, http.client.HTTPException, socket.timeout, ConnectionError)
 
 
@@ -259,7 +260,10 @@ def expand_remote(spec: str) -> list[str]:
         if sch == "hf":
             from huggingface_hub import HfFileSystem
 
-            fs, path = HfFileSystem(token=hf_token()), pat[len("hf://"):]
+            from ..download import hf_endpoint
+
+            fs = HfFileSystem(token=hf_token(), endpoint=hf_endpoint())  # HF_ENDPOINT read now, not at import
+            path = pat[len("hf://"):]
         else:
             fs, path = _fsspec(pat)
         try:
@@ -330,14 +334,22 @@ class StreamReader:
     read ahead in a background thread. ``sha256()``: the hash of every byte read, when read contiguously from 0.
     """
 
-    def __init__(self, rf: RemoteFile, start: int = 0, *, readahead: int = 0, max_skip: int = SEEK_SKIP):
-        self.rf, self.readahead, self.max_skip = rf, int(readahead), int(max_skip)
+    def __init__(self, rf: RemoteFile, start: int = 0, *, readahead: int = 0, max_skip: int = SEEK_SKIP,
+                 cancel: threading.Event | None = None):
+        self.rf, self.readahead, self.max_skip, self.cancel = rf, int(readahead), int(max_skip), cancel
         self.pos = self.net = int(start)  # logical position; position of the network stream
         self._raw: Any = None
         self._win = b""  # the last bytes read from the network, ending at self.net
         self._hash = hashlib.sha256() if start == 0 else None
         self._fails, self._fail_at = 0, -1
         self.retries = int(env_float("FD_EVAL_REMOTE_RETRIES", MAX_RETRIES))
+        # One request asks for the rest of the file, until the reader jumps far: then it asks for windows of about
+        # the run it read before the jump, without read-ahead (the bytes after a run belong to another reader,
+        # e.g. another DataLoader worker, and are not transferred for nothing).
+        self.window: int | None = None
+        self._end, self._opened_at = self.rf.size, self.net
+        self._direct: str | None = None  # hf://: the CDN location the resolve URL redirected to, reused a while
+        self._direct_until = 0.0
 
     # --- file-like API ---------------------------------------------------------------------------------------
     def tell(self) -> int:
@@ -356,6 +368,9 @@ class StreamReader:
         if self.net - len(self._win) <= pos <= self.net + self.max_skip:
             self.pos = pos
         else:  # far: a new request from there
+            if self._raw is not None or self.net > self._opened_at:
+                self.readahead = 0
+                self.window = max(SEEK_SKIP, self.net - self._opened_at, self.window or 0)
             self._close()
             self.pos = self.net = pos
             self._win, self._hash = b"", None
@@ -407,11 +422,16 @@ class StreamReader:
         """Up to ``n`` bytes at ``self.net`` (b"" only at the end of the file), reconnecting on failure."""
         if self.net >= self.rf.size:
             return b""
+        if self.cancel is not None and self.cancel.is_set():
+            raise SourceError(f"{self.rf.url}: reading stopped (another shard failed, or Ctrl-C)")
+        if self._raw is not None and self.net >= self._end:  # this window is done: the next one
+            self._close()
         while True:
             try:
                 if self._raw is None:
+                    self._opened_at = self.net
                     self._raw = self._open(self.net)
-                b = self._raw.read(n)
+                b = self._raw.read(min(n, self._end - self.net))
                 if not b:
                     raise ConnectionError(f"connection closed early ({self.rf.size - self.net:,} bytes missing)")
                 break
@@ -425,8 +445,9 @@ class StreamReader:
                 self._fails += 1
                 self._fail_at = self.net
                 if self._fails > self.retries:
-                    raise read_error(self.rf.url, self.net, f"connection lost after {self.retries} retries "
-                                          f"({type(e).__name__}: {e})") from None
+                    n = self.retries
+                    raise read_error(self.rf.url, self.net, f"connection lost after {n} retr{'y' if n == 1 else 'ies'} "
+                                     f"({type(e).__name__}: {e})") from None
                 time.sleep(min(env_float("FD_EVAL_REMOTE_BACKOFF", BACKOFF_S) * 2 ** (self._fails - 1), 8.0))
         b = b[:self.rf.size - self.net]
         if self._hash is not None:
@@ -437,18 +458,32 @@ class StreamReader:
 
     def _open(self, start: int) -> Any:
         rf = self.rf
+        self._end = rf.size if self.window is None or rf.kind == "fsspec" else min(rf.size, start + self.window)
         if rf.kind == "fsspec":
             fs, path = _fsspec(rf.fetch_url)
             f = fs.open(path, "rb")
             f.seek(start)
             raw: Any = f
         else:
-            resp, first = _request(rf.fetch_url, "GET", {"Range": f"bytes={start}-"}, rf.url,
-                                   hf_token() if rf.hf else None)
+            last = "" if self._end >= rf.size else str(self._end - 1)
+            rng = {"Range": f"bytes={start}-{last}"}
+            direct = self._direct if self._direct and time.monotonic() < self._direct_until else None
+            resp = None
+            if direct:  # the Hub's CDN location from an earlier request of this reader: one request, not two
+                try:
+                    resp, first = _request(direct, "GET", rng, rf.url, None)
+                except SourceError:  # expired signature or the like: resolve again
+                    self._direct = None
+            if resp is None:
+                resp, first = _request(rf.fetch_url, "GET", rng, rf.url, hf_token() if rf.hf else None)
+                direct = None
+                if rf.hf and resp is not None and resp.geturl() != rf.fetch_url:
+                    self._direct, self._direct_until = resp.geturl(), time.monotonic() + DIRECT_TTL_S
             if resp is None:  # 416: nothing left
                 raise ConnectionError(f"the server has no bytes from {start} (HTTP 416): the file shrank")
             etag = (first.get("X-Linked-Etag") or first.get("ETag") or "").strip().strip('"')
-            if rf.etag and etag and etag != rf.etag and not etag.startswith("W/"):
+            # (the CDN's own ETag is not the Hub's; the resolve URL is pinned to a commit anyway)
+            if rf.etag and etag and etag != rf.etag and not etag.startswith("W/") and not direct:
                 resp.close()
                 raise SourceError(one_line(f"{rf.url}: changed during the run (ETag {rf.etag[:16]} -> {etag[:16]}); "
                                            "run again to read the new version"))
