@@ -15,6 +15,8 @@ from .analysis import AnalysisSpec, analyze
 from .api import EvalResult, compute_fd, compute_stats, load_extractors
 from .build import build_stats
 from .ceiling import CeilingResult, ceiling, split_half
+from .clipscore import ClipDependencyError, ClipScoreResult, clip_score
+from .cmmd import CMMDResult, cmmd
 from .copies import CopiesResult, find_copies
 from .errors import (
     BadArrayError,
@@ -71,6 +73,7 @@ __all__ = [
     # images -> numbers
     "EvalResult", "compute_fd", "compute_stats", "load_extractors", "build_stats", "RunOptions", "FeatureConsumer",
     "FDMetric", "evaluate_generator", "to_uint8",
+    "clip_score", "ClipScoreResult", "ClipDependencyError", "cmmd", "CMMDResult",
     "Extractor", "list_extractors", "load_extractor", "PreprocessSpec",
     "ImageSource", "SkippedItem", "open_source",
     # numbers

@@ -360,6 +360,10 @@ def build_stats(
     # a missing or unknown source (or a remote one offline) fails before any weights load
     src = open_source(source, skip_bad=skip_bad, offline=opts.offline)
     exs = resolve_extractors(models, extractors, weights, run, dev)  # under opts.offline
+    from .cmmd import wants_cmmd
+
+    # a CMMD reference (CLIP) is its embeddings: kept whatever keep_features says (and resumed as such)
+    keep_features = keep_features or any(wants_cmmd(ex.name) for ex in exs)
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)

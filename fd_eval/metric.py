@@ -38,6 +38,7 @@ from .api import (
     resolve_reference,
     run_provenance,
 )
+from .cmmd import wants_cmmd
 from .consumers import metric_results
 from .errors import FDEvalError, InputError, InputRangeError, StatsMismatchError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
@@ -238,8 +239,10 @@ class FDMetric:
         self.extractors = resolve_extractors(models, extractors, weights, run, self.device)
         place_extractors(self.extractors, self.device, None, streaming=True)
         # the reference (when an image source) is computed with these extractors, sharded over the ranks
+        # CMMD (CLIP extractors) needs both sides' rows: kept for those models whatever keep_features says
+        self._cmmd = frozenset(ex.name for ex in self.extractors if wants_cmmd(ex.name))
         self._ref = resolve_reference(ref, self.extractors, ref_image_transform=ref_image_transform,
-                                      keep_features=keep_features,
+                                      keep_features=True if keep_features else self._cmmd,
                                       options=run.replace(progress=False, precision=None, compile=None))
         self._check_reference()
         self._pool: ThreadPoolExecutor | None = None
@@ -249,8 +252,10 @@ class FDMetric:
     # --- state -----------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every image seen (the extractors and the reference stay loaded)."""
-        # the consumer list of every pass (pipeline.feature_consumers): moments + registered consumer metrics
-        self._accs, self._metrics = feature_consumers(self.extractors, self.device, self.keep_features)
+        # the consumer list of every pass (pipeline.feature_consumers): moments (rows kept for CMMD's models too)
+        # + registered consumer metrics
+        self._accs, self._metrics = feature_consumers(self.extractors, self.device, self.keep_features,
+                                                      keep_features_of=self._cmmd)
         self.updates = 0  # update() calls with at least one image
         # [first bad float update (-1: none), its min, its max, global min, global max], float64 on the device
         self._vstate = self._fresh_vstate()

@@ -474,14 +474,20 @@ def _result_section(inp: ReportInput, i: int, thumbs: int, seed: int, compact: b
         out.append(f'<p class="sub">generated: {_esc(gen.get("spec", "?"))} · reference: {_esc(ref_name)}'
                    + (f' · device: {_esc(prov["device"])}' if prov.get("device") else "") + "</p>")
     out.append(_warnings(doc))
+    cmmd = any(r.get("cmmd") is not None for r in rows)  # CLIP models: CMMD beside FD
     out.append(_table(
-        ["model", "FD", "mean term", "cov term", "N", "N ref", "published floor", "independent-sample floor (est.)",
-         "bootstrap interval"],
-        [[_esc(r["model"]), f'<b class="fd">{_num(r.get("fd"))}</b>', _num(r.get("fd_mean")),
-          _num(r.get("fd_cov")), _int(r.get("n")), _int(r.get("n_ref")), _floor_cell(r),
-          _num(r.get("floor_independent_estimate"), 2) if r.get("floor_independent_estimate") is not None else "-",
-          _ci_cell(r)] for r in rows]))
+        ["model", "FD"] + (["CMMD"] if cmmd else []) + ["mean term", "cov term", "N", "N ref", "published floor",
+                                                        "independent-sample floor (est.)", "bootstrap interval"],
+        [[_esc(r["model"]), f'<b class="fd">{_num(r.get("fd"))}</b>']
+         + ([_num(r.get("cmmd")) if r.get("cmmd") is not None else "-"] if cmmd else [])
+         + [_num(r.get("fd_mean")), _num(r.get("fd_cov")), _int(r.get("n")), _int(r.get("n_ref")), _floor_cell(r),
+            _num(r.get("floor_independent_estimate"), 2) if r.get("floor_independent_estimate") is not None else "-",
+            _ci_cell(r)] for r in rows]))
     notes = []
+    if cmmd:
+        notes.append("CMMD (Jayasumana et al. 2024): MMD² of CLIP ViT-L/14@336 embeddings, Gaussian kernel sigma = 10, "
+                     "biased estimator, times 1000, as google-research cmmd; every image is used "
+                     "(docs/metrics-cmmd-clipscore.md).")
     if any(r.get("floor") is not None for r in rows):
         notes.append("Published floor: the FD of real images of the same N against this reference, what a perfect "
                      "generator scores (not 0). <i>subset</i>: the published real sample is part of the reference, "

@@ -173,10 +173,18 @@ def _float_dtype_name(dtype: Any, origin: str) -> str:
 # --- writing ------------------------------------------------------------------------------------------
 def save_stats(path: str | os.PathLike, stats: Iterable[Stats] | Mapping[str, Stats],
                include_features: bool = True) -> Path:
-    """Write several statistics (one section per extractor) to one safetensors file, atomically."""
+    """Write several statistics (one section per extractor) to one safetensors file, atomically.
+
+    Sections of CMMD extractors (CLIP) saved with feature rows also get CMMD's reference self-term
+    (:func:`fd_eval.cmmd.annotate_reference`, metadata ``cmmd``; N² kernel evaluations, once per file)."""
     from safetensors.numpy import save_file
 
+    from .cmmd import annotate_reference
+
     items = list(stats.values()) if isinstance(stats, Mapping) else list(stats)
+    if include_features:
+        for s in items:
+            annotate_reference(s)
     tensors: dict[str, np.ndarray] = {}
     sections: dict[str, Any] = {}
     string_extras: set[str] = set()

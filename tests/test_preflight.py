@@ -361,3 +361,9 @@ def test_mismatch_is_refused_before_extraction_and_names_the_images(data, monkey
     monkeypatch.setattr(api, "load_extractors", lambda *a, **k: [ex])
     res = fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False, allow_mismatch=True)
     assert any("weights sha256" in w for w in res.warnings)
+
+
+def test_opened_sources_are_inputs_too(data, no_weights):
+    tmp, gen, _ = data
+    with pytest.raises(OutputError, match="inside the input folder"):
+        fd_eval.build_stats(open_source(gen), gen / "s.safetensors")

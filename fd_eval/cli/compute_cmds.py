@@ -152,6 +152,10 @@ def echo_results(res: Any, table_format: str = "table") -> None:
     if not floors:  # a reference outside the registry: no floor to show
         k = len(header) - header.index("published floor")
         header, rows = header[:-k], [r[:-k] for r in rows]
+    if any("cmmd" in r for r in res.results.values()):  # CLIP models: CMMD beside FD (docs/metrics-cmmd-clipscore.md)
+        header = header[:2] + ["CMMD"] + header[2:]
+        rows = [row[:2] + [fmt_num(r["cmmd"]) if "cmmd" in r else "-"] + row[2:]
+                for row, r in zip(rows, res.results.values())]
     echo_table(rows, header, table_format)
     if floors:
         click.echo(FLOOR_NOTE, err=table_format != "table")
@@ -169,7 +173,8 @@ def _plural(n: int, word: str) -> str:
 @_columns
 @click.option("--transform", "image_transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
-@click.option("--keep-features", is_flag=True, help="Store the (N, D) features too (for PRDC, MMD, bootstrap).")
+@click.option("--keep-features", is_flag=True,
+              help="Store the (N, D) features too (for PRDC, MMD, bootstrap; always for CLIP models: CMMD needs them).")
 @click.option("--checkpoint-dir", default=None,
               help="Where finished units are saved for resuming (default OUTPUT.partial; shared by all ranks).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
