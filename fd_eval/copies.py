@@ -157,7 +157,14 @@ class _Run:
             return None
         return UnitFiles(self.ckpt, COPIES_FORMAT, self.identity, meta_key=_META, prefix=f"{kind}-",
                          what="an fd-eval copies checkpoint", diffs=functools.partial(key_diffs, names=_WHAT),
-                         extra_names=(_QUERIES,))
+                         extra_names=(_QUERIES,), save_file=lambda p, h, t: save_unit_file(p, h, t, _META))
+
+
+def save_unit_file(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor], meta_key: str = _META
+                   ) -> None:
+    """Write one checkpoint file atomically (:func:`fd_eval.engine.save_unit_file`; looked up at each write, so a
+    test can hook the writes of ``copies``)."""
+    engine.save_unit_file(path, header, tensors, meta_key)
 
 
 def _collect(src: ImageSource, run: _Run, desc: str) -> tuple[list[torch.Tensor], np.ndarray, list[SkippedItem]]:
@@ -221,7 +228,7 @@ def _queries(gen_src: ImageSource, test_src: ImageSource | None, run: _Run) -> d
             tensors |= {f"{n}.test": f.cpu() for n, f in zip(names, test)}
         header = {"format": COPIES_FORMAT, "identity": files.identity,
                   "skipped": {k: [s.to_dict() for s in v] for k, v in out["skipped"].items()}}
-        engine.save_unit_file(path, header, tensors, _META)
+        save_unit_file(path, header, tensors, _META)
     return out
 
 

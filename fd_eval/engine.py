@@ -188,6 +188,8 @@ class UnitFiles:
     Every header holds ``format`` and the run's ``identity`` (JSON-normalised: what every unit must share);
     ``diffs(old identity, new identity)`` says what differs, for the refusal message. ``what`` names the files in
     messages. ``extra_names``: other files of this pass in the folder (removed by :meth:`cleanup`).
+    ``save_file(path, header, tensors)``: the writer (default :func:`save_unit_file` with ``meta_key``), for a
+    command that keeps its own hookable name for it.
     """
 
     folder: Path
@@ -198,6 +200,7 @@ class UnitFiles:
     what: str = "an fd-eval unit file"
     diffs: Callable[[Any, dict[str, Any]], list[str]] = key_diffs
     extra_names: tuple[str, ...] = ()
+    save_file: Callable[[Path, dict[str, Any], dict[str, torch.Tensor]], None] | None = None  # default: ours
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder)
@@ -211,8 +214,11 @@ class UnitFiles:
         """Save unit ``unit``'s file: ``header`` plus ``format``, ``identity`` and the unit's index/label/
         fingerprint (``header["unit"]`` extends them)."""
         info = {"index": unit.index, "label": unit.label, "fingerprint": unit.fingerprint, **header.get("unit", {})}
-        save_unit_file(self.path(unit.index), {**header, "format": self.fmt, "identity": self.identity,
-                                               "unit": info}, tensors, self.meta_key)
+        header = {**header, "format": self.fmt, "identity": self.identity, "unit": info}
+        if self.save_file is not None:
+            self.save_file(self.path(unit.index), header, tensors)
+        else:
+            save_unit_file(self.path(unit.index), header, tensors, self.meta_key)
 
     def read_header(self, path: Path) -> dict[str, Any]:
         from safetensors import SafetensorError, safe_open
