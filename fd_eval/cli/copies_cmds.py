@@ -10,8 +10,12 @@ from ._common import echo_table, fmt_num, main, run_distributed, run_options, wa
 
 @main.command("copies")
 @click.argument("gen")
-@click.option("--train", "-t", "train", required=True,
+@click.option("--train", "-t", "train", default=None,
               help="Training images (folder, tar shard range, ...); the reference test set for a leak check.")
+@click.option("--train-index", default=None,
+              help="Instead of --train: a training index folder (`fd-eval index build`); no training image decoded.")
+@click.option("--approximate", is_flag=True,
+              help="Search --train-index with FAISS (IVF, candidates re-scored exactly; recall@1 reported).")
 @click.option("--model", "-m", "models", multiple=True, default=DEFAULT_MODELS, show_default=True,
               help="Extractor (repeatable): sscd-disc-mixup, or any DINOv2.")
 @click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model.")
@@ -29,12 +33,13 @@ from ._common import echo_table, fmt_num, main, run_distributed, run_options, wa
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
               help="Training images per resumable unit [default: one unit per tar shard, else 10,000].")
 @run_options()
-def copies_cmd(gen: str, train: str, models: tuple[str, ...], weights: tuple[str, ...], top_k: int,
+def copies_cmd(gen: str, train: str | None, train_index: str | None, approximate: bool, models: tuple[str, ...],
+               weights: tuple[str, ...], top_k: int,
                threshold: float | None, test: str | None, no_authpct: bool, save_features: str | None,
                json_path: str | None, sheet: str | None, checkpoint_dir: str | None, checkpoint_every: int | None,
                options: RunOptions) -> None:
-    """For every image in GEN, its --top nearest images in --train (cosine similarity of SSCD descriptors by
-    default); prints the copies above --threshold and the top-1 similarity quantiles.
+    """For every image in GEN, its --top nearest images in --train (or --train-index; cosine similarity of SSCD
+    descriptors by default); prints the copies above --threshold and the top-1 similarity quantiles.
 
     Resumable: with --json (or --checkpoint-dir) each finished training unit is saved; after a crash or kill
     the same command continues and gives the identical result. Under `torchrun --nproc_per_node N -m fd_eval
@@ -42,8 +47,9 @@ def copies_cmd(gen: str, train: str, models: tuple[str, ...], weights: tuple[str
     """
     ckpt = checkpoint_dir if checkpoint_dir is not None else (f"{json_path}.partial" if json_path else None)
     res = run_distributed(options.device, lambda: find_copies(
-        gen, train, models=list(models), top_k=top_k, threshold=threshold, test=test,
-        compute_authpct=not no_authpct, save_features=save_features, weights=weights_arg(weights),
+        gen, train, train_index=train_index, approximate=approximate, models=list(models), top_k=top_k,
+        threshold=threshold, test=test, compute_authpct=not no_authpct, save_features=save_features,
+        weights=weights_arg(weights),
         checkpoint_dir=ckpt, checkpoint_every=checkpoint_every, json_path=json_path, sheet=sheet, options=options,
         log=lambda msg: click.echo(msg, err=True)))
     if res is None:  # not rank 0
