@@ -164,7 +164,9 @@ def recall_at_1(index: TrainingIndex, model: str, queries: torch.Tensor, packed:
     es, ek, _ = unpack(exact[:, :1])
     _, ak, _ = unpack(packed.cpu()[pick][:, :1])
     hit = (ek[:, 0] == ak[:, 0])
-    high = es[:, 0] > 0.5
-    return {"recall_sample": int(len(pick)), "recall_at_1": float(hit.double().mean()),
-            "recall_at_1_above_0.5": float(hit[high].double().mean()) if bool(high.any()) else None,
-            "n_above_0.5": int(high.sum())}
+    out: dict[str, Any] = {"recall_sample": int(len(pick)), "recall_at_1": float(hit.double().mean())}
+    for t in (0.5, 0.75):  # pairs that matter: above 0.5, and copies at SSCD's threshold
+        high = es[:, 0] > t
+        out[f"recall_at_1_above_{t}"] = float(hit[high].double().mean()) if bool(high.any()) else None
+        out[f"n_above_{t}"] = int(high.sum())
+    return out

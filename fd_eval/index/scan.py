@@ -63,32 +63,31 @@ class ExactScan:
             return
         dev = self.q64.device
         rows, keys = rows.to(dev, non_blocking=True), keys.to(dev, torch.int64, non_blocking=True)
-        r64 = rows.double()
-        rs = r64 if self.scan_dtype == torch.float64 else rows.to(self.scan_dtype)
+        rs = rows.to(self.scan_dtype)  # float64 copies of the rows are made only where needed (exact values)
         step = max(1, self.work // b)
         for a in range(0, self.q64.shape[0], step):
             z = min(a + step, self.q64.shape[0])
-            top = self._block_top(a, z, r64, rs, keys)
+            top = self._block_top(a, z, rs, keys)
             st = self.state.packed
             st[a:z] = torch.cat([st[a:z], top], 1).topk(self.k, dim=1).values
         self.state.n_seen += b
 
-    def _exact(self, a: int, z: int, r64: torch.Tensor, keys: torch.Tensor,
+    def _exact(self, a: int, z: int, rs: torch.Tensor, keys: torch.Tensor,
                rows: torch.Tensor | None = None) -> torch.Tensor:
         """Packed float64-scored similarities of queries a..z (or those ``rows`` of them) to the whole block."""
         q = self.q64[a:z] if rows is None else self.q64[a:z][rows]
-        sims = (q @ r64.T).float()  # the live pass's product: float64, rounded once
+        sims = (q @ rs.double().T).float()  # the live pass's product: float64, rounded once
         if self.exclude is not None:
             ex = self.exclude[a:z] if rows is None else self.exclude[a:z][rows]
             sims.masked_fill_(ex[:, None] == keys[None], float("-inf"))
         return pack(sims, keys)
 
-    def _block_top(self, a: int, z: int, r64: torch.Tensor, rs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def _block_top(self, a: int, z: int, rs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Packed (z - a, <= K + EXTRA) lists that hold the exact top-K of rows a..z against this block."""
-        b = r64.shape[0]
+        b = rs.shape[0]
         kk = min(b, self.k + EXTRA)
         if self.scan_dtype == torch.float64 or kk == b:
-            p = self._exact(a, z, r64, keys)
+            p = self._exact(a, z, rs, keys)
             return p if p.shape[1] <= self.k + EXTRA else p.topk(self.k, dim=1).values
         s = self.q[a:z] @ rs.T
         if self.exclude is not None:
@@ -97,9 +96,9 @@ class ExactScan:
         del s
         ck = keys[pos]  # (n, kk)
         exact = torch.empty(pos.shape, dtype=torch.float32, device=pos.device)
-        sub = max(1, self.work // (2 * kk * r64.shape[1]))  # gathered float64 rows: at most ~one block's bytes
+        sub = max(1, self.work // (2 * kk * rs.shape[1]))  # gathered float64 rows: at most ~one block's bytes
         for i in range(0, pos.shape[0], sub):
-            g = r64[pos[i:i + sub]]  # (n', kk, D)
+            g = rs[pos[i:i + sub]].double()  # (n', kk, D)
             exact[i:i + sub] = torch.einsum("nd,nkd->nk", self.q64[a + i:a + i + g.shape[0]], g).float()
         exact.masked_fill_(torch.isinf(v) & (v < 0), float("-inf"))
         out = pack(exact, ck)
@@ -107,7 +106,7 @@ class ExactScan:
         if bool(tight.any()):
             rows = torch.nonzero(tight).flatten()
             self.rescored_rows += int(rows.numel())
-            out[rows] = self._exact(a, z, r64, keys, rows).topk(kk, dim=1).values
+            out[rows] = self._exact(a, z, rs, keys, rows).topk(kk, dim=1).values
         return out
 
 
