@@ -1020,30 +1020,10 @@ def find_copies(
     return out
 
 
-def contact_sheet(result: CopiesResult, gen: ImageSource, train: ImageSource, path: str | os.PathLike, *,
+def contact_sheet(result: CopiesResult, gen: ImageSource, train: Any, path: str | os.PathLike, *,
                   model: str, rows: int = 16, thumb: int = 160) -> Path:
-    """PNG of the ``rows`` generated images with the highest top-1 similarity, each beside its nearest training
-    image, with the similarity (and 'COPY' above the threshold) printed below."""
-    from PIL import Image, ImageDraw
+    """PNG grid of the ``rows`` most similar pairs, copies first, captions wrapped
+    (:func:`fd_eval.contact_sheet.contact_sheet`)."""
+    from .contact_sheet import contact_sheet as grid
 
-    r = result.results[model]
-    order = sorted(r["per_image"], key=lambda p: -(p["nearest"][0]["similarity"] if p["nearest"] else -9))[:rows]
-    pad, text_h = 6, 28
-    sheet = Image.new("RGB", (2 * thumb + 3 * pad, max(1, len(order)) * (thumb + text_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, p in enumerate(order):
-        y = pad + i * (thumb + text_h + pad)
-        pair = [gen.load(p["index"])] + ([train.load(p["nearest"][0]["index"])] if p["nearest"] else [])
-        for j, im in enumerate(pair):
-            im = im.convert("RGB")
-            im.thumbnail((thumb, thumb))
-            sheet.paste(im, (pad + j * (thumb + pad), y))
-        if p["nearest"]:
-            s = p["nearest"][0]["similarity"]
-            flag = "COPY " if s > r["threshold"] else ""
-            names = f"{os.path.basename(p['name'])} ~ {os.path.basename(p['nearest'][0]['key'])}"
-            draw.text((pad, y + thumb + 2), f"{flag}cos={s:.4f} ({model})\n{names}"[:120],
-                      fill="red" if flag else "black")
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
-    return Path(path)
+    return grid(result, gen, train, path, model=model, rows=rows, thumb=thumb)
