@@ -38,8 +38,10 @@ def _faiss() -> Any:
 
 
 def default_nlist(n_rows: int) -> int:
-    """IVF cells: ~4 sqrt(N) (FAISS's guideline), at least 1, at most N / 39 (39 training rows per cell)."""
-    return int(max(1, min(4 * math.sqrt(n_rows), n_rows // 39, 262144)))
+    """IVF cells: ~sqrt(N) (FAISS suggests 4-16 sqrt(N) for a final answer; here the IVF only proposes candidates
+    that are re-scored, and fewer, larger cells keep the one-off k-means cheap), at least 1, at most N / 39 (39
+    training rows per cell)."""
+    return int(max(1, min(math.sqrt(n_rows), n_rows // 39, 262144)))
 
 
 def train_sample(index: TrainingIndex, model: str, n: int, seed: int = 0) -> np.ndarray:
@@ -123,7 +125,7 @@ def rescore(index: TrainingIndex, model: str, queries: torch.Tensor, cand: np.nd
 
 
 def approximate_pass(index: TrainingIndex, gen_features: Sequence[torch.Tensor], base: list[CopiesConsumer],
-                     run: Any, *, keep_top1_features: bool, nprobe: int = 64, candidates: int | None = None,
+                     run: Any, *, keep_top1_features: bool, nprobe: int = 32, candidates: int | None = None,
                      codec: str = "sq8", seed: int = 0) -> tuple[list[CopiesConsumer], dict[str, Any]]:
     """The training pass of :func:`fd_eval.find_copies` with FAISS; every rank runs it whole (same result)."""
     from .copies_pass import _top1_rows

@@ -149,7 +149,7 @@ def build_index(
             finished index as a new part.
         models: extractor names (default SSCD). ``weights`` / ``extractors``: as for :func:`fd_eval.find_copies`.
         dtype: "float32" (default: ``copies --train-index`` then equals ``copies --train`` bit for bit) or
-            "float16" (half the disk; similarities change by up to ~1e-3, see docs/copies.md).
+            "float16" (half the disk; a similarity moves by at most 4.9e-4, see docs/copies.md).
         checkpoint_every: images per unit (default one unit per tar shard, else 10,000).
         options, **kw: run options (:class:`fd_eval.RunOptions`); under torchrun each rank takes every W-th unit.
 
