@@ -98,7 +98,10 @@ def part_exact(d: Path, n_q: int, scan_rows: int | None, dev: torch.device) -> d
             "threads": torch.get_num_threads(),
             "extrapolated_seconds": {f"{r:,} rows": r / rate for r in (idx.n_rows, 1_000_000, 10_000_000,
                                                                        100_000_000)},
-            "extrapolated": n < idx.n_rows}
+            "extrapolated": n < idx.n_rows,
+            # issue 24's GPU targets, scaled linearly to 50K queries (the cost is Q x N x D)
+            "targets_at_50k_queries": {"10M rows under 60 s": 1e7 / rate * 50_000 / n_q < 60,
+                                       "100M rows under 600 s": 1e8 / rate * 50_000 / n_q < 600}}
 
 
 def part_memory(d: Path, n_q: int, dev: torch.device) -> dict:
@@ -123,7 +126,7 @@ def part_memory(d: Path, n_q: int, dev: torch.device) -> dict:
 
 
 def part_faiss(d: Path, n_q: int, nlist: int | None, nprobe: int, sample: int, exact_rate: float | None,
-               codec: str) -> dict:
+               codec: str, exact_queries: int = 50_000) -> dict:
     from fd_eval.copies import unpack
     from fd_eval.index.approx import load_or_build, recall_at_1, rescore
 
@@ -160,16 +163,12 @@ def part_faiss(d: Path, n_q: int, nlist: int | None, nprobe: int, sample: int, e
            "faiss_code_bytes": int(ivf.sa_code_size() * ivf.ntotal), "rss_mib_before": rss0,
            "rss_mib_after_build": rss_built, "rss_mib_end": rss_mib()}
     if exact_rate:
-        exact_s = idx.n_rows / exact_rate * (n_q / exact_rate_queries)
+        exact_s = idx.n_rows / exact_rate * (n_q / exact_queries)
         out.update(exact_seconds_extrapolated=exact_s, speedup=exact_s / total)
     return out
 
 
-exact_rate_queries = 50_000
-
-
 def main() -> None:
-    global exact_rate_queries
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=["make", "exact", "memory", "faiss"], required=True)
     ap.add_argument("--dir", required=True)
@@ -189,7 +188,6 @@ def main() -> None:
     a = ap.parse_args()
     dev = torch.device(a.device)
     d = Path(a.dir)
-    exact_rate_queries = a.exact_queries
     if a.part == "make":
         res = part_make(d, a.rows, a.unit)
     elif a.part == "exact":
@@ -197,7 +195,8 @@ def main() -> None:
     elif a.part == "memory":
         res = part_memory(d, a.queries, dev)
     else:
-        res = part_faiss(d, a.queries, a.nlist, a.nprobe, a.recall_sample, a.exact_rows_per_s, a.codec)
+        res = part_faiss(d, a.queries, a.nlist, a.nprobe, a.recall_sample, a.exact_rows_per_s, a.codec,
+                         a.exact_queries)
     out = {"part": a.part, "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
            else platform.processor() or platform.machine(), "torch": torch.__version__, "result": res,
            "argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
