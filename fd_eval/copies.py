@@ -879,6 +879,9 @@ def find_copies(
     if (train is None) == (train_index is None):
         raise InputError("pass the training images (--train SOURCE, train=) or a training index (--train-index DIR, "
                          "train_index=), one of the two")
+    if save_features is not None and train_index is not None:
+        raise InputError("--save-features saves the training features of a --train pass; with --train-index they "
+                         "are already stored in the index")
     if approximate and train_index is None:
         raise InputError("--approximate searches a training index: pass --train-index DIR (fd-eval index build)")
     if train_index is not None:

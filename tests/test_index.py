@@ -61,13 +61,17 @@ def live(sets):
 def test_train_index_json_equals_live_pass(sets, index32, live, tmp_path):
     """The whole results document (per-image lists, similarities, AuthPct, C_T, histogram...) is identical."""
     got = fd_eval.find_copies(sets["gen"], train_index=index32.root, extractors=[PixelExtractor()],
-                              test=sets["test"], json_path=tmp_path / "c.json", **KW)
+                              test=sets["test"], json_path=tmp_path / "c.json", sheet=tmp_path / "s.png", **KW)
     assert got.to_dict()["results"] == live.to_dict()["results"]
     r = got.results["pixels-16"]
     assert r["ct"] is not None and r["authpct"] is not None and "search" not in r
     assert [p["nearest"][0]["index"] for p in r["per_image"][:12]] == list(range(12))
     doc = json.loads((tmp_path / "c.json").read_text())
     assert doc["provenance"]["train_index"]["n_rows"] == 40 and doc["provenance"]["train"] == str(index32.root)
+    from PIL import Image
+
+    with Image.open(tmp_path / "s.png") as im:  # training thumbnails read from the index's recorded source
+        assert im.getpixel((6 + 160 + 6 + 80, 6 + 80)) != (205, 205, 205)
 
 
 def test_index_files_hold_unit_vectors_keys_and_provenance(sets, index32):
