@@ -32,6 +32,7 @@ from fd_eval import copies as cp  # noqa: E402
 from fd_eval import open_source
 from fd_eval.extractors import load_extractor  # noqa: E402
 from fd_eval.io_utils import atomic_write  # noqa: E402
+from fd_eval.options import RunOptions  # noqa: E402
 from fd_eval.pipeline import auto_device, run_units  # noqa: E402
 
 
@@ -98,8 +99,8 @@ def part_throughput(models: list[str], n: int, batch: int, device: torch.device,
                     spent[0] += time.perf_counter() - t0
 
             def one_pass() -> None:
-                run_units(src, [ex], [np.arange(len(src))], lambda k: [[Timed()]], device=device,
-                          batch_size=batch, num_workers=workers)
+                run_units(src, [ex], [np.arange(len(src))], lambda k: [[Timed()]],
+                          RunOptions(device=device, batch_size=batch, num_workers=workers).resolve())
 
             one_pass()  # warm-up (also the first-batch allocations)
             spent[0] = 0.0

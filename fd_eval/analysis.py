@@ -30,7 +30,7 @@ from . import feature_metrics, uncertainty
 from .api import EvalResult, reference_kind
 from .errors import InputError, MissingFeaturesError
 from .extractors import resolve_name
-from .pipeline import auto_device
+from .options import auto_device
 from .stats import Stats, load_stats, sniff_format
 
 

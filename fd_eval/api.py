@@ -21,7 +21,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .distributed import resolve_world
 from .download import offline_scope
 from .errors import FDEvalError, OutputError, StatsFormatError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
@@ -205,17 +204,15 @@ def compute_stats(
         {extractor name: Stats}; ``metadata["source"]`` records the source, its fingerprint, N and skipped items.
     """
     opts = make_options(options, kw, "compute_stats")
-    src = _select(open_source(source, skip_bad=opts.skip_bad), num, seed)  # a bad path fails before any weights
-    dev = opts.torch_device()
-    rank, world_size = resolve_world(opts.rank, opts.world_size, device=dev)
-    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    # a bad path (or a remote source offline) fails before any weights load
+    src = _select(open_source(source, skip_bad=opts.skip_bad, offline=opts.offline), num, seed)
+    run = opts.resolve()
+    exs = resolve_extractors(models, extractors, weights, run, run.device)
     tf = source_transform(image_transform)
-    check_decode(opts.decode, exs, tf)
-    ext = extract(src, exs, device=dev, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                  keep_features=keep_features, skip_bad=opts.skip_bad, image_transform=tf, decode=opts.decode,
-                  progress=opts.progress, rank=rank, world_size=world_size,
+    check_decode(run.decode, exs, tf)
+    ext = extract(src, exs, run=run, keep_features=keep_features, image_transform=tf,
                   desc=label or progress_label("", src.spec, exs))
-    info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed, "world_size": world_size,
+    info = {"fingerprint": src.fingerprint(), "num": num, "seed": seed, "world_size": run.world_size,
             "image_transform": tf.to_dict() if tf else None,
             "skipped_items": [s.to_dict() for s in ext.skipped], "seconds": ext.seconds,
             "images_per_s": ext.images_per_s}
@@ -330,7 +327,7 @@ def resolve_reference(
         return _Ref(stats, {"kind": "registry", **stats[names[0]].metadata.get("reference", {"name": entry.name})},
                     registry_name=spec)
     # an image source: compute its statistics with the same extractors, cached by content and extractor
-    src = open_source(ref, skip_bad=opts.skip_bad)
+    src = open_source(ref, skip_bad=opts.skip_bad, offline=opts.offline)
     tf = ref_image_transform
     out: dict[str, Stats] = {}
     decode = opts.decode
@@ -349,7 +346,8 @@ def resolve_reference(
                     "skipped")):
                 out[ex.name] = st
     hits = [ex.name in out for ex in extractors]
-    world_size = opts.world_size or 1
+    opts = opts.resolve()  # the source's statistics are computed (and merged over ranks) below
+    world_size = opts.world_size
     if world_size > 1:
         # the computation below is collective: run it on every rank unless every rank found the cache entry
         # (nodes may not share a cache directory)
@@ -468,7 +466,7 @@ def compute_fd(
     t0 = time.perf_counter()
     opts = make_options(options, kw, "compute_fd")
     # cheap checks first: both inputs exist and have a known format before any weights load or extraction
-    gen = open_source(gen, skip_bad=opts.skip_bad)
+    gen = open_source(gen, skip_bad=opts.skip_bad, offline=opts.offline)
     if num is not None and num > len(gen):
         raise FDEvalError(f"{gen.spec}: asked for {num} images but the source holds {len(gen)}")
     ref = open_reference(ref, skip_bad=opts.skip_bad)
@@ -480,12 +478,12 @@ def compute_fd(
 def _compute_fd(t0: float, opts: RunOptions, gen: ImageSource, ref: Any, models: ModelsArg, weights: WeightsArg,
                 num: int | None, seed: int | None, allow_mismatch: bool, ref_image_transform: str | None,
                 keep_features: bool, ref_features: bool | None) -> EvalResult:
-    dev = opts.torch_device()
-    rank, world_size = resolve_world(opts.rank, opts.world_size, device=dev)
-    exs = resolve_extractors(models, None, weights, opts, dev)
+    resolved = opts.resolve()
+    dev, world_size = resolved.device, resolved.world_size
+    exs = resolve_extractors(models, None, weights, resolved, dev)
     check_decode(opts.decode, exs, source_transform(ref_image_transform))
     # the extractors are loaded in the options' mode: the passes below keep it
-    run = opts.replace(device=dev, rank=rank, world_size=world_size, precision=None, compile=None)
+    run = resolved.replace(precision=None, compile=None)
     t_ref = time.perf_counter()
     reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run,
                                   keep_features=keep_features if ref_features is None else ref_features)

@@ -53,19 +53,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .distributed import barrier, default_device, env_world, get_rank, get_world_size, is_initialized
+from .distributed import barrier
 from .errors import CheckpointError, EmptySourceError, FDEvalError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .io_utils import atomic_path, atomic_write
 from .moments import MomentAccumulator
-from .options import RunOptions, make_options
+from .options import ResolvedRun, RunOptions, make_options
 from .pipeline import (
     Extraction,
     UnitDone,
-    auto_device,
     check_decode,
-    default_batch_size,
-    default_num_workers,
     device_decode_spec,
     extraction_stats,
     run_units,
@@ -125,7 +122,7 @@ class BuildPlan:
     source: ImageSource
     selection: ImageSource
     units: list[Unit]
-    kind: str  # "tar-shards" | "blocks"
+    kind: str  # "tar-shards" | "row-groups" | "blocks"
     checkpoint_every: int | None
 
     @property
@@ -133,7 +130,7 @@ class BuildPlan:
         return sum(len(u) for u in self.units)
 
     def describe(self) -> str:
-        what = "tar shard" if self.kind == "tar-shards" else "block"
+        what = {"tar-shards": "tar shard", "row-groups": "row group"}.get(self.kind, "block")
         every = f" of at most {self.checkpoint_every:,} images" if self.checkpoint_every else ""
         return f"{len(self.units)} units ({what}s{every}) over {self.n_items:,} images"
 
@@ -168,14 +165,15 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
     positions = (selection.indices if isinstance(selection, SubsetSource)
                  else np.arange(len(source), dtype=np.int64))
     units: list[Unit] = []
-    if isinstance(source, TarSource):
-        kind = "tar-shards"
+    if isinstance(source, TarSource) or callable(getattr(source, "shard_part", None)):
+        # sharded sources (tar shards, local or streamed; Parquet row groups): one unit per shard
+        kind = "tar-shards" if isinstance(source, TarSource) else "row-groups"
         shard_of = source.shard_of(positions)
         cuts = np.flatnonzero(np.diff(shard_of)) + 1  # positions ascend, so each shard's items are contiguous
         for group in np.split(positions, cuts):
             s = int(source.shard_of(group[:1])[0])
             path, start = source.shards[s], int(source.shard_starts[s])
-            shard_part = stat_part(os.path.basename(path), path) + b"\0" + source.shard_header_digest(s).encode()
+            shard_part = source.shard_part(s)
             blocks = _blocks(group, every)
             for b in blocks:
                 local = b - start
@@ -224,7 +222,7 @@ def _short(x: Any) -> str:
 
 
 def _plan_words(p: dict[str, Any]) -> str:
-    what = "one per tar shard" if p.get("kind") == "tar-shards" else "blocks"
+    what = {"tar-shards": "one per tar shard", "row-groups": "one per Parquet row group"}.get(p.get("kind"), "blocks")
     every = f", at most {p['checkpoint_every']} images each" if p.get("checkpoint_every") else ""
     return f"{p.get('n_units')} units ({what}{every}) over {p.get('n_items')} images"
 
@@ -326,28 +324,7 @@ def _scan(ckpt: Path, plan: BuildPlan, identity: dict[str, Any], keep_features: 
     return done
 
 
-# --- ranks --------------------------------------------------------------------------------------------------
-def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    """(rank, world size, whether torch.distributed is initialised and used for the barrier). Without a process
-    group, torchrun's ``RANK``/``WORLD_SIZE`` alone (units are shared through the checkpoint folder)."""
-    if rank is not None or world_size is not None:
-        r, w, dist_on = int(rank or 0), int(world_size or 1), False
-    elif is_initialized():
-        r, w, dist_on = get_rank(), get_world_size(), True
-    else:
-        (r, w), dist_on = env_world() or (0, 1), False
-    if w < 1 or not 0 <= r < w:
-        raise FDEvalError(f"rank {r} is not within world size {w}; check RANK/WORLD_SIZE or rank=/world_size=")
-    return r, w, dist_on
-
-
-def _rank_device(device: str | torch.device | None, world: int) -> torch.device:
-    dev = auto_device(device)
-    if world > 1 and dev.type == "cuda" and dev.index is None:  # one GPU per local process
-        dev = default_device()
-    return dev
-
-
+# --- ranks ---------------------------------------------------------------------------------------------------
 def _agree_done(done: set[int], n_units: int, rank: int, dev: torch.device) -> set[int]:
     """Collective: rank 0's view of the completed units, on every rank (a uint8 mask; nothing pickled)."""
     import torch.distributed as dist
@@ -384,13 +361,13 @@ def save_unit_file(path: Path, header: dict[str, Any], tensors: dict[str, torch.
 
 
 def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[Extractor],
-                   tf: SourceTransform | None, dev: torch.device, batch_size: int, num_workers: int,
-                   keep_features: bool, skip_bad: bool, ckpt: Path, identity: dict[str, Any], rank: int,
-                   bar: Any, on_saved: Callable[[Unit], None], decode: str = "pil") -> None:
+                   tf: SourceTransform | None, run: ResolvedRun, keep_features: bool, ckpt: Path,
+                   identity: dict[str, Any], bar: Any, on_saved: Callable[[Unit], None]) -> None:
     """Extract ``units`` in one pass of :func:`fd_eval.pipeline.run_units` and save each unit's triple as soon as
     its last batch is in (unit u's images run in batches of ``batch_size`` from its first image, exactly as
     ``pipeline.extract`` on that unit alone would run them)."""
-    numerics = _numerics(dev, batch_size)
+    dev, rank = run.device, run.rank
+    numerics = _numerics(dev, run.batch_size)
 
     def consumers(k: int) -> list[MomentAccumulator]:
         return [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
@@ -414,8 +391,8 @@ def _compute_units(plan: BuildPlan, units: Sequence[Unit], extractors: Sequence[
         save_unit_file(_unit_path(ckpt, unit.index), header, tensors)
         on_saved(unit)
 
-    run_units(plan.source, extractors, [u.indices for u in units], consumers, device=dev, batch_size=batch_size,
-              num_workers=num_workers, decode=decode, skip_bad=skip_bad, image_transform=tf, on_unit=save, bar=bar)
+    run_units(plan.source, extractors, [u.indices for u in units], consumers, run, image_transform=tf, on_unit=save,
+              bar=bar)
 
 
 # --- merging ------------------------------------------------------------------------------------------------
@@ -569,10 +546,11 @@ def build_stats(
     out = Path(out)
     check_outputs([source] if isinstance(source, (str, os.PathLike)) else [], {"-o/--output": out})
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
-    r, w, dist_on = _rank_world(opts.rank, opts.world_size)
-    dev = _rank_device(opts.device, w)
-    src = open_source(source, skip_bad=skip_bad)  # a missing or unknown source fails before any weights load
-    exs = resolve_extractors(models, extractors, weights, opts, dev)  # under opts.offline
+    run = opts.resolve(collectives=False)  # ranks share the checkpoint folder; a process group is optional
+    r, w, dist_on, dev = run.rank, run.world_size, run.group, run.device
+    # a missing or unknown source (or a remote one offline) fails before any weights load
+    src = open_source(source, skip_bad=skip_bad, offline=opts.offline)
+    exs = resolve_extractors(models, extractors, weights, run, dev)  # under opts.offline
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)
@@ -580,7 +558,8 @@ def build_stats(
 
     done = _scan(ckpt, plan, identity, keep_features, skip_bad)
     ckpt.mkdir(parents=True, exist_ok=True)
-    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units],
+    files = src.provenance() if callable(getattr(src, "provenance", None)) else None  # remote: ETag, revision
+    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units], "files": files,
                 "note": "fd-eval stats checkpoint: run the same command again to resume; removed when done"}
     if not (ckpt / MANIFEST).exists() or not done:
         with atomic_write(ckpt / MANIFEST, "w") as fh:
@@ -599,14 +578,12 @@ def build_stats(
         here = f", {len(mine)} to compute here" if w > 1 else ""
         say(f"{where}resuming from {ckpt}: {len(done_set)} of {len(plan.units)} units already done{here}")
 
-    bs = opts.batch_size or default_batch_size(dev)
-    workers = default_num_workers(dev) if opts.num_workers is None else opts.num_workers
+    bs = run.batch_size
     saved: list[Unit] = []
     try:
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc=f"{where}stats", smoothing=0.1,
                   disable=not progress or r != 0) as bar:
-            _compute_units(plan, mine, exs, tf, dev, bs, workers, keep_features, skip_bad, ckpt, identity, r, bar,
-                           saved.append, decode)
+            _compute_units(plan, mine, exs, tf, run, keep_features, ckpt, identity, bar, saved.append)
     except BaseException:
         if saved or done_set:
             say(f"{where}{len(done_set) + len(saved)} of {len(plan.units)} units are saved in {ckpt}; run the same "

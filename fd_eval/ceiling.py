@@ -162,12 +162,13 @@ def ceiling(
     """
     t0 = time.perf_counter()
     opts = make_options(options, kw, "ceiling")
-    real = open_source(real, skip_bad=opts.skip_bad)  # cheap checks before any weights load
+    real = open_source(real, skip_bad=opts.skip_bad, offline=opts.offline)  # cheap checks before any weights load
     ref = open_reference(ref, skip_bad=opts.skip_bad)
-    dev = opts.torch_device()
-    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    resolved = opts.resolve()
+    dev = resolved.device
+    exs = resolve_extractors(models, extractors, weights, resolved, dev)
     check_decode(opts.decode, exs, source_transform(image_transform) or source_transform(ref_image_transform))
-    run = opts.replace(device=dev, precision=None, compile=None)  # the extractors are in the options' mode now
+    run = resolved.replace(precision=None, compile=None)  # the extractors are in the options' mode now
     reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run)
     real_stats = compute_stats(real, extractors=exs, num=n, seed=seed if n is not None else None,
                                image_transform=image_transform, options=run, label=progress_label(
@@ -230,8 +231,7 @@ def split_half(
     """
     t0 = time.perf_counter()
     opts = make_options(options, kw, "split_half")
-    dev = opts.torch_device()
-    src = open_source(real, skip_bad=opts.skip_bad)
+    src = open_source(real, skip_bad=opts.skip_bad, offline=opts.offline)
     total = len(src)
     if n is None:
         n = min(PROTOCOL_N, total // 2)
@@ -241,10 +241,12 @@ def split_half(
     if 2 * n > total:
         raise InputError(f"{src.spec}: split-half needs 2 x {n} = {2 * n} images but the source holds {total}; "
                          f"lower -n to at most {total // 2}")
-    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    resolved = opts.resolve()
+    dev = resolved.device
+    exs = resolve_extractors(models, extractors, weights, resolved, dev)
     check_decode(opts.decode, exs, source_transform(image_transform))
     idx_a, idx_b = split_indices(total, int(n), seed)
-    run = opts.replace(device=dev, precision=None, compile=None)
+    run = resolved.replace(precision=None, compile=None)
     half_a, half_b = (compute_stats(SubsetSource(src, idx), extractors=exs, image_transform=image_transform,
                                     options=run, label=progress_label(f"half {h}", src.spec, exs))
                       for h, idx in (("a", idx_a), ("b", idx_b)))

@@ -26,7 +26,6 @@ same result, and under torchrun each rank takes every W-th unit and the states a
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -44,10 +43,11 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .build import save_unit_file
+from .consumers import Consumer, merge_topk  # noqa: F401 - merge_topk: public here too
 from .errors import CheckpointError, EmptySourceError, FDEvalError, InputError
 from .extractors import Extractor
 from .io_utils import atomic_path, atomic_write
-from .options import RunOptions, make_options
+from .options import ResolvedRun, RunOptions, make_options
 from .pipeline import FeatureConsumer  # noqa: F401 - the interface the consumers below implement
 from .provenance import environment
 from .sources import ImageSource, SkippedItem, open_source
@@ -83,14 +83,6 @@ def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return sims.masked_fill(~valid, float("nan")), keys.masked_fill(~valid, -1), valid
 
 
-def merge_topk(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact merge of two packed top-K lists (Q, K) kept over disjoint parts of the training set -> (Q, K), as one
-    pass over both parts would have kept (sorted: best first)."""
-    if a.shape != b.shape:
-        raise FDEvalError(f"cannot merge top-K lists of shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    return torch.cat([a, b], 1).topk(a.shape[1], dim=1).values
-
-
 @dataclass
 class TopKState:
     """A :class:`TopKConsumer`'s mergeable state.
@@ -124,8 +116,11 @@ class TopKState:
         return cls(d["packed"], d.get("top1_features"), int(d["n_seen"][0]))
 
 
-class TopKConsumer:
+class TopKConsumer(Consumer):
     """Keeps, per query, the K training images of highest cosine similarity (ties: smallest key).
+
+    Declared state: ``packed`` int64 (Q, K) (top-K merge; jointly with ``top1_features`` float32 (Q, D) when
+    kept), ``n_seen`` (sum; saved as an int64 (1,) tensor). :attr:`state` is the same as a :class:`TopKState`.
 
     Args:
         queries: (Q, D) float features of the generated images (normalised here).
@@ -139,26 +134,32 @@ class TopKConsumer:
                  exclude: torch.Tensor | None = None):
         if k < 1:
             raise InputError(f"top-K needs K >= 1, got {k}")
+        super().__init__(queries.device)
         self.queries = F.normalize(queries.double(), dim=1)
         q, d = queries.shape
         self.k = int(k)
-        self.state = TopKState(torch.full((q, self.k), EMPTY, dtype=torch.int64, device=queries.device),
-                               torch.zeros(q, d, device=queries.device) if keep_top1_features else None)
+        self.add_state("packed", torch.full((q, self.k), EMPTY, dtype=torch.int64), merge="topk")
+        self.add_state("n_seen", 0, merge="sum", as_tensor=True)
+        if keep_top1_features:
+            self.add_state("top1_features", torch.zeros(q, d))
+            self.add_joint_merge(("packed", "top1_features"), _merge_top1)
+        else:
+            self.top1_features = None
+        # checked in check_keys() after the pass: reading a device value in update would stall the loop on a GPU
+        self.add_state("bad_keys", torch.zeros((), dtype=torch.bool), merge=torch.logical_or, persistent=False)
         self.exclude = None if exclude is None else exclude.to(queries.device, torch.int64)
-        self._bad_keys = torch.zeros((), dtype=torch.bool, device=queries.device)
 
-    def fresh(self) -> "TopKConsumer":
-        """A consumer with the same queries (shared, not copied) and an empty state: one per checkpoint unit."""
-        c = copy.copy(self)
-        st = self.state
-        c.state = TopKState(torch.full_like(st.packed, EMPTY),
-                            None if st.top1_features is None else torch.zeros_like(st.top1_features))
-        c._bad_keys = torch.zeros_like(self._bad_keys)
-        return c
+    @property
+    def state(self) -> TopKState:
+        return TopKState(self.packed, self.top1_features, self.n_seen)
+
+    @state.setter
+    def state(self, st: TopKState) -> None:
+        self.packed, self.top1_features, self.n_seen = st.packed, st.top1_features, st.n_seen
 
     def check_keys(self) -> None:
         """Raise if any training key fed was outside 0..MAX_KEY (checked once, after the pass)."""
-        if bool(self._bad_keys):
+        if bool(self.bad_keys):
             raise FDEvalError(f"training keys must lie in 0..{MAX_KEY} (positions in the training source); the "
                               "extraction loop passed others")
 
@@ -166,25 +167,29 @@ class TopKConsumer:
         if features.shape[0] == 0:
             return
         keys = index.to(self.queries.device, torch.int64)
-        # checked in check_keys() after the pass: reading a device value here would stall the loop on a GPU
-        self._bad_keys |= ((keys < 0) | (keys > MAX_KEY)).any()
+        self.bad_keys |= ((keys < 0) | (keys > MAX_KEY)).any()
         # the float32 unit vector (what a float32 training index stores), compared in float64
         f = F.normalize(features.to(self.queries.device).double(), dim=1).float().double()
-        st = self.state
         rows = max(1, _WORK_ELEMENTS // (f.shape[0] + self.k))
         for r0 in range(0, self.queries.shape[0], rows):
             r1 = min(r0 + rows, self.queries.shape[0])
             sims = (self.queries[r0:r1] @ f.T).float()  # float64 products and sums: batching-independent
             if self.exclude is not None:
                 sims.masked_fill_(self.exclude[r0:r1, None] == keys[None], float("-inf"))
-            cand = torch.cat([st.packed[r0:r1], pack(sims, keys)], 1)
+            cand = torch.cat([self.packed[r0:r1], pack(sims, keys)], 1)
             vals, pos = cand.topk(self.k, dim=1)
-            if st.top1_features is not None:  # rows whose top-1 is in this batch take its feature (no host sync)
+            if self.top1_features is not None:  # rows whose top-1 is in this batch take its feature (no host sync)
                 in_batch = pos[:, :1] >= self.k
-                st.top1_features[r0:r1] = torch.where(in_batch, f[(pos[:, 0] - self.k).clamp(min=0)].float(),
-                                                      st.top1_features[r0:r1])
-            st.packed[r0:r1] = vals
-        st.n_seen += int(features.shape[0])
+                self.top1_features[r0:r1] = torch.where(in_batch, f[(pos[:, 0] - self.k).clamp(min=0)].float(),
+                                                        self.top1_features[r0:r1])
+            self.packed[r0:r1] = vals
+        self.n_seen += int(features.shape[0])
+
+
+def _merge_top1(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    m = TopKState(a["packed"], a["top1_features"]).merge(TopKState(b["packed"].to(a["packed"].device),
+                                                                   b["top1_features"].to(a["packed"].device)))
+    return {"packed": m.packed, "top1_features": m.top1_features}
 
 
 class FeatureCollector:
@@ -324,32 +329,32 @@ def fit_cells(test_features: torch.Tensor, k: int = 3, dims: int = 64) -> CellMo
     return CellModel(mean, comps, cent)
 
 
-class CellNNConsumer:
+class CellNNConsumer(Consumer):
     """For each query (held-out real and generated images, projected), the Euclidean distance to its nearest
-    training image in the same k-means cell (C_T's L(P_n), L(Q_m)); counts training images per cell."""
+    training image in the same k-means cell (C_T's L(P_n), L(Q_m)); counts training images per cell.
+
+    Declared state: ``dist`` float64 (Q,) (minimum), ``counts`` int64 (k,) (sum; also :attr:`train_counts`)."""
 
     def __init__(self, model: CellModel, queries: torch.Tensor):
         self.model = model
         self.z = model.project(queries)
         self.cells = model.cells(self.z)
-        self.dist = torch.full((self.z.shape[0],), float("inf"), dtype=torch.float64, device=self.z.device)
-        self.train_counts = torch.zeros(model.centroids.shape[0], dtype=torch.int64, device=self.z.device)
+        super().__init__(self.z.device)
+        self.add_state("dist", torch.full((self.z.shape[0],), float("inf"), dtype=torch.float64), merge="min")
+        self.add_state("counts", torch.zeros(model.centroids.shape[0], dtype=torch.int64), merge="sum")
 
-    def fresh(self) -> "CellNNConsumer":
-        """The same queries and cells (shared), no training image seen: one per checkpoint unit."""
-        c = copy.copy(self)
-        c.dist, c.train_counts = torch.full_like(self.dist, float("inf")), torch.zeros_like(self.train_counts)
-        return c
+    @property
+    def train_counts(self) -> torch.Tensor:
+        return self.counts
 
-    def merge(self, other: "CellNNConsumer") -> None:
-        """Fold in the same consumer's state from another part of the training set (exact: a minimum and a sum)."""
-        self.dist = torch.minimum(self.dist, other.dist.to(self.dist.device))
-        self.train_counts += other.train_counts.to(self.train_counts.device)
+    @train_counts.setter
+    def train_counts(self, v: torch.Tensor) -> None:
+        self.counts = v
 
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
         t = self.model.project(features)
         tc = self.model.cells(t)
-        self.train_counts += F.one_hot(tc, self.train_counts.numel()).sum(0)  # bincount would sync on a GPU
+        self.counts += F.one_hot(tc, self.counts.numel()).sum(0)  # bincount would sync on a GPU
         rows = max(1, _WORK_ELEMENTS // max(1, t.shape[0]))
         for r0 in range(0, self.z.shape[0], rows):
             d = pair_distances(self.z[r0:r0 + rows], t)
@@ -398,19 +403,23 @@ def authpct(top1_sim: torch.Tensor, train_nn_sim: torch.Tensor) -> float:
 
 
 # --- the check ----------------------------------------------------------------------------------------------
-class CopiesConsumer:
+class CopiesConsumer(Consumer):
     """The per-extractor consumer of a training pass: top-K lists (+ top-1 features for AuthPct) and, with a
     held-out real set, C_T's in-cell nearest-training distances (and optionally a feature-saving writer).
 
-    The training pass gives each checkpoint unit its own :meth:`fresh` copy (queries shared), saves its
-    :meth:`state_dict`, and folds the units (and the ranks) together with :meth:`merge`: exact and order-free.
+    Its state is its parts' (:meth:`Consumer.add_child`): ``packed``, ``n_seen``, ``top1_features`` of the
+    top-K search, ``ct_dist``, ``ct_counts`` of the cell search. The training pass gives each checkpoint unit its
+    own :meth:`fresh` copy (queries shared), saves its :meth:`state_dict`, and folds the units (and the ranks)
+    together with :meth:`merge`: exact and order-free.
     """
 
     def __init__(self, gen_features: torch.Tensor | None, k: int = 1, *, keep_top1_features: bool = True,
                  cells: CellNNConsumer | None = None, writer: "FeatureShardWriter | None" = None,
                  topk: TopKConsumer | None = None):
-        self.topk = topk if topk is not None else TopKConsumer(gen_features, k, keep_top1_features=keep_top1_features)
-        self.cells = cells
+        topk = topk if topk is not None else TopKConsumer(gen_features, k, keep_top1_features=keep_top1_features)
+        super().__init__(topk.device)
+        self.add_child("topk", topk, "")
+        self.add_child("cells", cells, "ct_")
         self.writer = writer
 
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None:
@@ -423,33 +432,15 @@ class CopiesConsumer:
             self.writer.update(features, index)
 
     def fresh(self, writer: "FeatureShardWriter | None" = None) -> "CopiesConsumer":
-        return CopiesConsumer(None, cells=self.cells.fresh() if self.cells is not None else None, writer=writer,
-                              topk=self.topk.fresh())
-
-    def merge(self, other: "CopiesConsumer") -> None:
-        """Fold in the state of a disjoint part of the training set (exact: top-K merge, minimum, sum)."""
-        self.topk.state = self.topk.state.merge(other.topk.state)
-        if self.cells is not None and other.cells is not None:
-            self.cells.merge(other.cells)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """CPU tensors: ``packed`` int64 (Q, K), ``n_seen`` int64 (1,), ``top1_features`` float32 (Q, D) when kept,
-        ``ct_dist`` float64 (Q',) and ``ct_counts`` int64 (3,) with C_T."""
-        d = self.topk.state.state_dict()
-        if self.cells is not None:
-            d.update(ct_dist=self.cells.dist.cpu(), ct_counts=self.cells.train_counts.cpu())
-        return d
+        c = super().fresh()
+        c.writer = writer
+        return c
 
     def load_state(self, d: dict[str, torch.Tensor]) -> "CopiesConsumer":
-        """This consumer's :meth:`fresh` copy holding the state ``d`` (a :meth:`state_dict`)."""
+        """This consumer's :meth:`fresh` copy holding the state ``d`` (a :meth:`state_dict`); ``ValueError`` when
+        its names, shapes or dtypes are not this run's."""
         c = self.fresh()
-        dev = self.topk.state.packed.device
-        want = c.state_dict()
-        if set(d) != set(want) or any(d[k].shape != want[k].shape or d[k].dtype != want[k].dtype for k in want):
-            raise ValueError(f"tensors {sorted(d)} do not match the run's {sorted(want)} (shapes or dtypes differ)")
-        c.topk.state = TopKState.from_state_dict({k: v.to(dev) for k, v in d.items()})
-        if c.cells is not None:
-            c.cells.dist, c.cells.train_counts = d["ct_dist"].to(dev), d["ct_counts"].to(dev)
+        c.load_state_dict(d)
         return c
 
 
@@ -521,20 +512,33 @@ _CKPT_RE = re.compile(r"^(\.)?(train|authpct)-\d{6,}\.safetensors(\..*\.tmp)?$|^
 
 @dataclass
 class _Run:
-    """What every pass of one :func:`find_copies` call shares."""
+    """What every pass of one :func:`find_copies` call shares: the resolved run and the checkpoint's identity."""
 
     extractors: list[Extractor]
-    device: torch.device
-    batch_size: int
-    num_workers: int
-    decode: str
-    skip_bad: bool
-    progress: bool
-    rank: int
-    world: int
+    opts: ResolvedRun
     ckpt: Path | None
     identity: dict[str, Any]
     log: Any
+
+    @property
+    def device(self) -> torch.device:
+        return self.opts.device
+
+    @property
+    def rank(self) -> int:
+        return self.opts.rank
+
+    @property
+    def world(self) -> int:
+        return self.opts.world_size
+
+    @property
+    def skip_bad(self) -> bool:
+        return self.opts.skip_bad
+
+    @property
+    def progress(self) -> bool:
+        return self.opts.progress
 
 
 def _read_unit_file(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -589,9 +593,8 @@ def _collect(src: ImageSource, run: _Run, desc: str) -> tuple[list[torch.Tensor]
     try:
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc=desc,
                   disable=not run.progress or run.rank != 0) as bar:
-            for u in run_units(src, run.extractors, [u.indices for u in mine], lambda k: cols, device=run.device,
-                               batch_size=run.batch_size, num_workers=run.num_workers, decode=run.decode,
-                               skip_bad=run.skip_bad, bar=bar, n_planned=len(src)):
+            for u in run_units(src, run.extractors, [u.indices for u in mine], lambda k: cols, run.opts, bar=bar,
+                               n_planned=len(src)):
                 skipped += u.skipped
     except FDEvalError as e:
         if run.world == 1:
@@ -746,9 +749,8 @@ def _training_pass(kind: str, train: ImageSource, units: Sequence[Any], base: li
                 def on_unit(d: Any) -> None:
                     finish(mine[d.k], [cs[0] for cs in d.consumers], d.skipped)
 
-                run_units(train, exs, [u.indices for u in mine], consumers, device=run.device,
-                          batch_size=run.batch_size, num_workers=run.num_workers, decode=run.decode,
-                          skip_bad=run.skip_bad, on_unit=on_unit, bar=bar, n_planned=sum(len(u) for u in units))
+                run_units(train, exs, [u.indices for u in mine], consumers, run.opts, on_unit=on_unit, bar=bar,
+                          n_planned=sum(len(u) for u in units))
     except FDEvalError as e:
         if run.world == 1:
             raise
@@ -772,25 +774,10 @@ def _item_order(s: SkippedItem) -> tuple[int, str]:
 
 
 def _merge_ranks(total: list[CopiesConsumer], run: _Run) -> list[CopiesConsumer]:
-    """Collective: every rank's states merged (the same on every rank); one rank's state broadcast at a time."""
-    import torch.distributed as dist
+    """Collective: every rank's states merged by their declared rules, in rank order (the same on every rank)."""
+    from .consumers import merge_over_ranks
 
-    from .distributed import comm_device
-
-    cd = comm_device(prefer=run.device)
-    out = []
-    for t in total:
-        mine = t.state_dict()
-        merged = t.fresh()
-        for r in range(run.world):
-            got = {}
-            for name in sorted(mine):
-                buf = mine[name].to(cd) if r == run.rank else torch.empty_like(mine[name], device=cd)
-                dist.broadcast(buf, src=r)
-                got[name] = buf.cpu()
-            merged.merge(t.load_state(got))
-        out.append(merged)
-    return out
+    return merge_over_ranks(total, device=run.device)  # type: ignore[return-value]
 
 
 def _cleanup(ckpt: Path) -> None:
@@ -862,8 +849,7 @@ def find_copies(
     """
     from .api import resolve_extractors
     from .build import DEFAULT_BLOCK, plan_units
-    from .distributed import barrier, resolve_world
-    from .pipeline import auto_device, default_batch_size, default_num_workers
+    from .distributed import barrier
 
     opts = make_options(options, kw, "find_copies")
     if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
@@ -871,10 +857,10 @@ def find_copies(
     if threshold is not None and not -1 <= threshold <= 1:
         raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {threshold!r}")
     say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if opts.progress else (lambda m: None))
-    rank, world = resolve_world(opts.rank, opts.world_size, device=opts.device)
-    dev = auto_device(opts.device)
+    resolved = opts.resolve()
+    rank, world, dev = resolved.rank, resolved.world_size, resolved.device
     skip_bad = opts.skip_bad
-    gen_src = open_source(gen, skip_bad=skip_bad)
+    gen_src = open_source(gen, skip_bad=skip_bad, offline=opts.offline)
     index = None
     if (train is None) == (train_index is None):
         raise InputError("pass the training images (--train SOURCE, train=) or a training index (--train-index DIR, "
@@ -892,10 +878,10 @@ def find_copies(
         train_src = IndexTrain(index)
     else:
         try:
-            train_src = open_source(train, skip_bad=skip_bad)
+            train_src = open_source(train, skip_bad=skip_bad, offline=opts.offline)
         except EmptySourceError as e:
             raise EmptySourceError(f"training source (--train) is empty: {e}") from None
-    test_src = open_source(test, skip_bad=skip_bad) if test is not None else None
+    test_src = open_source(test, skip_bad=skip_bad, offline=opts.offline) if test is not None else None
     if len(train_src) == 0:
         raise EmptySourceError(f"{train_src.spec}: the training source holds no images; --train must point at the "
                                "training images (or the reference test set for a leak check)")
@@ -930,11 +916,11 @@ def find_copies(
     if feats_dir is not None and not resuming and any(feats_dir.glob("*/features-*.safetensors")):
         raise InputError(f"{feats_dir}: already holds saved features (features-*.safetensors) and no run is being "
                          "resumed; delete them or choose another --save-features folder")
-    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    exs = resolve_extractors(models, extractors, weights, resolved, dev)
     if index is not None:  # before any image is decoded
         for ex in exs:
             index.check_extractor(ex.name, ex.metadata())
-    bs = opts.batch_size or default_batch_size(dev)
+    bs = resolved.batch_size
     identity = json.loads(json.dumps({
         "extractors": [{k: ex.metadata()[k] for k in ("extractor", "feature_dim", "weights_sha256", "preprocess")}
                        for ex in exs],
@@ -944,9 +930,7 @@ def find_copies(
                   "n_units": len(plan.units), "n_items": plan.n_items},
         "top_k": int(top_k), "authpct": bool(compute_authpct), "batch_size": bs, "device": dev.type,
         "decode": opts.decode}))
-    run = _Run(exs, dev, bs, default_num_workers(dev) if opts.num_workers is None else opts.num_workers,
-               opts.decode, skip_bad, opts.progress, rank, world, ckpt, identity,
-               say if rank == 0 else (lambda m: None))
+    run = _Run(exs, resolved, ckpt, identity, say if rank == 0 else (lambda m: None))
     if ckpt is not None and rank == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
     q = _queries(gen_src, test_src, run)

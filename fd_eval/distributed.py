@@ -28,16 +28,13 @@ import importlib
 import inspect
 import json
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from . import errors as _errors
 from .errors import FDEvalError
 from .moments import MomentAccumulator
-
-if TYPE_CHECKING:
-    from .pipeline import Extraction
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)  # a rank may wait this long for the slowest one to finish
 
@@ -244,45 +241,16 @@ def raise_first_error(error: BaseException | None, group: Any = None) -> None:
 def merge_accumulators(accs: Sequence[MomentAccumulator], group: Any = None) -> list[MomentAccumulator]:
     """Collective: new accumulators holding every rank's moments merged in rank order (same on every rank).
 
-    The inputs are not modified. Kept feature rows are concatenated in rank order too. Each rank's triple is
-    broadcast in turn (memory O(D^2), not O(world * D^2)); ranks with n = 0 send nothing.
+    The inputs are not modified. Kept feature rows are concatenated in rank order too. The declared merge of
+    :class:`MomentAccumulator` (Chan's update) applied by :func:`fd_eval.consumers.merge_over_ranks`: each rank's
+    state is broadcast in turn (memory O(D^2), not O(world * D^2)).
     """
-    dist = _dist()
-    dev = comm_device(group, prefer=accs[0].device if accs else None)
-    world, me = get_world_size(group), get_rank(group)
-    counts = torch.tensor([[a.n, a.features().shape[0] if a.keep_features else 0] for a in accs],
-                          dtype=torch.int64, device=dev).reshape(-1)
-    gathered = [torch.zeros_like(counts) for _ in range(world)]
-    dist.all_gather(gathered, counts, group=group)
-    table = [g.cpu().reshape(len(accs), 2).tolist() for g in gathered]  # table[rank][acc] = [n, rows]
-    out = []
-    for j, acc in enumerate(accs):
-        d = acc.dim
-        merged = MomentAccumulator(d, acc.device, keep_features=acc.keep_features)
-        for r in range(world):
-            n, rows = table[r][j]
-            if n == 0:
-                continue
-            if r == me:
-                buf = torch.cat([acc.mean.reshape(-1), acc.m2.reshape(-1)]).to(dev)
-            else:
-                buf = torch.empty(d + d * d, dtype=torch.float64, device=dev)
-            dist.broadcast(buf, src=_global_rank(group, r), group=group)
-            buf = buf.to(acc.device)
-            # Chan's merge of (n, mean, M2) triples, exactly what MomentAccumulator.merge does
-            merged.merge_moments(int(n), buf[:d], buf[d:].reshape(d, d))
-            if acc.keep_features and rows:
-                if r == me:
-                    f = acc.features().to(device=dev, dtype=torch.float32).contiguous()
-                else:
-                    f = torch.empty(rows, d, dtype=torch.float32, device=dev)
-                dist.broadcast(f, src=_global_rank(group, r), group=group)
-                merged.add_features(f)
-        out.append(merged)
-    return out
+    from .consumers import merge_over_ranks
+
+    return merge_over_ranks(accs, group)  # type: ignore[return-value]
 
 
-def merge_extraction(extraction: "Extraction", error: BaseException | None = None, group: Any = None) -> "Extraction":
+def merge_extraction(extraction: Any, error: BaseException | None = None, group: Any = None) -> Any:
     """Collective, called by :func:`fd_eval.pipeline.extract` when ``world_size > 1``: in place, replace this
     rank's accumulators by the merged ones, ``n_images`` by the total and ``skipped`` by every rank's skipped
     items (rank order; indices already global). If any rank failed (``error``), every rank raises instead."""

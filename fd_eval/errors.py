@@ -35,6 +35,20 @@ class SourceError(InputError):
     """A source spec that cannot be opened: missing path or shard, unknown format, not a (plain) tar/zip."""
 
 
+class RemoteReadError(SourceError):
+    """A remote file (``hf://``, ``http(s)://``, fsspec) whose connection kept failing after the retries: ``url``,
+    ``offset`` (the byte reached) and ``reason`` are attributes; the message names the file and the byte."""
+
+    def __init__(self, url: str, offset: int, reason: str):
+        super().__init__(f"{url}: {reason} at byte {offset:,}; check the network or the URL and run again (a "
+                         "resumable `fd-eval stats` keeps every finished shard), or pass --skip-bad to list the shard "
+                         "as skipped")
+        self.url, self.offset, self.reason = url, offset, reason
+
+    def __reduce__(self) -> tuple:  # picklable (DataLoader workers) although __init__ takes three arguments
+        return type(self), (self.url, self.offset, self.reason)
+
+
 # --- statistics ----------------------------------------------------------------------------------
 class StatsError(FDEvalError, ValueError):
     """Base class of statistics-file problems."""

@@ -221,29 +221,25 @@ class FDMetric:
         options: RunOptions | None = None,
         **kw: Any,
     ):
-        from .distributed import resolve_world
-
         if validate not in (None, "eager", "deferred"):
             raise FDEvalError(f"validate must be None, 'eager' or 'deferred', got {validate!r}")
         if not 0 <= tolerance < 1:
             raise FDEvalError(f"tolerance is a fraction of the value range's width, in [0, 1); got {tolerance}")
         self.options = opts = make_options(options, kw, "FDMetric")
-        self.device = opts.torch_device()
-        self.rank, self.world_size = resolve_world(world_size=1 if distributed is False else None,
-                                                   device=self.device)
+        # options.rank/world_size are honoured (they must agree with the process group); distributed=False: alone
+        self.run = run = (opts.replace(rank=None, world_size=1) if distributed is False else opts).resolve()
+        self.device, self.rank, self.world_size = run.device, run.rank, run.world_size
         self.value_range = _check_range(value_range)
         self.validate = validate
         self.tolerance = float(tolerance)
         self.keep_features = keep_features
         self.allow_mismatch = allow_mismatch
-        self.extractors = resolve_extractors(models, extractors, weights, opts, self.device)
+        self.extractors = resolve_extractors(models, extractors, weights, run, self.device)
         place_extractors(self.extractors, self.device, None, streaming=True)
         # the reference (when an image source) is computed with these extractors, sharded over the ranks
         self._ref = resolve_reference(ref, self.extractors, ref_image_transform=ref_image_transform,
                                       keep_features=keep_features,
-                                      options=opts.replace(device=self.device, progress=False, rank=self.rank,
-                                                           world_size=self.world_size, precision=None,
-                                                           compile=None))
+                                      options=run.replace(progress=False, precision=None, compile=None))
         self._check_reference()
         self._pool: ThreadPoolExecutor | None = None
         self._last_stats: dict[str, Stats] = {}

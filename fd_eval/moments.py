@@ -8,33 +8,49 @@ features; ``update`` performs no host synchronisation (n is a Python int known f
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from .consumers import Consumer
 from .errors import InputError
 
 
-class MomentAccumulator:
+class MomentAccumulator(Consumer):
     """Running count, mean (D,) and centred second moment M2 (D, D), all float64 on ``device``.
 
     Optionally keeps the float32 feature rows (``keep_features=True``) for PRDC/MMD/bootstrap. A
-    :class:`fd_eval.pipeline.FeatureConsumer` (``update(features, index)``; the index is not needed).
+    :class:`fd_eval.consumers.Consumer` (``update(features, index)``; the index is not needed) whose declared
+    state is (n, mean, M2), merged jointly by Chan's update, plus the rows (``"cat"``) when kept.
     """
 
     uses_index = False  # the extraction loop need not move source indices to the device for this consumer
 
     def __init__(self, dim: int, device: str | torch.device | None = None, keep_features: bool = False):
+        super().__init__(device)
         self.dim = int(dim)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.keep_features = keep_features
-        self.reset()
+        self.add_state("n", 0)  # a Python int known from shapes: no host sync
+        self.add_state("mean", torch.zeros(self.dim, dtype=torch.float64))
+        self.add_state("m2", torch.zeros(self.dim, self.dim, dtype=torch.float64))
+        self.add_joint_merge(("n", "mean", "m2"), _chan)
+        if keep_features:
+            self.add_state("feature_rows", torch.zeros(0, self.dim, dtype=torch.float32), merge="cat")
+        else:
+            self.feature_rows: list[torch.Tensor] = []
+
+    @property
+    def _features(self) -> list[torch.Tensor]:
+        return self.feature_rows
+
+    @_features.setter
+    def _features(self, rows: list[torch.Tensor]) -> None:
+        self.feature_rows = rows
 
     def reset(self) -> None:
-        self.n = 0
-        self.mean = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
-        self.m2 = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.device)
-        self._features: list[torch.Tensor] = []
+        super().reset()
+        if not self.keep_features:
+            self.feature_rows = []
 
     def update(self, x: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """Add a batch of feature rows x: (B, D), any float dtype, on ``self.device``. ``index`` (the rows'
@@ -53,18 +69,10 @@ class MomentAccumulator:
 
     def merge_moments(self, nb: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         """Fold the triple (nb, mean_b (D,), M2_b (D, D)), float64 on ``self.device``, into the state (Chan)."""
-        if nb == 0:
-            return
-        if self.n == 0:
-            self.n, self.mean, self.m2 = nb, mean_b.clone(), m2_b.clone()
-            return
-        n = self.n + nb
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2_b + torch.outer(delta, delta) * (self.n * nb / n)
-        self.n = n
+        merged = _chan({"n": self.n, "mean": self.mean, "m2": self.m2}, {"n": nb, "mean": mean_b, "m2": m2_b})
+        self.n, self.mean, self.m2 = merged["n"], merged["mean"], merged["m2"]
 
-    def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":
+    def merge(self, other: "MomentAccumulator") -> "MomentAccumulator":  # type: ignore[override]
         """Fold ``other`` into ``self`` (in place; returns self). Merge order is the caller's choice."""
         if other.dim != self.dim:
             raise InputError(f"cannot merge moments of dimension {other.dim} into {self.dim}")
@@ -89,26 +97,16 @@ class MomentAccumulator:
         """The kept float32 feature rows (N, D), or None when ``keep_features`` is off."""
         if not self.keep_features:
             return None
-        if not self._features:
-            return torch.zeros(0, self.dim, dtype=torch.float32, device=self.device)
-        if len(self._features) > 1:
-            self._features = [torch.cat(self._features)]
-        return self._features[0]
-
-    def to(self, device: str | torch.device) -> "MomentAccumulator":
-        self.device = torch.device(device)
-        self.mean, self.m2 = self.mean.to(self.device), self.m2.to(self.device)
-        self._features = [f.to(self.device) for f in self._features]
-        return self
+        return self.cat_state("feature_rows")
 
     def state_dict(self) -> dict[str, Any]:
-        """A checkpointable copy of the state (tensors on CPU; ``n`` as a Python int)."""
-        state: dict[str, Any] = {"n": self.n, "mean": self.mean.cpu(), "m2": self.m2.cpu()}
+        """A checkpointable copy of the state (tensors on CPU; ``n`` as a Python int; ``features`` when kept)."""
+        state = super().state_dict()
         if self.keep_features:
-            state["features"] = self.features().cpu()
+            state["features"] = state.pop("feature_rows")
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         mean = torch.as_tensor(state["mean"], dtype=torch.float64)
         if mean.shape != (self.dim,):
             raise InputError(f"state has dimension {mean.shape[0]}, accumulator has {self.dim}")
@@ -117,3 +115,16 @@ class MomentAccumulator:
         self.m2 = torch.as_tensor(state["m2"], dtype=torch.float64).to(self.device)
         feats = state.get("features")
         self._features = [torch.as_tensor(feats).to(self.device)] if (self.keep_features and feats is not None) else []
+
+
+def _chan(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Chan et al.'s exact merge of two (n, mean (D,), M2 (D, D)) float64 triples (b's tensors on a's device)."""
+    nb = b["n"]
+    if nb == 0:
+        return dict(a)
+    if a["n"] == 0:
+        return {"n": nb, "mean": b["mean"].to(a["mean"].device).clone(), "m2": b["m2"].to(a["m2"].device).clone()}
+    n = a["n"] + nb
+    delta = b["mean"].to(a["mean"].device) - a["mean"]
+    return {"n": n, "mean": a["mean"] + delta * (nb / n),
+            "m2": a["m2"] + b["m2"].to(a["m2"].device) + torch.outer(delta, delta) * (a["n"] * nb / n)}

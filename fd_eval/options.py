@@ -4,6 +4,10 @@
     fd_eval.compute_fd("gen_dir", ref="gpic-test", options=opts)
     fd_eval.compute_fd("gen_dir", ref="gpic-test", device="cuda", batch_size=128)   # the same, as keywords
 
+Every default is decided in one place, :meth:`RunOptions.resolve`, at the API layer: it returns a frozen
+:class:`ResolvedRun` (a concrete device, batch size, workers, rank and world size) that is passed down whole to
+the pipeline, the unit engine, ``build`` and ``copies``; no layer below re-derives a default.
+
 What is evaluated (sources, reference, models, weights, ``num``/``seed``, transforms) stays in each function's
 signature; how it runs lives here, validated once (a bad value is a one-line :class:`FDEvalError` before any
 model loads). Keyword arguments of an entry point that name a field build the options (:func:`make_options`);
@@ -23,7 +27,7 @@ decode         "pil"     "pil" (reference) or "gpu" (nvJPEG for RGB JPEGs)
 resize         None      DINOv2's resize: "pil" (reference, default) or "torch" (EDM2's)
 skip_bad       False     skip unreadable images (counted and listed) instead of stopping
 progress       True      progress bars
-offline        None      cached references and weights only (None: $FD_EVAL_OFFLINE / $HF_HUB_OFFLINE)
+offline        None      cached references and weights only, no remote source (None: $FD_EVAL_OFFLINE / $HF_HUB_OFFLINE)
 rank           None      this process's rank (None: torch.distributed / torchrun's environment)
 world_size     None      number of processes (None: as rank; 1 forces a single-process run)
 =============  ========  ==================================================================================
@@ -31,11 +35,13 @@ world_size     None      number of processes (None: as rank; 1 forces a single-p
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
+from .distributed import default_device, env_world, get_rank, get_world_size, is_initialized, launched_distributed
 from .errors import FDEvalError
 from .precision import PRECISIONS  # exact, fast, fp32, fp8: one list
 
@@ -59,7 +65,7 @@ OPTION_HELP: dict[str, str] = {
     "resize": "DINOv2 resize: pil (reference protocol, default) or torch (EDM2's fast variant).",
     "skip_bad": "Skip unreadable images (counted and listed) instead of stopping.",
     "progress": "No progress bars.",  # the CLI flag is --quiet/-q
-    "offline": "Use cached references and weights only.",
+    "offline": "Use cached references and weights only; refuse remote (hf://, https://) sources.",
 }
 
 
@@ -131,10 +137,33 @@ class RunOptions:
             raise FDEvalError(f"unknown resize {self.resize!r}; choose 'pil' (the reference protocol) or 'torch'")
 
     def torch_device(self) -> torch.device:
-        """The device this run uses (``None``/"auto" resolved; see :func:`fd_eval.pipeline.auto_device`)."""
-        from .pipeline import auto_device
-
+        """The device this run uses (``None``/"auto" resolved; see :func:`auto_device`)."""
         return auto_device(self.device)
+
+    def resolve(self, *, collectives: bool = True) -> "ResolvedRun":
+        """Every default decided, once: the :class:`ResolvedRun` the layers below the API take as one argument.
+
+        ``collectives``: the run merges over ranks with torch.distributed collectives, so rank and world size are
+        the process group's (initialised from torchrun's environment when it names a world larger than one; see
+        :func:`fd_eval.distributed.resolve_world`). False (``build_stats``: ranks share a checkpoint folder):
+        explicit ``rank``/``world_size`` need no process group, else an initialised group's, else torchrun's
+        ``RANK``/``WORLD_SIZE`` without initialising one. A ResolvedRun resolves to itself.
+        """
+        dev = auto_device(self.device)
+        if collectives:
+            from .distributed import resolve_world
+
+            rank, world = resolve_world(self.rank, self.world_size, device=dev)
+            group = world > 1
+        else:
+            rank, world, group = _shared_folder_world(self.rank, self.world_size)
+        if world > 1 and dev.type == "cuda" and dev.index is None:  # one GPU per local process
+            dev = default_device()
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunOptions)}
+        fields.update(device=dev, rank=rank, world_size=world,
+                      batch_size=self.batch_size or default_batch_size(dev),
+                      num_workers=default_num_workers(dev) if self.num_workers is None else self.num_workers)
+        return ResolvedRun(**fields, group=group)
 
     def replace(self, **changes: Any) -> "RunOptions":
         """A copy with ``changes`` (validated like the constructor)."""
@@ -143,6 +172,33 @@ class RunOptions:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (str(v) if isinstance(v := getattr(self, f.name), torch.device) else v)
                 for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class ResolvedRun(RunOptions):
+    """A :class:`RunOptions` with every default decided (:meth:`RunOptions.resolve`): ``device`` a
+    ``torch.device``, ``batch_size``/``num_workers``/``rank``/``world_size`` integers; ``group``: ranks merge
+    through a torch.distributed process group (False: one process, or ranks sharing a checkpoint folder).
+    ``precision``/``compile`` stay the requested ones (None: each extractor's own mode, see :meth:`precisions`).
+
+    Made once at the API layer and passed down whole to the pipeline, the unit engine, ``build`` and ``copies``;
+    nothing below the API derives a default again. ``replace`` keeps the other resolved values as they are.
+    """
+
+    group: bool = False
+
+    def resolve(self, *, collectives: bool = True) -> "ResolvedRun":
+        return self
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and prints."""
+        return self.rank == 0
+
+    @staticmethod
+    def precisions(extractors: Sequence[Any]) -> dict[str, str]:
+        """{extractor name: its precision mode} (what the run uses, per extractor, once they are loaded)."""
+        return {ex.name: ex.precision.mode for ex in extractors}
 
 
 OPTION_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunOptions))
@@ -161,4 +217,59 @@ def make_options(options: RunOptions | None, kw: Mapping[str, Any], where: str) 
     if options is not None and not isinstance(options, RunOptions):
         raise TypeError(f"{where}(): options must be an fd_eval.RunOptions, got {type(options).__name__}")
     base = options if options is not None else RunOptions()
+    if kw and isinstance(base, ResolvedRun):  # a change may move a default (e.g. another device): resolve again
+        base = RunOptions(**{f.name: getattr(base, f.name) for f in dataclasses.fields(RunOptions)})
     return dataclasses.replace(base, **kw) if kw else base
+
+
+# --- defaults that depend on the machine (decided only in RunOptions.resolve) --------------------------------------
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers(device: torch.device) -> int:
+    """Decode workers: all cores but one on a GPU machine (the model runs elsewhere; PIL decodes+resizes about
+    500 256x256 PNGs/s per core, so 8 workers feed ~4,000 img/s); on a CPU the model competes for the same
+    cores, so half of them."""
+    cpus = available_cpus()
+    if device.type == "cuda":
+        return max(1, min(cpus - 1, 32))
+    return max(1, cpus // 2)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """256 images on a GPU with >= 20 GiB (ViT-L/14 at 224 px is compute-bound well below that), 128 on smaller
+    GPUs; 32 on a CPU."""
+    if device.type == "cuda":
+        try:
+            total = torch.cuda.get_device_properties(device).total_memory
+        except (RuntimeError, AssertionError):
+            total = 0
+        return 256 if total >= 20 * 2**30 else 128
+    return 32
+
+
+def auto_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" -> cuda when available (``cuda:LOCAL_RANK`` under torchrun), else cpu."""
+    if device is None or str(device) == "auto":
+        if launched_distributed():
+            return default_device()
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _shared_folder_world(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+    """(rank, world size, whether a process group is used): explicit values (no group needed), else an
+    initialised group's, else torchrun's ``RANK``/``WORLD_SIZE`` (units are shared through the checkpoint folder)."""
+    if rank is not None or world_size is not None:
+        r, w, group = int(rank or 0), int(world_size or 1), False
+    elif is_initialized():
+        r, w, group = get_rank(), get_world_size(), True
+    else:
+        (r, w), group = env_world() or (0, 1), False
+    if w < 1 or not 0 <= r < w:
+        raise FDEvalError(f"rank {r} is not within world size {w}; check RANK/WORLD_SIZE or rank=/world_size=")
+    return r, w, group

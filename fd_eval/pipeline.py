@@ -23,7 +23,6 @@ batch, and a callback when a unit's last image is in.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
@@ -44,7 +43,15 @@ from .gpu_decode import (  # noqa: F401 - re-exported: the pipeline's public GPU
 )
 from .loader import Batch, ExtractorDataset, collate, h2d
 from .moments import MomentAccumulator
-from .options import DECODES
+from .options import (  # noqa: F401 - re-exported: the machine-dependent defaults live with the options
+    DECODES,
+    ResolvedRun,
+    RunOptions,
+    auto_device,
+    available_cpus,
+    default_batch_size,
+    default_num_workers,
+)
 from .preprocess import DECODE_PIL_RGB
 from .provenance import environment
 from .sources import ImageSource, InputAccounting, SkippedItem, SubsetSource
@@ -63,46 +70,6 @@ class FeatureConsumer(Protocol):
     def update(self, features: torch.Tensor, index: torch.Tensor) -> None: ...
 
 
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def default_num_workers(device: torch.device) -> int:
-    """Decode workers: all cores but one on a GPU machine (the model runs elsewhere; PIL decodes+resizes about
-    500 256x256 PNGs/s per core, so 8 workers feed ~4,000 img/s); on a CPU the model competes for the same
-    cores, so half of them."""
-    cpus = available_cpus()
-    if device.type == "cuda":
-        return max(1, min(cpus - 1, 32))
-    return max(1, cpus // 2)
-
-
-def default_batch_size(device: torch.device) -> int:
-    """256 images on a GPU with >= 20 GiB (ViT-L/14 at 224 px is compute-bound well below that), 128 on smaller
-    GPUs; 32 on a CPU."""
-    if device.type == "cuda":
-        try:
-            total = torch.cuda.get_device_properties(device).total_memory
-        except (RuntimeError, AssertionError):
-            total = 0
-        return 256 if total >= 20 * 2**30 else 128
-    return 32
-
-
-def auto_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> cuda when available (``cuda:LOCAL_RANK`` under torchrun), else cpu."""
-    if device is None or str(device) == "auto":
-        from .distributed import default_device, launched_distributed
-
-        if launched_distributed():
-            return default_device()
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -329,12 +296,8 @@ def run_units(
     extractors: Sequence[Extractor],
     units: Sequence[np.ndarray],
     consumers: Callable[[int], Sequence[Any]],
+    run: ResolvedRun,
     *,
-    device: torch.device,
-    batch_size: int,
-    num_workers: int,
-    decode: str = "pil",
-    skip_bad: bool | None = None,
     image_transform: Callable[[Image.Image], Image.Image] | None = None,
     on_unit: Callable[[UnitDone], None] | None = None,
     bar: Any = None,
@@ -347,8 +310,10 @@ def run_units(
     so a unit's features, and anything accumulated from them, depend only on its images and the batch size.
     ``consumers(k)`` gives unit k's consumers when it starts (per extractor: a list, or one consumer);
     ``on_unit`` is called as soon as its last image is in. ``n_planned``: the images of the whole pass (over
-    all ranks; default: these units'), for :meth:`Extractor.plan_run`. Returns the :class:`UnitDone` of every unit.
+    all ranks; default: these units'), for :meth:`Extractor.plan_run`. ``run``: device, batch size, workers,
+    decode mode and ``skip_bad`` (:meth:`fd_eval.RunOptions.resolve`). Returns the :class:`UnitDone` of every unit.
     """
+    device, batch_size, decode = run.device, run.batch_size, run.decode
     units = [np.asarray(u, dtype=np.int64) for u in units]
     if not units:
         return []
@@ -356,7 +321,7 @@ def run_units(
     place_extractors(extractors, device, n_planned or len(all_idx))
     whole = len(all_idx) == len(source) and bool(np.array_equal(all_idx, np.arange(len(source))))
     ds, collate_fn = make_dataset(source if whole else SubsetSource(source, all_idx), extractors, device,
-                                  decode=decode, skip_bad=skip_bad, image_transform=image_transform)
+                                  decode=decode, skip_bad=run.skip_bad, image_transform=image_transform)
     chunk = loader_chunk(batch_size, device)
     batches: list[list[int]] = []  # DataLoader items (loader_chunk images); the runner joins them
     owner: list[int] = []  # the unit of each item
@@ -367,7 +332,7 @@ def run_units(
             owner.append(k)
         off += len(u)
     last = {k: i for i, k in enumerate(owner)}  # index of each unit's final item
-    loader = make_loader(ds, collate_fn, device, num_workers, batch_sampler=batches)
+    loader = make_loader(ds, collate_fn, device, run.num_workers, batch_sampler=batches)
     runner = BatchRunner(ds, extractors, device, decode, batch_size=batch_size, index_map=None if whole else all_idx)
     runner.bar = bar
     done: list[UnitDone] = []
@@ -400,40 +365,44 @@ def extract(
     source: ImageSource,
     extractors: Sequence[Extractor],
     *,
+    run: ResolvedRun | None = None,
+    keep_features: bool = False,
+    image_transform: Callable[[Image.Image], Image.Image] | None = None,
+    desc: str = "features",
+    consumers: Sequence[Sequence[FeatureConsumer]] | None = None,
     device: torch.device | str | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
-    keep_features: bool = False,
     skip_bad: bool | None = None,
-    image_transform: Callable[[Image.Image], Image.Image] | None = None,
     decode: str = "pil",
     progress: bool = True,
-    desc: str = "features",
     rank: int = 0,
     world_size: int = 1,
-    consumers: Sequence[Sequence[FeatureConsumer]] | None = None,
 ) -> Extraction:
     """Run every extractor over ``source`` (this rank's block of it) in one decoding pass.
 
-    ``decode``: ``"pil"`` (default, the reference) or ``"gpu"`` (see the module docstring; needs extractors that
-    resize on the device and no ``image_transform``). The extractors' precision modes are theirs
-    (:meth:`Extractor.set_precision`).
+    ``run``: how (:meth:`fd_eval.RunOptions.resolve`; the API passes it). Without it, the keywords ``device``,
+    ``batch_size``, ``num_workers``, ``skip_bad`` (None: the source's), ``decode``, ``progress``, ``rank``,
+    ``world_size`` make one (same defaults). ``decode="gpu"`` needs extractors that resize on the device and no
+    ``image_transform``. The extractors' precision modes are theirs (:meth:`Extractor.set_precision`).
 
     ``consumers``: per extractor, more :class:`FeatureConsumer` objects fed beside its moment accumulator (with the
     images' indices into ``source``).
 
-    Returns the per-extractor float64 moment accumulators (on ``device``), merged over ranks when
+    Returns the per-extractor float64 moment accumulators (on the run's device), merged over ranks when
     ``world_size > 1`` (a collective on the default process group, see :mod:`fd_eval.distributed`: every rank
     must call it; every rank gets the merged result; an :class:`FDEvalError` on any rank is raised on all).
     """
-    dev = auto_device(device)
+    if run is None:
+        run = RunOptions(device=device, batch_size=batch_size, num_workers=num_workers, decode=decode,
+                         skip_bad=source.skip_bad if skip_bad is None else bool(skip_bad), progress=progress,
+                         rank=rank, world_size=world_size).resolve()
+    dev, world_size = run.device, run.world_size
     place_extractors(extractors, dev, len(source))
-    check_decode(decode, extractors, image_transform)
+    check_decode(run.decode, extractors, image_transform)
     if len(source) == 0:
         raise EmptySourceError(f"{source.spec}: no images to evaluate")
-    mine = shard_indices(len(source), rank, world_size)
-    workers = default_num_workers(dev) if num_workers is None else num_workers
-    bs = batch_size or default_batch_size(dev)
+    mine = shard_indices(len(source), run.rank, world_size)
     accs = [MomentAccumulator(ex.feature_dim, dev, keep_features=keep_features) for ex in extractors]
     extra = [list(c) for c in consumers] if consumers is not None else [[] for _ in extractors]
     if len(extra) != len(extractors):
@@ -442,11 +411,11 @@ def extract(
     t0 = time.perf_counter()
     error: FDEvalError | None = None
     device_decoded = 0
-    with tqdm(total=len(mine), unit="img", desc=desc, disable=not progress or rank != 0, smoothing=0.1) as bar:
+    with tqdm(total=len(mine), unit="img", desc=desc, disable=not run.progress or not run.is_main,
+              smoothing=0.1) as bar:
         try:
             # skipped indices come back as indices into the source (also under a rank's block)
-            for u in run_units(source, extractors, [mine], lambda k: [[a, *e] for a, e in zip(accs, extra)],
-                               device=dev, batch_size=bs, num_workers=workers, decode=decode, skip_bad=skip_bad,
+            for u in run_units(source, extractors, [mine], lambda k: [[a, *e] for a, e in zip(accs, extra)], run,
                                image_transform=image_transform, bar=bar, n_planned=len(source)):
                 result.skipped += u.skipped
                 result.n_images += u.n_images
@@ -460,7 +429,7 @@ def extract(
         from .distributed import all_gather_json, merge_extraction
 
         merge_extraction(result, error=error)
-        if decode == "gpu":  # same argument on every rank, so every rank joins this collective
+        if run.decode == "gpu":  # same argument on every rank, so every rank joins this collective
             result.device_decoded = sum(all_gather_json(result.device_decoded))
     if result.device_decoded:
         result.decode = device_decode_spec(dev)
@@ -480,6 +449,9 @@ def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], so
            **(source_info or {})}
     # what happened to every candidate entry (found / used / skipped / ignored): no input is dropped unlisted
     src["inputs"] = InputAccounting.build(source, extraction.skipped, extraction.n_images).to_dict()
+    files = getattr(getattr(source, "parent", None) or source, "provenance", None)
+    if callable(files):  # remote files: URL, size, ETag, revision (the Hub commit), sha256 when read
+        src["files"] = files()
     out = {}
     for ex, acc in zip(extractors, extraction.accumulators):
         meta = {**ex.metadata(), "source": src, **env}

@@ -8,15 +8,19 @@ It serves what ``huggingface_hub.hf_hub_download`` (2.x) asks for:
   does for LFS files, and the client must then fetch from the CDN without its Authorization header.
 * errors as the Hub words them: ``X-Error-Code: GatedRepo`` with 401/403, ``RepoNotFound``/``EntryNotFound`` 404.
 * ``GET /mirror/NAME``: a plain file server (no Hub headers).
-* ``/api/...``: 404 (huggingface_hub may look up its agent registry there).
+* ``GET /api/datasets/ORG/REPO[/revision/REV]`` (repository info: ``sha`` = the commit) and
+  ``GET /api/datasets/ORG/REPO/tree/REV[/PATH][?recursive=true]`` (one page of files and folders): what
+  ``huggingface_hub.HfFileSystem`` lists with (globs in ``hf://`` paths); every other ``/api/...``: 404.
 
-Bodies honour ``Range: bytes=START-`` (206 + ``Content-Range``; 416 past the end). ``cuts`` makes the next body
-responses drop the connection after that many bytes; ``throttle`` slows bodies down (to overlap two clients).
-Every response closes its connection, so a stopped server really is gone. ``requests`` logs what arrived.
+Bodies honour ``Range: bytes=START-`` and ``bytes=START-END`` (206 + ``Content-Range``; 416 past the end).
+``cuts`` makes the next body responses drop the connection after that many bytes; ``throttle`` slows bodies down
+(to overlap two clients). Every response closes its connection, so a stopped server really is gone. ``requests``
+logs what arrived.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 import threading
@@ -135,6 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
         with hub._lock:
             hub.requests.append(Request(self.command, path, {k.lower(): v for k, v in self.headers.items()}))
         self.close_connection = True
+        if path.startswith("/api/"):
+            return self._api(path, urlsplit(self.path).query)
         if path.startswith("/mirror/"):
             data = hub.mirror.get(path[len("/mirror/"):])
             return self._send_data(data, body, {}) if data is not None else self._error(404, {})
@@ -169,6 +175,50 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_data(data, body, {"X-Repo-Commit": COMMIT, "ETag": f'"{sha}"'})
 
+    def _api(self, path: str, query: str) -> None:
+        """Repository info and tree listings (HfFileSystem); gated repositories answer as for files."""
+        hub = self.hub
+        m = re.match(r"^/api/(datasets|spaces|models)/([^/]+/[^/]+?)(?:/revision/[^/]+|/tree/[^/]+(/.*)?)?$", path)
+        if not m:
+            return self._error(404, {})
+        kind, repo_id, sub = m.group(1), m.group(2), (m.group(3) or "").strip("/")
+        repo_key = f"{kind}/{repo_id}" if kind != "models" else repo_id
+        files = {k[len(repo_key) + 1:]: v for k, v in hub.files.items() if k.startswith(repo_key + "/")}
+        if not files:
+            return self._error(404, {"X-Error-Code": "RepoNotFound"})
+        if hub.gated.get(repo_key) and self.headers.get("Authorization") != f"Bearer {hub.token}":
+            return self._error(hub.gated[repo_key], {"X-Error-Code": "GatedRepo"})
+        if "/tree/" not in path:
+            body = {"id": repo_id, "sha": COMMIT, "private": False,
+                    "siblings": [{"rfilename": f} for f in sorted(files)]}
+        else:
+            recursive = "recursive=true" in query.lower() or "recursive=1" in query
+            prefix = sub + "/" if sub else ""
+            entries: dict[str, dict] = {}
+            for name, data in sorted(files.items()):
+                if not name.startswith(prefix):
+                    continue
+                parts = name[len(prefix):].split("/")
+                for depth in range(1, len(parts)):  # the folders on the way
+                    d = prefix + "/".join(parts[:depth])
+                    if recursive or depth == 1:
+                        entries.setdefault(d, {"type": "directory", "path": d, "oid": "0" * 40})
+                if recursive or len(parts) == 1:
+                    sha = hashlib.sha256(data).hexdigest()
+                    entries[name] = {"type": "file", "path": name, "size": len(data), "oid": sha[:40],
+                                     "lfs": {"oid": sha, "size": len(data), "pointerSize": 134}}
+            if sub and sub not in files and not entries:
+                return self._error(404, {"X-Error-Code": "EntryNotFound"})
+            body = list(entries.values())
+        payload = json.dumps(body).encode()
+        self.send_response(200)
+        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(payload)),
+                     "X-Repo-Commit": COMMIT, "Connection": "close"}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
     def _error(self, status: int, headers: dict[str, str]) -> None:
         payload = b'{"error": "fake hub error"}'
         self.send_response(status)
@@ -183,8 +233,10 @@ class _Handler(BaseHTTPRequestHandler):
         size, start = len(data), 0
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         status = 200
+        end = size  # exclusive
         if m and body:
             start = int(m.group(1))
+            end = min(size, int(m.group(2)) + 1) if m.group(2) else size
             if start >= size:
                 self.send_response(416)
                 for k, v in {"Content-Range": f"bytes */{size}", "Content-Length": "0", "Connection": "close",
@@ -193,12 +245,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             status = 206
-        chunk = data[start:]
+        chunk = data[start:end]
         self.send_response(status)
         hdrs = {**headers, "Content-Length": str(len(chunk)), "Accept-Ranges": "bytes", "Connection": "close",
                 "Content-Type": "application/octet-stream"}
         if status == 206:
-            hdrs["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+            hdrs["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         for k, v in hdrs.items():
             self.send_header(k, v)
         self.end_headers()

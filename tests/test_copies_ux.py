@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import fd_eval.pipeline as pl
 from _images import photo_crops
+from fd_eval import RunOptions
 from fd_eval import copies as cp
 from fd_eval.errors import WeightsError
 from fd_eval.extractors.weights import load_state_dict
@@ -47,8 +47,8 @@ def test_progress_counts_images_embedded(monkeypatch):
     src = open_source(photo_crops(11, 16, 16, seed=0))
     fed = [0]
     bar = Bar(fed)
-    pl.run_units(src, [PixelExtractor()], [np.arange(11)], lambda k: [[Count(fed)]], device=torch.device("cpu"),
-                 batch_size=4, num_workers=0, bar=bar)
+    run = RunOptions(device="cpu", batch_size=4, num_workers=0).resolve()
+    pl.run_units(src, [PixelExtractor()], [np.arange(11)], lambda k: [[Count(fed)]], run, bar=bar)
     assert bar.n == fed[0] == 11 and all(n == f for n, f in bar.seen)
 
 

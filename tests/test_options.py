@@ -138,8 +138,8 @@ def test_consumers_see_every_image_with_its_source_index(world, monkeypatch, chu
     assert torch.equal(torch.cat(rows.feats), ext.accumulators[0].features())
     # one rank's block: indices into the whole source, not into the block
     part = Rows()
-    pipeline.run_units(src, [ex], [pipeline.shard_indices(N, 1, 2)], lambda k: [[part]], device=torch.device("cpu"),
-                       batch_size=BS, num_workers=0)
+    run = fd_eval.RunOptions(device="cpu", batch_size=BS, num_workers=0).resolve()
+    pipeline.run_units(src, [ex], [pipeline.shard_indices(N, 1, 2)], lambda k: [[part]], run)
     assert torch.cat(part.index).tolist() == pipeline.shard_indices(N, 1, 2).tolist()
     # the same images give the same rows wherever they sit in a batch
     full = dict(zip(idx.tolist(), torch.cat(rows.feats)))
@@ -156,8 +156,8 @@ def test_run_units_calls_back_per_unit_with_fresh_consumers(world):
         made.append(k)
         return [fd_eval.MomentAccumulator(world["ex"].feature_dim)]
 
-    pipeline.run_units(src, [world["ex"]], units, consumers, device=torch.device("cpu"), batch_size=BS,
-                       num_workers=0, on_unit=done.append)
+    run = fd_eval.RunOptions(device="cpu", batch_size=BS, num_workers=0).resolve()
+    pipeline.run_units(src, [world["ex"]], units, consumers, run, on_unit=done.append)
     assert made == [0, 1] and [d.k for d in done] == [0, 1] and [d.n_images for d in done] == [4, 2]
     assert [d.consumers[0][0].n for d in done] == [4, 2]
     # a unit's moments equal extract() over that unit alone (batches never straddle units)

@@ -12,6 +12,7 @@ import click
 
 from .._version import __version__
 from ..distributed import destroy, get_rank, init_distributed
+from ..download import offline_scope
 from ..errors import FDEvalError
 from ..io_utils import atomic_write
 from ..options import DECODES, OPTION_HELP, PRECISIONS, RESIZES, RunOptions
@@ -127,7 +128,10 @@ def run_options(offline: bool = False) -> Callable[[Callable[..., Any]], Callabl
                 device=v["device"], batch_size=v["batch_size"], num_workers=v["num_workers"], resize=v["resize"],
                 precision=v["precision"], compile=v["compile_model"], decode=v["decode"], skip_bad=v["skip_bad"],
                 progress=not v["quiet"], offline=v.get("offline"))
-            return f(*args, **kw)
+            if v.get("offline") is None:
+                return f(*args, **kw)
+            with offline_scope(v["offline"]):  # also reaches what the options do not carry (remote sources)
+                return f(*args, **kw)
 
         for p in reversed(_run_option_params(offline)):
             command = p(command)

@@ -13,6 +13,7 @@ from ..build import DEFAULT_BLOCK, build_stats
 from ..options import RunOptions
 from ..preprocess import SOURCE_TRANSFORMS
 from ..report import require_matplotlib, write_report
+from ..sources import open_source
 from ..stats import save_stats
 from ._checks import check_paths, render_accounting
 from ._common import (
@@ -43,12 +44,34 @@ def _selection(f):
     return f
 
 
+def _columns(f):
+    """Parquet sources: --image-column, --key-column (default: found by type / name)."""
+    for o in reversed([
+        click.option("--image-column", default=None,
+                     help="Parquet sources: the image column (default: the struct<bytes, path> column)."),
+        click.option("--key-column", default=None,
+                     help="Parquet sources: the key column (default: key, __key__, id or image_id, else the row "
+                          "number)."),
+    ]):
+        f = o(f)
+    return f
+
+
+def _open_columns(spec: str, image_column: str | None, key_column: str | None, options: RunOptions) -> Any:
+    """``spec`` as is, or opened with the Parquet columns named on the command line."""
+    if image_column is None and key_column is None:
+        return spec
+    return open_source(spec, skip_bad=options.skip_bad, offline=options.offline, image_column=image_column,
+                       key_column=key_column)
+
+
 @main.command("compute")
 @click.argument("gen")
 @click.option("--ref", "-r", default="gpic-test", show_default=True,
               help="Reference: a registry name, a statistics file, or another image source.")
 @_selection
 @run_options(offline=True)
+@_columns
 @click.option("--ref-transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform reference images first when REF is an image source (center-crop-256 = GPIC B.1).")
 @click.option("--allow-mismatch", is_flag=True, help="Compare even if the reference was made differently.")
@@ -61,7 +84,8 @@ def _selection(f):
               help="Results table as aligned text, a Markdown table or CSV (to paste; notes go to stderr then).")
 @analysis_options
 def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
-                seed: int | None, options: RunOptions, ref_transform: str | None, allow_mismatch: bool,
+                seed: int | None, options: RunOptions, image_column: str | None, key_column: str | None,
+                ref_transform: str | None, allow_mismatch: bool,
                 json_path: str | None, save_stats_path: str | None, report_path: str | None, table_format: str,
                 **analysis_opts: Any) -> None:
     """FD of the images in GEN against REF, for each --model (default FD-DINOv2 against GPIC Test-1M).
@@ -76,8 +100,9 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     spec = analysis_spec(**analysis_opts)  # None unless --ci/--bootstrap/--fd-infinity/--prdc/--mmd
     if spec is not None and spec.needs_reference_features:
         check_reference_features(ref, models, offline=options.offline)  # fail before extracting, not after
+    gen_source = _open_columns(gen, image_column, key_column, options)
     res = run_distributed(options.device, lambda: compute_fd(
-        gen, ref, models, weights=weights_arg(weights), num=num, seed=seed, options=options,
+        gen_source, ref, models, weights=weights_arg(weights), num=num, seed=seed, options=options,
         allow_mismatch=allow_mismatch, ref_image_transform=ref_transform, keep_features=spec is not None,
         ref_features=spec is not None and spec.needs_reference_features))
     if res is None:  # not rank 0
@@ -138,7 +163,8 @@ def _plural(n: int, word: str) -> str:
 @click.argument("source")
 @click.option("--output", "-o", required=True, help="Statistics file to write (safetensors).")
 @_selection
-@run_options()
+@run_options(offline=True)
+@_columns
 @click.option("--transform", "image_transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
 @click.option("--keep-features", is_flag=True, help="Store the (N, D) features too (for PRDC, MMD, bootstrap).")
@@ -147,7 +173,8 @@ def _plural(n: int, word: str) -> str:
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
               help=f"Images per resumable unit (default: one unit per tar shard, else {DEFAULT_BLOCK:,}).")
 def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[str, ...], num: int | None,
-              seed: int | None, options: RunOptions, image_transform: str | None, keep_features: bool,
+              seed: int | None, options: RunOptions, image_column: str | None, key_column: str | None,
+              image_transform: str | None, keep_features: bool,
               checkpoint_dir: str | None, checkpoint_every: int | None) -> None:
     """Build a statistics file (one section per --model) from the images in SOURCE.
 
@@ -156,7 +183,8 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
     Under `torchrun --nproc_per_node N -m fd_eval stats ...` each process takes every N-th unit.
     """
     check_paths(source, output=output)
-    stats = build_stats(source, output, models, weights=weights_arg(weights), num=num, seed=seed,
+    src = _open_columns(source, image_column, key_column, options)
+    stats = build_stats(src, output, models, weights=weights_arg(weights), num=num, seed=seed,
                         keep_features=keep_features, image_transform=image_transform, checkpoint_dir=checkpoint_dir,
                         checkpoint_every=checkpoint_every, options=options, log=lambda msg: click.echo(msg, err=True))
     if stats is None:  # not rank 0: rank 0 writes the file

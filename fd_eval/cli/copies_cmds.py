@@ -32,7 +32,7 @@ from ._common import echo_table, fmt_num, main, run_distributed, run_options, wa
                    "ranks].")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
               help="Training images per resumable unit [default: one unit per tar shard, else 10,000].")
-@run_options()
+@run_options(offline=True)
 def copies_cmd(gen: str, train: str | None, train_index: str | None, approximate: bool, models: tuple[str, ...],
                weights: tuple[str, ...], top_k: int,
                threshold: float | None, test: str | None, no_authpct: bool, save_features: str | None,

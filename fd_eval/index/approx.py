@@ -140,9 +140,8 @@ def approximate_pass(index: TrainingIndex, gen_features: Sequence[torch.Tensor],
         _, cand = ivf.search(np.ascontiguousarray(qn), min(n_cand, index.n_rows))
         packed = rescore(index, ex.name, q, cand, k).to(q.device)
         c = b.fresh()
-        c.topk.state = TopKState(packed, None, index.n_rows)
-        if keep_top1_features:
-            c.topk.state.top1_features = _top1_rows(index, ex.name, packed)
+        top1 = _top1_rows(index, ex.name, packed) if keep_top1_features else None
+        c.topk.state = TopKState(packed, top1, index.n_rows)
         if c.cells is not None:  # C_T needs every row's distance: one read of the index, no products
             cells = c.cells
             for _, feats, keys, nrm in index.iter_units(ex.name, norm=True):

@@ -158,21 +158,21 @@ def build_index(
     """
     from ..api import resolve_extractors
     from ..build import plan_units
-    from ..distributed import all_gather_json, barrier, resolve_world
-    from ..pipeline import auto_device, default_batch_size, default_num_workers, run_units
+    from ..distributed import all_gather_json, barrier
+    from ..pipeline import run_units
     from .store import open_index
 
     opts = make_options(options, kw, "build_index")
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if opts.progress else (lambda m: None))
-    rank, world = resolve_world(opts.rank, opts.world_size, device=opts.device)
-    dev = auto_device(opts.device)
+    resolved = opts.resolve()
+    rank, world, dev = resolved.rank, resolved.world_size, resolved.device
     root = Path(out)
-    src = open_source(train, skip_bad=opts.skip_bad)
+    src = open_source(train, skip_bad=opts.skip_bad, offline=opts.offline)
     if len(src) == 0:
         raise EmptySourceError(f"{src.spec}: no training images to index")
-    exs = resolve_extractors(models, extractors, weights, opts, dev)
+    exs = resolve_extractors(models, extractors, weights, resolved, dev)
     manifest, part_no = _start_part(root, read_manifest(root), exs, dtype, str(src.spec), append)
     offset = sum(p["n_items"] for p in manifest["parts"][:part_no])
     if offset + len(src) > MAX_KEY + 1:
@@ -200,9 +200,6 @@ def build_index(
     mine = left[rank::world]
     if done:
         say(f"resuming the index build in {root}: {len(done)} of {len(plan.units)} units already done")
-    bs = opts.batch_size or default_batch_size(dev)
-    workers = default_num_workers(dev) if opts.num_workers is None else opts.num_workers
-
     def save(d: Any) -> None:
         u = mine[d.k]
         rows = [cs[0].rows(ex.feature_dim) for ex, cs in zip(exs, d.consumers)]
@@ -221,8 +218,7 @@ def build_index(
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc="index", smoothing=0.1,
                   disable=not opts.progress or rank != 0) as bar:
             if mine:
-                run_units(src, exs, [u.indices for u in mine], lambda k: [RowCollector() for _ in exs],
-                          device=dev, batch_size=bs, num_workers=workers, decode=opts.decode, skip_bad=opts.skip_bad,
+                run_units(src, exs, [u.indices for u in mine], lambda k: [RowCollector() for _ in exs], resolved,
                           on_unit=save, bar=bar, n_planned=plan.n_items)
     except BaseException:
         if rank == 0:

@@ -95,7 +95,7 @@ def index_training_pass(index: TrainingIndex, gen_features: Sequence[torch.Tenso
     mine = index.units[run.rank::run.world]
     total = []
     with tqdm(total=sum(u.n_rows for u in mine) * len(base), unit="row", desc="training (index scan)",
-              disable=not run.progress or run.rank != 0) as bar:
+              disable=not run.opts.progress or run.rank != 0) as bar:
         for ex, b, q in zip(run.extractors, base, gen_features):
             c = b.fresh()
             cells = c.cells
@@ -106,9 +106,8 @@ def index_training_pass(index: TrainingIndex, gen_features: Sequence[torch.Tenso
 
             sc = scan_index(index, ex.name, q, b.topk.k, units=mine, bar=bar, norm=cells is not None,
                             on_unit=feed_cells if cells is not None else None)
-            c.topk.state = TopKState(sc.state.packed, None, sc.state.n_seen)
-            if keep_top1_features:
-                c.topk.state.top1_features = _top1_rows(index, ex.name, sc.state.packed)
+            top1 = _top1_rows(index, ex.name, sc.state.packed) if keep_top1_features else None
+            c.topk.state = TopKState(sc.state.packed, top1, sc.state.n_seen)
             total.append(c)
     return _merge_ranks(total, run) if run.world > 1 else total
 

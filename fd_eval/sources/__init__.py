@@ -9,6 +9,10 @@
 * ``.npy`` / ``.npz`` (``arr_0``, ADM / guided-diffusion style) arrays of uint8 (N, H, W, 3), memory-mapped,
 * an in-memory uint8 (N, H, W, 3) numpy array,
 * a glob or brace range of image files (treated like a directory holding exactly those files).
+* a ``.parquet`` file, a folder or glob of them (an image column of ``struct<bytes, path>``; needs the ``parquet``
+  extra), see :class:`ParquetSource`,
+* remote tar shards or Parquet files, streamed: ``hf://datasets/ORG/NAME/shard_{00000..00127}.tar``, ``http(s)://``
+  brace ranges, any installed fsspec protocol (``s3://``, ``memory://``), see :mod:`.remote`.
 
 Every image is decoded as the reference protocols do, ``PIL.Image.open(f).convert("RGB")`` with a full decode
 (no EXIF rotation, no ICC colour management, 16-bit values clipped to 255 by Pillow, alpha dropped, CMYK
@@ -23,8 +27,10 @@ default 1 GiB, ``$FD_EVAL_MAX_ITEM_BYTES``; 0 = none); ``max_image_pixels`` sets
 while fd-eval decodes (default: Pillow's ``Image.MAX_IMAGE_PIXELS``, ``$FD_EVAL_MAX_IMAGE_PIXELS``; 0 = none).
 
 Layout: :mod:`.base` (the :class:`ImageSource` interface, :class:`SkippedItem`), :mod:`.decode` (one image),
-one module per format (:mod:`.folder`, :mod:`.zip`, :mod:`.tar`, :mod:`.arrays`, :mod:`.subset`),
-:mod:`.discovery` (brace expansion, shard globs, the tar index cache) and :mod:`.opening` (:func:`open_source`).
+one module per format (:mod:`.folder`, :mod:`.zip`, :mod:`.tar`, :mod:`.arrays`, :mod:`.subset`, :mod:`.parquet`,
+:mod:`.remote` over :mod:`.remote_io`), :mod:`.discovery` (brace expansion, shard globs, the tar index cache),
+:mod:`.registry` (the source formats: a new format is one :func:`register_format` call) and :mod:`.opening`
+(:func:`open_source`, which asks the registry).
 The DataLoader glue (``ExtractorDataset``, ``Batch``, ``collate``) lives in :mod:`fd_eval.loader`.
 """
 from __future__ import annotations
@@ -36,6 +42,9 @@ from .decode import decode_image
 from .discovery import expand_braces, expand_shards
 from .folder import DirectorySource
 from .opening import open_source
+from .parquet import ParquetSource
+from .registry import SourceFormat, register_format, source_formats
+from .remote import RemoteTarSource
 from .subset import SubsetSource
 from .tar import TarSource
 from .zip import ZipSource
@@ -43,6 +52,7 @@ from .zip import ZipSource
 __all__ = [
     "IMAGE_EXTENSIONS", "ImageSource", "DirectorySource", "ZipSource", "TarSource", "ArraySource",
     "SubsetSource", "SkippedItem", "InputAccounting", "open_source", "decode_image", "expand_braces", "expand_shards",
+    "ParquetSource", "RemoteTarSource", "SourceFormat", "register_format", "source_formats",
     "ExtractorDataset", "Batch", "collate",
 ]
 

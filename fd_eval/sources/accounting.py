@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from .base import ImageSource, SkippedItem
 
 MAX_LISTED = 20  # items kept per ignore reason (the counts are always complete)
@@ -28,6 +30,8 @@ class InputAccounting:
         ignored_items: the first :data:`MAX_LISTED` entry names per reason.
         not_selected: indexed images left out by ``num`` (a subset), not a loss.
         warnings: one-line notes about odd but usable input (absolute tar member names, a cut-off shard).
+        per_shard: tar shards (local or streamed): the same counts per shard (``shard``, ``found``, ``used``,
+            ``skipped``, ``ignored``, ``not_selected``), in shard order; None for other sources.
     """
 
     spec: str
@@ -38,6 +42,7 @@ class InputAccounting:
     ignored_items: dict[str, list[str]] = field(default_factory=dict)
     not_selected: int = 0
     warnings: list[str] = field(default_factory=list)
+    per_shard: list[dict[str, Any]] | None = None
 
     @classmethod
     def build(cls, source: ImageSource, skipped: Iterable[SkippedItem | Mapping[str, Any]], used: int,
@@ -56,7 +61,7 @@ class InputAccounting:
                 lst.append(s.name)
         sk = [s.to_dict() if isinstance(s, SkippedItem) else dict(s) for s in skipped]
         return cls(str(source.spec), indexed + len(source.ignored), int(used), sk, ignored, items,
-                   indexed - len(source), list(source.warnings))
+                   indexed - len(source), list(source.warnings), shard_counts(source, sk))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "InputAccounting":
@@ -105,3 +110,33 @@ def short_reason(reason: str) -> str:
             return {"too many pixels": "too many pixels", "not an image": "not an image",
                     "exceeds the per-item limit": "too large"}.get(key, key)
     return reason.split(" (")[0][:60]
+
+
+def shard_counts(source: ImageSource, skipped: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Per tar shard of ``source`` (or of its parent, for a subset): found, used, skipped, ignored, not selected;
+    items are matched to shards by name (``shard.tar:member``, or the shard itself when it was unreadable)."""
+    parent = getattr(source, "parent", None) or source
+    shards, starts = getattr(parent, "shards", None), getattr(parent, "shard_starts", None)
+    if not isinstance(shards, list) or starts is None or not all(str(x).lower().endswith(".tar") for x in shards):
+        return None
+    pos = {str(x): k for k, x in enumerate(shards)}
+
+    def shard(name: str) -> int | None:
+        head = name if name.lower().endswith(".tar") else name.rsplit(".tar:", 1)[0] + ".tar"
+        return pos.get(head)
+
+    indexed = np.diff(np.asarray(starts)).astype(np.int64)
+    selection = getattr(source, "indices", None) if parent is not source else None
+    selected = indexed.copy() if selection is None else np.bincount(parent.shard_of(selection), minlength=len(shards))
+    n_skipped, n_ignored = np.zeros(len(shards), np.int64), np.zeros(len(shards), np.int64)
+    for s in skipped:
+        k = shard(str(s.get("name", "")))
+        if k is not None:
+            n_skipped[k] += 1
+    for s in parent.ignored:
+        k = shard(s.name)
+        if k is not None:
+            n_ignored[k] += 1
+    return [{"shard": str(x), "found": int(indexed[k] + n_ignored[k]), "used": int(selected[k] - n_skipped[k]),
+             "skipped": int(n_skipped[k]), "ignored": int(n_ignored[k]), "not_selected": int(indexed[k] - selected[k])}
+            for k, x in enumerate(shards)]

@@ -67,44 +67,53 @@ def scan_tar(path: str) -> dict[str, Any]:
     if size == 0:
         return {"empty": True}
     with open(path, "rb") as f:
-        head = f.read(6)
-        for magic, name in COMPRESSED_MAGIC.items():
-            if head.startswith(magic):
-                raise SourceError(f"{path}: {name}-compressed tar; random access needs a plain tar: decompress it "
-                                  f"(e.g. `{'gunzip' if name == 'gzip' else name + ' -d'}`) and keep the .tar")
-        f.seek(0)
+        return scan_tar_file(f, size, path)
+
+
+def scan_tar_file(f: Any, size: int, path: str) -> dict[str, Any]:
+    """:func:`scan_tar` over an open binary file of ``size`` bytes (``path`` names it in messages).
+
+    Only forward seeks, plus seeks back within the last 64 KiB read, so a streamed reader
+    (:class:`fd_eval.sources.remote.StreamReader`) can index a shard in one sequential read.
+    """
+    head = f.read(6)
+    for magic, name in COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            raise SourceError(f"{path}: {name}-compressed tar; random access needs a plain tar: decompress it "
+                              f"(e.g. `{'gunzip' if name == 'gzip' else name + ' -d'}`) and keep the .tar")
+    f.seek(0)
+    try:
+        tf = tarfile.open(fileobj=f, mode="r:")
+    except tarfile.TarError as e:
+        raise SourceError(f"{path}: not a tar archive ({e}); re-download or re-create the shard") from None
+    digest = hashlib.sha256()
+    regular: list[tuple[str, int, int]] = []  # (name, data offset, size)
+    ignored: list[tuple[str, str]] = []
+    end_problem = ""
+    while True:
         try:
-            tf = tarfile.open(fileobj=f, mode="r:")
+            ti = tf.next()
         except tarfile.TarError as e:
-            raise SourceError(f"{path}: not a tar archive ({e}); re-download or re-create the shard") from None
-        digest = hashlib.sha256()
-        regular: list[tuple[str, int, int]] = []  # (name, data offset, size)
-        ignored: list[tuple[str, str]] = []
-        end_problem = ""
-        while True:
-            try:
-                ti = tf.next()
-            except tarfile.TarError as e:
-                if "unexpected end of data" in str(e):  # tarfile noticed the previous member's data is cut off
-                    end_problem = f"truncated: the shard ends inside member data ({size} bytes; interrupted copy?)"
-                else:  # e.g. a corrupt pax/GNU extended header
-                    end_problem = f"corrupt tar header at byte {tf.offset} ({e})"
-                break
-            if ti is None:
-                break
-            tf.members.clear()  # tarfile keeps every TarInfo otherwise; we only need the ones collected here
-            digest.update(f"{ti.name}\0{ti.size}\0{ti.mtime}\0{ti.type!r}\0{ti.offset_data}\n"
-                          .encode("utf-8", "surrogateescape"))
-            if ti.isreg() and not ti.issparse():
-                regular.append((ti.name, ti.offset_data, ti.size))
-            elif not ti.isdir():
-                ignored.append((ti.name, "not a regular file (link, device or sparse member)"))
-        if not end_problem:
-            # tarfile ends silently at a corrupt header after the first member; a real end is zero blocks or EOF.
-            f.seek(tf.offset)
-            block = f.read(tarfile.BLOCKSIZE)
-            if block.strip(b"\0"):
-                end_problem = f"corrupt or truncated tar header at byte {tf.offset} of {size}"
+            if "unexpected end of data" in str(e):  # tarfile noticed the previous member's data is cut off
+                end_problem = f"truncated: the shard ends inside member data ({size} bytes; interrupted copy?)"
+            else:  # e.g. a corrupt pax/GNU extended header
+                end_problem = f"corrupt tar header at byte {tf.offset} ({e})"
+            break
+        if ti is None:
+            break
+        tf.members.clear()  # tarfile keeps every TarInfo otherwise; we only need the ones collected here
+        digest.update(f"{ti.name}\0{ti.size}\0{ti.mtime}\0{ti.type!r}\0{ti.offset_data}\n"
+                      .encode("utf-8", "surrogateescape"))
+        if ti.isreg() and not ti.issparse():
+            regular.append((ti.name, ti.offset_data, ti.size))
+        elif not ti.isdir():
+            ignored.append((ti.name, "not a regular file (link, device or sparse member)"))
+    if not end_problem:
+        # tarfile ends silently at a corrupt header after the first member; a real end is zero blocks or EOF.
+        f.seek(tf.offset)
+        block = f.read(tarfile.BLOCKSIZE)
+        if block.strip(b"\0"):
+            end_problem = f"corrupt or truncated tar header at byte {tf.offset} of {size}"
     # The member rule: every member whose extension after the LAST dot is an image type is one item (so
     # cfg1.5_0001.png is an image and c.png + c.jpg are two items); a .json sidecar pairs with an image by the same
     # name without extension (c.json for c.png), else by WebDataset key (first dot of the base name: c.json for
@@ -167,6 +176,11 @@ def tar_index(path: str) -> dict[str, Any]:
     st = os.stat(path)
     key = hashlib.sha256(f"{TAR_INDEX_VERSION}\0{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0"
                          f"{st.st_ino}\0{st.st_dev}\0{st.st_ctime_ns}".encode("utf-8", "surrogateescape")).hexdigest()
+    return cached_index(key, lambda: scan_tar(path))
+
+
+def cached_index(key: str, scan: Any) -> dict[str, Any]:
+    """The tar index cached under ``key`` in ``$FD_EVAL_CACHE/tar_index``, else ``scan()`` (then cached)."""
     folder = optional_cache_dir("tar_index")  # None (after one warning) when $FD_EVAL_CACHE is unusable
     cache_file = None if folder is None else folder / f"{key}.npz"
     if cache_file is not None and cache_file.exists():
@@ -178,7 +192,7 @@ def tar_index(path: str) -> dict[str, Any]:
             return idx
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
             pass
-    idx = scan_tar(path)
+    idx = scan()
     if cache_file is not None and not idx["empty"]:
         info_json = json.dumps(idx["info"], ensure_ascii=True).encode()
         arrays = {k: v for k, v in idx.items() if k not in ("info",)}

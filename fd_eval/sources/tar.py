@@ -37,9 +37,9 @@ class TarSource(ImageSource):
         self._shard_info: list[dict[str, Any]] = []
         blob_base = 0
         for path in self.shards:
-            idx = tar_index(path)
+            idx = self._index(path)
             if idx["empty"]:
-                self.warnings.append(one_line(f"{path}: empty file (0 bytes), no samples"))
+                self.warnings.append(one_line(idx.get("why") or f"{path}: empty file (0 bytes), no samples"))
                 counts.append(0)
                 self._shard_info.append({"header_digest": "", "file_size": 0})
                 continue
@@ -74,6 +74,10 @@ class TarSource(ImageSource):
         for k, v in cols.items():
             setattr(self, "_" + k, np.concatenate(v))
 
+    def _index(self, path: str) -> dict[str, Any]:
+        """The member index of one shard (:func:`fd_eval.sources.discovery.tar_index`; remote shards override)."""
+        return tar_index(path)
+
     def __len__(self) -> int:
         return int(self._starts[-1])
 
@@ -89,6 +93,12 @@ class TarSource(ImageSource):
     def shard_header_digest(self, s: int) -> str:
         """Hex digest of shard ``s``'s member headers (names, sizes, offsets): part of its fingerprint."""
         return str(self._shard_info[s]["header_digest"])
+
+    def shard_part(self, s: int) -> bytes:
+        """Shard ``s``'s data fingerprint for resumable builds: its size, modification time and member headers
+        (remote shards: URL, size, ETag, revision and member headers)."""
+        path = self.shards[s]
+        return stat_part(os.path.basename(path), path) + b"\0" + self.shard_header_digest(s).encode()
 
     def _locate(self, i: int) -> tuple[int, str]:
         s = int(np.searchsorted(self._starts, i, side="right") - 1)
