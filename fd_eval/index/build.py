@@ -226,10 +226,19 @@ def build_index(
         raise
     if world > 1:
         barrier(dev)
-    if rank != 0:
-        return None
-    _finish_part(root, manifest, part_no, plan, first_unit, ident)
-    return open_index(root)
+    error = None
+    if rank == 0:
+        try:
+            _finish_part(root, manifest, part_no, plan, first_unit, ident)
+        except InputError as e:
+            if world == 1:
+                raise
+            error = e
+    if world > 1:  # every rank returns once the manifest is complete (a scan may follow at once), or raises
+        from ..distributed import raise_first_error
+
+        raise_first_error(error)
+    return open_index(root) if rank == 0 else None
 
 
 def _save_unit(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
