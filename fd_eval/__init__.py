@@ -15,6 +15,8 @@ from .analysis import AnalysisSpec, analyze
 from .api import EvalResult, compute_fd, compute_stats, load_extractors
 from .build import build_stats
 from .ceiling import CeilingResult, ceiling, split_half
+from .clipscore import ClipDependencyError, ClipScoreResult, clip_score
+from .cmmd import CMMDResult, cmmd
 from .copies import CopiesResult, find_copies
 from .errors import (
     BadArrayError,
@@ -33,6 +35,7 @@ from .errors import (
     StatsError,
     StatsFormatError,
     StatsMismatchError,
+    TooFewImagesError,
     UnknownReferenceError,
     WeightsError,
 )
@@ -66,10 +69,12 @@ __all__ = [
     # errors
     "BadArrayError", "BadImageError", "CheckpointError", "ChecksumError", "DownloadError", "EmptySourceError",
     "FDEvalError", "GatedRepoError", "InputError", "InputRangeError", "InvalidStatsError", "MissingFeaturesError",
-    "SourceError", "StatsError", "StatsFormatError", "StatsMismatchError", "UnknownReferenceError", "WeightsError",
+    "SourceError", "StatsError", "StatsFormatError", "StatsMismatchError", "TooFewImagesError",
+    "UnknownReferenceError", "WeightsError",
     # images -> numbers
     "EvalResult", "compute_fd", "compute_stats", "load_extractors", "build_stats", "RunOptions", "FeatureConsumer",
     "FDMetric", "evaluate_generator", "to_uint8",
+    "clip_score", "ClipScoreResult", "ClipDependencyError", "cmmd", "CMMDResult",
     "Extractor", "list_extractors", "load_extractor", "PreprocessSpec",
     "ImageSource", "SkippedItem", "open_source",
     # numbers

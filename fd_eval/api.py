@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
+from .cmmd import cmmd_between, wants_cmmd
 from .download import offline_scope
 from .errors import FDEvalError, OutputError, StatsFormatError
-from .extractors import DEFAULT_EXTRACTOR, Extractor, load_extractor, resolve_name
+from .extractors import DEFAULT_EXTRACTOR, Extractor, extractor_entry, load_extractor, resolve_name
 from .io_utils import optional_cache_dir, warn_cache_unusable
 from .options import RunOptions, make_options
 from .pipeline import check_decode, extract, extraction_stats
@@ -31,7 +33,7 @@ from .precision import precision_provenance, resolve_precision
 from .preprocess import source_transform
 from .provenance import device_name, versions
 from .sources import ImageSource, open_source
-from .stats import Stats, compare_stats, load_stats, save_stats, sniff_format
+from .stats import Stats, check_compatible, compare_stats, load_stats, save_stats, sniff_format
 
 PROTOCOL_N = 50_000  # GPIC: 50K generated images against Test-1M
 ModelsArg = str | Sequence[str]
@@ -89,7 +91,7 @@ def load_extractors(models: ModelsArg = (DEFAULT_EXTRACTOR,), weights: WeightsAr
         raise FDEvalError(f"weights given for {', '.join(sorted(unknown))}, which is not among the models {names}")
     out = []
     for name in names:
-        opts = {"resize": resize} if (resize and name.startswith("dinov2")) else {}
+        opts = {"resize": resize} if (resize and "resize" in extractor_entry(name).options) else {}
         out.append(load_extractor(name, weights=wmap.get(name), device=device, precision=precision, compile=compile,
                                   **opts))
     return out
@@ -286,15 +288,16 @@ def resolve_reference(
     extractors: Sequence[Extractor],
     *,
     ref_image_transform: str | None = None,
-    keep_features: bool = False,
+    keep_features: bool | Sequence[str] = False,
     cache: bool = True,
     options: RunOptions | None = None,
     **kw: Any,
 ) -> _Ref:
     """Reference statistics for each extractor, from whatever ``ref`` is (see the module docstring).
 
-    ``keep_features``: also read (or extract) the reference's feature rows; a cached image-source entry without
-    them counts as a miss and is rebuilt with them. ``options``/``kw``: :class:`fd_eval.RunOptions` (``offline``
+    ``keep_features``: also read (or extract) the reference's feature rows (True: every model's; a collection of
+    names: those models'); a cached image-source entry without them counts as a miss and is rebuilt with them.
+    ``options``/``kw``: :class:`fd_eval.RunOptions` (``offline``
     for registry references; the run options of an image-source reference's extraction, ``skip_bad`` included:
     skipped reference images are listed in its ``inputs``; a cached entry that skipped images is not used by a
     strict run). The cache is optional: when ``$FD_EVAL_CACHE`` is unusable the statistics are computed, not saved.
@@ -302,7 +305,12 @@ def resolve_reference(
     opts = make_options(options, kw, "resolve_reference")
     offline = opts.offline
     names = [ex.name for ex in extractors]
-    features = bool(keep_features)
+    if isinstance(keep_features, (set, frozenset, list, tuple)):  # the models whose rows are wanted
+        wanted = set(keep_features)
+        features_of = {n: n in wanted for n in names}
+    else:
+        features_of = {n: bool(keep_features) for n in names}
+    features = any(features_of.values())
     kind = reference_kind(ref)
     if kind == "stats":
         if isinstance(ref, Stats):
@@ -314,13 +322,13 @@ def resolve_reference(
     if kind == "file":
         from .io_utils import sha256_file_cached
 
-        return _Ref({n: load_stats(spec, model=n, features=features) for n in names},
+        return _Ref({n: load_stats(spec, model=n, features=features_of[n]) for n in names},
                     {"kind": "file", "path": spec, "sha256": sha256_file_cached(spec)})
     if kind == "registry":
         from .references import get_reference, load_reference
 
         entry = get_reference(spec)  # raises UnknownReferenceError listing the known names
-        stats = {n: load_reference(spec, n, offline=offline, features=features) for n in names}
+        stats = {n: load_reference(spec, n, offline=offline, features=features_of[n]) for n in names}
         from .references import cached_path
 
         _note(opts, f"reference {spec} ({', '.join(names)}): statistics file {cached_path(spec) or entry.location}")
@@ -337,13 +345,13 @@ def resolve_reference(
     for ex, f in zip(extractors, files):
         if f is not None and f.is_file():
             try:
-                st = load_stats(f, model=ex.name, features=features)
+                st = load_stats(f, model=ex.name, features=features_of[ex.name])
             except StatsFormatError:
                 f.unlink(missing_ok=True)  # a damaged cache entry is rebuilt
                 continue
             # an entry made without feature rows cannot serve them; one that skipped images cannot serve a strict run
-            if (not features or st.features is not None) and (opts.skip_bad or not st.metadata["source"].get(
-                    "skipped")):
+            if (not features_of[ex.name] or st.features is not None) and (
+                    opts.skip_bad or not st.metadata["source"].get("skipped")):
                 out[ex.name] = st
     hits = [ex.name in out for ex in extractors]
     opts = opts.resolve()  # the source's statistics are computed (and merged over ranks) below
@@ -429,6 +437,15 @@ def evaluate_stats(gen: Mapping[str, Stats], ref: _Ref, *, allow_mismatch: bool 
         if g.n <= g.dim:
             warnings.append(f"{name}: N = {g.n} is not above the feature dimension {g.dim}; the covariance is "
                             "rank-deficient and FD is dominated by sample-size bias")
+        if wants_cmmd(name):
+            if g.features is None or r.features is None:
+                side = "generated set" if g.features is None else "reference"
+                warnings.append(f"{name}: no CMMD: the {side} has no {name} embeddings (build the reference with "
+                                f"`fd-eval stats SOURCE -o FILE -m {name}`, which keeps them)")
+            else:
+                res_c = cmmd_between(g, r, device=device)
+                results[name]["cmmd"] = res_c.cmmd
+                results[name]["cmmd_detail"] = res_c.to_dict()
     return results, warnings
 
 
@@ -475,20 +492,61 @@ def compute_fd(
                            keep_features, ref_features)
 
 
+@dataclass(frozen=True)
+class _Named:
+    """An extractor's name alone: all :func:`resolve_reference` needs of it for a registry name or a file."""
+
+    name: str
+
+
+def _check_planned(gen: ImageSource, exs: Sequence[Extractor], reference: _Ref) -> None:
+    """:func:`fd_eval.stats.check_compatible` of the statistics the extraction would make (the extractors'
+    metadata, the generated source as their origin) against a reference already read: StatsMismatchError before
+    any image is decoded, naming both files. The decode used (``--decode gpu``) is only known afterwards."""
+    for ex in exs:
+        ref = reference.stats.get(ex.name)
+        if ref is None:
+            continue
+        d = ex.feature_dim
+        planned = Stats(np.zeros(d), np.zeros((d, d)), 2, ex.metadata(), origin=str(gen.spec))
+        check_compatible(planned, ref)
+
+
 def _compute_fd(t0: float, opts: RunOptions, gen: ImageSource, ref: Any, models: ModelsArg, weights: WeightsArg,
                 num: int | None, seed: int | None, allow_mismatch: bool, ref_image_transform: str | None,
                 keep_features: bool, ref_features: bool | None) -> EvalResult:
     resolved = opts.resolve()
     dev, world_size = resolved.device, resolved.world_size
+    # CMMD (CLIP extractors) needs both sides' embeddings: kept for those models whatever keep_features says
+    cmmd_models = frozenset(n for n in (resolve_name(m) for m in ([models] if isinstance(models, str) else models))
+                            if wants_cmmd(n))
+    ref_keep = keep_features if ref_features is None else ref_features
+    ref_kw = dict(ref_image_transform=ref_image_transform, keep_features=True if ref_keep else cmmd_models)
+    t_ref = time.perf_counter()
+    reference = None
+    kind = reference_kind(ref)
+    if kind == "registry":
+        # cheap before expensive: a registry reference is read first, so that a gated reference's access check
+        # (and its download) fails before any extractor weights (1.2 GB for DINOv2-L) are downloaded
+        names = dict.fromkeys(resolve_name(m) for m in ([models] if isinstance(models, str) else models))
+        reference = resolve_reference(ref, [_Named(n) for n in names], options=opts, **ref_kw)  # type: ignore[misc]
+    t_ref = time.perf_counter() - t_ref
     exs = resolve_extractors(models, None, weights, resolved, dev)
     check_decode(opts.decode, exs, source_transform(ref_image_transform))
+    if reference is None and kind in ("file", "stats"):  # no extraction needed: read before the generated pass
+        t_ref = time.perf_counter()
+        reference = resolve_reference(ref, exs, options=opts, **ref_kw)
+        t_ref = time.perf_counter() - t_ref
+    if reference is not None and not allow_mismatch:  # refuse a mismatch (precision, weights) before extracting
+        _check_planned(gen, exs, reference)
     # the extractors are loaded in the options' mode: the passes below keep it
     run = resolved.replace(precision=None, compile=None)
-    t_ref = time.perf_counter()
-    reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run,
-                                  keep_features=keep_features if ref_features is None else ref_features)
-    t_ref = time.perf_counter() - t_ref
-    gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, keep_features=keep_features, options=run,
+    if reference is None:
+        t_ref = time.perf_counter()
+        reference = resolve_reference(ref, exs, options=run, **ref_kw)
+        t_ref = time.perf_counter() - t_ref
+    gen_stats = compute_stats(gen, extractors=exs, num=num, seed=seed, keep_features=keep_features or bool(
+                              cmmd_models), options=run,
                               label=progress_label("generated", getattr(gen, "spec", gen if isinstance(
                                   gen, (str, os.PathLike)) else "images"), exs))
     t_fd = time.perf_counter()

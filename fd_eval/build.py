@@ -544,13 +544,17 @@ def build_stats(
     progress, skip_bad, decode = opts.progress, opts.skip_bad, opts.decode
     say = log or (_stderr if progress else (lambda msg: None))
     out = Path(out)
-    check_outputs([source] if isinstance(source, (str, os.PathLike)) else [], {"-o/--output": out})
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
+    check_outputs({"SOURCE": source, "--weights": weights}, {"-o/--output": out}, {"--checkpoint-dir": ckpt})
     run = opts.resolve(collectives=False)  # ranks share the checkpoint folder; a process group is optional
     r, w, dist_on, dev = run.rank, run.world_size, run.group, run.device
     # a missing or unknown source (or a remote one offline) fails before any weights load
     src = open_source(source, skip_bad=skip_bad, offline=opts.offline)
     exs = resolve_extractors(models, extractors, weights, run, dev)  # under opts.offline
+    from .cmmd import wants_cmmd
+
+    # a CMMD reference (CLIP) is its embeddings: kept whatever keep_features says (and resumed as such)
+    keep_features = keep_features or any(wants_cmmd(ex.name) for ex in exs)
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)

@@ -852,6 +852,11 @@ def find_copies(
     from .distributed import barrier
 
     opts = make_options(options, kw, "find_copies")
+    from .preflight import check_outputs
+
+    check_outputs({"GEN": gen, "--train": train, "--test": test, "--weights": weights},
+                  {"--json": json_path, "--sheet": sheet},
+                  {"--save-features": save_features, "--checkpoint-dir": checkpoint_dir})  # before any work
     if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
         raise InputError(f"--top must be a positive integer, got {top_k!r}")
     if threshold is not None and not -1 <= threshold <= 1:

@@ -9,6 +9,27 @@ from __future__ import annotations
 class FDEvalError(Exception):
     """Base class of every error fd-eval raises on purpose."""
 
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_unwrap_worker_message(args[0], type(self).__name__),)
+        super().__init__(*args)
+
+
+def _unwrap_worker_message(msg: str, cls: str) -> str:
+    """The original one-line message of an error raised in a DataLoader worker.
+
+    torch re-raises a worker's exception in the main process as ``type(e)("Caught X in DataLoader worker process
+    0.\nOriginal Traceback ... X: <message>")``, which would print a traceback inside our one-line error; the
+    message is the text after ``X: `` on the traceback's last line.
+    """
+    if not (msg.startswith("Caught ") and "DataLoader worker" in msg and "\nOriginal Traceback" in msg):
+        return msg
+    for line in reversed(msg.rstrip().splitlines()):
+        for marker in (f"fd_eval.errors.{cls}: ", f"{cls}: "):
+            if line.startswith(marker):
+                return line[len(marker):]
+    return msg
+
 
 # --- inputs -------------------------------------------------------------------------------------
 class InputError(FDEvalError, ValueError):
@@ -29,6 +50,16 @@ class InputRangeError(InputError):
 
 class EmptySourceError(InputError):
     """A source that holds no images (empty directory, empty tar, empty array)."""
+
+
+class TooFewImagesError(EmptySourceError):
+    """Fewer usable images than the statistics need (a covariance needs 2), e.g. once ``--skip-bad`` skipped the
+    rest. The message names the source and its accounting; ``inputs`` holds the accounting as a dict (found, used,
+    skipped with every skipped item's name and reason, ignored), which the CLI prints before the error."""
+
+    def __init__(self, message: str, inputs: dict | None = None) -> None:
+        super().__init__(message)
+        self.inputs = inputs
 
 
 class SourceError(InputError):

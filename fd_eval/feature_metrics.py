@@ -35,6 +35,7 @@ import torch
 
 from .errors import InputError
 from .frechet import pick_device
+from .threads import with_linalg_threads
 
 ArrayLike = Any  # numpy array or torch tensor, (N, D)
 
@@ -144,6 +145,7 @@ def _kth_radii(x: torch.Tensor, xx: torch.Tensor, k: int, out_dtype: torch.dtype
     return out
 
 
+@with_linalg_threads
 def prdc(
     real: ArrayLike,
     fake: ArrayLike,
@@ -233,6 +235,7 @@ def prdc(
 
 
 # --- MMD --------------------------------------------------------------------------------------------------
+@with_linalg_threads
 def mmd_subsets(
     real: ArrayLike,
     fake: ArrayLike,
@@ -291,6 +294,7 @@ def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, degree: int, gamma: float, 
     return ((sxx - dxx) + (syy - dyy)) / (m * (m - 1)) - 2.0 * sxy / (m * m)
 
 
+@with_linalg_threads
 def mmd(
     real: ArrayLike,
     fake: ArrayLike,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidStatsError
+from .threads import linalg_threads
 
 ArrayLike = Any  # numpy array or torch tensor
 
@@ -161,42 +162,44 @@ def frechet_distance_breakdown(
         InvalidStatsError: mismatched shapes, NaN/Inf, a clearly non-symmetric or non-PSD sigma.
     """
     dev = pick_device(mu1, sigma1, mu2, sigma2, device=device)
-    m1, s1, m2, s2 = (as_f64(x, dev) for x in (mu1, sigma1, mu2, sigma2))
-    a1 = check_inputs(m1, s1, "statistics 1")
-    a2 = check_inputs(m2, s2, "statistics 2")
-    if m1.shape != m2.shape:
-        raise InvalidStatsError(
-            f"feature dimensions differ: {m1.shape[0]} vs {m2.shape[0]}; both statistics must come from the "
-            "same extractor"
+    # threads for the problem size and the cores free now (fd_eval.threads): never slower than one thread
+    with linalg_threads(int(np.shape(mu1)[-1]) if np.ndim(mu1) else 0, dev):
+        m1, s1, m2, s2 = (as_f64(x, dev) for x in (mu1, sigma1, mu2, sigma2))
+        a1 = check_inputs(m1, s1, "statistics 1")
+        a2 = check_inputs(m2, s2, "statistics 2")
+        if m1.shape != m2.shape:
+            raise InvalidStatsError(
+                f"feature dimensions differ: {m1.shape[0]} vs {m2.shape[0]}; both statistics must come from the "
+                "same extractor"
+            )
+        f1 = factor_covariance(s1, "statistics 1", storage_eps(sigma1))
+        f2 = factor_covariance(s2, "statistics 2", storage_eps(sigma2))
+        diff = m1 - m2
+        fd_mean = float(diff @ diff)
+        if f1.rank and f2.rank:
+            tr_sqrt = float(torch.linalg.svdvals(f1.b.T @ f2.b).sum())
+        else:
+            tr_sqrt = 0.0
+        tr1, tr2 = float(f1.trace), float(f2.trace)
+        # The Bures term is >= 0 in exact arithmetic; rounding may leave ~-1e-13 when S1 == S2.
+        fd_cov = max(tr1 + tr2 - 2.0 * tr_sqrt, 0.0)
+        return FDResult(
+            fd=fd_mean + fd_cov,
+            fd_mean=fd_mean,
+            fd_cov=fd_cov,
+            trace1=tr1,
+            trace2=tr2,
+            trace_sqrt=tr_sqrt,
+            dim=int(m1.shape[0]),
+            rank1=f1.rank,
+            rank2=f2.rank,
+            clipped1=f1.clipped,
+            clipped2=f2.clipped,
+            asymmetry1=a1,
+            asymmetry2=a2,
+            method1=f1.method,
+            method2=f2.method,
         )
-    f1 = factor_covariance(s1, "statistics 1", storage_eps(sigma1))
-    f2 = factor_covariance(s2, "statistics 2", storage_eps(sigma2))
-    diff = m1 - m2
-    fd_mean = float(diff @ diff)
-    if f1.rank and f2.rank:
-        tr_sqrt = float(torch.linalg.svdvals(f1.b.T @ f2.b).sum())
-    else:
-        tr_sqrt = 0.0
-    tr1, tr2 = float(f1.trace), float(f2.trace)
-    # The Bures term is >= 0 in exact arithmetic; rounding may leave ~-1e-13 when S1 == S2.
-    fd_cov = max(tr1 + tr2 - 2.0 * tr_sqrt, 0.0)
-    return FDResult(
-        fd=fd_mean + fd_cov,
-        fd_mean=fd_mean,
-        fd_cov=fd_cov,
-        trace1=tr1,
-        trace2=tr2,
-        trace_sqrt=tr_sqrt,
-        dim=int(m1.shape[0]),
-        rank1=f1.rank,
-        rank2=f2.rank,
-        clipped1=f1.clipped,
-        clipped2=f2.clipped,
-        asymmetry1=a1,
-        asymmetry2=a2,
-        method1=f1.method,
-        method2=f2.method,
-    )
 
 
 def frechet_distance(

@@ -141,12 +141,30 @@ def atomic_path(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        if isinstance(e, OSError) and not isinstance(e, FDEvalError):
-            err = OutputError(f"cannot write {what} {path} ({_os_reason(e)}); nothing was written. Free space or "
-                              "choose a writable location")
-            err.errno = e.errno
+        os_error = e if isinstance(e, OSError) else _serialiser_os_error(e)
+        if os_error is not None and not isinstance(e, FDEvalError):
+            err = OutputError(f"cannot write {what} {path} ({_os_reason(os_error)}); nothing was written. Free "
+                              "space or choose a writable location")
+            err.errno = os_error.errno
             raise err from e
         raise
+
+
+# What serialisers that do their own I/O (safetensors' Rust writer raises SafetensorError, not OSError) say for the
+# OS errors a write meets; mapped back to the errno so the message and ``OutputError.errno`` are the usual ones.
+_IO_MESSAGES = {"no space left on device": _errno.ENOSPC, "read-only file system": _errno.EROFS,
+                "permission denied": _errno.EACCES, "disk quota exceeded": _errno.EDQUOT,
+                "file too large": _errno.EFBIG, "input/output error": _errno.EIO}
+
+
+def _serialiser_os_error(e: BaseException) -> OSError | None:
+    """The OSError a serialiser's own exception stands for (safetensors' SafetensorError with "No space left on
+    device"), or None when it is not an I/O failure."""
+    if type(e).__name__ != "SafetensorError":
+        return None
+    text = str(e).lower()
+    code = next((c for m, c in _IO_MESSAGES.items() if m in text), _errno.EIO)
+    return OSError(code, os.strerror(code))
 
 
 def _umask() -> int:

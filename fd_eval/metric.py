@@ -38,6 +38,7 @@ from .api import (
     resolve_reference,
     run_provenance,
 )
+from .cmmd import wants_cmmd
 from .errors import FDEvalError, InputError, InputRangeError, StatsMismatchError
 from .extractors import DEFAULT_EXTRACTOR, Extractor
 from .moments import MomentAccumulator
@@ -237,8 +238,10 @@ class FDMetric:
         self.extractors = resolve_extractors(models, extractors, weights, run, self.device)
         place_extractors(self.extractors, self.device, None, streaming=True)
         # the reference (when an image source) is computed with these extractors, sharded over the ranks
+        # CMMD (CLIP extractors) needs both sides' rows: kept for those models whatever keep_features says
+        self._cmmd = frozenset(ex.name for ex in self.extractors if wants_cmmd(ex.name))
         self._ref = resolve_reference(ref, self.extractors, ref_image_transform=ref_image_transform,
-                                      keep_features=keep_features,
+                                      keep_features=True if keep_features else self._cmmd,
                                       options=run.replace(progress=False, precision=None, compile=None))
         self._check_reference()
         self._pool: ThreadPoolExecutor | None = None
@@ -248,7 +251,8 @@ class FDMetric:
     # --- state -----------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget every image seen (the extractors and the reference stay loaded)."""
-        self._accs = [MomentAccumulator(ex.feature_dim, self.device, keep_features=self.keep_features)
+        self._accs = [MomentAccumulator(ex.feature_dim, self.device,
+                                        keep_features=self.keep_features or ex.name in self._cmmd)
                       for ex in self.extractors]
         self.updates = 0  # update() calls with at least one image
         # [first bad float update (-1: none), its min, its max, global min, global max], float64 on the device

@@ -69,6 +69,33 @@ OPTION_HELP: dict[str, str] = {
 }
 
 
+@dataclass(frozen=True)
+class CliFlag:
+    """How one :class:`RunOptions` field appears on the command line (the CLI's options are generated from
+    :data:`CLI_FLAGS`; help texts from :data:`OPTION_HELP`)."""
+
+    field: str
+    decls: tuple[str, ...]  # click declarations, e.g. ("--quiet", "-q") or ("--compile/--no-compile",)
+    type: Any = None  # int, or a tuple of choices; None: a flag (bool)
+    default: Any = None  # the CLI's default (shown when show_default)
+    show_default: bool = False
+    inverted: bool = False  # the flag sets the field to False (--quiet -> progress=False)
+
+
+CLI_FLAGS: tuple[CliFlag, ...] = (
+    CliFlag("device", ("--device",), str, "auto", True),
+    CliFlag("batch_size", ("--batch-size",), int),
+    CliFlag("num_workers", ("--num-workers",), int),
+    CliFlag("resize", ("--resize",), RESIZES),
+    CliFlag("precision", ("--precision",), PRECISIONS, "exact", True),
+    CliFlag("compile", ("--compile/--no-compile",)),
+    CliFlag("decode", ("--decode",), DECODES, "pil", True),
+    CliFlag("skip_bad", ("--skip-bad",), default=False),
+    CliFlag("progress", ("--quiet", "-q"), default=False, inverted=True),
+    CliFlag("offline", ("--offline",)),
+)
+
+
 def _check_device(device: Any) -> None:
     if device is None or isinstance(device, torch.device) and device.type == "cpu":
         return

@@ -448,14 +448,29 @@ def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], so
     src = {"spec": source.spec, "n": extraction.n_images, "skipped": len(extraction.skipped),
            **(source_info or {})}
     # what happened to every candidate entry (found / used / skipped / ignored): no input is dropped unlisted
-    src["inputs"] = InputAccounting.build(source, extraction.skipped, extraction.n_images).to_dict()
+    acc_in = InputAccounting.build(source, extraction.skipped, extraction.n_images)
+    src["inputs"] = acc_in.to_dict()
     files = getattr(getattr(source, "parent", None) or source, "provenance", None)
     if callable(files):  # remote files: URL, size, ETag, revision (the Hub commit), sha256 when read
         src["files"] = files()
+    if extraction.n_images < 2 and extractors:  # before the covariance's bare "needs at least 2 samples"
+        from .errors import TooFewImagesError
+
+        fix = "fix or replace the skipped files listed with this error" if extraction.skipped else "add images"
+        raise TooFewImagesError(f"{acc_in.summary()}; statistics need at least 2 images: {fix}",
+                                {str(source.spec): src["inputs"]})
     out = {}
     for ex, acc in zip(extractors, extraction.accumulators):
         meta = {**ex.metadata(), "source": src, **env}
         if extraction.decode != DECODE_PIL_RGB:
             meta["preprocess"] = {**meta["preprocess"], "decode": extraction.decode}
-        out[ex.name] = Stats.from_accumulator(acc, meta)
+        if not (bool(torch.isfinite(acc.mean).all()) and bool(torch.isfinite(acc.m2).all())):
+            from .errors import InvalidStatsError
+
+            raise InvalidStatsError(f"{source.spec}: the {ex.name} features of these images hold NaN or Inf; the "
+                                    "weights or the precision mode are at fault, not the images: check --weights "
+                                    "and use --precision exact")
+        st = Stats.from_accumulator(acc, meta)
+        st.origin = str(source.spec)  # mismatch messages name the images, not "<memory>"
+        out[ex.name] = st
     return out

@@ -14,6 +14,9 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's normalisation (CLIP ``_transform``; open_clip OPENAI_DATASET_MEAN/STD; scenic ``normalize_image``)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DECODE_PIL_RGB = "PIL.Image.open(f).convert('RGB')"
 
@@ -43,9 +46,19 @@ class PreprocessSpec:
     align_corners: bool = False
     model_dtype: str = "float32"
     reference: str = ""
+    scale_first: bool | None = None
+
+    @property
+    def scales_before_resize(self) -> bool:
+        """Whether ``/ scale`` comes before a ``"torch"`` resize (see the class docstring)."""
+        if self.scale_first is not None:
+            return bool(self.scale_first)
+        return self.resize_library == "torch" and not self.antialias
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["scale_first"] is None:  # the default rule: not written, so records made before the field agree
+            del d["scale_first"]
         d["size"] = list(self.size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
@@ -87,26 +100,62 @@ def pil_resize(img: Image.Image, size: tuple[int, int], resize_filter: str = "bi
     return img.resize((w, h), _PIL_FILTERS[resize_filter])
 
 
-def center_crop_square(img: Image.Image) -> Image.Image:
-    """Crop the central square whose side is the shorter image side (GPIC App. B.1, torchvision rounding)."""
-    w, h = img.size
+CROPS = ("none", "center-square", "center-square-floor")
+
+
+def crop_box(w: int, h: int, crop: str) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of ``crop`` (:data:`CROPS`) in a ``w x h`` image; None for ``"none"``.
+
+    ``center-square``: torchvision ``CenterCrop`` rounding (``round((w - s) / 2)``); ``center-square-floor``:
+    google-research cmmd ``io_util._center_crop_and_resize`` (``(w - s) // 2``). They differ by one pixel when
+    ``w - s`` is odd.
+    """
+    if crop == "none":
+        return None
     s = min(w, h)
-    left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
-    return img.crop((left, top, left + s, top + s))
+    if crop == "center-square":
+        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+    elif crop == "center-square-floor":
+        left, top = (w - s) // 2, (h - s) // 2
+    else:
+        from .errors import FDEvalError
+
+        raise FDEvalError(f"unknown crop {crop!r}; choose one of {', '.join(CROPS)}")
+    return left, top, left + s, top + s
+
+
+def center_crop_square(img: Image.Image, crop: str = "center-square") -> Image.Image:
+    """Crop the central square whose side is the shorter image side (GPIC App. B.1, torchvision rounding;
+    ``crop="center-square-floor"``: cmmd's floor rule)."""
+    box = crop_box(*img.size, crop)
+    return img if box is None or box == (0, 0, *img.size) else img.crop(box)
+
+
+def crop_tensor(x: torch.Tensor, crop: str) -> torch.Tensor:
+    """:func:`center_crop_square` on a (..., H, W) tensor: the same pixels (a crop selects, it never computes)."""
+    box = crop_box(x.shape[-1], x.shape[-2], crop)
+    if box is None:
+        return x
+    left, top, right, bottom = box
+    return x[..., top:bottom, left:right]
 
 
 @dataclass(frozen=True)
 class HostPrepare:
     """The per-image host step of an extractor, as a small picklable callable for DataLoader workers.
 
-    PIL RGB image -> uint8 (3, H, W): Pillow resize to ``size`` when given (reference protocols that resize
-    with Pillow), else the image unchanged (protocols that resize on the device).
+    PIL RGB image -> uint8 (3, H, W): the spec's crop (always on the host: it makes a batch's images one
+    size), then Pillow resize to ``size`` when given (reference protocols that resize with Pillow), else the
+    image otherwise unchanged (protocols that resize on the device).
     """
 
     size: tuple[int, int] | None
     resize_filter: str = "bicubic"
+    crop: str = "none"
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.crop != "none":
+            img = center_crop_square(img, self.crop)
         if self.size is not None:
             img = pil_resize(img, self.size, self.resize_filter)
         return pil_to_tensor(img)

@@ -297,8 +297,18 @@ def canonical_model(model: str) -> str:
 
 # --- registry files -------------------------------------------------------------------------------------
 def user_registry_path() -> Path:
-    """``{config_dir()}/references.json``: the user's own entries."""
-    return config_dir() / "references.json"
+    """``{config_dir()}/references.json``: the user's own entries. Raises :class:`UnknownReferenceError` (one line)
+    when the configuration folder is a file or the registry file a folder."""
+    folder = config_dir()
+    where = "set by FD_EVAL_CONFIG" if os.environ.get("FD_EVAL_CONFIG") else "the default configuration folder"
+    if folder.exists() and not folder.is_dir():
+        raise UnknownReferenceError(f"{folder} ({where}) is a file, not a folder; the user reference registry lives "
+                                    "in a folder: point FD_EVAL_CONFIG at a folder (or move the file away)")
+    path = folder / "references.json"
+    if path.is_dir():
+        raise UnknownReferenceError(f"{path} is a folder; the user reference registry is a JSON file: remove or "
+                                    "rename that folder")
+    return path
 
 
 @lru_cache(maxsize=1)
@@ -329,6 +339,9 @@ def _user_entries() -> dict[str, Reference]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    except OSError as e:  # unreadable (permissions, I/O): one line, not a traceback
+        raise UnknownReferenceError(f"{path}: cannot read the user reference registry ({e.strerror or e}); fix its "
+                                    "permissions or point FD_EVAL_CONFIG at another folder") from None
     return _parse_registry(text, str(path), builtin=False)
 
 

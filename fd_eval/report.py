@@ -77,7 +77,15 @@ def read_input(item: "str | os.PathLike | dict[str, Any]", index: int = 0, label
         path = os.fspath(item)
         try:
             with open(path, encoding="utf-8") as f:
-                doc = json.load(f)
+                text = f.read()
+            depth = json_depth(text)
+            if depth > MAX_JSON_DEPTH:
+                raise InputError(f"{path}: JSON nested {depth} levels deep; fd-eval results never nest deeper than "
+                                 f"{MAX_JSON_DEPTH}, so this is not an fd-eval result: pass the JSON written by "
+                                 "`fd-eval compute --json`")
+            doc = json.loads(text)
+        except InputError:
+            raise
         except FileNotFoundError:
             raise InputError(f"{path}: no such file; pass the JSON written by `fd-eval compute --json` "
                              "(or FDMetric.compute(), `fd-eval copies --json`)") from None
@@ -106,6 +114,22 @@ def read_input(item: "str | os.PathLike | dict[str, Any]", index: int = 0, label
         label = Path(path).stem if path else str(gen.get("spec") or f"result {index + 1}")
     return ReportInput(doc, "copies" if copies else "fd", label, step,
                        Path(path).resolve().parent if path else None, path)
+
+
+# Results documents nest about 8 levels (provenance > extractors > model > preprocess > ...); a file nested deeper
+# than this is refused before parsing (Python's json recursion would end in a RecursionError traceback).
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of arrays/objects in JSON ``text`` (strings skipped); a linear scan, no recursion."""
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _plain(o: Any) -> Any:
@@ -450,14 +474,20 @@ def _result_section(inp: ReportInput, i: int, thumbs: int, seed: int, compact: b
         out.append(f'<p class="sub">generated: {_esc(gen.get("spec", "?"))} · reference: {_esc(ref_name)}'
                    + (f' · device: {_esc(prov["device"])}' if prov.get("device") else "") + "</p>")
     out.append(_warnings(doc))
+    cmmd = any(r.get("cmmd") is not None for r in rows)  # CLIP models: CMMD beside FD
     out.append(_table(
-        ["model", "FD", "mean term", "cov term", "N", "N ref", "published floor", "independent-sample floor (est.)",
-         "bootstrap interval"],
-        [[_esc(r["model"]), f'<b class="fd">{_num(r.get("fd"))}</b>', _num(r.get("fd_mean")),
-          _num(r.get("fd_cov")), _int(r.get("n")), _int(r.get("n_ref")), _floor_cell(r),
-          _num(r.get("floor_independent_estimate"), 2) if r.get("floor_independent_estimate") is not None else "-",
-          _ci_cell(r)] for r in rows]))
+        ["model", "FD"] + (["CMMD"] if cmmd else []) + ["mean term", "cov term", "N", "N ref", "published floor",
+                                                        "independent-sample floor (est.)", "bootstrap interval"],
+        [[_esc(r["model"]), f'<b class="fd">{_num(r.get("fd"))}</b>']
+         + ([_num(r.get("cmmd")) if r.get("cmmd") is not None else "-"] if cmmd else [])
+         + [_num(r.get("fd_mean")), _num(r.get("fd_cov")), _int(r.get("n")), _int(r.get("n_ref")), _floor_cell(r),
+            _num(r.get("floor_independent_estimate"), 2) if r.get("floor_independent_estimate") is not None else "-",
+            _ci_cell(r)] for r in rows]))
     notes = []
+    if cmmd:
+        notes.append("CMMD (Jayasumana et al. 2024): MMD² of CLIP ViT-L/14@336 embeddings, Gaussian kernel sigma = 10, "
+                     "biased estimator, times 1000, as google-research cmmd; every image is used "
+                     "(docs/metrics-cmmd-clipscore.md).")
     if any(r.get("floor") is not None for r in rows):
         notes.append("Published floor: the FD of real images of the same N against this reference, what a perfect "
                      "generator scores (not 0). <i>subset</i>: the published real sample is part of the reference, "

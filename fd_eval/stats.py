@@ -43,6 +43,13 @@ _IGNORED_SPEC_FIELDS = {"reference"}
 # No npz member of a statistics file is larger (1M x 1024 float32 embeddings are 4 GiB); a header claiming more is
 # refused before anything is allocated.
 MAX_NPZ_MEMBER_BYTES = 1 << 36
+# The widest feature dimension a statistics file may have (known extractors: at most 2048): mu/sigma/feature arrays
+# are refused from their headers above it, before anything is allocated (a 4096-d sigma is 128 MiB of float64).
+# $FD_EVAL_MAX_STATS_DIM raises it for a wider custom extractor.
+DEFAULT_MAX_STATS_DIM = 4096
+# The image count n of a statistics file, in either format: a positive whole number (an integral float such as 8.0
+# counts) up to 2**53, beyond which a float64 cannot hold every integer and no image set is that large.
+MAX_N = 1 << 53
 # Deflate cannot expand more than ~1032:1, so a compressed member claiming more is damaged or crafted.
 _DEFLATE_MAX_RATIO = 1032
 # Float dtypes a covariance may have been stored in (the FD's rank threshold depends on it, see frechet._factor).
@@ -166,10 +173,18 @@ def _float_dtype_name(dtype: Any, origin: str) -> str:
 # --- writing ------------------------------------------------------------------------------------------
 def save_stats(path: str | os.PathLike, stats: Iterable[Stats] | Mapping[str, Stats],
                include_features: bool = True) -> Path:
-    """Write several statistics (one section per extractor) to one safetensors file, atomically."""
+    """Write several statistics (one section per extractor) to one safetensors file, atomically.
+
+    Sections of CMMD extractors (CLIP) saved with feature rows also get CMMD's reference self-term
+    (:func:`fd_eval.cmmd.annotate_reference`, metadata ``cmmd``; N² kernel evaluations, once per file)."""
     from safetensors.numpy import save_file
 
+    from .cmmd import annotate_reference
+
     items = list(stats.values()) if isinstance(stats, Mapping) else list(stats)
+    if include_features:
+        for s in items:
+            annotate_reference(s)
     tensors: dict[str, np.ndarray] = {}
     sections: dict[str, Any] = {}
     string_extras: set[str] = set()
@@ -272,7 +287,10 @@ def _load_safetensors(path: Path, features: bool = True) -> dict[str, Stats]:
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in f.keys() if features or not k.endswith(".features")}
+            keys = [k for k in f.keys() if features or not k.endswith(".features")]
+            for k in keys:  # from the header, before any array is read
+                _check_dims(path, k, tuple(f.get_slice(k).get_shape()))
+            arrays = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError) as e:
         raise StatsFormatError(f"{path}: corrupt or truncated safetensors file ({e}); download or rebuild it") from e
     header = _parse_metadata(path, meta)
@@ -295,7 +313,7 @@ def _load_safetensors(path: Path, features: bool = True) -> dict[str, Stats]:
             if key in arrays:
                 _check_numeric(path, key, arrays[key])
         smeta = dict(smeta)
-        n = smeta.pop("n")
+        n = valid_n(smeta.pop("n"))
         storage = smeta.pop("storage_dtype", None)
         out[name] = Stats(mu, sigma, n, smeta, features=arrays.get(f"{name}.features"), extras=dict(extras),
                           origin=str(path), storage_dtype=storage or sigma.dtype.name)
@@ -328,8 +346,8 @@ def _parse_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
         if not isinstance(sec, dict):
             raise bad(f"section {name!r} is {type(sec).__name__}, expected an object")
         n = sec.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise bad(f"section {name!r} has n = {n!r}, expected a positive integer")
+        if valid_n(n) is None:
+            raise bad(f"section {name!r} has n = {n!r}, expected a whole number from 1 to 2**53")
         for key in ("extractor", "weights_sha256", "created"):
             if sec.get(key) is not None and not isinstance(sec[key], str):
                 raise bad(f"section {name!r}: {key!r} must be a string, got {type(sec[key]).__name__}")
@@ -388,6 +406,7 @@ def npz_members(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.
                 if dtype.hasobject:
                     raise StatsFormatError(f"{where} holds pickled Python objects; fd-eval never unpickles. Save it "
                                            "as a plain numeric/string array")
+                _check_dims(path, key, tuple(shape))
                 nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
                 if header_len + nbytes != info.file_size:
                     raise StatsFormatError(f"{where}: its header claims shape {tuple(shape)} {dtype} ({nbytes} bytes) "
@@ -399,14 +418,46 @@ def npz_members(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.
     return out
 
 
+def valid_n(v: Any) -> int | None:
+    """The image count ``n`` under the one rule of both formats (safetensors metadata, npz arrays): an int, or a
+    float holding a whole number (8.0), from 1 to :data:`MAX_N`; None for anything else (bool, NaN, 2.5, 1e30)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        return None
+    return int(v) if 1 <= v <= MAX_N else None
+
+
+def max_stats_dim() -> int:
+    """The feature-dimension limit of statistics files: ``$FD_EVAL_MAX_STATS_DIM`` or :data:`DEFAULT_MAX_STATS_DIM`
+    (0: no limit)."""
+    from .sources.base import env_int
+
+    v = env_int("FD_EVAL_MAX_STATS_DIM")
+    return DEFAULT_MAX_STATS_DIM if v is None else (v or 1 << 62)
+
+
+def _check_dims(path: Path, key: str, shape: tuple[int, ...]) -> None:
+    """Refuse, from a header's shape, a statistics array wider than :func:`max_stats_dim` (mu: (D,), sigma: (D, D),
+    features/embeddings: (N, D))."""
+    name = key.rsplit(".", 1)[-1].rsplit("_", 1)[-1]
+    dims = shape if name in ("mu", "sigma") else shape[1:] if name in ("features", "embeddings") else ()
+    cap = max_stats_dim()
+    if any(int(d) > cap for d in dims):
+        raise StatsFormatError(f"{path}: array {key!r} has shape {tuple(shape)}: a feature dimension above the limit "
+                               f"of {cap}; the file is damaged or crafted (for a wider extractor set "
+                               "FD_EVAL_MAX_STATS_DIM=N, 0 = no limit)")
+
+
 def _npz_n(path: Path, key: str, a: np.ndarray) -> int:
-    """The image count stored as an npz array: exactly one finite, integral, positive number."""
+    """The image count stored as an npz array: exactly one number obeying :func:`valid_n`."""
     v = a.reshape(-1)[0].item() if a.size == 1 and a.ndim <= 1 and a.dtype.kind in "iuf" else None
-    if v is None or not math.isfinite(v) or v != int(v) or v < 1:
+    n = valid_n(v)
+    if n is None:
         got = f"shape {a.shape} {a.dtype}" if v is None else repr(v)
-        raise StatsFormatError(f"{path}: array {key!r} must hold the number of images as one positive integer, got "
-                               f"{got}; fix or remove it")
-    return int(v)
+        raise StatsFormatError(f"{path}: array {key!r} must hold the number of images as one whole number from 1 to "
+                               f"2**53, got {got}; fix or remove it")
+    return n
 
 
 def _load_npz(path: Path, features: bool = True) -> dict[str, Stats]:
@@ -570,11 +621,22 @@ def compare_stats(a: Stats, b: Stats, allow_mismatch: bool = False,
     """
     warnings = check_compatible(a, b, allow_mismatch=allow_mismatch)
     warnings += [w for w in (near_constant_warning(s) for s in (a, b)) if w]
+    warnings += [w for w in (coarse_storage_warning(s) for s in (a, b)) if w]
     try:
         res = frechet_distance_breakdown(a.mu, a.sigma_as_stored(), b.mu, b.sigma_as_stored(), device=device)
     except InvalidStatsError as e:
         raise InvalidStatsError(f"{a.origin} vs {b.origin}: {e}") from e
     return res, warnings
+
+
+def coarse_storage_warning(s: Stats) -> str | None:
+    """A warning for a sigma stored as float16 (either format; bfloat16 counts): about 3 significant digits, so FD
+    can move in its second decimal. Such files are used (the rank threshold follows the storage precision), never
+    silently."""
+    if s.storage_dtype != "float16":
+        return None
+    return (f"{s.origin}: sigma is stored as float16 (about 3 significant digits); FD from it can differ from a "
+            "float32/float64 file in the second decimal: re-save the statistics as float32 or float64")
 
 
 def near_constant_warning(s: Stats, rel: float = NEAR_ZERO_VARIANCE) -> str | None:

@@ -27,6 +27,7 @@ import torch
 from .errors import InputError
 from .frechet import CovFactor, as_f64, check_inputs, factor_covariance, pick_device, storage_eps
 from .moments import MomentAccumulator
+from .threads import with_linalg_threads
 
 ArrayLike = Any  # numpy array or torch tensor
 RefLike = Any  # fd_eval.Stats, or a (mu (D,), sigma (D, D)) pair
@@ -136,6 +137,7 @@ def default_ns(n_total: int, dim: int, num: int = 10) -> list[int]:
     return ns
 
 
+@with_linalg_threads
 def fd_infinity(
     gen_features: ArrayLike,
     ref: RefLike,
@@ -252,6 +254,7 @@ class BootstrapResult:
         return d
 
 
+@with_linalg_threads
 def bootstrap_fd(
     gen_features: ArrayLike,
     ref: RefLike,

@@ -1,6 +1,7 @@
 """Run ``fd-eval`` with DINOv2 built DEPTH blocks deep and a deterministic kill: ``python _copies_cli.py DEPTH
-ARGS...``; with ``FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS=K`` the process sends itself SIGKILL right after its K-th
-training unit file of ``fd-eval copies`` is saved (no timing: the same point on any machine)."""
+ARGS...``; with ``FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS=K`` (or ``K:SIGNAME``) the process sends itself SIGKILL (or
+SIGNAME) right after its K-th training unit file of ``fd-eval copies`` is saved (no timing: the same point on any
+machine)."""
 import functools
 import os
 import signal
@@ -11,14 +12,15 @@ import fd_eval.extractors.dinov2 as dv
 
 dv._build_extractor = functools.partial(dv._build_extractor, _depth=int(sys.argv.pop(1)))
 if os.environ.get("FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"):
-    k, real, calls = int(os.environ["FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"]), cp.save_unit_file, []
+    k_sig = (os.environ["FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"] + ":SIGKILL").split(":")
+    k, sig, real, calls = int(k_sig[0]), getattr(signal, k_sig[1]), cp.save_unit_file, []
 
     def save(path, header, tensors, *meta_key):
         real(path, header, tensors, *meta_key)
         if os.path.basename(path).startswith("train-"):
             calls.append(path)
             if len(calls) == k:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), sig)
 
     cp.save_unit_file = save
 

@@ -10,9 +10,11 @@ import signal
 import sys
 
 import fd_eval.build as build
+import fd_eval.extractors.clip as cl
 import fd_eval.extractors.dinov2 as dv
 
 dv._build_extractor = functools.partial(dv._build_extractor, _depth=int(sys.argv.pop(1)))
+cl._build = functools.partial(cl._build, _depth=dv._build_extractor.keywords["_depth"])
 
 
 def _signal_after_units(spec: str) -> None:

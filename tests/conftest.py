@@ -15,6 +15,10 @@ for _var, _sub in {"FD_EVAL_CACHE": "cache", "FD_EVAL_CONFIG": "config", "HF_HOM
                    "XDG_CACHE_HOME": "xdg_cache", "MPLCONFIGDIR": "matplotlib"}.items():
     os.environ[_var] = str(_SESSION_HOME / _sub)
 os.environ["HF_HUB_OFFLINE"] = os.environ["FD_EVAL_OFFLINE"] = "1"
+# The FD step's thread count follows the machine's load (fd_eval.threads), and a different count may change an FD's
+# last bits; tests that compare two FDs exactly must not depend on the load between them (the rule has its own
+# tests, which set this variable themselves).
+os.environ["FD_EVAL_LINALG_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -502,3 +502,94 @@ def test_fuzz_decode_is_pil_or_bad_image_error(data):
         assert isinstance(e.value, FDEvalError) and "\n" not in str(e.value) and "fuzz.png" in str(e.value)
     else:
         np.testing.assert_array_equal(np.asarray(decode_image(data, "fuzz.png")), expected)
+
+
+# --- issue 23 §5: an error raised in a DataLoader worker reaches the user as its own one line -------------------
+def test_worker_error_is_the_original_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import fd_eval
+    import fd_eval.api as api
+    from fd_eval.cli import main
+    from test_accounting import PixelExtractor
+
+    np.savez_compressed(tmp_path / "a.npz", photo_crops(40, 32, 32, seed=1))
+    b = bytearray((tmp_path / "a.npz").read_bytes())
+    for i in range(len(b) // 2, len(b) // 2 + 2000):  # damage the deflate stream, keep the zip directory
+        b[i] ^= 0x5A
+    bad = tmp_path / "c.npz"
+    bad.write_bytes(bytes(b))
+    with pytest.raises(BadArrayError) as e:
+        fd_eval.compute_stats(bad, extractors=[PixelExtractor()], num_workers=1, progress=False, batch_size=4)
+    msg = one_line_error(e, f"{bad}[arr_0]", "re-save it")
+    rest = msg.replace(str(tmp_path), "")
+    assert "Caught" not in rest and "Traceback" not in rest and "worker" not in rest
+    monkeypatch.setattr(api, "load_extractors", lambda *a, **k: [PixelExtractor()])
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, photo_crops(8, 32, 32, seed=2))
+    r = CliRunner().invoke(main, ["compute", str(bad), "--ref", str(ref), "--num-workers", "1", "--device", "cpu",
+                                  "-q", "--batch-size", "4"])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: {bad}[arr_0]: cannot decompress"), r.output
+    assert r.output.count("\n") == 1, r.output
+
+
+# --- issue 23 §6: bounded memory for hostile archives -------------------------------------------------------------
+def test_zip_and_tar_members_refused_from_declared_size_at_the_default_limit(tmp_path):
+    from fd_eval.sources.base import DEFAULT_MAX_ITEM_BYTES
+
+    assert DEFAULT_MAX_ITEM_BYTES == 256 << 20
+    big = 300 << 20
+    z = tmp_path / "bomb.zip"  # a few hundred KB holding a 300 MB member of zeros (written in chunks)
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ok.png", encode(IMG))
+        with zf.open("big.png", "w", force_zip64=True) as f:
+            for _ in range(big >> 22):
+                f.write(bytes(1 << 22))
+    assert z.stat().st_size < 2_000_000
+    src = open_source(z)
+    with pytest.raises(BadImageError) as e:
+        src.load(src.names.index("big.png"))
+    one_line_error(e, "big.png", f"{big} bytes exceeds the per-item limit of {256 << 20} bytes")
+    t = tmp_path / "lying.tar"  # a tar header declaring 300 MB, then the data: refused from the header
+    with open(t, "wb") as f:
+        ti = tarfile.TarInfo("big.png")
+        ti.size = big
+        f.write(ti.tobuf())
+        f.truncate(512 + big + 1024)  # sparse: the data is holes, never written nor read
+    with pytest.raises(BadImageError) as e:
+        open_source(t).load(0)
+    one_line_error(e, "lying.tar:big.png", "exceeds the per-item limit")
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "folder"])
+def test_is_it_an_image_reads_only_the_head(tmp_path, monkeypatch, kind):
+    """A 3 MB member that is not an image is refused after its first 1 MiB; a 3 MB real image still decodes."""
+    from fd_eval.sources import decode as dec
+
+    junk = b"\x01\x02junk" + bytes(3 << 20)
+    noisy = np.random.default_rng(0).integers(0, 256, (1100, 1100, 3), dtype=np.uint8)
+    real = encode(noisy)  # ~3.6 MB PNG of noise
+    assert len(real) > 1 << 20
+    if kind == "zip":
+        with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+            zf.writestr("junk.png", junk)
+            zf.writestr("real.png", real)
+        spec = tmp_path / "a.zip"
+    elif kind == "tar":
+        write_tar(tmp_path / "a.tar", [("junk.png", junk), ("real.png", real)])
+        spec = tmp_path / "a.tar"
+    else:
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "junk.png").write_bytes(junk)
+        (tmp_path / "d" / "real.png").write_bytes(real)
+        spec = tmp_path / "d"
+    src = open_source(spec)
+    names = [src.describe(i) for i in range(len(src))]
+    j, r = (next(i for i, n in enumerate(names) if n.endswith(w)) for w in ("junk.png", "real.png"))
+    monkeypatch.setattr(type(src), "_read", lambda self, i: pytest.fail("read the whole item"))
+    with pytest.raises(BadImageError) as e:
+        src.load(j)
+    one_line_error(e, "junk.png", "first 1,048,576 bytes", "the rest was not read")
+    monkeypatch.undo()
+    assert np.array_equal(np.asarray(src.load(r)), noisy)
+    assert dec.is_image_head(real[:1 << 20]) and not dec.is_image_head(junk[:1 << 20])

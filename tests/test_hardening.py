@@ -539,3 +539,252 @@ def test_docs_floor_table_matches_the_model():
         fm = refs.floor_model("gpic-test", model)
         assert published.split()[0] == f"{f.fd:g}" and relation == f.relation
         assert float(subset) == round(fm.subset(n), 2) and float(independent) == round(fm.independent(n), 2)
+
+
+# --- issue 23 §4: weights-file problems are named as weights problems ---------------------------------------------
+def _weights_error(path, *words):
+    from fd_eval.errors import WeightsError
+    from fd_eval.extractors.weights import load_state_dict
+
+    with pytest.raises(WeightsError) as e:
+        load_state_dict(path)
+    msg = _one_line(e.value, path, *words)
+    assert "weights_only=False" not in msg and "statistics" not in msg, msg
+    return msg
+
+
+def test_weights_with_nan_text_onnx_pickle_and_folder(tmp_path):
+    import torch
+
+    from fd_eval.errors import WeightsError
+
+    sd = {"a.weight": torch.ones(3, 3), "b.bias": torch.tensor([0.0, float("nan"), 1.0])}
+    torch.save(sd, tmp_path / "nan.pth")
+    _weights_error(tmp_path / "nan.pth", "NaN or Inf", "b.bias", "download it again")
+    (tmp_path / "w.txt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1234\n")
+    _weights_error(tmp_path / "w.txt", "text file", "state dict")
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x052.1.0" + bytes(100))
+    _weights_error(tmp_path / "m.onnx", "ONNX is not supported")
+    (tmp_path / "m.bin").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x052.1.0" + bytes(100))  # by content
+    _weights_error(tmp_path / "m.bin", "ONNX is not supported")
+
+    import datetime
+
+    torch.save({"model": {"w": torch.ones(2)}, "saved": datetime.date(2026, 1, 1)}, tmp_path / "obj.pt")
+    _weights_error(tmp_path / "obj.pt", "never unpickles", "torch.save(model.state_dict(), PATH)")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    _weights_error(tmp_path / "empty.pth", "empty")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(WeightsError) as e:
+        resolve_weights(tmp_path / "folder", WeightsSource("https://x/w.pth", "w.pth"), "dinov2-vits14")
+    _one_line(e.value, tmp_path / "folder", "is a folder", "w.pth")
+
+
+def test_weights_folder_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from _images import photo_crops, save_images
+    from fd_eval.cli import main
+
+    gen = save_images(photo_crops(3, 16, 16), tmp_path / "gen")
+    (tmp_path / "wdir").mkdir()
+    r = CliRunner().invoke(main, ["stats", str(gen), "-o", str(tmp_path / "s.safetensors"), "-m", "dinov2-vits14",
+                                  "--weights", str(tmp_path / "wdir"), "--device", "cpu", "-q"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "is a folder" in r.output, r.output
+
+
+# --- issue 23 §4/§6: one rule for n and dtypes in both formats; widths refused from headers -----------------------
+@pytest.mark.parametrize("n, ok", [(8, True), (8.0, True), (1e30, False), (2.5, False), (0, False), (True, False),
+                                   (2 ** 53, True), (2 ** 53 + 2, False)])
+def test_n_rule_is_the_same_for_npz_and_safetensors(tmp_path, n, ok):
+    npz = tmp_path / "s.npz"
+    np.savez(npz, mu=np.zeros(4), sigma=np.eye(4), n=np.array(n, dtype=np.float64 if isinstance(n, float) else
+                                                               np.int64 if not isinstance(n, bool) else bool))
+    st = _stats_file(tmp_path)
+    _rewrite_meta(st, _set(("sections", "toy", "n"), n))
+    for p in (npz, st):
+        if ok:
+            assert load_stats(p).n == int(n)
+        else:
+            with pytest.raises(StatsFormatError) as ei:
+                load_stats(p)
+            _one_line(ei.value, p, "2**53")
+
+
+def test_float16_sigma_warns_in_both_formats(tmp_path):
+    x = np.random.default_rng(1).standard_normal((50, 4))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    np.savez(tmp_path / "h.npz", mu=mu, sigma=sigma.astype(np.float16), n=50)
+    s = Stats(mu, sigma.astype(np.float16), 50, {})
+    save_stats(tmp_path / "h.safetensors", [s])
+    other = Stats.from_features(x[::-1])
+    for p in (tmp_path / "h.npz", tmp_path / "h.safetensors"):
+        loaded = load_stats(p)
+        assert loaded.storage_dtype == "float16"
+        _, warns = compare_stats(other, loaded)
+        assert [w for w in warns if "float16" in w and str(p) in w and "re-save" in w], warns
+    _, warns = compare_stats(other, Stats(mu, sigma, 50, {}))
+    assert not [w for w in warns if "float16" in w]
+
+
+def _zeros_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...]) -> None:
+    """A .npy member of float64 zeros written in chunks (the test never holds the array)."""
+    with zf.open(name, "w", force_zip64=True) as f:
+        f.write(_npy_header(shape))
+        left = int(np.prod(shape)) * 8
+        chunk = bytes(1 << 22)
+        while left:
+            f.write(chunk[:min(left, len(chunk))])
+            left -= min(left, len(chunk))
+
+
+def test_statistics_wider_than_the_limit_refused_from_the_header(tmp_path, monkeypatch):
+    p = tmp_path / "wide.npz"  # 5000 x 5000 float64 zeros: 200 MB, a few hundred KB deflated
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+        _zeros_member(zf, "mu.npy", (5000,))
+        _zeros_member(zf, "sigma.npy", (5000, 5000))
+    assert p.stat().st_size < 2_000_000
+    with pytest.raises(StatsFormatError) as ei:
+        load_stats(p)
+    _one_line(ei.value, p, "'mu'", "(5000,)", "limit of 4096", "FD_EVAL_MAX_STATS_DIM")
+    # safetensors: the header's shapes, before a tensor is read
+    s = Stats(np.zeros(80), np.eye(80), 10, {"extractor": "toy"})
+    save_stats(tmp_path / "w.safetensors", [s])
+    monkeypatch.setenv("FD_EVAL_MAX_STATS_DIM", "64")
+    with pytest.raises(StatsFormatError) as ei:
+        load_stats(tmp_path / "w.safetensors")
+    _one_line(ei.value, tmp_path / "w.safetensors", "(80,)", "limit of 64")
+    monkeypatch.setenv("FD_EVAL_MAX_STATS_DIM", "0")  # no limit
+    assert load_stats(tmp_path / "w.safetensors").dim == 80
+
+
+# --- issue 23 §5: safetensors' own full-disk error is an OutputError line, in every writer -----------------------
+_SAFETENSORS_FULL = ('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left '
+                     'on device" })')
+
+
+def _safetensors_full(tensors, filename, metadata=None):
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"partial")
+    raise SafetensorError(_SAFETENSORS_FULL)
+
+
+@pytest.mark.parametrize("writer", ["save_stats", "unit", "feature_shards"])
+def test_safetensors_disk_full_is_one_output_error(tmp_path, monkeypatch, writer):
+    import safetensors.numpy as stn
+    import safetensors.torch as stt
+    import torch
+
+    from fd_eval.build import save_unit_file
+    from fd_eval.copies import FeatureShardWriter
+
+    monkeypatch.setattr(stn, "save_file", _safetensors_full)
+    monkeypatch.setattr(stt, "save_file", _safetensors_full)
+    out = tmp_path / "o"
+    out.mkdir()
+    with pytest.raises(OutputError) as ei:
+        if writer == "save_stats":
+            save_stats(out / "s.safetensors", [_small_stats()])
+        elif writer == "unit":
+            save_unit_file(out / "unit-000000.safetensors", {"a": 1}, {"x": torch.zeros(2)})
+        else:
+            w = FeatureShardWriter(out, rows=2)
+            w.update(torch.zeros(2, 3), torch.arange(2))
+    assert ei.value.errno == errno.ENOSPC
+    _one_line(ei.value, out, "ENOSPC", "No space left on device")
+    assert os.listdir(out) == []
+
+
+# --- issue 23 §5: configuration paths and hostile report input are one line ---------------------------------------
+def test_fd_eval_config_that_is_a_file_or_holds_a_folder(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from fd_eval.cli import main
+
+    cfg = tmp_path / "cfg"
+    cfg.write_text("not a folder")
+    monkeypatch.setenv("FD_EVAL_CONFIG", str(cfg))
+    for argv in (["ref", "list"], ["ref", "remove", "mine"]):
+        r = CliRunner().invoke(main, argv)
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert str(cfg) in r.output and "FD_EVAL_CONFIG" in r.output and "is a file" in r.output
+    with pytest.raises(UnknownReferenceError) as ei:
+        refs.list_references()
+    _one_line(ei.value, cfg, "FD_EVAL_CONFIG")
+    cfg.unlink()
+    (cfg / "references.json").mkdir(parents=True)
+    with pytest.raises(UnknownReferenceError) as ei:
+        refs.list_references()
+    _one_line(ei.value, cfg / "references.json", "is a folder")
+
+
+def test_report_refuses_json_nested_deeper_than_results(tmp_path):
+    from click.testing import CliRunner
+
+    from fd_eval.cli import main
+    from fd_eval.errors import InputError
+    from fd_eval.report import MAX_JSON_DEPTH, read_input
+
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"results": {"m": ' + "[" * 100_000 + "]" * 100_000 + "}}")
+    with pytest.raises(InputError) as ei:
+        read_input(deep)
+    _one_line(ei.value, deep, "100002 levels", str(MAX_JSON_DEPTH))
+    r = CliRunner().invoke(main, ["report", str(deep), "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "levels deep" in r.output, r.output
+    ok = tmp_path / "ok.json"  # brackets inside strings do not count
+    ok.write_text(json.dumps({"results": {"m": {"fd": 1.0, "note": "[[[[" * 100}}}))
+    assert read_input(ok).doc["results"]["m"]["fd"] == 1.0
+
+
+# --- issue 23 §7: the FD step's thread count follows the problem size and the free cores -----------------------
+def test_choose_threads_rules(monkeypatch):
+    import torch
+
+    from fd_eval import threads as th
+
+    monkeypatch.delenv("FD_EVAL_LINALG_THREADS", raising=False)
+    monkeypatch.setattr(th, "usable_cores", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(th, "other_runnable", lambda: 0)
+    assert th.choose_threads(64) == 1  # small: never threaded
+    assert th.choose_threads(2048) == 8  # idle: every core
+    monkeypatch.setattr(th, "other_runnable", lambda: 5)
+    assert th.choose_threads(2048) == 3  # 5 of 8 cores busy
+    monkeypatch.setattr(th, "other_runnable", lambda: 40)
+    assert th.choose_threads(2048) == 1  # overloaded: one thread, never zero
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(th, "other_runnable", lambda: 0)
+    assert th.choose_threads(2048) == 2  # never above the user's torch.set_num_threads
+    monkeypatch.setenv("FD_EVAL_LINALG_THREADS", "3")
+    assert th.choose_threads(64) == 3
+    monkeypatch.setenv("FD_EVAL_LINALG_THREADS", "x")
+    with pytest.raises(FDEvalError, match="FD_EVAL_LINALG_THREADS"):
+        th.choose_threads(64)
+
+
+def test_fd_runs_at_the_chosen_count_and_restores_torch(monkeypatch):
+    import torch
+
+    from fd_eval import frechet
+    from fd_eval import threads as th
+
+    seen = []
+    real = frechet.factor_covariance
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(frechet, "factor_covariance", spy)
+    monkeypatch.setenv("FD_EVAL_LINALG_THREADS", "1")
+    before = torch.get_num_threads()
+    a, b = _small_stats(d=300, n=400, seed=1), _small_stats(d=300, n=400, seed=2)
+    one = frechet.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    monkeypatch.setenv("FD_EVAL_LINALG_THREADS", "0")  # torch's default
+    seen.clear()
+    assert frechet.frechet_distance(a.mu, a.sigma, b.mu, b.sigma) == pytest.approx(one, rel=1e-10)
+    assert seen == [before, before]
+    assert th.other_runnable() is None or th.other_runnable() >= 0

@@ -214,3 +214,150 @@ def test_offline_reaches_the_weights(data, monkeypatch, offline):
     fd_eval.compute_stats(gen, **kw)
     fd_eval.build_stats(str(gen), tmp / "s.safetensors", **kw)
     assert seen == [offline] * 3
+
+
+# --- issue 23 §2: one output rule for every output of every command ---------------------------------------------
+@pytest.fixture()
+def copies_data(tmp_path):
+    gen = save_images(IMGS, tmp_path / "gen")
+    train = save_images(IMGS[::-1], tmp_path / "train")
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"weights")
+    return tmp_path, gen, train, w
+
+
+def _copies(gen, train, *extra):
+    return ["copies", str(gen), "--train", str(train), "-m", "dinov2-vits14", *extra]
+
+
+@pytest.mark.parametrize("case", ["json-on-gen-image", "sheet-on-train-image", "json-on-train-image",
+                                  "sheet-new-image-in-gen", "json-and-sheet-one-path", "json-in-gen-folder",
+                                  "checkpoint-in-train", "weights-as-json", "json-inside-checkpoint-dir"])
+def test_copies_outputs_never_touch_inputs(copies_data, no_weights, case):
+    tmp, gen, train, w = copies_data
+    args, words = {
+        "json-on-gen-image": (["--json", str(gen / "000.png")], ["000.png", "--json", "inside the input folder",
+                                                                 "(GEN)", "replace a file"]),
+        "sheet-on-train-image": (["--sheet", str(train / "001.png")], ["001.png", "--sheet", "(--train)"]),
+        "json-on-train-image": (["--json", str(train / "001.png")], ["001.png", "--json", "(--train)"]),
+        "sheet-new-image-in-gen": (["--sheet", str(gen / "sheet.png")], ["sheet.png", "add an image"]),
+        "json-and-sheet-one-path": (["--json", str(tmp / "x"), "--sheet", str(tmp / "x")],
+                                    ["given to both", "--json", "--sheet"]),
+        "json-in-gen-folder": (["--json", str(gen / "r.json")], ["r.json", "inside the input folder", "add files"]),
+        "checkpoint-in-train": (["--checkpoint-dir", str(train / "ck")], ["--checkpoint-dir", "(--train)"]),
+        "weights-as-json": (["--weights", str(w), "--json", str(w)], ["w.pth", "(--weights)", "replace"]),
+        "json-inside-checkpoint-dir": (["--checkpoint-dir", str(tmp / "ck"), "--json", str(tmp / "ck" / "r.json")],
+                                       ["r.json", "inside the --checkpoint-dir folder"]),
+    }[case]
+    before = snapshot(gen, train, w)
+    failed(_copies(gen, train, *args), OutputError, *words)
+    assert snapshot(gen, train, w) == before and not (tmp / "x").exists()
+
+
+def test_copies_api_checks_outputs_first(copies_data, no_weights):
+    tmp, gen, train, _ = copies_data
+    before = snapshot(gen, train)
+    for kw in ({"json_path": gen / "000.png"}, {"sheet": train / "001.png"}, {"checkpoint_dir": gen / "ck"},
+               {"save_features": train / "f"}, {"json_path": tmp / "a", "sheet": tmp / "a"}):
+        with pytest.raises(OutputError):
+            fd_eval.find_copies(gen, train, models=["dinov2-vits14"], **kw)
+    assert snapshot(gen, train) == before and not (gen / "ck").exists()
+
+
+def test_save_stats_over_the_weights_file(data, no_weights):
+    tmp, gen, ref = data
+    w = tmp / "w.pth"
+    w.write_bytes(b"weights")
+    failed(["compute", str(gen), "--ref", str(ref), "-m", "dinov2-vits14", "--weights", str(w), "--save-stats",
+            str(w)], OutputError, "w.pth", "--save-stats", "(--weights)")
+    failed(["compute", str(gen), "--ref", str(ref), "-m", "dinov2-vits14", "--weights", f"dinov2-vits14={w}",
+            "--json", str(w)], OutputError, "w.pth", "--json", "(--weights)")
+    assert w.read_bytes() == b"weights"
+
+
+def test_stats_checkpoint_folder_inside_the_source_or_a_file(data, no_weights):
+    tmp, gen, _ = data
+    before = snapshot(gen)
+    failed(["stats", str(gen), "-o", str(tmp / "s.safetensors"), "--checkpoint-dir", str(gen / "ckpt")],
+           OutputError, "ckpt", "--checkpoint-dir", "inside the input folder", "(SOURCE)")
+    failed(["stats", str(gen), "-o", str(gen / "s.safetensors")], OutputError, "inside the input folder")
+    (tmp / "afile").write_text("x")
+    failed(["stats", str(gen), "-o", str(tmp / "s.safetensors"), "--checkpoint-dir", str(tmp / "afile")],
+           OutputError, "afile", "is a file", "--checkpoint-dir")
+    with pytest.raises(OutputError, match="is a file"):  # the API too
+        fd_eval.build_stats(str(gen), tmp / "s.safetensors", checkpoint_dir=tmp / "afile")
+    with pytest.raises(OutputError, match="inside the input folder"):
+        fd_eval.build_stats(str(gen), tmp / "s.safetensors", checkpoint_dir=gen / "ckpt")
+    assert snapshot(gen) == before and (tmp / "afile").read_text() == "x"
+
+
+def test_prompts_and_report_outputs(data, tmp_path):
+    tmp, gen, _ = data
+    (tmp / "r.json").write_text("{}")
+    r = CliRunner().invoke(main, ["report", str(tmp / "r.json"), "-o", str(tmp / "r.json")])
+    assert r.exit_code == 1 and "is an input of this run" in r.output
+    shards = tmp / "shards"
+    shards.mkdir()
+    r = CliRunner().invoke(main, ["prompts", "--shards", str(shards), "-o", str(shards / "p.jsonl")])
+    assert r.exit_code == 1 and "inside the input folder" in r.output and "(--shards)" in r.output
+
+
+# --- issue 23 §3: a registry reference's access (and download) before any weights download ---------------------
+@pytest.mark.parametrize("status", [401, 403])
+def test_gated_reference_is_checked_before_any_weights(data, no_weights, monkeypatch, tmp_path, status):
+    from _fake_hub import FakeHub, point_hf_at
+    from fd_eval.errors import GatedRepoError
+    from test_references import REPO, TEST_FILE, gpic_npz
+
+    tmp, gen, _ = data
+    with FakeHub() as hub:
+        point_hf_at(hub, monkeypatch, tmp_path / "hf_cache")
+        hub.add_file(REPO, TEST_FILE, gpic_npz()[0])
+        hub.gated[f"datasets/{REPO}"], hub.token = status, "hf_granted"
+        if status == 403:
+            monkeypatch.setenv("HF_TOKEN", "hf_not_granted")
+        with pytest.raises(GatedRepoError, match="request access"):  # not the no_weights AssertionError
+            fd_eval.compute_fd(gen, "gpic-test", device="cpu", num_workers=0, progress=False)
+        failed(["compute", str(gen), "--ref", "gpic-test"], GatedRepoError, "gpic-test", "request access")
+
+
+# --- issue 23 §4: clear endings ------------------------------------------------------------------------------
+def test_too_few_images_after_skip_bad_names_the_source_and_lists_the_skipped(data, pixels):
+    tmp, _, ref = data
+    gen = save_images(IMGS[:1], tmp / "few")
+    for i in range(3):
+        (gen / f"bad{i}.png").write_bytes(b"not a png")
+    (gen / "notes.txt").write_text("x")
+    r = run(["compute", str(gen), "--ref", str(ref), "--skip-bad"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.output.splitlines()
+    listed = [ln.strip() for ln in lines if ln.strip().startswith("skipped ")]
+    assert len(listed) == 3 and all(f"bad{i}.png: not an image" in ln for i, ln in enumerate(listed)), r.output
+    assert any(ln.strip().startswith("ignored (not an image file extension)") for ln in lines)
+    err = lines[-1]
+    assert err.startswith(f"Error: {gen}: 5 found, 1 used, 3 skipped") and "at least 2 images" in err, err
+    assert "fix or replace the skipped files" in err and "ignored" in err
+    with pytest.raises(fd_eval.errors.TooFewImagesError) as e:
+        fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False, skip_bad=True)
+    doc = e.value.inputs[str(gen)]
+    assert doc["used"] == 1 and sorted(Path(s["name"]).name for s in doc["skipped"]) == ["bad0.png", "bad1.png",
+                                                                                           "bad2.png"]
+
+
+def test_mismatch_is_refused_before_extraction_and_names_the_images(data, monkeypatch):
+    tmp, gen, _ = data
+    ex = PixelExtractor()
+    ex.weights_sha256 = "cd" * 32
+    monkeypatch.setattr(api, "load_extractors", lambda *a, **k: [ex])
+    ref = tmp / "other_weights.safetensors"
+    meta = {**PixelExtractor().metadata(), "weights_sha256": "ab" * 32}
+    fd_eval.save_stats(ref, [fd_eval.Stats.from_features(np.random.default_rng(0).normal(size=(20, 48)), meta)])
+    monkeypatch.setattr(api, "compute_stats", lambda *a, **k: pytest.fail("images extracted before the check"))
+    with pytest.raises(fd_eval.StatsMismatchError) as e:
+        fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False)
+    msg = str(e.value)
+    assert f"{gen} and {ref} were made differently" in msg and "weights sha256" in msg and "<memory>" not in msg
+    monkeypatch.undo()
+    monkeypatch.setattr(api, "load_extractors", lambda *a, **k: [ex])
+    res = fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False, allow_mismatch=True)
+    assert any("weights sha256" in w for w in res.warnings)

@@ -1,10 +1,13 @@
 """The click group, error handling and output helpers shared by every command."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,17 +18,81 @@ from ..distributed import destroy, get_rank, init_distributed
 from ..download import offline_scope
 from ..errors import FDEvalError
 from ..io_utils import atomic_write
-from ..options import DECODES, OPTION_HELP, PRECISIONS, RESIZES, RunOptions
+from ..options import CLI_FLAGS, OPTION_HELP, CliFlag, RunOptions
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's status for a run stopped by Ctrl-C
+
+
+@contextlib.contextmanager
+def _sigint_stops() -> Any:
+    """SIGINT raises KeyboardInterrupt in this process for the duration, whatever the parent set.
+
+    Why: a process started as a background job of a non-interactive shell (``cmd &`` in a script, CI runners, test
+    harnesses) inherits SIGINT *ignored*, and Python then keeps it ignored: a Ctrl-C or ``kill -INT`` was silently
+    lost and an hours-long build ran to the end. A command of this tool is always stoppable: the handler is
+    installed explicitly (main thread only; the previous one is restored afterwards, for callers such as
+    ``CliRunner``).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 class _Group(click.Group):
-    """Turns every :class:`FDEvalError` into a one-line ``Error: ...`` and exit status 1."""
+    """Turns every :class:`FDEvalError` into a one-line ``Error: ...`` and exit status 1, Ctrl-C (SIGINT) into one
+    line and exit status 130, and every Python warning into one ``warning: ...`` line."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        with _sigint_stops(), _warnings_as_lines():
+            return super().main(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except FDEvalError as e:
+            inputs = getattr(e, "inputs", None)
+            if isinstance(inputs, dict):  # too few images: the skipped and ignored items, before the error line
+                from ._checks import render_listing
+
+                render_listing(inputs)
             raise click.ClickException(str(e)) from e
+        except KeyboardInterrupt:
+            # click would print "Aborted!" and exit 1; a stopped run is 130 with one line. Every writer is atomic
+            # (temp file + rename), so nothing half-written is left; unit files already saved stay for a resume.
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            click.echo("Error: interrupted (SIGINT); nothing half-written was left", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Any:
+    """Python warnings (ours and libraries') print as one ``warning: <first line of the message>`` line, without
+    the file:line and source line of :func:`warnings.showwarning`. Left alone where the caller already customised
+    warnings or records them (``warnings.catch_warnings(record=True)``, as pytest does)."""
+    import warnings
+
+    previous = warnings.showwarning
+    recording = getattr(getattr(warnings, "_showwarnmsg_impl", None), "__self__", None) is not None
+    if previous is not getattr(warnings, "_showwarning_orig", previous) or recording:
+        yield
+        return
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        text = str(message).strip().splitlines()
+        click.echo(f"warning: {text[0] if text else category.__name__}", err=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,54 +157,61 @@ def warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
 
 
-def _run_option_params(offline: bool) -> list:
-    """The click options of :class:`fd_eval.RunOptions` (help texts from :data:`fd_eval.options.OPTION_HELP`)."""
-    h = OPTION_HELP
-    params = [
-        click.option("--device", default="auto", show_default=True, help=h["device"]),
-        click.option("--batch-size", type=int, default=None, help=h["batch_size"]),
-        click.option("--num-workers", type=int, default=None, help=h["num_workers"]),
-        click.option("--resize", type=click.Choice(list(RESIZES)), default=None, help=h["resize"]),
-        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="exact", show_default=True,
-                     help=h["precision"]),
-        click.option("--compile/--no-compile", "compile_model", default=None, help=h["compile"]),
-        click.option("--decode", type=click.Choice(list(DECODES)), default="pil", show_default=True, help=h["decode"]),
-        click.option("--skip-bad", is_flag=True, help=h["skip_bad"]),
-        click.option("--quiet", "-q", is_flag=True, help=h["progress"]),
-    ]
-    if offline:
-        params.append(click.option("--offline", is_flag=True, default=None, help=h["offline"]))
-    return params
+def _click_option(flag: CliFlag) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The click option of one :data:`fd_eval.options.CLI_FLAGS` row; its parameter is named after the field."""
+    kw: dict[str, Any] = {"help": OPTION_HELP[flag.field], "default": flag.default}
+    if flag.show_default:
+        kw["show_default"] = True
+    if isinstance(flag.type, tuple):
+        kw["type"] = click.Choice(list(flag.type))
+    elif flag.type is not None:
+        kw["type"] = flag.type
+    elif "/" not in flag.decls[0]:
+        kw["is_flag"] = True
+    return click.option(*flag.decls, f"_run_{flag.field}", **kw)
 
 
-_RUN_PARAMS = ("device", "batch_size", "num_workers", "resize", "precision", "compile_model", "decode", "skip_bad",
-               "quiet", "offline")
-
-
-def run_options(offline: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The one decorator that gives a command the run options (``--device``, ``--batch-size``,
-    ``--num-workers``, ``--resize``, ``--precision``, ``--compile/--no-compile``, ``--decode``, ``--skip-bad``,
-    ``--quiet``, and ``--offline`` when ``offline``) and hands it ``options``: a validated
-    :class:`fd_eval.RunOptions` (a bad value is the usual one-line ``Error:``)."""
+def run_options(offline: bool = False, fields: tuple[str, ...] | None = None
+                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The one decorator that gives a command the run options, generated from :data:`fd_eval.options.CLI_FLAGS`
+    (``--device``, ``--batch-size``, ``--num-workers``, ``--resize``, ``--precision``, ``--compile/--no-compile``,
+    ``--decode``, ``--skip-bad``, ``--quiet``, and ``--offline`` when ``offline``; only ``fields`` when given), and
+    hands it ``options``: a validated :class:`fd_eval.RunOptions` (a bad value is the usual one-line ``Error:``)."""
+    flags = [f for f in CLI_FLAGS if (f.field in fields if fields is not None else f.field != "offline" or offline)]
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(f)
         def command(*args: Any, **kw: Any) -> Any:
-            v = {k: kw.pop(k) for k in _RUN_PARAMS if k in kw}
-            kw["options"] = RunOptions(
-                device=v["device"], batch_size=v["batch_size"], num_workers=v["num_workers"], resize=v["resize"],
-                precision=v["precision"], compile=v["compile_model"], decode=v["decode"], skip_bad=v["skip_bad"],
-                progress=not v["quiet"], offline=v.get("offline"))
-            if v.get("offline") is None:
+            values = {}
+            for flag in flags:
+                v = kw.pop(f"_run_{flag.field}")
+                values[flag.field] = (not v) if flag.inverted else v
+            if values.get("offline") is False:
+                values["offline"] = None  # a flag not given: $FD_EVAL_OFFLINE / $HF_HUB_OFFLINE decide
+            kw["options"] = RunOptions(**values)
+            if values.get("offline") is None:
                 return f(*args, **kw)
-            with offline_scope(v["offline"]):  # also reaches what the options do not carry (remote sources)
+            with offline_scope(values["offline"]):  # also reaches what the options do not carry (remote sources)
                 return f(*args, **kw)
 
-        for p in reversed(_run_option_params(offline)):
-            command = p(command)
+        for flag in reversed(flags):
+            command = _click_option(flag)(command)
         return command
 
     return decorate
+
+
+def model_option(default: tuple[str, ...] = ("dinov2-vitl14",),
+                 help: str = "Extractor (repeatable; `fid` = inception-v3-tf). See `fd-eval models`."
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--model/-m`` (repeatable; the command receives ``models``), declared once for every command."""
+    return click.option("--model", "-m", "models", multiple=True, default=default, show_default=True, help=help)
+
+
+def weights_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--weights PATH`` or repeated ``--weights MODEL=PATH`` (the command receives ``weights``; see
+    :func:`weights_arg`)."""
+    return click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model.")(f)
 
 
 def weights_arg(values: tuple[str, ...]) -> Any:

@@ -13,7 +13,17 @@ from ..ceiling import split_half as real_split_half
 from ..options import RunOptions
 from ..preprocess import SOURCE_TRANSFORMS
 from ._checks import check_paths, render_accounting
-from ._common import echo_table, fmt_num, main, run_options, warn, weights_arg, write_json
+from ._common import (
+    echo_table,
+    fmt_num,
+    main,
+    model_option,
+    run_options,
+    warn,
+    weights_arg,
+    weights_option,
+    write_json,
+)
 
 
 # --- the analysis options of `compute` ----------------------------------------------------------------------
@@ -147,9 +157,8 @@ def _short_n(n: int) -> str:
 @click.option("--num", "-n", type=int, default=None,
               help="Real images (per half with --split-half) [default: 50,000; split-half: min(50,000, half)].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample (of the split).")
-@click.option("--model", "-m", "models", multiple=True, default=("dinov2-vitl14",), show_default=True,
-              help="Extractor (repeatable; `fid` = inception-v3-tf). See `fd-eval models`.")
-@click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model.")
+@model_option()
+@weights_option
 @click.option("--transform", "image_transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform the real images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
 @click.option("--ref-transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
@@ -164,7 +173,7 @@ def ceiling_cmd(real: str, ref: str | None, split_half: bool, num: int | None, s
     reference's), shown beside the published floors and the independent-sample estimate, and whether the sample is
     part of the reference (then it scores below what a perfect generator can reach); or, with --split-half, two
     disjoint halves of the real images against each other."""
-    check_paths(real, ref, json=json_path)
+    check_paths({"--real": real, "--ref": ref, "--weights": weights_arg(weights)}, json=json_path)
     opts = dict(weights=weights_arg(weights), image_transform=image_transform, options=options)
     if split_half:
         if ref is not None:

@@ -9,7 +9,7 @@ import click
 
 from ..analysis import check_reference_features
 from ..api import compute_fd
-from ..build import DEFAULT_BLOCK, build_stats
+from ..build import DEFAULT_BLOCK, build_stats, default_checkpoint_dir
 from ..options import RunOptions
 from ..preprocess import SOURCE_TRANSFORMS
 from ..report import require_matplotlib, write_report
@@ -21,10 +21,12 @@ from ._common import (
     echo_table,
     fmt_num,
     main,
+    model_option,
     run_distributed,
     run_options,
     warn,
     weights_arg,
+    weights_option,
     write_json,
 )
 from .analysis_cmds import analysis_options, analysis_spec, run_analysis
@@ -33,9 +35,8 @@ from .analysis_cmds import analysis_options, analysis_spec, run_analysis
 def _selection(f):
     """What `compute` and `stats` evaluate: --model, --weights, --num, --seed."""
     opts = [
-        click.option("--model", "-m", "models", multiple=True, default=("dinov2-vitl14",), show_default=True,
-                     help="Extractor (repeatable; `fid` = inception-v3-tf). See `fd-eval models`."),
-        click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model."),
+        model_option(),
+        weights_option,
         click.option("--num", "-n", type=int, default=None, help="Use the first N images (random N with --seed)."),
         click.option("--seed", type=int, default=None, help="Seed of the random subset taken by --num."),
     ]
@@ -94,7 +95,8 @@ def compute_cmd(gen: str, ref: str, models: tuple[str, ...], weights: tuple[str,
     the images on its own GPU (NCCL; gloo with --device cpu), the statistics are merged exactly, and rank 0
     alone prints and writes the outputs.
     """
-    check_paths(gen, ref, json=json_path, save_stats=save_stats_path, report=report_path)  # before any weights load
+    check_paths({"GEN": gen, "--ref": ref, "--weights": weights_arg(weights)}, json=json_path,
+                save_stats=save_stats_path, report=report_path)  # before any weights load
     if report_path:
         require_matplotlib()  # fail before extracting, not after
     spec = analysis_spec(**analysis_opts)  # None unless --ci/--bootstrap/--fd-infinity/--prdc/--mmd
@@ -150,6 +152,10 @@ def echo_results(res: Any, table_format: str = "table") -> None:
     if not floors:  # a reference outside the registry: no floor to show
         k = len(header) - header.index("published floor")
         header, rows = header[:-k], [r[:-k] for r in rows]
+    if any("cmmd" in r for r in res.results.values()):  # CLIP models: CMMD beside FD (docs/metrics-cmmd-clipscore.md)
+        header = header[:2] + ["CMMD"] + header[2:]
+        rows = [row[:2] + [fmt_num(r["cmmd"]) if "cmmd" in r else "-"] + row[2:]
+                for row, r in zip(rows, res.results.values())]
     echo_table(rows, header, table_format)
     if floors:
         click.echo(FLOOR_NOTE, err=table_format != "table")
@@ -167,7 +173,8 @@ def _plural(n: int, word: str) -> str:
 @_columns
 @click.option("--transform", "image_transform", type=click.Choice(list(SOURCE_TRANSFORMS)), default=None,
               help="Transform images first (center-crop-256 = GPIC reference preprocessing, App. B.1).")
-@click.option("--keep-features", is_flag=True, help="Store the (N, D) features too (for PRDC, MMD, bootstrap).")
+@click.option("--keep-features", is_flag=True,
+              help="Store the (N, D) features too (for PRDC, MMD, bootstrap; always for CLIP models: CMMD needs them).")
 @click.option("--checkpoint-dir", default=None,
               help="Where finished units are saved for resuming (default OUTPUT.partial; shared by all ranks).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
@@ -182,7 +189,8 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
     after a crash or kill the same command continues where it stopped and writes bit-identical statistics.
     Under `torchrun --nproc_per_node N -m fd_eval stats ...` each process takes every N-th unit.
     """
-    check_paths(source, output=output)
+    check_paths({"SOURCE": source, "--weights": weights_arg(weights)}, output=output,
+                folders={"--checkpoint-dir": checkpoint_dir or default_checkpoint_dir(output)})
     src = _open_columns(source, image_column, key_column, options)
     stats = build_stats(src, output, models, weights=weights_arg(weights), num=num, seed=seed,
                         keep_features=keep_features, image_transform=image_transform, checkpoint_dir=checkpoint_dir,

@@ -5,7 +5,18 @@ import click
 
 from ..copies import DEFAULT_MODELS, find_copies
 from ..options import RunOptions
-from ._common import echo_table, fmt_num, main, run_distributed, run_options, warn, weights_arg
+from ._checks import check_paths
+from ._common import (
+    echo_table,
+    fmt_num,
+    main,
+    model_option,
+    run_distributed,
+    run_options,
+    warn,
+    weights_arg,
+    weights_option,
+)
 
 
 @main.command("copies")
@@ -16,9 +27,8 @@ from ._common import echo_table, fmt_num, main, run_distributed, run_options, wa
               help="Instead of --train: a training index folder (`fd-eval index build`); no training image decoded.")
 @click.option("--approximate", is_flag=True,
               help="Search --train-index with FAISS (IVF, candidates re-scored exactly; recall@1 reported).")
-@click.option("--model", "-m", "models", multiple=True, default=DEFAULT_MODELS, show_default=True,
-              help="Extractor (repeatable): sscd-disc-mixup, or any DINOv2.")
-@click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model.")
+@model_option(tuple(DEFAULT_MODELS), "Extractor (repeatable): sscd-disc-mixup, or any DINOv2.")
+@weights_option
 @click.option("--top", "top_k", type=int, default=5, show_default=True, help="Nearest training images kept per image.")
 @click.option("--threshold", type=float, default=None,
               help="Copy threshold on top-1 cosine similarity [default: 0.75, SSCD's operating point].")
@@ -46,6 +56,9 @@ def copies_cmd(gen: str, train: str | None, train_index: str | None, approximate
     copies ...` each process takes every N-th unit and the top-K lists are merged exactly.
     """
     ckpt = checkpoint_dir if checkpoint_dir is not None else (f"{json_path}.partial" if json_path else None)
+    check_paths({"GEN": gen, "--train": train, "--train-index": train_index, "--test": test,
+                 "--weights": weights_arg(weights)}, json=json_path,
+                sheet=sheet, folders={"--save-features": save_features, "--checkpoint-dir": ckpt})
     res = run_distributed(options.device, lambda: find_copies(
         gen, train, train_index=train_index, approximate=approximate, models=list(models), top_k=top_k,
         threshold=threshold, test=test, compute_authpct=not no_authpct, save_features=save_features,

@@ -8,7 +8,8 @@ import click
 from ..index import build_index, open_index
 from ..index.build import DEFAULT_INDEX_MODELS
 from ..options import RunOptions
-from ._common import echo_table, main, run_distributed, run_options, weights_arg
+from ._checks import check_paths
+from ._common import echo_table, main, model_option, run_distributed, run_options, weights_arg, weights_option
 
 
 @main.group("index")
@@ -19,9 +20,8 @@ def index_group() -> None:
 @index_group.command("build")
 @click.argument("train")
 @click.option("--output", "-o", "out", required=True, help="The index folder (created; the same command resumes).")
-@click.option("--model", "-m", "models", multiple=True, default=DEFAULT_INDEX_MODELS, show_default=True,
-              help="Extractor (repeatable): sscd-disc-mixup, or any DINOv2.")
-@click.option("--weights", "weights", multiple=True, help="Local weights: PATH, or MODEL=PATH per model.")
+@model_option(tuple(DEFAULT_INDEX_MODELS), "Extractor (repeatable): sscd-disc-mixup, or any DINOv2.")
+@weights_option
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="Stored feature dtype: float32 gives the results of a live pass bit for bit; float16 halves the "
                    "size (a similarity moves by at most 4.9e-4).")
@@ -34,6 +34,7 @@ def index_build_cmd(train: str, out: str, models: tuple[str, ...], weights: tupl
     """Extract TRAIN's features once into the index folder -o DIR (L2-normalised, sharded safetensors, keys and
     provenance). Resumable per unit; under `torchrun --nproc_per_node N -m fd_eval index build ...` each process
     takes every N-th unit."""
+    check_paths({"TRAIN": train, "--weights": weights_arg(weights)}, folders={"--output": out})
     idx = run_distributed(options.device, lambda: build_index(
         train, out, list(models), dtype=dtype, append=append, weights=weights_arg(weights),
         checkpoint_every=checkpoint_every, options=options, log=lambda m: click.echo(m, err=True)))

@@ -1,19 +1,84 @@
 """The extractor interface shared by every backbone family, and the registry of names."""
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import FDEvalError, InputRangeError
-from ..pil_resize import pil_resize_host
+from ..pil_resize import pil_resize_checked, pil_resize_host
 from ..precision import LazyCompiled, Precision, resolve_precision
-from ..preprocess import HostPrepare, PreprocessSpec
+from ..preprocess import HostPrepare, PreprocessSpec, crop_tensor
 
 PIL_RESIZE_ON = ("auto", "host", "device")
+RESIZE_LIBRARIES = ("pil", "torch", "tf1")
+
+
+# --- the one preprocessing interpreter ---------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (3, 1, 1) ``mean`` and ``std`` on ``device``, made once per (values, device): a host-to-GPU copy
+    blocks the host until the GPU has finished its queued work."""
+    with torch.inference_mode(False):  # cached across calls, so ordinary tensors even when first made in one
+        m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(device)
+        return m, torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device)
+
+
+def apply_spec(x: torch.Tensor, spec: PreprocessSpec, name: str = "extractor") -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 (N, 3, *spec.size) model input: every step read from ``spec``.
+
+    In the reference pipelines' op order, so each registered spec reproduces its reference bit for bit:
+
+    * ``crop`` (:data:`fd_eval.preprocess.CROPS`; a no-op when the host already cropped);
+    * ``pil``: Pillow's integer resize (:func:`fd_eval.pil_resize.pil_resize_checked`; skipped when the host
+      resized), then ``float32 / scale`` (ToTensor);
+    * ``torch``: ``F.interpolate(resize_filter, align_corners, antialias)`` on float32, with ``/ scale`` before
+      it (pytorch-fid: on an NCHW-contiguous batch, as its collate makes) or after it (EDM2) as
+      ``spec.scales_before_resize`` says;
+    * ``tf1``: TensorFlow 1 ``resize_bilinear`` on 0..255 floats, then ``/ scale``;
+    * then ``(x - mean) / std``.
+    """
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        raise InputRangeError(f"{name}: expects uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    if len(spec.mean) != 3 or len(spec.std) != 3 or not spec.scale:
+        raise FDEvalError(f"{name}: preprocess needs 3 means, 3 stds and a non-zero scale, got {spec}")
+    x = crop_tensor(x, spec.crop)
+    size = tuple(spec.size)
+    lib = spec.resize_library
+    if lib == "pil":
+        if not spec.antialias:
+            raise FDEvalError(f"{name}: Pillow resizes with antialiasing only; set antialias=True or resize 'torch'")
+        if tuple(x.shape[-2:]) != size:  # not resized on the host: Pillow's integers, here
+            x = pil_resize_checked(x, size, spec.resize_filter)
+        x = x.to(torch.float32).div(spec.scale)
+    elif lib == "torch":
+        x = x.to(torch.float32)
+        first = spec.scales_before_resize
+        if first:
+            x = x.div(spec.scale).contiguous()
+        x = F.interpolate(x, size=size, mode=spec.resize_filter, align_corners=spec.align_corners,
+                          antialias=spec.antialias)
+        if not first:
+            x = x.div(spec.scale)
+    elif lib == "tf1":
+        from .inception import resize_bilinear_tf1
+
+        if spec.resize_filter != "bilinear" or spec.antialias or spec.align_corners:
+            raise FDEvalError(f"{name}: the TF1 resize is bilinear without antialias or align_corners, not "
+                              f"{spec.resize_filter!r} (antialias={spec.antialias}, "
+                              f"align_corners={spec.align_corners})")
+        x = resize_bilinear_tf1(x.to(torch.float32), size).div(spec.scale)
+    else:
+        raise FDEvalError(f"{name}: resize library {lib!r} is not one of {RESIZE_LIBRARIES}")
+    mean, std = _mean_std(tuple(spec.mean), tuple(spec.std), x.device)
+    return x.sub(mean).div(std)
 
 
 class Extractor:
@@ -115,8 +180,9 @@ class Extractor:
         return out.float()
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H', W') on ``self.device`` -> float32 network input. Implemented per family."""
-        raise NotImplementedError
+        """uint8 (N, 3, H', W') on ``self.device`` -> float32 network input: :func:`apply_spec` of
+        ``self.preprocess_spec`` (families add their checks of what their network can run)."""
+        return apply_spec(x, self.preprocess_spec, self.name)
 
     def set_pil_resize_on(self, where: str) -> "Extractor":
         """Where a Pillow-resizing protocol resizes: ``"host"`` (Pillow, in the DataLoader workers), ``"device"``
@@ -147,7 +213,7 @@ class Extractor:
     def host_transform(self) -> HostPrepare:
         """:meth:`prepare` as a small picklable callable (DataLoader workers must not carry the model)."""
         spec = self.preprocess_spec
-        return HostPrepare(tuple(spec.size) if self.resizes_on_host else None, spec.resize_filter)
+        return HostPrepare(tuple(spec.size) if self.resizes_on_host else None, spec.resize_filter, spec.crop)
 
     def prepare(self, img: Image.Image) -> torch.Tensor:
         """PIL RGB image -> uint8 (3, H', W'); Pillow resize for host-resizing protocols, else unchanged."""
@@ -170,6 +236,7 @@ class Extractor:
             )
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputRangeError(f"{self.name}: expects shape (N, 3, H, W) RGB, got {tuple(images.shape)}")
+        images = crop_tensor(images, self.preprocess_spec.crop)
         if self.resizes_on_host and tuple(images.shape[-2:]) != tuple(self.preprocess_spec.size):
             images = pil_resize_host(images, tuple(self.preprocess_spec.size), self.preprocess_spec.resize_filter)
         return self.forward_prepared(images.to(self.device, non_blocking=True))
@@ -200,19 +267,28 @@ class ExtractorEntry:
     feature_dim: int
     description: str
     weights: Any = None  # the official WeightsSource (None: no download, e.g. a user-registered extractor)
+    options: tuple[str, ...] = ()  # the run options the factory takes (e.g. ("resize",) for DINOv2)
+    metrics: tuple[str, ...] = ("fd",)  # what compute reports with its features ("cmmd": CLIP's MMD, fd_eval.cmmd)
 
 
 _REGISTRY: dict[str, ExtractorEntry] = {}
+# The modules that register the built-in families (imported on first use of the registry, to keep `import fd_eval`
+# light); a new family is one module here plus its @register_extractor calls.
+FAMILY_MODULES: list[str] = [f"{__package__}.{m}" for m in ("dinov2", "inception", "sscd", "clip")]
 ALIASES: dict[str, str] = {"fid": "inception-v3-tf", "dinov2": "dinov2-vitl14"}
 DEFAULT_EXTRACTOR = "dinov2-vitl14"
 
 
-def register_extractor(name: str, feature_dim: int, description: str, weights: Any = None) -> Callable:
+def register_extractor(name: str, feature_dim: int, description: str, weights: Any = None,
+                       options: tuple[str, ...] = (), metrics: tuple[str, ...] = ("fd",)) -> Callable:
     """Decorator registering ``factory(weights=None, device=None, **options) -> Extractor`` under ``name``;
-    ``weights``: where its official weights file lives (a :class:`fd_eval.extractors.weights.WeightsSource`)."""
+    ``weights``: where its official weights file lives (a :class:`fd_eval.extractors.weights.WeightsSource`);
+    ``options``: the run options (:class:`fd_eval.RunOptions` fields) its factory takes; ``metrics``: what
+    ``compute`` reports with its features (``"fd"``; ``"cmmd"`` also keeps the feature rows for CMMD)."""
 
     def deco(factory: Callable[..., Extractor]) -> Callable[..., Extractor]:
-        _REGISTRY[name] = ExtractorEntry(name, factory, feature_dim, description, weights)
+        _REGISTRY[name] = ExtractorEntry(name, factory, feature_dim, description, weights, tuple(options),
+                                         tuple(metrics))
         return factory
 
     return deco
@@ -259,5 +335,6 @@ def load_extractor(name: str = DEFAULT_EXTRACTOR, weights: str | None = None,
 
 
 def _ensure_loaded() -> None:
-    # Importing the family modules registers their names; done lazily to keep `import fd_eval` light.
-    from . import dinov2, inception, sscd  # noqa: F401
+    # Importing the family modules registers their names (idempotent: modules are imported once).
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)

@@ -21,7 +21,6 @@ format. Without ``weights`` the official file is downloaded once into ``$FD_EVAL
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -31,12 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import precision as precision_modes
-from ..errors import FDEvalError, InputRangeError, WeightsError
+from ..errors import FDEvalError, WeightsError
 from ..io_utils import sha256_file_cached
-from ..pil_resize import pil_resize_checked
 from ..precision import LazyCompiled, exact_matmul_path, split3_form, split_numerics
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from .base import Extractor, register_extractor
+from .base import Extractor, apply_spec, register_extractor
 from .vit_runner import ViTRunner
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
 
@@ -316,16 +314,6 @@ def load_model(arch: DINOv2Arch, reg: bool, path: str | os.PathLike, name: str,
 
 
 # --- the extractor -----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=16)
-def _mean_std(mean: tuple[float, ...], std: tuple[float, ...],
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mean`` and ``std`` as float32 (3, 1, 1) tensors on ``device``: made once per (values, device), because
-    copying a host tensor to a GPU blocks the host until the GPU has finished its queued work."""
-    with torch.inference_mode(False):  # cached across calls, so ordinary tensors even when first made in one
-        m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(device)
-        return m, torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device)
-
-
 def check_spec(spec: PreprocessSpec, name: str) -> None:
     """Raise :class:`FDEvalError` for a spec this network cannot run (the model input is fixed at 224x224)."""
     if tuple(spec.size) != (IMG_SIZE, IMG_SIZE):
@@ -443,19 +431,8 @@ class DINOv2Extractor(Extractor):
         clamping, as EDM2). Size, library, filter, antialias, scale, mean and std are read from
         ``self.preprocess_spec`` (the record saved with the statistics is what ran, by construction).
         """
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            raise InputRangeError(f"{self.name}: expects uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        spec = self.preprocess_spec  # every value below comes from the spec the statistics record
-        check_spec(spec, self.name)
-        size = tuple(spec.size)
-        if spec.resize_library == "pil":
-            if tuple(x.shape[-2:]) != size:  # not resized on the host: same integers, here
-                x = pil_resize_checked(x, size, spec.resize_filter)
-            x = x.to(torch.float32)
-        else:
-            x = F.interpolate(x.to(torch.float32), size=size, mode=spec.resize_filter, antialias=spec.antialias)
-        mean, std = _mean_std(tuple(spec.mean), tuple(spec.std), x.device)
-        return x.div(spec.scale).sub(mean).div(std)
+        check_spec(self.preprocess_spec, self.name)
+        return apply_spec(x, self.preprocess_spec, self.name)
 
     def model_input(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`normalize` (float32 (N, 3, 224, 224), whatever the precision mode)."""
@@ -480,7 +457,7 @@ def _register(arch_key: str, reg: bool) -> None:
     hub = f"dinov2_{arch_key}{'_reg' if reg else ''}"
     desc = f"DINOv2 {arch_key}{' + 4 registers' if reg else ''} (torch.hub {hub}), final-norm CLS token, 224x224"
 
-    @register_extractor(name, arch.embed_dim, desc, weights=weights_source(arch_key, reg))
+    @register_extractor(name, arch.embed_dim, desc, weights=weights_source(arch_key, reg), options=("resize",))
     def factory(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
                 resize: str = "pil") -> DINOv2Extractor:
         return _build_extractor(arch_key, reg, weights=weights, device=device, resize=resize)

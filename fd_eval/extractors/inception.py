@@ -29,7 +29,7 @@ from ..errors import FDEvalError, InputRangeError, WeightsError
 from ..io_utils import sha256_file_cached
 from ..precision import Precision
 from ..preprocess import PreprocessSpec
-from .base import Extractor, register_extractor
+from .base import Extractor, apply_spec, register_extractor
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
 
 FEATURE_DIM = 2048
@@ -132,15 +132,6 @@ def resize_bilinear_torch(x: torch.Tensor, size: tuple[int, int], mode: str = "b
     for channels-last inputs is a different code path.
     """
     return F.interpolate(x.contiguous(), size=size, mode=mode, align_corners=align_corners, antialias=antialias)
-
-
-@functools.lru_cache(maxsize=16)
-def _channel_tensors(mean: tuple[float, ...], std: tuple[float, ...],
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (3, 1, 1) mean and std on ``device``, made once (a host-to-GPU copy waits for queued work)."""
-    with torch.inference_mode(False):
-        return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1).to(device),
-                torch.tensor(std, dtype=torch.float32).view(-1, 1, 1).to(device))
 
 
 # --- network -----------------------------------------------------------------------------------------------
@@ -338,23 +329,10 @@ class InceptionExtractor(Extractor):
         ``F.interpolate(filter, align_corners, antialias)``, then ``(x - mean) / std``. With the registered
         specs this is ``(x - 128) / 128`` and ``2 x - 1`` bit for bit (scaling by 2 and 1/2 is exact in floats).
         """
-        if x.dtype != torch.uint8:
-            raise InputRangeError(f"{self.name}: expects uint8 images (N, 3, H, W), got {x.dtype}")
-        spec = self.preprocess_spec
-        size = tuple(spec.size)
-        if spec.resize_library == "tf1":
-            if spec.resize_filter != "bilinear" or spec.antialias or spec.align_corners:
-                raise FDEvalError(f"{self.name}: the TF1 resize is bilinear without antialias or align_corners, "
-                                  f"not {spec.resize_filter!r} (antialias={spec.antialias}, "
-                                  f"align_corners={spec.align_corners})")
-            x = resize_bilinear_tf1(x.to(torch.float32), size).div(spec.scale)  # on 0..255 values
-        elif spec.resize_library == "torch":
-            x = x.to(torch.float32).div(spec.scale)  # ToTensor
-            x = resize_bilinear_torch(x, size, spec.resize_filter, spec.align_corners, spec.antialias)
-        else:
-            raise FDEvalError(f"{self.name}: resize library {spec.resize_library!r} is not 'tf1' or 'torch'")
-        mean, std = _channel_tensors(tuple(spec.mean), tuple(spec.std), x.device)
-        return (x - mean) / std
+        if self.preprocess_spec.resize_library not in ("tf1", "torch"):
+            raise FDEvalError(f"{self.name}: resize library {self.preprocess_spec.resize_library!r} is not 'tf1' or "
+                              "'torch'")
+        return apply_spec(x, self.preprocess_spec, self.name)
 
 
 def _build(name: str, spec: PreprocessSpec, weights: str | os.PathLike | None, device: Any,

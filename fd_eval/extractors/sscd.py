@@ -18,7 +18,6 @@ Copy threshold: "For the ``sscd_disc_mixup`` model, DISC image pairs with embedd
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -26,9 +25,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
-from ..errors import FDEvalError, InputRangeError
+from ..errors import FDEvalError
 from ..io_utils import sha256_file_cached
-from ..pil_resize import pil_resize_checked
 from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from .base import Extractor, register_extractor
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
@@ -108,14 +106,6 @@ def load_sscd(path: str | os.PathLike) -> SSCDNet:
     return model.eval().requires_grad_(False)
 
 
-@functools.lru_cache(maxsize=16)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # made once per device: a host->GPU copy would block the host until queued GPU work is done
-    with torch.inference_mode(False):
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1).to(device)
-        return mean, torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1).to(device)
-
-
 class SSCDExtractor(Extractor):
     """uint8 RGB (N, 3, H, W) -> float32 (N, 512) L2-normalised SSCD descriptors.
 
@@ -133,16 +123,8 @@ class SSCDExtractor(Extractor):
         self.channels_last = self.precision.fast
         self.model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
-    def model_input(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 (N, 3, size, size): ToTensor + Normalize op for op (Pillow's resize on the
-        device first when the host did not resize)."""
-        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            raise InputRangeError(f"{self.name}: expects uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        size = tuple(self.preprocess_spec.size)
-        if tuple(x.shape[-2:]) != size:
-            x = pil_resize_checked(x, size, self.preprocess_spec.resize_filter)
-        mean, std = _mean_std(x.device)
-        return x.to(torch.float32).div(255).sub(mean).div(std)
+    # model_input: the base interpreter of the spec (ToTensor + Normalize op for op; Pillow's resize on the device
+    # first when the host did not resize)
 
 
 @register_extractor("sscd-disc-mixup", FEATURE_DIM,

@@ -44,6 +44,9 @@ def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, na
     """
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise WeightsError(f"{path}: is a folder; --weights names the {name} weights file itself (e.g. "
+                               f"{path / source.filename})")
         if not path.is_file():
             raise WeightsError(f"{path}: weights file for {name} not found; check the --weights path")
         return path
@@ -84,16 +87,42 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every loader failure becomes one clear error
-        raise WeightsError(
-            f"{path}: cannot read as safetensors or a weights-only torch checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); fd-eval never unpickles code"
-        ) from e
+        raise WeightsError(f"{path}: not a weights file fd-eval can read: {_why_unreadable(path, e)}") from e
     for key in ("state_dict", "model", "teacher", "model_ema"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: does not hold a flat dict of tensors; not a weights file")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # else every feature is NaN and the failure surfaces far away, as "statistics" with NaN
+        raise WeightsError(f"{path}: {len(bad)} weight tensor(s) hold NaN or Inf (e.g. {bad[0]}); the weights file "
+                           "is damaged: download it again (or delete it from the cache) or pass good --weights")
     return sd
+
+
+def _why_unreadable(path: Path, e: Exception) -> str:
+    """Why a weights file did not load, in our words: torch's own messages advise ``weights_only=False`` (which
+    would run the file's code), so they are never quoted whole."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    fix = "pass the PyTorch state dict (.pth/.pt) or safetensors weights file"
+    if not head:
+        return f"the file is empty; {fix}"
+    # an ONNX model is a protobuf: field 1 (ir_version, a varint: 0x08) first, the producer ("pytorch") near it
+    onnx_head = head[:1] == b"\x08" and any(w in head[:256].lower() for w in (b"onnx", b"pytorch"))
+    if path.suffix.lower() == ".onnx" or onnx_head:
+        return f"ONNX is not supported; {fix}"
+    try:
+        text = head.decode("utf-8")
+        if all(c.isprintable() or c.isspace() for c in text):
+            return f"it is a text file; {fix}"
+    except UnicodeDecodeError:
+        pass
+    if type(e).__name__ == "UnpicklingError":
+        return ("it holds Python objects besides tensors, which fd-eval never unpickles (that would run code from "
+                "the file); save the state dict alone (torch.save(model.state_dict(), PATH)) or as safetensors")
+    first = str(e).split(". ")[0].splitlines()[0] if str(e) else ""
+    return f"damaged, truncated or another format ({type(e).__name__}: {first[:200]}); {fix}"
 
 
 def is_torchscript_archive(path: str | os.PathLike) -> bool:

@@ -23,7 +23,7 @@ Sources are map-style and safe for ``torch.utils.data.DataLoader`` workers: they
 never an open file across ``fork``/``pickle`` (file descriptors are opened lazily per process).
 
 Limits (untrusted inputs): ``max_item_bytes`` caps the bytes read for one item (file, zip or tar member;
-default 1 GiB, ``$FD_EVAL_MAX_ITEM_BYTES``; 0 = none); ``max_image_pixels`` sets Pillow's decompression-bomb limit
+default 256 MiB, ``$FD_EVAL_MAX_ITEM_BYTES``; 0 = none); ``max_image_pixels`` sets Pillow's decompression-bomb limit
 while fd-eval decodes (default: Pillow's ``Image.MAX_IMAGE_PIXELS``, ``$FD_EVAL_MAX_IMAGE_PIXELS``; 0 = none).
 
 Layout: :mod:`.base` (the :class:`ImageSource` interface, :class:`SkippedItem`), :mod:`.decode` (one image),

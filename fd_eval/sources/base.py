@@ -13,13 +13,13 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadImageError, InputError
-from .decode import bad_image, decode_image
+from .decode import HEAD_BYTES, bad_image, check_image_head, decode_image
 
 if TYPE_CHECKING:
     from .subset import SubsetSource
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})  # GIF: first frame
-DEFAULT_MAX_ITEM_BYTES = 1 << 30
+DEFAULT_MAX_ITEM_BYTES = 1 << 28  # 256 MiB: far above any image file (a 16K x 16K PNG is ~100-700 MB raw pixels)
 NO_LIMIT = 1 << 62  # max_item_bytes = 0
 FINGERPRINT_VERSION = b"fd_eval.sources.fingerprint/1"
 TAR_INDEX_VERSION = 2  # 2: the member rule (last-dot image extension, every image an item)
@@ -113,7 +113,15 @@ class ImageSource:
     def load(self, i: int) -> Image.Image:
         """Item ``i`` as a fully decoded PIL RGB image; raises :class:`BadImageError` naming the item."""
         i = self._check_index(i)
+        head = self._read_head(i, HEAD_BYTES)
+        if head is not None:  # a big item: is it an image at all? (before reading all of it)
+            check_image_head(head, lambda: self.describe(i))
         return decode_image(self._read(i), lambda: self.describe(i), max_image_pixels=self.max_image_pixels)
+
+    def _read_head(self, i: int, n: int) -> bytes | None:
+        """The first ``n`` bytes of item ``i`` when it holds more than ``n`` (and no more than the per-item limit,
+        which :meth:`_read` refuses on its own); None otherwise or when the source cannot read a prefix cheaply."""
+        return None
 
     def read_encoded(self, i: int) -> bytes | None:
         """The encoded bytes of item ``i`` (files, zip and tar members; for GPU decoding), or None for sources

@@ -49,6 +49,41 @@ def pil_limits(max_image_pixels: int | None) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old
 
 
+HEAD_BYTES = 1 << 20  # of an item larger than this, only the first HEAD_BYTES are read to decide "is it an image"
+
+
+def is_image_head(head: bytes) -> bool:
+    """Whether ``head`` (an item's first bytes) starts like an image Pillow can open, by Pillow's own rule: a
+    format plugin's signature check on the first 16 bytes, or, for the few formats without a signature (TGA, ...),
+    their header parse. Reads nothing more, so a 900 MB member that is not an image is refused after 1 MiB."""
+    Image.init()
+    prefix = head[:16]
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        if accept is not None:
+            try:
+                ok = accept(prefix)
+            except Exception:  # noqa: BLE001 - a plugin's check on hostile bytes
+                ok = False
+            if ok and not isinstance(ok, str):  # a str is Pillow's "not this format, with a note"
+                return True
+    unsigned = [f for f in Image.ID if Image.OPEN[f][1] is None]
+    try:
+        with Image.open(io.BytesIO(head), formats=unsigned):
+            return True
+    except Image.UnidentifiedImageError:
+        return False
+    except Exception:  # noqa: BLE001 - identified but odd (e.g. a decompression bomb): the full decode reports it
+        return True
+
+
+def check_image_head(head: bytes, item: "str | Callable[[], str]") -> None:
+    """Raise :class:`BadImageError` when an item's first bytes are no image's (see :func:`is_image_head`)."""
+    if not is_image_head(head):
+        raise bad_image(item, f"not an image Pillow can identify (its first {len(head):,} bytes are not PNG/JPEG/"
+                              "WebP/BMP/TIFF/... content; the rest was not read)")
+
+
 def decode_image(data: bytes, item: "str | Callable[[], str]" = "<bytes>", *,
                  max_image_pixels: int | None = None) -> Image.Image:
     """Encoded image bytes -> fully decoded PIL RGB image, exactly ``Image.open(f).convert("RGB")``.

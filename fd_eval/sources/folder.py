@@ -55,6 +55,14 @@ class DirectorySource(ImageSource):
             raise bad_image(item, f"cannot read ({e.strerror or e})",
                              "check that the file exists and is readable") from None
 
+    def _read_head(self, i: int, n: int) -> bytes | None:
+        try:
+            with open(self._path(i), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                return f.read(n) if n < size <= self.max_item_bytes else None
+        except OSError:
+            return None  # _read reports it
+
     def _fingerprint_parts(self, content: bool) -> Iterable[bytes]:
         part = content_part if content else stat_part
         for rel in self.files:

@@ -40,7 +40,7 @@ def open_source(spec: "str | os.PathLike[str] | np.ndarray | ImageSource", *, sk
             header, after which the rest of that shard is unreadable, and a remote shard that cannot be read.
         max_image_pixels: Pillow's decompression-bomb limit while decoding (None: Pillow's current
             ``Image.MAX_IMAGE_PIXELS`` or ``$FD_EVAL_MAX_IMAGE_PIXELS``; 0: no limit).
-        max_item_bytes: most bytes read for one image (None: ``$FD_EVAL_MAX_ITEM_BYTES`` or 1 GiB; 0: no limit).
+        max_item_bytes: most bytes read for one image (None: ``$FD_EVAL_MAX_ITEM_BYTES`` or 256 MiB; 0: no limit).
         npz_key: the array inside an ``.npz``.
         image_column, key_column: Parquet columns (default: the image column found by its type, keys from a
             ``key``/``id`` column or the row number).

@@ -74,7 +74,8 @@ class ParquetSource(ImageSource):
         _pq(self.spec)  # the one-line error without pyarrow, before anything else
         self.image_column: str = ""
         self.key_column = key_column
-        item_file, item_rg, item_row, rg_starts, rg_labels, rg_rows, keys = [], [], [], [0], [], [], []
+        item_rg, item_row, rg_starts, rg_labels, rg_rows = [], [], [0], [], []
+        self._key_columns: list[str | None] = []  # per file: where meta() reads keys (None: the row number)
         for f in range(len(self.files)):
             pf = self._file(f)
             schema = pf.schema_arrow
@@ -86,6 +87,7 @@ class ParquetSource(ImageSource):
             kcol = key_column if key_column is not None else next((k for k in KEY_COLUMNS if k in schema.names), None)
             if kcol is not None and kcol not in schema.names:
                 raise SourceError(f"{self.names[f]}: no key column {kcol!r}; fix --key-column")
+            self._key_columns.append(kcol)
             row0 = 0
             for g in range(pf.metadata.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
@@ -93,14 +95,8 @@ class ParquetSource(ImageSource):
                 for r in np.flatnonzero(~valid).tolist():
                     self.ignored.append(SkippedItem(None, one_line(f"{self.names[f]}:row {row0 + r}"), "null image"))
                 rows = np.flatnonzero(valid).astype(np.int64)
-                item_file.append(np.full(len(rows), f, np.int32))
                 item_rg.append(np.full(len(rows), len(rg_labels), np.int32))
                 item_row.append(rows)
-                if kcol is not None and len(rows):
-                    ks = pf.read_row_group(g, columns=[kcol]).column(0).to_pylist()
-                    keys += [str(ks[r]) for r in rows.tolist()]
-                else:
-                    keys += [str(row0 + r) for r in rows.tolist()]
                 rg_labels.append((f, g, row0))
                 rg_rows.append(n)
                 rg_starts.append(rg_starts[-1] + len(rows))
@@ -111,7 +107,6 @@ class ParquetSource(ImageSource):
         self._rg = rg_labels  # (file, row group in file, first row of the group in the file)
         self._rg_rows = rg_rows
         self._starts = np.asarray(rg_starts, dtype=np.int64)
-        self.keys = keys
         if not len(self._item_row):
             raise EmptySourceError(f"{self.spec}: no rows with an image ({len(self.ignored)} null images); check the "
                                    "dataset and --image-column")
@@ -186,8 +181,21 @@ class ParquetSource(ImageSource):
         return bytes(data)
 
     def meta(self, i: int) -> dict[str, Any] | None:
+        """``{"key": ...}``: the row's key column (read per row group, one cached per process), else its row number
+        in the file (keys are not held for the whole dataset: a million rows would be ~100 MB of strings)."""
         i = self._check_index(i)
-        return {"key": self.keys[i]}
+        u, r = int(self._item_rg[i]), int(self._item_row[i])
+        f, g, row0 = self._rg[u]
+        kcol = self._key_columns[f]
+        if kcol is None:
+            return {"key": str(row0 + r)}
+        key = ("keys", u)
+        if key not in self._handles:
+            for k in [k for k in self._handles if k[0] == "keys"]:
+                del self._handles[k]
+        keys = self._handle(key, lambda: self._file(f).read_row_group(g, columns=[kcol]).column(0).to_pylist(),
+                            lambda h: None)
+        return {"key": str(keys[r])}
 
     # --- units: row groups (the shard API that fd_eval.build plans by) ---------------------------------------
     @property

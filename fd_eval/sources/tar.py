@@ -137,6 +137,13 @@ class TarSource(ImageSource):
         s = int(np.searchsorted(self._starts, i, side="right") - 1)
         return self._pread(s, int(self._img_off[i]), size, item)
 
+    def _read_head(self, i: int, n: int) -> bytes | None:
+        size = int(self._img_size[i])
+        if not n < size <= self.max_item_bytes:
+            return None
+        s = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return self._pread(s, int(self._img_off[i]), n, lambda: self.describe(i))
+
     def meta(self, i: int) -> dict[str, Any] | None:
         i = self._check_index(i)
         size = int(self._json_size[i])

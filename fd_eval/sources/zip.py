@@ -84,6 +84,16 @@ class ZipSource(ImageSource):
             raise bad_image(item, f"cannot read zip member ({type(e).__name__}: {e})",
                              "re-create the zip") from None
 
+    def _read_head(self, i: int, n: int) -> bytes | None:
+        if not n < int(self._sizes[i]) <= self.max_item_bytes:
+            return None
+        try:
+            zf = self._handle("zip", lambda: zipfile.ZipFile(self.path), self._closer, limit=1)
+            with zf.open(zf.infolist()[int(self._pos[i])]) as f:
+                return f.read(n)
+        except Exception:  # noqa: BLE001 - _read reports it
+            return None
+
     def _fingerprint_parts(self, content: bool) -> Iterable[bytes]:
         (rel,) = relative_names([self.path])
         yield (content_part if content else stat_part)(rel, self.path)

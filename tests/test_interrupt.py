@@ -1,0 +1,148 @@
+"""Ctrl-C (SIGINT) always stops a command: exit status 130, one ``Error: interrupted`` line and no traceback, no
+temp file left, the saved units resumable, even for a process started with SIGINT *ignored*.
+
+Why the last part: a background job of a non-interactive shell (``cmd &`` in a script, CI runners, the test suite
+started that way) inherits SIGINT as SIG_IGN, and Python keeps an inherited SIG_IGN; the CLI used to run such a
+build to the end and exit 0 after a ``kill -INT``. The subprocesses here are started exactly that way
+(``preexec_fn`` ignores SIGINT), so the tests fail on the old code on any machine, at any load.
+
+The interruption is deterministic: the CLI signals itself when it saves its K-th unit file (``_shallow_cli.py``,
+``_copies_cli.py``), never after a delay.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import fd_eval.build as build
+import fd_eval.extractors.dinov2 as dv
+from _checkpoints import save_dinov2_checkpoint
+from _gpic_shards import make_shards
+from _images import photo_crops, save_images
+from fd_eval.cli import main
+
+TESTS = Path(__file__).parent
+DEPTH = 2
+MODEL = "dinov2-vits14"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interrupt")
+    ckpt, _ = save_dinov2_checkpoint(root / "dinov2_vits14_pretrain.pth", "vits14", "official", seed=3, depth=DEPTH)
+    make_shards(root / "shards", photo_crops(12, 48, 48, seed=7), 3)
+    gen = save_images(photo_crops(6, 32, 32, seed=2), root / "gen")
+    train = save_images(photo_crops(12, 32, 32, seed=1), root / "train")
+    return {"root": root, "ckpt": ckpt, "spec": str(root / "shards" / "gpic_test_{00000..00003}.tar"),
+            "gen": gen, "train": train}
+
+
+def stats_args(world, out):
+    return ["stats", world["spec"], "-o", str(out), "-m", MODEL, "--weights", str(world["ckpt"]), "--batch-size", "2",
+            "--num-workers", "0", "--device", "cpu", "-q"]
+
+
+def copies_args(world, out):
+    return ["copies", str(world["gen"]), "--train", str(world["train"]), "-m", MODEL, "--weights",
+            str(world["ckpt"]), "--top", "2", "--no-authpct", "--checkpoint-every", "3", "--batch-size", "3",
+            "--num-workers", "0", "--device", "cpu", "-q", "--json", str(out)]
+
+
+def _ignore_sigint() -> None:  # what a non-interactive shell does to its background jobs
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupted_cli(script: str, env_var: str, k: int, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, env_var: f"{k}:SIGINT", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(TESTS / script), str(DEPTH), *args], capture_output=True, env=env,
+                          timeout=600, preexec_fn=_ignore_sigint)
+
+
+def _check_stopped(p: subprocess.CompletedProcess, folder: Path) -> None:
+    err = p.stderr.decode()
+    assert p.returncode == 130, (p.returncode, err[-3000:])
+    assert "Traceback" not in err and "Aborted" not in err, err
+    assert err.strip().splitlines()[-1] == "Error: interrupted (SIGINT); nothing half-written was left", err
+    assert "run the same command again to resume" in err
+    assert not [q for q in folder.rglob("*") if q.name.endswith(".tmp")]
+
+
+def test_sigint_ignored_by_the_parent_still_stops_in_process(world, tmp_path, monkeypatch):
+    """The CLI installs its own SIGINT handler: an inherited SIG_IGN does not swallow the signal (CliRunner, fast)."""
+    monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
+    real, calls = build.save_unit_file, []
+
+    def save(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at once (os.kill checks pending signals on return)
+        real(*a, **kw)
+
+    monkeypatch.setattr(build, "save_unit_file", save)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        r = CliRunner().invoke(main, stats_args(world, tmp_path / "s.safetensors"))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the caller's handler is restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert r.exit_code == 130, r.output + repr(r.exception)
+    assert r.output.strip().splitlines()[-1] == "Error: interrupted (SIGINT); nothing half-written was left"
+    ck = build.default_checkpoint_dir(tmp_path / "s.safetensors")
+    assert sorted(p.name for p in ck.glob("unit-*")) == ["unit-000000.safetensors"]  # stopped before unit 1 was saved
+    assert not [p for p in ck.iterdir() if p.name.endswith(".tmp")] and not (tmp_path / "s.safetensors").exists()
+
+
+def test_warnings_print_as_one_line():
+    """A Python warning inside a command prints ``warning: <first line>`` (no file:line, no source line); a
+    subprocess, since pytest records warnings itself (and the CLI then leaves them to it)."""
+    code = ("import warnings\nfrom fd_eval.cli._common import _warnings_as_lines\nwith _warnings_as_lines():\n"
+            "    warnings.warn('first line of the message\\nsecond line', RuntimeWarning)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+    assert p.returncode == 0 and p.stderr.decode() == "warning: first line of the message\n", p.stderr
+
+
+@pytest.fixture
+def burners(request):
+    """``FD_EVAL_TEST_BURNERS`` (default 4) CPU-burning processes beside the test, killed when it ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(int(os.environ.get("FD_EVAL_TEST_BURNERS", 4)))]
+    yield procs
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_repeated_sigint_at_load_never_exits_0(world, tmp_path, burners):
+    """``FD_EVAL_TEST_INTERRUPT_ROUNDS`` (default 3) rounds each of `stats` and `copies`, started with SIGINT ignored
+    and CPU-burning processes beside them, interrupted after 1, 2, 3 ... unit files: every one stops with 130
+    (never 0), leaves no temp file, and the last resume finishes."""
+    rounds = int(os.environ.get("FD_EVAL_TEST_INTERRUPT_ROUNDS", 3))
+    for i in range(rounds):
+        k = 1 + i % 3
+        folder = tmp_path / f"s{i}"
+        folder.mkdir()
+        p = _interrupted_cli("_shallow_cli.py", "FD_EVAL_TEST_SIGNAL_AFTER_UNITS", k,
+                             stats_args(world, folder / "s.safetensors"))
+        _check_stopped(p, folder)
+        assert not (folder / "s.safetensors").exists()
+        folder = tmp_path / f"c{i}"
+        folder.mkdir()
+        p = _interrupted_cli("_copies_cli.py", "FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS", k,
+                             copies_args(world, folder / "c.json"))
+        _check_stopped(p, folder)
+        assert not (folder / "c.json").exists()
+    # the last interrupted copies run resumes to the end (plain CLI, no signal)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(TESTS / "_copies_cli.py"), str(DEPTH), *copies_args(world, folder / "c.json")]
+    p = subprocess.run(argv, capture_output=True, env=env, timeout=600)
+    assert p.returncode == 0 and b"resuming from" in p.stderr, p.stderr[-3000:]
+    assert (folder / "c.json").exists()
