@@ -28,7 +28,7 @@ def index_group() -> None:
 @click.option("--append", is_flag=True, help="Add TRAIN's images to a finished index as a new part (no rebuild).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None,
               help="Training images per unit file [default: one unit per tar shard, else 10,000].")
-@run_options()
+@run_options(offline=True)
 def index_build_cmd(train: str, out: str, models: tuple[str, ...], weights: tuple[str, ...], dtype: str,
                     append: bool, checkpoint_every: int | None, options: RunOptions) -> None:
     """Extract TRAIN's features once into the index folder -o DIR (L2-normalised, sharded safetensors, keys and
