@@ -56,6 +56,8 @@ def _flatten(inputs: Iterable[Spec] | Mapping[str, Spec]) -> list[tuple[str, str
             out += [t for x in v for t in _flatten({label: x})]
         elif isinstance(v, (str, os.PathLike)) and os.fspath(v):
             out.append((label, os.fspath(v)))
+        elif isinstance(getattr(v, "spec", None), str) and v.spec:  # an opened ImageSource: its path or pattern
+            out.append((label, v.spec))
     return list(dict.fromkeys(out))
 
 

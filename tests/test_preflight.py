@@ -361,3 +361,23 @@ def test_mismatch_is_refused_before_extraction_and_names_the_images(data, monkey
     monkeypatch.setattr(api, "load_extractors", lambda *a, **k: [ex])
     res = fd_eval.compute_fd(gen, str(ref), device="cpu", num_workers=0, progress=False, allow_mismatch=True)
     assert any("weights sha256" in w for w in res.warnings)
+
+
+def test_opened_sources_are_inputs_too(data, no_weights):
+    tmp, gen, _ = data
+    with pytest.raises(OutputError, match="inside the input folder"):
+        fd_eval.build_stats(open_source(gen), gen / "s.safetensors")
+
+
+def test_ceiling_reads_a_gated_reference_before_any_weights(data, no_weights, monkeypatch, tmp_path):
+    from _fake_hub import FakeHub, point_hf_at
+    from fd_eval.errors import GatedRepoError
+    from test_references import REPO, TEST_FILE, gpic_npz
+
+    tmp, gen, _ = data
+    with FakeHub() as hub:
+        point_hf_at(hub, monkeypatch, tmp_path / "hf_cache")
+        hub.add_file(REPO, TEST_FILE, gpic_npz()[0])
+        hub.gated[f"datasets/{REPO}"], hub.token = 401, "hf_granted"
+        with pytest.raises(GatedRepoError, match="request access"):
+            fd_eval.ceiling(gen, "gpic-test", n=4, device="cpu", num_workers=0, progress=False)
