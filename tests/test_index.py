@@ -284,3 +284,36 @@ def test_torchrun_two_processes_build_the_same_index(sets, index32, tmp_path):
     live = fd_eval.find_copies(sets["gen"], sets["train"], extractors=[PixelExtractor()], test=sets["test"], **KW)
     for r in (0, 1):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == live.to_dict()["results"]
+
+
+def test_cli_build_then_copies_train_index_equals_copies_train(tmp_path):
+    """The real CLI end to end with DINOv2 (random weights, 2 blocks): `index build` then `copies --train-index`
+    gives the JSON results of `copies --train` (same batch size and units: the same float32 features)."""
+    import functools
+
+    import fd_eval.extractors.dinov2 as dv
+    from test_copies_run import DEPTH
+
+    root = tmp_path
+    train = photo_crops(12, 32, 32, seed=1)
+    gen = np.concatenate([np.stack([jpeg75(a) for a in train[:4]]), photo_crops(6, 32, 32, seed=2)])
+    s = {k: save_images(v, root / k) for k, v in (("gen", gen), ("train", train))}
+    from _checkpoints import save_dinov2_checkpoint
+
+    w, _ = save_dinov2_checkpoint(root / "dinov2_vits14_pretrain.pth", "vits14", "official", seed=3, depth=DEPTH)
+    common = ["-m", "dinov2-vits14", "--weights", str(w), "--checkpoint-every", "5", "--batch-size", "2",
+              "--num-workers", "0", "--device", "cpu", "-q"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
+        r = CliRunner().invoke(main, ["index", "build", str(s["train"]), "-o", str(root / "idx"), *common])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        assert "wrote" in r.output and "12 rows (0 skipped) in 3 units, float32, dinov2-vits14" in r.output
+        outs = []
+        for how in (["--train", str(s["train"])], ["--train-index", str(root / "idx")]):
+            out = root / f"{len(outs)}.json"
+            r = CliRunner().invoke(main, ["copies", str(s["gen"]), *how, "--top", "2", "--threshold", "0.9",
+                                          *common, "--json", str(out)])
+            assert r.exit_code == 0, r.output + repr(r.exception)
+            outs.append(json.loads(out.read_text()))
+    assert outs[0]["results"] == outs[1]["results"]
+    assert outs[1]["results"]["dinov2-vits14"]["authpct"] is not None

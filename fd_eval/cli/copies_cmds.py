@@ -80,6 +80,13 @@ def copies_cmd(gen: str, train: str | None, train_index: str | None, approximate
                      fmt_num(r["authpct"], 2), fmt_num(r["ct"], 3)])
     echo_table(rows, ["model", "N gen", "N train", "copies", "fraction", "top-1 p50", "p90", "p99", "max",
                       "AuthPct", "C_T"])
+    for model, r in res.results.items():
+        if (r.get("search") or {}).get("approximate"):
+            sr = r["search"]
+            above = sr.get("recall_at_1_above_0.5")
+            warn(f"{model}: approximate search ({sr['method']}, nprobe {sr['nprobe']}): recall@1 "
+                 f"{sr['recall_at_1']:.3f} on {sr['recall_sample']} queries checked by an exact scan"
+                 + (f", {above:.3f} for pairs above 0.5" if above is not None else ""))
     if json_path:
         click.echo(f"wrote {json_path}" + (f" and {sheet}" if sheet else ""))
     elif sheet:
