@@ -315,5 +315,9 @@ def test_cli_build_then_copies_train_index_equals_copies_train(tmp_path):
                                           *common, "--json", str(out)])
             assert r.exit_code == 0, r.output + repr(r.exception)
             outs.append(json.loads(out.read_text()))
+        r = CliRunner().invoke(main, ["copies", str(s["gen"]), "--train-index", str(root / "idx"), "--approximate",
+                                      "--top", "2", "--threshold", "0.9", *common, "--json", str(root / "a.json")])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        assert "approximate search (faiss IVF1,sq8 inner product, nprobe 1): recall@1 1.000 on 10 queries" in r.output
     assert outs[0]["results"] == outs[1]["results"]
     assert outs[1]["results"]["dinov2-vits14"]["authpct"] is not None
