@@ -168,7 +168,8 @@ class TopKConsumer(Consumer):
             return
         keys = index.to(self.queries.device, torch.int64)
         self.bad_keys |= ((keys < 0) | (keys > MAX_KEY)).any()
-        f = F.normalize(features.to(self.queries.device).double(), dim=1)
+        # the float32 unit vector (what a float32 training index stores), compared in float64
+        f = F.normalize(features.to(self.queries.device).double(), dim=1).float().double()
         rows = max(1, _WORK_ELEMENTS // (f.shape[0] + self.k))
         for r0 in range(0, self.queries.shape[0], rows):
             r1 = min(r0 + rows, self.queries.shape[0])
@@ -385,6 +386,9 @@ def ct_from_distances(l_test: np.ndarray, test_cells: np.ndarray, l_gen: np.ndar
             zu[i] = (u - (a * b / 2 - 0.5)) / math.sqrt(a * b * (a + b + 1) / 12)
     keep = qm > 20 / m
     if not np.any(keep) or pn[keep].sum() == 0:
+        warnings.warn(f"C_T: no k-means cell holds more than 20 generated images (of {m}; cells: "
+                      f"{np.bincount(gen_cells, minlength=k).tolist()}); C_T not computed", RuntimeWarning,
+                      stacklevel=2)
         return None
     return float(pn[keep] @ zu[keep] / pn[keep].sum())
 
@@ -788,8 +792,10 @@ def _cleanup(ckpt: Path) -> None:
 
 def find_copies(
     gen: "str | os.PathLike | np.ndarray | ImageSource",
-    train: "str | os.PathLike | np.ndarray | ImageSource",
+    train: "str | os.PathLike | np.ndarray | ImageSource | None" = None,
     *,
+    train_index: "str | os.PathLike | Any | None" = None,
+    approximate: bool = False,
     models: Sequence[str] | str = DEFAULT_MODELS,
     top_k: int = 5,
     threshold: float | None = None,
@@ -813,6 +819,11 @@ def find_copies(
         gen: the generated images (any image source; its features are held in memory).
         train: the training images, streamed once (any source: folders, tar shard ranges, hf:// templates); the
             reference test set for a leak check.
+        train_index: instead of ``train``, a training index folder (:func:`fd_eval.build_index`, or an opened
+            :class:`fd_eval.index.TrainingIndex`): no training image is decoded; the same result (bit-identical
+            top-K and similarities for a float32 index). Refused when made with another extractor, weights or
+            preprocessing. ``approximate``: search it with FAISS (IVF, candidates re-scored exactly; the result
+            records ``search.recall_at_1`` measured against an exact scan of a sample of the queries).
         models: extractor names (default SSCD ``sscd-disc-mixup``; any DINOv2 works too).
         top_k: training neighbours kept per generated image.
         threshold: copy threshold on top-1 cosine similarity (default SSCD's 0.75; required in spirit for other
@@ -855,10 +866,26 @@ def find_copies(
     rank, world, dev = resolved.rank, resolved.world_size, resolved.device
     skip_bad = opts.skip_bad
     gen_src = open_source(gen, skip_bad=skip_bad, offline=opts.offline)
-    try:
-        train_src = open_source(train, skip_bad=skip_bad, offline=opts.offline)
-    except EmptySourceError as e:
-        raise EmptySourceError(f"training source (--train) is empty: {e}") from None
+    index = None
+    if (train is None) == (train_index is None):
+        raise InputError("pass the training images (--train SOURCE, train=) or a training index (--train-index DIR, "
+                         "train_index=), one of the two")
+    if save_features is not None and train_index is not None:
+        raise InputError("--save-features saves the training features of a --train pass; with --train-index they "
+                         "are already stored in the index")
+    if approximate and train_index is None:
+        raise InputError("--approximate searches a training index: pass --train-index DIR (fd-eval index build)")
+    if train_index is not None:
+        from .index import open_index
+        from .index.copies_pass import IndexTrain
+
+        index = open_index(train_index) if isinstance(train_index, (str, os.PathLike)) else train_index
+        train_src = IndexTrain(index)
+    else:
+        try:
+            train_src = open_source(train, skip_bad=skip_bad, offline=opts.offline)
+        except EmptySourceError as e:
+            raise EmptySourceError(f"training source (--train) is empty: {e}") from None
     test_src = open_source(test, skip_bad=skip_bad, offline=opts.offline) if test is not None else None
     if len(train_src) == 0:
         raise EmptySourceError(f"{train_src.spec}: the training source holds no images; --train must point at the "
@@ -886,7 +913,8 @@ def find_copies(
             warnings.warn(f"{name} is not a copy detector: the default copy threshold 0.75 is SSCD's operating "
                           f"point; pass --threshold (threshold=) calibrated for {name}", UserWarning, stacklevel=2)
         thresholds[name] = float(threshold if threshold is not None else COPY_DETECTORS.get(name, 0.75))
-    plan = plan_units(train_src, checkpoint_every=checkpoint_every)  # positions in the full training source
+    plan = (plan_units(train_src, checkpoint_every=checkpoint_every) if index is None  # positions in the source
+            else train_src.plan())
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     feats_dir = Path(save_features) if save_features is not None else None
     resuming = ckpt is not None and ((ckpt / _QUERIES).exists() or any(ckpt.glob("train-*.safetensors")))
@@ -894,6 +922,9 @@ def find_copies(
         raise InputError(f"{feats_dir}: already holds saved features (features-*.safetensors) and no run is being "
                          "resumed; delete them or choose another --save-features folder")
     exs = resolve_extractors(models, extractors, weights, resolved, dev)
+    if index is not None:  # before any image is decoded
+        for ex in exs:
+            index.check_extractor(ex.name, ex.metadata())
     bs = resolved.batch_size
     identity = json.loads(json.dumps({
         "extractors": [{k: ex.metadata()[k] for k in ("extractor", "feature_dim", "weights_sha256", "preprocess")}
@@ -915,14 +946,26 @@ def find_copies(
         if test_feats is not None:
             cells = CellNNConsumer(fit_cells(test_feats[j]), torch.cat([test_feats[j], gen_feats[j]]))
         base.append(CopiesConsumer(gen_feats[j], top_k, keep_top1_features=compute_authpct, cells=cells))
-    consumers, train_skipped, resumed = _training_pass("train", train_src, plan.units, base, run,
-                                                       save_features=feats_dir)
+    search = None
+    if index is not None:
+        from .index.copies_pass import index_search
+
+        consumers, search = index_search(index, gen_feats, base, run, keep_top1_features=compute_authpct,
+                                         approximate=approximate)
+        train_skipped, resumed = [SkippedItem(**d) for d in index.skipped()], 0
+    else:
+        consumers, train_skipped, resumed = _training_pass("train", train_src, plan.units, base, run,
+                                                           save_features=feats_dir)
     n_train = consumers[0].topk.state.n_seen
     if n_train == 0:
         raise EmptySourceError(f"{train_src.spec}: every training image was skipped as unreadable "
                                f"({len(train_skipped)})")
     auth_sims: list[torch.Tensor | None] = [None] * len(exs)
-    if compute_authpct and n_train > 1:
+    if compute_authpct and n_train > 1 and index is not None:
+        from .index.copies_pass import index_authpct_pass
+
+        auth_sims = index_authpct_pass(index, consumers, run)  # type: ignore[assignment]
+    elif compute_authpct and n_train > 1:
         second = []
         for c in consumers:
             _, keys, _ = unpack(c.topk.state.packed[:, :1])
@@ -940,10 +983,13 @@ def find_copies(
             d, cl = c.cells.dist.cpu().numpy(), c.cells.cells.cpu().numpy()
             r["ct"] = ct_from_distances(d[:nt], cl[:nt], d[nt:], cl[nt:], c.cells.train_counts.cpu().numpy())
         r.update(top_k=top_k, n_gen=int(len(gen_idx)), n_train=int(n_train))
+        if search is not None and search.get(ex.name) is not None:
+            r["search"] = search[ex.name]  # only an approximate search says so (an exact scan equals --train)
         results[ex.name] = r
         arrays[ex.name] = {"similarity": sims.cpu().numpy(), "key": keys.cpu().numpy(), "gen_index": gen_idx}
     prov = {
         "fd_eval": __version__, "gen": gen_src.spec, "train": train_src.spec,
+        **({"train_index": train_src.provenance()} if index is not None else {}),
         "test": test_src.spec if test_src is not None else None,
         "extractors": {ex.name: ex.metadata() for ex in exs},
         "similarity": "cosine of L2-normalised features; ties broken by the smaller training index",
@@ -969,30 +1015,10 @@ def find_copies(
     return out
 
 
-def contact_sheet(result: CopiesResult, gen: ImageSource, train: ImageSource, path: str | os.PathLike, *,
+def contact_sheet(result: CopiesResult, gen: ImageSource, train: Any, path: str | os.PathLike, *,
                   model: str, rows: int = 16, thumb: int = 160) -> Path:
-    """PNG of the ``rows`` generated images with the highest top-1 similarity, each beside its nearest training
-    image, with the similarity (and 'COPY' above the threshold) printed below."""
-    from PIL import Image, ImageDraw
+    """PNG grid of the ``rows`` most similar pairs, copies first, captions wrapped
+    (:func:`fd_eval.contact_sheet.contact_sheet`)."""
+    from .contact_sheet import contact_sheet as grid
 
-    r = result.results[model]
-    order = sorted(r["per_image"], key=lambda p: -(p["nearest"][0]["similarity"] if p["nearest"] else -9))[:rows]
-    pad, text_h = 6, 28
-    sheet = Image.new("RGB", (2 * thumb + 3 * pad, max(1, len(order)) * (thumb + text_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, p in enumerate(order):
-        y = pad + i * (thumb + text_h + pad)
-        pair = [gen.load(p["index"])] + ([train.load(p["nearest"][0]["index"])] if p["nearest"] else [])
-        for j, im in enumerate(pair):
-            im = im.convert("RGB")
-            im.thumbnail((thumb, thumb))
-            sheet.paste(im, (pad + j * (thumb + pad), y))
-        if p["nearest"]:
-            s = p["nearest"][0]["similarity"]
-            flag = "COPY " if s > r["threshold"] else ""
-            names = f"{os.path.basename(p['name'])} ~ {os.path.basename(p['nearest'][0]['key'])}"
-            draw.text((pad, y + thumb + 2), f"{flag}cos={s:.4f} ({model})\n{names}"[:120],
-                      fill="red" if flag else "black")
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
-    return Path(path)
+    return grid(result, gen, train, path, model=model, rows=rows, thumb=thumb)
