@@ -854,7 +854,7 @@ def find_copies(
     opts = make_options(options, kw, "find_copies")
     from .preflight import check_outputs
 
-    check_outputs({"GEN": gen, "--train": train, "--test": test, "--weights": weights},
+    check_outputs({"GEN": gen, "--train": train, "--train-index": train_index, "--test": test, "--weights": weights},
                   {"--json": json_path, "--sheet": sheet},
                   {"--save-features": save_features, "--checkpoint-dir": checkpoint_dir})  # before any work
     if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:

@@ -381,3 +381,14 @@ def test_ceiling_reads_a_gated_reference_before_any_weights(data, no_weights, mo
         hub.gated[f"datasets/{REPO}"], hub.token = 401, "hf_granted"
         with pytest.raises(GatedRepoError, match="request access"):
             fd_eval.ceiling(gen, "gpic-test", n=4, device="cpu", num_workers=0, progress=False)
+
+
+def test_copies_outputs_never_inside_the_train_index(copies_data, no_weights):
+    tmp, gen, train, _ = copies_data
+    idx = tmp / "index"
+    idx.mkdir()
+    (idx / "manifest.json").write_text("{}")
+    with pytest.raises(OutputError, match=r"inside the input folder .*\(--train-index\)"):
+        fd_eval.find_copies(gen, None, train_index=idx, models=["dinov2-vits14"], json_path=idx / "r.json")
+    failed(["copies", str(gen), "--train-index", str(idx), "--json", str(idx / "manifest.json")], OutputError,
+           "manifest.json", "(--train-index)")
