@@ -42,6 +42,7 @@ from .errors import (
 from .extractors import Extractor, list_extractors, load_extractor
 from .feature_metrics import mmd, mmd_subsets, prdc
 from .frechet import FDResult, frechet_distance, frechet_distance_breakdown
+from .index import TrainingIndex, build_index, open_index
 from .metric import FDMetric, evaluate_generator, to_uint8
 from .moments import MomentAccumulator
 from .options import RunOptions
@@ -80,6 +81,7 @@ __all__ = [
     "FDResult", "frechet_distance", "frechet_distance_breakdown", "MomentAccumulator",
     "Stats", "check_compatible", "compare_stats", "load_all_stats", "load_stats", "save_stats",
     "AnalysisSpec", "analyze", "CeilingResult", "ceiling", "split_half", "CopiesResult", "find_copies",
+    "build_index", "open_index", "TrainingIndex",
     "mmd", "mmd_subsets", "prdc", "BootstrapResult", "FDInfinityResult", "bootstrap_fd", "default_ns", "fd_infinity",
     # references
     "Floor", "Reference", "add_reference", "fetch_reference", "floor_for", "get_reference", "list_references",

@@ -492,6 +492,25 @@ class _Named:
     name: str
 
 
+def registry_reference_first(ref: Any, models: ModelsArg | None, opts: RunOptions, *,
+                             extractors: Sequence[Extractor] | None = None, **ref_kw: Any) -> _Ref | None:
+    """A registry reference read (access check, download) before any extractor loads: cheap before expensive, so
+    that a gated reference without access fails before 1.2 GB of DINOv2-L weights are downloaded. None for every
+    other kind of reference (read after the extractors, as :func:`resolve_reference` needs them)."""
+    if reference_kind(ref) != "registry":
+        return None
+    if extractors is not None:
+        names: Any = dict.fromkeys(ex.name for ex in extractors)
+    else:
+        names = dict.fromkeys(resolve_name(m) for m in ([models] if isinstance(models, str) else models or ()))
+    return resolve_reference(ref, [_Named(n) for n in names], options=opts, **ref_kw)  # type: ignore[list-item]
+
+
+def check_planned(gen: Any, exs: Sequence[Extractor], reference: _Ref) -> None:
+    """Public name of :func:`_check_planned` (used by :mod:`fd_eval.ceiling`)."""
+    _check_planned(gen, exs, reference)
+
+
 def _check_planned(gen: ImageSource, exs: Sequence[Extractor], reference: _Ref) -> None:
     """:func:`fd_eval.stats.check_compatible` of the statistics the extraction would make (the extractors'
     metadata, the generated source as their origin) against a reference already read: StatsMismatchError before
@@ -501,7 +520,7 @@ def _check_planned(gen: ImageSource, exs: Sequence[Extractor], reference: _Ref) 
         if ref is None:
             continue
         d = ex.feature_dim
-        planned = Stats(np.zeros(d), np.zeros((d, d)), 2, ex.metadata(), origin=str(gen.spec))
+        planned = Stats(np.zeros(d), np.zeros((d, d)), 2, ex.metadata(), origin=str(getattr(gen, "spec", gen)))
         check_compatible(planned, ref)
 
 
@@ -518,11 +537,7 @@ def _compute_fd(t0: float, opts: RunOptions, gen: ImageSource, ref: Any, models:
     t_ref = time.perf_counter()
     reference = None
     kind = reference_kind(ref)
-    if kind == "registry":
-        # cheap before expensive: a registry reference is read first, so that a gated reference's access check
-        # (and its download) fails before any extractor weights (1.2 GB for DINOv2-L) are downloaded
-        names = dict.fromkeys(resolve_name(m) for m in ([models] if isinstance(models, str) else models))
-        reference = resolve_reference(ref, [_Named(n) for n in names], options=opts, **ref_kw)  # type: ignore[misc]
+    reference = registry_reference_first(ref, models, opts, **ref_kw)
     t_ref = time.perf_counter() - t_ref
     exs = resolve_extractors(models, None, weights, resolved, dev)
     check_decode(opts.decode, exs, source_transform(ref_image_transform))

@@ -34,10 +34,12 @@ from .api import (
     PROTOCOL_N,
     ModelsArg,
     WeightsArg,
+    check_planned,
     compute_stats,
     evaluate_stats,
     open_reference,
     progress_label,
+    registry_reference_first,
     resolve_extractors,
     resolve_reference,
     run_provenance,
@@ -166,10 +168,16 @@ def ceiling(
     ref = open_reference(ref, skip_bad=opts.skip_bad)
     resolved = opts.resolve()
     dev = resolved.device
+    # a registry reference (access check, download) before any weights: cheap before expensive
+    reference = registry_reference_first(ref, models, opts, extractors=extractors,
+                                         ref_image_transform=ref_image_transform)
     exs = resolve_extractors(models, extractors, weights, resolved, dev)
     check_decode(opts.decode, exs, source_transform(image_transform) or source_transform(ref_image_transform))
     run = resolved.replace(precision=None, compile=None)  # the extractors are in the options' mode now
-    reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run)
+    if reference is None:
+        reference = resolve_reference(ref, exs, ref_image_transform=ref_image_transform, options=run)
+    if not allow_mismatch:  # a mismatch is refused before any real image is decoded
+        check_planned(real, exs, reference)
     real_stats = compute_stats(real, extractors=exs, num=n, seed=seed if n is not None else None,
                                image_transform=image_transform, options=run, label=progress_label(
                                    "real", real if isinstance(real, (str, os.PathLike)) else "images", exs))

@@ -50,7 +50,7 @@ from .copy_metrics import (  # noqa: F401 - re-exported: fd_eval.copies is where
 from .engine import DEFAULT_BLOCK, Unit, UnitFiles, carry_error, key_diffs, share_units, skipped_items
 from .errors import CheckpointError, EmptySourceError, FDEvalError, InputError
 from .extractors import Extractor
-from .io_utils import atomic_path, atomic_write
+from .io_utils import atomic_write
 from .options import ResolvedRun, RunOptions, make_options
 from .pipeline import FeatureConsumer  # noqa: F401 - the interface the consumers implement
 from .provenance import result_provenance
@@ -357,14 +357,23 @@ def _cleanup(ckpt: Path) -> None:
         UnitFiles(ckpt, COPIES_FORMAT, {}, prefix=f"{kind}-", extra_names=(_QUERIES,)).cleanup()
 
 
-def _open_sources(gen: Any, train: Any, test: Any, skip_bad: bool, offline: bool | None
-                  ) -> tuple[ImageSource, ImageSource, ImageSource | None]:
-    """GEN, --train and --test opened and checked (before any weights load; a remote source offline fails)."""
+def _open_sources(gen: Any, train: Any, train_index: Any, test: Any, skip_bad: bool, offline: bool | None
+                  ) -> tuple[ImageSource, Any, ImageSource | None, Any]:
+    """GEN, --train (or --train-index) and --test opened and checked (before any weights load; a remote source
+    offline fails). Returns (gen, train source, test, the opened training index or None)."""
     gen_src = open_source(gen, skip_bad=skip_bad, offline=offline)
-    try:
-        train_src = open_source(train, skip_bad=skip_bad, offline=offline)
-    except EmptySourceError as e:
-        raise EmptySourceError(f"training source (--train) is empty: {e}") from None
+    index = None
+    if train_index is not None:
+        from .index import open_index
+        from .index.copies_pass import IndexTrain
+
+        index = open_index(train_index) if isinstance(train_index, (str, os.PathLike)) else train_index
+        train_src = IndexTrain(index)
+    else:
+        try:
+            train_src = open_source(train, skip_bad=skip_bad, offline=offline)
+        except EmptySourceError as e:
+            raise EmptySourceError(f"training source (--train) is empty: {e}") from None
     test_src = open_source(test, skip_bad=skip_bad, offline=offline) if test is not None else None
     if len(train_src) == 0:
         raise EmptySourceError(f"{train_src.spec}: the training source holds no images; --train must point at the "
@@ -372,7 +381,44 @@ def _open_sources(gen: Any, train: Any, test: Any, skip_bad: bool, offline: bool
     if len(train_src) > MAX_KEY + 1:
         raise InputError(f"{train_src.spec}: {len(train_src)} training images; the top-K keys hold at most "
                          f"{MAX_KEY + 1}; split --train into parts")
-    return gen_src, train_src, test_src
+    return gen_src, train_src, test_src, index
+
+
+def _check_training_args(train: Any, train_index: Any, save_features: Any, approximate: bool) -> None:
+    if (train is None) == (train_index is None):
+        raise InputError("pass the training images (--train SOURCE, train=) or a training index (--train-index DIR, "
+                         "train_index=), one of the two")
+    if save_features is not None and train_index is not None:
+        raise InputError("--save-features saves the training features of a --train pass; with --train-index they "
+                         "are already stored in the index")
+    if approximate and train_index is None:
+        raise InputError("--approximate searches a training index: pass --train-index DIR (fd-eval index build)")
+
+
+def _train(index: Any, train_src: Any, plan: engine.UnitPlan, base: list[CopiesConsumer], run: _Run,
+           gen_feats: list[torch.Tensor], feats_dir: Path | None, compute_authpct: bool, approximate: bool
+           ) -> tuple[list[CopiesConsumer], list[SkippedItem], int, Any, list[torch.Tensor | None]]:
+    """The training side: a pass over the training images (unit engine), or a scan of a training index.
+    Returns (merged consumers, skipped training items, units resumed, the index search record, AuthPct's
+    similarities per model)."""
+    search = None
+    if index is not None:
+        from .index.copies_pass import index_authpct_pass, index_search
+
+        consumers, search = index_search(index, gen_feats, base, run, keep_top1_features=compute_authpct,
+                                         approximate=approximate)
+        skipped, resumed = [SkippedItem(**d) for d in index.skipped()], 0
+    else:
+        consumers, skipped, resumed = _training_pass("train", train_src, plan.units, base, run,
+                                                     save_features=feats_dir)
+    n_train = consumers[0].topk.state.n_seen
+    if n_train == 0:
+        raise EmptySourceError(f"{train_src.spec}: every training image was skipped as unreadable ({len(skipped)})")
+    auth: list[torch.Tensor | None] = [None] * len(consumers)
+    if compute_authpct and n_train > 1:
+        auth = (index_authpct_pass(index, consumers, run) if index is not None  # type: ignore[assignment]
+                else _authpct_sims(consumers, train_src, plan, run, feats_dir))
+    return consumers, skipped, resumed, search, auth
 
 
 def _check_memory(models: Any, extractors: Sequence[Extractor] | None, gen_src: ImageSource, n_test: int,
@@ -464,7 +510,9 @@ def _provenance_and_inputs(exs: Sequence[Extractor], run: _Run, srcs: dict[str, 
     per-source input accounting (found / used / skipped / ignored, as ``compute`` reports it)."""
     skipped = {"gen": q["skipped"]["gen"], "train": train_skipped, "test": q["skipped"]["test"]}
     sides = {"gen": "generated", "train": "train", "test": "test"}
-    inputs = {sides[k]: InputAccounting.build(src, skipped[k], n[k]).to_dict()
+    inputs = {sides[k]: (InputAccounting.build(src, skipped[k], n[k]) if isinstance(src, ImageSource) else
+                         InputAccounting(str(src.spec), n[k] + len(skipped[k]), n[k],  # a training index
+                                         [s.to_dict() for s in skipped[k]])).to_dict()
               for k, src in srcs.items() if src is not None}
     parts = {sides[k]: ({"spec": str(src.spec), "n": n[k], "skipped": len(skipped[k])} if src is not None else None)
              for k, src in srcs.items()}
@@ -482,8 +530,10 @@ def _provenance_and_inputs(exs: Sequence[Extractor], run: _Run, srcs: dict[str, 
 
 def find_copies(
     gen: "str | os.PathLike | np.ndarray | ImageSource",
-    train: "str | os.PathLike | np.ndarray | ImageSource",
+    train: "str | os.PathLike | np.ndarray | ImageSource | None" = None,
     *,
+    train_index: "str | os.PathLike | Any | None" = None,
+    approximate: bool = False,
     models: Sequence[str] | str = DEFAULT_MODELS,
     top_k: int = 5,
     threshold: float | None = None,
@@ -507,6 +557,11 @@ def find_copies(
         gen: the generated images (any image source; its features are held in memory).
         train: the training images, streamed once (any source: folders, tar shard ranges, hf:// templates); the
             reference test set for a leak check.
+        train_index: instead of ``train``, a training index folder (:func:`fd_eval.build_index`, or an opened
+            :class:`fd_eval.index.TrainingIndex`): no training image is decoded; the same result (bit-identical
+            top-K and similarities for a float32 index). Refused when made with another extractor, weights or
+            preprocessing. ``approximate``: search it with FAISS (IVF, candidates re-scored exactly; the result
+            records ``search.recall_at_1`` measured against an exact scan of a sample of the queries).
         models: extractor names (default SSCD ``sscd-disc-mixup``; any DINOv2 works too).
         top_k: training neighbours kept per generated image.
         threshold: copy threshold on top-1 cosine similarity (default SSCD's 0.75; required in spirit for other
@@ -537,7 +592,7 @@ def find_copies(
     opts = make_options(options, kw, "find_copies")
     from .preflight import check_outputs
 
-    check_outputs({"GEN": gen, "--train": train, "--test": test, "--weights": weights},
+    check_outputs({"GEN": gen, "--train": train, "--train-index": train_index, "--test": test, "--weights": weights},
                   {"--json": json_path, "--sheet": sheet},
                   {"--save-features": save_features, "--checkpoint-dir": checkpoint_dir})  # before any work
     if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
@@ -546,14 +601,18 @@ def find_copies(
         raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {threshold!r}")
     say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if opts.progress else (lambda m: None))
     resolved = opts.resolve()
-    gen_src, train_src, test_src = _open_sources(gen, train, test, opts.skip_bad, opts.offline)
+    _check_training_args(train, train_index, save_features, approximate)
+    gen_src, train_src, test_src, index = _open_sources(gen, train, train_index, test, opts.skip_bad, opts.offline)
     names = _check_memory(models, extractors, gen_src, len(test_src) if test_src is not None else 0, top_k,
                           resolved.device)
     thresholds = _thresholds(names, threshold)
-    plan = engine.plan_units(train_src, checkpoint_every=checkpoint_every)  # positions in the full training source
+    plan = (engine.plan_units(train_src, checkpoint_every=checkpoint_every) if index is None  # positions in train
+            else train_src.plan())
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     feats_dir = _features_folder(save_features, ckpt)
     exs = resolve_extractors(models, extractors, weights, resolved, resolved.device)
+    for ex in exs if index is not None else []:  # before any image is decoded
+        index.check_extractor(ex.name, ex.metadata())
     identity = _identity(exs, gen_src, test_src, train_src, plan, top_k, compute_authpct, resolved)
     run = _Run(exs, resolved, ckpt, identity, say if resolved.is_main else (lambda m: None))
     if ckpt is not None and resolved.is_main:
@@ -564,23 +623,21 @@ def find_copies(
                            cells=None if test_feats is None else CellNNConsumer(
                                fit_cells(test_feats[j]), torch.cat([test_feats[j], gen_feats[j]])))
             for j in range(len(exs))]
-    consumers, train_skipped, resumed = _training_pass("train", train_src, plan.units, base, run,
-                                                       save_features=feats_dir)
+    consumers, train_skipped, resumed, search, auth_sims = _train(index, train_src, plan, base, run, gen_feats,
+                                                                  feats_dir, compute_authpct, approximate)
     n_train = consumers[0].topk.state.n_seen
-    if n_train == 0:
-        raise EmptySourceError(f"{train_src.spec}: every training image was skipped as unreadable "
-                               f"({len(train_skipped)})")
-    auth_sims: list[torch.Tensor | None] = [None] * len(exs)
-    if compute_authpct and n_train > 1:
-        auth_sims = _authpct_sims(consumers, train_src, plan, run, feats_dir)
     results, arrays = {}, {}
     for j, (ex, c) in enumerate(zip(exs, consumers)):
         results[ex.name], arrays[ex.name] = _model_result(
             c, auth_sims[j], test_feats[j] if test_feats is not None else None, gen_src, gen_idx, train_src,
             thresholds[ex.name], top_k, n_train)
+        if search is not None and search.get(ex.name) is not None:
+            results[ex.name]["search"] = search[ex.name]  # only an approximate search says so
     n = {"gen": len(gen_idx), "train": int(n_train), "test": int(test_feats[0].shape[0]) if test_feats else 0}
     prov, inputs = _provenance_and_inputs(exs, run, {"gen": gen_src, "train": train_src, "test": test_src}, q, n,
                                           train_skipped, plan, resumed, compute_authpct)
+    if index is not None:
+        prov["train_index"] = train_src.provenance()
     out = CopiesResult(results, prov, arrays, inputs)
     if run.world > 1:
         barrier(run.device)  # every rank is past the checkpoint files before rank 0 removes them
@@ -594,30 +651,10 @@ def find_copies(
     return out
 
 
-def contact_sheet(result: CopiesResult, gen: ImageSource, train: ImageSource, path: str | os.PathLike, *,
+def contact_sheet(result: CopiesResult, gen: ImageSource, train: Any, path: str | os.PathLike, *,
                   model: str, rows: int = 16, thumb: int = 160) -> Path:
-    """PNG of the ``rows`` generated images with the highest top-1 similarity, each beside its nearest training
-    image, with the similarity (and 'COPY' above the threshold) printed below."""
-    from PIL import Image, ImageDraw
+    """PNG grid of the ``rows`` most similar pairs, copies first, captions wrapped
+    (:func:`fd_eval.contact_sheet.contact_sheet`)."""
+    from .contact_sheet import contact_sheet as grid
 
-    r = result.results[model]
-    order = sorted(r["per_image"], key=lambda p: -(p["nearest"][0]["similarity"] if p["nearest"] else -9))[:rows]
-    pad, text_h = 6, 28
-    sheet = Image.new("RGB", (2 * thumb + 3 * pad, max(1, len(order)) * (thumb + text_h + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, p in enumerate(order):
-        y = pad + i * (thumb + text_h + pad)
-        pair = [gen.load(p["index"])] + ([train.load(p["nearest"][0]["index"])] if p["nearest"] else [])
-        for j, im in enumerate(pair):
-            im = im.convert("RGB")
-            im.thumbnail((thumb, thumb))
-            sheet.paste(im, (pad + j * (thumb + pad), y))
-        if p["nearest"]:
-            s = p["nearest"][0]["similarity"]
-            flag = "COPY " if s > r["threshold"] else ""
-            names = f"{os.path.basename(p['name'])} ~ {os.path.basename(p['nearest'][0]['key'])}"
-            draw.text((pad, y + thumb + 2), f"{flag}cos={s:.4f} ({model})\n{names}"[:120],
-                      fill="red" if flag else "black")
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
-    return Path(path)
+    return grid(result, gen, train, path, model=model, rows=rows, thumb=thumb)

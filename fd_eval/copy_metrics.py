@@ -133,6 +133,9 @@ def ct_from_distances(l_test: np.ndarray, test_cells: np.ndarray, l_gen: np.ndar
             zu[i] = (u - (a * b / 2 - 0.5)) / math.sqrt(a * b * (a + b + 1) / 12)
     keep = qm > 20 / m
     if not np.any(keep) or pn[keep].sum() == 0:
+        warnings.warn(f"C_T: no k-means cell holds more than 20 generated images (of {m}; cells: "
+                      f"{np.bincount(gen_cells, minlength=k).tolist()}); C_T not computed", RuntimeWarning,
+                      stacklevel=2)
         return None
     return float(pn[keep] @ zu[keep] / pn[keep].sum())
 

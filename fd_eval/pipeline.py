@@ -210,6 +210,7 @@ class BatchRunner:
         self.queued: list[list[torch.Tensor]] = [[] for _ in self.extractors]  # network inputs, per extractor
         self.queued_index: list[torch.Tensor] = []  # int64 source indices of the queued images (CPU)
         self.n_queued = 0
+        self.bar: Any = None  # a progress bar counting images embedded (updated as each model batch runs)
 
     def __call__(self, batch: Batch, consumers: Sequence[Any]) -> tuple[int, list[SkippedItem]]:
         """``consumers``: per extractor a list of :class:`FeatureConsumer` (or one consumer)."""
@@ -253,6 +254,8 @@ class BatchRunner:
             on_device = feed(cs, ex.forward_input(x[:m]), idx, self.device, on_device)
             self.queued[j] = [x[m:]] if x.shape[0] > m else []
         self.n_queued -= m
+        if self.bar is not None:
+            self.bar.update(m)
 
     @property
     def device_decoded(self) -> int:
@@ -365,6 +368,7 @@ def run_units(
     last = {k: i for i, k in enumerate(owner)}  # index of each unit's final item
     loader = make_loader(ds, collate_fn, device, run.num_workers, batch_sampler=batches)
     runner = BatchRunner(ds, extractors, device, decode, batch_size=batch_size, index_map=None if whole else all_idx)
+    runner.bar = bar
     done: list[UnitDone] = []
     cs: list[list[FeatureConsumer]] = []
     skipped: list[SkippedItem] = []
@@ -377,8 +381,8 @@ def run_units(
         took, bad = runner(batch, cs)  # raises the one-line BadImageError unless skip_bad
         n += took
         skipped += [s if whole or s.index is None else replace(s, index=int(all_idx[s.index])) for s in bad]
-        if bar is not None:
-            bar.update(len(batch) + len(batch.skipped))
+        if bar is not None:  # images embedded are counted when the network has run (BatchRunner); the rest now
+            bar.update(len(batch) + len(batch.skipped) - took)
         if i != last[k]:
             continue
         runner.flush(cs)  # the unit's last, partial model batch

@@ -596,8 +596,7 @@ def _copies_section(inp: ReportInput, i: int, max_pairs: int) -> str:
     training images, per model."""
     doc = inp.doc
     prov = doc.get("provenance") or {}
-    gen_spec = (prov.get("generated") or {}).get("spec") if isinstance(prov.get("generated"), dict) else None
-    train_spec = (prov.get("train") or {}).get("spec") if isinstance(prov.get("train"), dict) else None
+    gen_spec, train_spec = _copies_specs(prov)
     gen_src, gen_why = _open(gen_spec, inp.base)
     train_src, train_why = _open(train_spec, inp.base)
     out = [f'<section class="copies" id="copies-{i}"><h2>Suspected copies: {_esc(inp.label)}</h2>']
@@ -614,6 +613,35 @@ def _copies_section(inp: ReportInput, i: int, max_pairs: int) -> str:
     return "".join(out)
 
 
+def _copies_specs(prov: dict[str, Any]) -> tuple[Any, Any]:
+    """(generated spec, training spec) of a copies document: ``fd-eval copies --json`` records them as strings
+    (``gen``, ``train``; with ``--train-index`` the index's source folders in ``train_index.sources``); older or
+    hand-made documents as ``{"spec": ...}`` under ``generated`` / ``train``."""
+    def spec(v: Any) -> Any:
+        return v.get("spec") if isinstance(v, dict) else v
+
+    gen = spec(prov.get("generated")) or spec(prov.get("gen"))
+    idx = prov.get("train_index")
+    train = (idx.get("sources") or [None])[0] if isinstance(idx, dict) else spec(prov.get("train"))
+    return gen, train
+
+
+def _quantile_table(q: Any) -> str:
+    """Top-1 similarity quantiles as one readable row (p0 ... p100), not a raw dict."""
+    if not isinstance(q, dict) or not q:
+        return ""
+    def level(k: str) -> float | None:
+        try:
+            return float(k)
+        except ValueError:
+            return None
+
+    keys = sorted(q, key=lambda k: (level(k) is None, level(k) or 0.0, k))
+    head = [f"p{level(k) * 100:g}" if level(k) is not None else _esc(k) for k in keys]  # type: ignore[operator]
+    return ('<p class="sub">Top-1 similarity quantiles</p>'
+            + _table(head, [[_num(_float(q[k])) for k in keys]], left=0))
+
+
 def _copies_model(model: str, r: dict[str, Any], gen_src: Any, train_src: Any, max_pairs: int) -> list[str]:
     """One model's copies: the summary line, the recorded statistics, and up to ``max_pairs`` image pairs."""
     out = []
@@ -627,13 +655,21 @@ def _copies_model(model: str, r: dict[str, Any], gen_src: Any, train_src: Any, m
                + (f" ({frac * 100:.2f}% of the generated images)" if frac is not None else "")
                + (f" at similarity ≥ {thr:g}" if thr is not None else "")
                + (f" · showing the {min(max_pairs, len(flagged))} most similar" if flagged else "") + "</p>")
-    extra = [[_esc(k), _esc(json.dumps(r[k], default=str)) if isinstance(r[k], (dict, list)) else _num(r[k])]
-             for k in ("authpct", "ct", "quantiles") if k in r]
+    names = {"authpct": "AuthPct (% authentic)", "ct": "C_T (data-copying test)", "n_gen": "generated images",
+             "n_train": "training images", "top_k": "neighbours kept (K)"}
+    extra = [[_esc(names[k]), "null" if r[k] is None else _int(r[k]) if k.startswith(("n_", "top")) else _num(r[k])]
+             for k in names if k in r]
+    search = r.get("search")
+    if isinstance(search, dict) and search.get("approximate"):
+        extra.append(["search", _esc(f"approximate ({search.get('method')}), recall@1 "
+                                     f"{_num(_float(search.get('recall_at_1')))} on {search.get('recall_sample')} "
+                                     "queries")])
     if extra:
         out.append(_table(["statistic", "value"], extra))
+    out.append(_quantile_table(r.get("quantiles")))
     shown = flagged[:max_pairs]
     gen_at = _locate(gen_src, [(p.get("name"), p.get("index")) for p in shown])
-    train_at = _locate(train_src, [(p["nearest"][0].get("key"), None) for p in shown])
+    train_at = _locate(train_src, [(p["nearest"][0].get("key"), p["nearest"][0].get("index")) for p in shown])
     pairs = []
     for p, gj, tj in zip(shown, gen_at, train_at):
         near = p["nearest"][0]
@@ -675,7 +711,7 @@ def _locate(src: Any, wanted: list[tuple[Any, Any]]) -> list[int | None]:
 
 
 def _img_fig(src: Any, j: int | None, caption: str) -> str:
-    cap = f"<figcaption>{_esc(caption[:60])}</figcaption>"
+    cap = f"<figcaption>{_esc(caption)}</figcaption>"  # wrapped by the CSS, never cut
     if src is None:
         return f'<figure><div class="missing">not reachable</div>{cap}</figure>'
     if j is None:

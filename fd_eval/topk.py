@@ -136,7 +136,8 @@ class TopKConsumer(Consumer):
             return
         keys = index.to(self.queries.device, torch.int64)
         self.bad_keys |= ((keys < 0) | (keys > MAX_KEY)).any()
-        f = F.normalize(features.to(self.queries.device).double(), dim=1)
+        # the float32 unit vector (what a float32 training index stores), compared in float64
+        f = F.normalize(features.to(self.queries.device).double(), dim=1).float().double()
         rows = max(1, _WORK_ELEMENTS // (f.shape[0] + self.k))
         for r0 in range(0, self.queries.shape[0], rows):
             r1 = min(r0 + rows, self.queries.shape[0])

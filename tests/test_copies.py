@@ -30,7 +30,7 @@ from fd_eval.preprocess import PreprocessSpec
 def brute_topk(q: torch.Tensor, t: torch.Tensor, keys: torch.Tensor, k: int, exclude=None):
     """(sims float32 (Q, k), keys (Q, k)) by sorting every pair: similarity desc, then key asc."""
     qn = torch.nn.functional.normalize(q.double(), dim=1)
-    tn = torch.nn.functional.normalize(t.double(), dim=1)
+    tn = torch.nn.functional.normalize(t.double(), dim=1).float().double()  # float32 unit training vectors
     s = (qn @ tn.T).float().numpy()
     out_s, out_k = [], []
     for r in range(len(q)):

@@ -89,7 +89,7 @@ def test_items_keys_and_row_groups(world):
     assert "1 ignored (null image: 1)" in acc.summary()
 
 
-def test_build_units_are_row_groups_and_resume(world, tmp_path):
+def test_build_units_are_row_groups(world, tmp_path):
     out = tmp_path / "s.safetensors"
     res = fd_eval.build.build_stats(str(world["path"]), out, extractors=[world["ex"]], batch_size=BS,
                                     num_workers=0, progress=False)[MODEL]

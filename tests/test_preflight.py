@@ -367,3 +367,28 @@ def test_opened_sources_are_inputs_too(data, no_weights):
     tmp, gen, _ = data
     with pytest.raises(OutputError, match="inside the input folder"):
         fd_eval.build_stats(open_source(gen), gen / "s.safetensors")
+
+
+def test_ceiling_reads_a_gated_reference_before_any_weights(data, no_weights, monkeypatch, tmp_path):
+    from _fake_hub import FakeHub, point_hf_at
+    from fd_eval.errors import GatedRepoError
+    from test_references import REPO, TEST_FILE, gpic_npz
+
+    tmp, gen, _ = data
+    with FakeHub() as hub:
+        point_hf_at(hub, monkeypatch, tmp_path / "hf_cache")
+        hub.add_file(REPO, TEST_FILE, gpic_npz()[0])
+        hub.gated[f"datasets/{REPO}"], hub.token = 401, "hf_granted"
+        with pytest.raises(GatedRepoError, match="request access"):
+            fd_eval.ceiling(gen, "gpic-test", n=4, device="cpu", num_workers=0, progress=False)
+
+
+def test_copies_outputs_never_inside_the_train_index(copies_data, no_weights):
+    tmp, gen, train, _ = copies_data
+    idx = tmp / "index"
+    idx.mkdir()
+    (idx / "manifest.json").write_text("{}")
+    with pytest.raises(OutputError, match=r"inside the input folder .*\(--train-index\)"):
+        fd_eval.find_copies(gen, None, train_index=idx, models=["dinov2-vits14"], json_path=idx / "r.json")
+    failed(["copies", str(gen), "--train-index", str(idx), "--json", str(idx / "manifest.json")], OutputError,
+           "manifest.json", "(--train-index)")

@@ -4,6 +4,7 @@ from . import (
     clipscore_cmds,  # noqa: F401  (registers `clipscore`)
     compute_cmds,  # noqa: F401  (registers `compute`, `stats`, `models`)
     copies_cmds,  # noqa: F401  (registers `copies`)
+    index_cmds,  # noqa: F401  (registers `index build|info`)
     prompts_cmds,  # noqa: F401  (registers `prompts`)
     ref_cmds,  # noqa: F401  (registers `ref list|download|add|remove|info`)
     report_cmds,  # noqa: F401  (registers `report`)

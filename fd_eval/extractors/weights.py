@@ -72,6 +72,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Unwraps the usual containers (``{"model": ...}``, ``{"state_dict": ...}``, ``{"teacher": ...}``).
     """
     path = Path(path)
+    if path.suffix.lower() == ".onnx":  # torch.load would only say weights_only=False, which is never the fix
+        raise WeightsError(f"{path}: ONNX is not supported; pass the PyTorch weights (.pth/.pt state dict or "
+                           ".safetensors) the model was exported from")
     fmt = sniff_format(path)
     if fmt != "safetensors" and is_torchscript_archive(path):  # torch.load would hand it to torch.jit.load
         raise WeightsError(f"{path}: is a TorchScript archive (loading it runs its code); pass the plain state-dict "
