@@ -67,7 +67,7 @@ def test_train_index_json_equals_live_pass(sets, index32, live, tmp_path):
     assert r["ct"] is not None and r["authpct"] is not None and "search" not in r
     assert [p["nearest"][0]["index"] for p in r["per_image"][:12]] == list(range(12))
     doc = json.loads((tmp_path / "c.json").read_text())
-    assert doc["provenance"]["train_index"]["n_rows"] == 40 and doc["provenance"]["train"] == str(index32.root)
+    assert doc["provenance"]["train_index"]["n_rows"] == 40 and doc["provenance"]["train"]["spec"] == str(index32.root)
     from PIL import Image
 
     with Image.open(tmp_path / "s.png") as im:  # training thumbnails read from the index's recorded source
