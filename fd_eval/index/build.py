@@ -158,8 +158,8 @@ def build_index(
     """
     from ..api import resolve_extractors
     from ..build import plan_units
-    from ..distributed import all_gather_json, barrier
-    from ..pipeline import run_units
+    from ..distributed import barrier
+    from ..engine import carry_error, scan_units, share_units
     from .store import open_index
 
     opts = make_options(options, kw, "build_index")
@@ -193,15 +193,12 @@ def build_index(
         h = _read_unit_header(unit_path(root, first_unit + u.index))
         return bool(h and h.get("identity") == ident and h["unit"]["fingerprint"] == u.fingerprint)
 
-    done = {u.index for u in plan.units if is_done(u)} if rank == 0 else set()
-    if world > 1:
-        done = set(all_gather_json(sorted(done))[0])
-    left = [u for u in plan.units if u.index not in done]
-    mine = left[rank::world]
+    found = {u.index for u in plan.units if is_done(u)} if rank == 0 else set()
+    done, mine = share_units(plan.units, found, resolved)  # the unit engine: rank 0's view, balanced shares
     if done:
         say(f"resuming the index build in {root}: {len(done)} of {len(plan.units)} units already done")
-    def save(d: Any) -> None:
-        u = mine[d.k]
+
+    def save(u: Any, d: Any) -> None:
         rows = [cs[0].rows(ex.feature_dim) for ex, cs in zip(exs, d.consumers)]
         keys = rows[0][1]
         tensors = {"index": (keys + offset).contiguous()}
@@ -217,9 +214,9 @@ def build_index(
     try:
         with tqdm(total=sum(len(u) for u in mine), unit="img", desc="index", smoothing=0.1,
                   disable=not opts.progress or rank != 0) as bar:
-            if mine:
-                run_units(src, exs, [u.indices for u in mine], lambda k: [RowCollector() for _ in exs], resolved,
-                          on_unit=save, bar=bar, n_planned=plan.n_items)
+            error = scan_units(src, exs, mine, resolved, fresh=lambda u: [RowCollector() for _ in exs],
+                               on_unit=save, bar=bar, n_planned=plan.n_items)
+        carry_error(resolved, error)  # a failed unit's error reaches every rank (none waits at the barrier)
     except BaseException:
         if rank == 0:
             say(f"the units finished so far are saved in {root}; run the same command again to resume")
