@@ -6,7 +6,7 @@ Part 1: images per second of the network on prepared inputs (``forward_prepared`
 the host's Pillow resize excluded), exact mode, random weights in the real architectures, batches of 4 after one
 warm-up batch, the two models alternating batch by batch; reported with the ratio CLIP-L/336 : DINOv2-L/224
 (cost per image).
-Part 2: CMMD between two n x 768 sets of unit rows in float64 (:func:`fd_eval.cmmd.cmmd`): the generated
+Part 2: CMMD between two n x 768 sets of unit rows in float64 (:func:`fd_eval.metrics.cmmd.cmmd`): the generated
 self-term, the cross term and (for a new reference) the reference self-term, timed at ``--cmmd-n`` and extrapolated to
 50K x 50K by the n^2 scaling of every term (each term is ~n^2 * 768 multiply-adds plus n^2 exponentials).
 Timings are wall clock on a possibly shared machine; a benchmark, never a test.
@@ -70,7 +70,7 @@ def paired_images_per_s(exs: dict, rounds: int, batch: int = 4) -> dict:
 
 
 def cmmd_times(n: int) -> dict:
-    from fd_eval.cmmd import kernel_sum
+    from fd_eval.metrics.cmmd import kernel_sum
 
     rng = np.random.default_rng(1)
     a, b = (rng.standard_normal((n, 768)) for _ in range(2))

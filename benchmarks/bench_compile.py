@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_utils as bu  # noqa: E402
 
-from fd_eval.io_utils import atomic_write  # noqa: E402
-from fd_eval.pipeline import auto_device  # noqa: E402
-from fd_eval.provenance import device_name, versions  # noqa: E402
+from fd_eval.run.pipeline import auto_device  # noqa: E402
+from fd_eval.run.provenance import device_name, versions  # noqa: E402
+from fd_eval.util.io_utils import atomic_write  # noqa: E402
 
 
 def _child(model: str, weights: str, device: str, batch: int, regional: bool, steps: int) -> dict[str, Any]:

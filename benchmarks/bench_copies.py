@@ -5,11 +5,11 @@
     python benchmarks/bench_copies.py --part throughput --images 32 --models dinov2-vits14 sscd-disc-mixup
 
 Part ``memory``: ``--rows`` synthetic unit feature rows (seeded, made batch by batch, never stored) stream through
-:class:`fd_eval.copies.TopKConsumer` holding ``--gen`` queries; the process's resident memory (VmRSS) is read
+:class:`fd_eval.metrics.copies.TopKConsumer` holding ``--gen`` queries; the process's resident memory (VmRSS) is read
 after 1%, 10% and 100% of the rows, with the rows/s of the consumer alone. Flat RSS = no training state kept.
 
 Part ``throughput``: ``--images`` 256x256 PNGs (GPIC's size) through the training pass (the extraction loop,
-:func:`fd_eval.pipeline.run_units`, as :func:`fd_eval.find_copies` runs it) with a :class:`CopiesConsumer` of 100
+:func:`fd_eval.run.pipeline.run_units`, as :func:`fd_eval.find_copies` runs it) with a :class:`CopiesConsumer` of 100
 generated features, per model, random weights in the real architecture; images/s of the whole pass and the
 consumer's share of the time.
 """
@@ -28,12 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_utils import images, load_average, random_dinov2_official, sync, write_pngs  # noqa: E402
 
-from fd_eval import copies as cp  # noqa: E402
 from fd_eval import open_source
 from fd_eval.extractors import load_extractor  # noqa: E402
-from fd_eval.io_utils import atomic_write  # noqa: E402
-from fd_eval.options import RunOptions  # noqa: E402
-from fd_eval.pipeline import auto_device, run_units  # noqa: E402
+from fd_eval.metrics import copies as cp  # noqa: E402
+from fd_eval.run.options import RunOptions  # noqa: E402
+from fd_eval.run.pipeline import auto_device, run_units  # noqa: E402
+from fd_eval.util.io_utils import atomic_write  # noqa: E402
 
 
 def rss_mib() -> float:

@@ -17,7 +17,7 @@ import scipy.linalg
 import torch
 
 from fd_eval import frechet_distance
-from fd_eval.provenance import device_name, versions
+from fd_eval.run.provenance import device_name, versions
 
 
 def _covs(d: int, seed: int = 0) -> tuple[np.ndarray, ...]:

@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_utils as bu  # noqa: E402
 
 from fd_eval import frechet_distance, load_extractor, open_source  # noqa: E402
-from fd_eval import precision as prec  # noqa: E402
-from fd_eval.io_utils import atomic_write  # noqa: E402
-from fd_eval.provenance import device_name, versions  # noqa: E402
+from fd_eval.core.splitmm import round_tf32, trunc_tf32  # noqa: E402
+from fd_eval.extractors import precision as prec  # noqa: E402
+from fd_eval.run.provenance import device_name, versions  # noqa: E402
 from fd_eval.sources import SubsetSource  # noqa: E402
-from fd_eval.splitmm import round_tf32, trunc_tf32  # noqa: E402
+from fd_eval.util.io_utils import atomic_write  # noqa: E402
 
 
 # --- facts about the GPU's arithmetic -------------------------------------------------------------------------

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from fd_eval.index import open_index, scan_index  # noqa: E402
 from fd_eval.index.build import index_from_features  # noqa: E402
-from fd_eval.io_utils import atomic_write  # noqa: E402
+from fd_eval.util.io_utils import atomic_write  # noqa: E402
 
 MODEL, DIM = "sscd-disc-mixup", 512
 META = {"extractor": MODEL, "feature_dim": DIM, "weights_sha256": "random-unit-vectors", "preprocess": {},
@@ -136,8 +136,8 @@ def part_memory(d: Path, n_q: int, dev: torch.device) -> dict:
 
 def part_faiss(d: Path, n_q: int, nlist: int | None, nprobe: int, sample: int, exact_rate: float | None,
                codec: str, exact_queries: int = 50_000) -> dict:
-    from fd_eval.copies import unpack
     from fd_eval.index.approx import load_or_build, recall_at_1, rescore
+    from fd_eval.metrics.copies import unpack
 
     idx = open_index(d)
     g = torch.Generator().manual_seed(2)

@@ -9,7 +9,8 @@ configuration, the wall time of ``--batches`` update() calls after one warm-up c
 before the clock stops (update itself never waits for the GPU on the torch path), and the model alone
 (``forward_prepared`` on 224x224 uint8) as the ceiling. ``pil-host`` is the reference protocol done by Pillow
 (copy to the host, Pillow resize in a thread pool); ``pil-device`` the same pixels computed on the device
-(:mod:`fd_eval.pil_resize`; fast mode's default on a GPU); ``torch`` is EDM2's device resize (another protocol).
+(:mod:`fd_eval.extractors.pil_resize`; fast mode's default on a GPU); ``torch`` is EDM2's device resize (another
+protocol).
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ import torch
 from fd_eval import Stats
 from fd_eval.extractors import load_extractor
 from fd_eval.extractors.dinov2 import ARCHS, build_model
-from fd_eval.io_utils import atomic_write
-from fd_eval.metric import FDMetric
-from fd_eval.pipeline import auto_device
-from fd_eval.provenance import device_name, versions
+from fd_eval.metrics.metric import FDMetric
+from fd_eval.run.pipeline import auto_device
+from fd_eval.run.provenance import device_name, versions
+from fd_eval.util.io_utils import atomic_write
 
 
 def random_weights(name: str, path: Path, seed: int = 0) -> Path:

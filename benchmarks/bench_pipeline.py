@@ -48,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_utils as bu  # noqa: E402
 
 from fd_eval import compute_stats, frechet_distance, load_extractor, open_source  # noqa: E402
+from fd_eval.core.moments import MomentAccumulator  # noqa: E402
 from fd_eval.extractors import Extractor  # noqa: E402
-from fd_eval.io_utils import atomic_write  # noqa: E402
-from fd_eval.moments import MomentAccumulator  # noqa: E402
-from fd_eval.pipeline import auto_device, available_cpus, default_batch_size, default_num_workers, extract  # noqa: E402
-from fd_eval.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, pil_resize, pil_to_tensor  # noqa: E402
-from fd_eval.provenance import device_name, versions  # noqa: E402
+from fd_eval.extractors.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, pil_resize, pil_to_tensor  # noqa: E402
+from fd_eval.run.pipeline import auto_device, available_cpus, default_batch_size, default_num_workers, extract  # noqa: E402
+from fd_eval.run.provenance import device_name, versions  # noqa: E402
+from fd_eval.util.io_utils import atomic_write  # noqa: E402
 
 # Dense float32 (non-tensor-core) peaks in TFLOP/s, from the vendors' data sheets, for the "fp32 bound".
 FP32_PEAK_TFLOPS = {"H100 SXM": 67.0, "H100 NVL": 60.0, "H100 PCIe": 51.0, "H100": 67.0, "H200": 67.0,
@@ -323,7 +323,7 @@ def fill(args: argparse.Namespace, tmp: Path) -> dict:
     DataLoader items the size of the model batch (what every device got before ``loader_chunk``) and of 32 images
     (a GPU's ``loader_chunk``): the difference is the pipeline's fill and drain (a worker must finish a whole
     item before the device starts). Workers only decode (``pil_resize_on="device"``, fast mode on a GPU)."""
-    import fd_eval.pipeline as pl
+    import fd_eval.run.pipeline as pl
     from fd_eval.sources import SubsetSource
 
     folder = tmp / "png"

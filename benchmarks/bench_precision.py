@@ -39,10 +39,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
-from fd_eval import frechet_distance, load_extractor, precision
-from fd_eval.io_utils import atomic_write
-from fd_eval.provenance import device_name, versions
-from fd_eval.splitmm import round_tf32  # TF32 emulation: nearest, ties to even (see its docstring)
+from fd_eval import frechet_distance, load_extractor
+from fd_eval.core.splitmm import round_tf32  # TF32 emulation: nearest, ties to even (see its docstring)
+from fd_eval.extractors import precision
+from fd_eval.run.provenance import device_name, versions
+from fd_eval.util.io_utils import atomic_write
 
 
 # --- image sets ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Pillow's resize by Pillow (one image at a time on the host) against fd_eval.pil_resize (a batch on the device).
+"""Pillow's resize by Pillow (one image at a time on the host) against fd_eval.extractors.pil_resize (a batch on the
+device).
 
     python benchmarks/bench_resize.py                        # the device present (cuda, else cpu)
     python benchmarks/bench_resize.py --device cpu --n 256 --json out.json
@@ -19,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_utils as bu  # noqa: E402
 
-from fd_eval.io_utils import atomic_write  # noqa: E402
-from fd_eval.pil_resize import pil_resize_host, pil_resize_tensor  # noqa: E402
-from fd_eval.pipeline import auto_device  # noqa: E402
-from fd_eval.provenance import device_name, versions  # noqa: E402
+from fd_eval.extractors.pil_resize import pil_resize_host, pil_resize_tensor  # noqa: E402
+from fd_eval.run.pipeline import auto_device  # noqa: E402
+from fd_eval.run.provenance import device_name, versions  # noqa: E402
+from fd_eval.util.io_utils import atomic_write  # noqa: E402
 
 
 def _best(fn, repeats: int) -> float:
@@ -55,13 +56,14 @@ def main(argv: list[str] | None = None) -> dict:
         bu.sync(dev)
 
     t_dev = _best(device_pass, args.repeats)
-    doc = {"benchmark": "Pillow resize: Pillow on the host vs fd_eval.pil_resize", "device": device_name(dev),
+    doc = {"benchmark": "Pillow resize: Pillow on the host vs fd_eval.extractors.pil_resize",
+           "device": device_name(dev),
            "images": args.n, "size": args.size, "bit_identical": identical,
            "pillow_images_per_s": args.n / t_pil, "pil_resize_tensor_images_per_s": args.n / t_dev,
            "versions": versions()}
     print(f"device: {doc['device']}; {args.n} {args.size}x{args.size} images -> 224x224 bicubic")
     print(f"  Pillow, one image at a time, 1 thread   {args.n / t_pil:10.1f} img/s ({1e3 * t_pil / args.n:.3f} ms/img)")
-    print(f"  fd_eval.pil_resize on {dev.type:4s}             {args.n / t_dev:10.1f} img/s "
+    print(f"  fd_eval.extractors.pil_resize on {dev.type:4s}             {args.n / t_dev:10.1f} img/s "
           f"({1e3 * t_dev / args.n:.3f} ms/img)")
     print(f"  bit-identical: {identical}")
     if args.json:
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(doc, f, indent=2)
             f.write("\n")
     if not identical:
-        raise SystemExit("fd_eval.pil_resize differs from Pillow on this device")
+        raise SystemExit("fd_eval.extractors.pil_resize differs from Pillow on this device")
     return doc
 
 

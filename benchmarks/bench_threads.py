@@ -1,5 +1,5 @@
 """FD time at d = 384, 1024, 2048 with 0 and 4 CPU-burning processes beside it: torch's default thread count vs
-every fixed count vs the count fd-eval chooses (fd_eval.threads), in one run, on the same matrices.
+every fixed count vs the count fd-eval chooses (fd_eval.util.threads), in one run, on the same matrices.
 
     python benchmarks/bench_threads.py [--dims 384 1024 2048] [--burners 0 4] [--reps 2] [--json out.json]
 
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from fd_eval import frechet_distance
-from fd_eval.provenance import versions
-from fd_eval.threads import choose_threads, usable_cores
+from fd_eval.run.provenance import versions
+from fd_eval.util.threads import choose_threads, usable_cores
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_frechet import _covs  # noqa: E402  (same matrices as the FD benchmark)

@@ -64,7 +64,7 @@ def main() -> None:
     from _checkpoints import save_dinov2_checkpoint
     from _images import photo_crops, save_images
     from fd_eval.cli import main as cli
-    from fd_eval.report import write_report
+    from fd_eval.outputs.report import write_report
 
     dv._build_extractor = functools.partial(dv._build_extractor, _depth=2)  # real ViT-S/14, two blocks deep
     ckpt, _ = save_dinov2_checkpoint(work / "w.pth", "vits14", "official", seed=3, depth=2)

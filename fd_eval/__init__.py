@@ -10,14 +10,15 @@ Entry points::
     fd_eval.load_extractor("dinov2-vitl14")
     fd_eval.find_copies("gen_dir", train="train_shards/{000..099}.tar")  # nearest training images (SSCD)
 """
+import sys as _sys
+
+from . import _compat
 from ._version import __version__
-from .analysis import AnalysisSpec, analyze
 from .api import EvalResult, compute_fd, compute_stats, load_extractors
-from .build import build_stats
-from .ceiling import CeilingResult, ceiling, split_half
-from .clipscore import ClipDependencyError, ClipScoreResult, clip_score
-from .cmmd import CMMDResult, cmmd
-from .copies import CopiesResult, find_copies
+from .core.feature_metrics import mmd, mmd_subsets, prdc
+from .core.frechet import FDResult, frechet_distance, frechet_distance_breakdown
+from .core.moments import MomentAccumulator
+from .core.uncertainty import BootstrapResult, FDInfinityResult, bootstrap_fd, default_ns, fd_infinity
 from .errors import (
     BadArrayError,
     BadImageError,
@@ -40,16 +41,17 @@ from .errors import (
     WeightsError,
 )
 from .extractors import Extractor, list_extractors, load_extractor
-from .feature_metrics import mmd, mmd_subsets, prdc
-from .frechet import FDResult, frechet_distance, frechet_distance_breakdown
+from .extractors.preprocess import PreprocessSpec
 from .index import TrainingIndex, build_index, open_index
-from .metric import FDMetric, evaluate_generator, to_uint8
-from .moments import MomentAccumulator
-from .options import RunOptions
-from .pipeline import FeatureConsumer
-from .preprocess import PreprocessSpec
-from .prompts import evaluation_prompts, read_prompts, write_prompts
-from .references import (
+from .metrics.analysis import AnalysisSpec, analyze
+from .metrics.build import build_stats
+from .metrics.ceiling import CeilingResult, ceiling, split_half
+from .metrics.clipscore import ClipDependencyError, ClipScoreResult, clip_score
+from .metrics.cmmd import CMMDResult, cmmd
+from .metrics.copies import CopiesResult, find_copies
+from .metrics.metric import FDMetric, evaluate_generator, to_uint8
+from .outputs.prompts import evaluation_prompts, read_prompts, write_prompts
+from .outputs.references import (
     Floor,
     Reference,
     add_reference,
@@ -60,9 +62,14 @@ from .references import (
     load_reference,
     remove_reference,
 )
+from .outputs.stats import Stats, check_compatible, compare_stats, load_all_stats, load_stats, save_stats
+from .run.options import RunOptions
+from .run.pipeline import FeatureConsumer
 from .sources import ImageSource, SkippedItem, open_source
-from .stats import Stats, check_compatible, compare_stats, load_all_stats, load_stats, save_stats
-from .uncertainty import BootstrapResult, FDInfinityResult, bootstrap_fd, default_ns, fd_infinity
+
+# The flat layout's module paths (fd_eval.moments, fd_eval.build, ...) stay importable: docs/development.md.
+_compat.install()
+_compat.bind_loaded(_sys.modules[__name__])
 
 __all__ = [
     "__version__",

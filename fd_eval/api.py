@@ -22,18 +22,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .cmmd import cmmd_between, wants_cmmd
-from .download import offline_scope
 from .errors import FDEvalError, OutputError, StatsFormatError
 from .extractors import DEFAULT_EXTRACTOR, Extractor, extractor_entry, load_extractor, resolve_name
-from .io_utils import optional_cache_dir, warn_cache_unusable
-from .options import RunOptions, make_options
-from .pipeline import check_decode, extract, extraction_stats
-from .precision import resolve_precision
-from .preprocess import source_transform
-from .provenance import result_provenance
+from .extractors.precision import resolve_precision
+from .extractors.preprocess import source_transform
+from .metrics.cmmd import cmmd_between, wants_cmmd
+from .outputs.stats import Stats, check_compatible, compare_stats, load_stats, save_stats, sniff_format
+from .run.options import RunOptions, make_options
+from .run.pipeline import check_decode, extract, extraction_stats
+from .run.provenance import result_provenance
 from .sources import ImageSource, open_source
-from .stats import Stats, check_compatible, compare_stats, load_stats, save_stats, sniff_format
+from .util.download import offline_scope
+from .util.io_utils import optional_cache_dir, warn_cache_unusable
 
 PROTOCOL_N = 50_000  # GPIC: 50K generated images against Test-1M
 ModelsArg = str | Sequence[str]
@@ -48,7 +48,8 @@ class EvalResult:
     "floor_relation", "floor_independent_estimate", "diagnostics"}. ``floor`` is the published real-vs-real FD at
     this N (None when none is published), ``floor_relation`` its relation to the reference ("subset": GPIC's
     Test-50K is part of Test-1M; "independent"; None), ``floor_independent_estimate`` the model estimate
-    (:class:`fd_eval.references.FloorModel`) of what a perfect sample independent of the reference scores at this
+    (:class:`fd_eval.outputs.references.FloorModel`) of what a perfect sample independent of the reference scores at
+    this
     N: a generator's floor (GPIC FD-DINOv2 at 50K: published 7.44, estimate ~8.2). None without a registry
     reference.
     """
@@ -76,7 +77,7 @@ def load_extractors(models: ModelsArg = (DEFAULT_EXTRACTOR,), weights: WeightsAr
                     precision: str | None = None, compile: bool | None = None) -> list[Extractor]:
     """Extractors by name (aliases resolved, duplicates dropped). ``weights``: one path for a single model, or
     ``{model: path}``; ``resize``: DINOv2's "pil" (reference) or "torch"; ``precision``: "exact" (default) or
-    "fast" (:mod:`fd_eval.precision`), ``compile``: torch.compile in fast mode (None: auto)."""
+    "fast" (:mod:`fd_eval.extractors.precision`), ``compile``: torch.compile in fast mode (None: auto)."""
     resolve_precision(precision, compile)  # a bad mode fails before any download
     names = list(dict.fromkeys(resolve_name(m) for m in ([models] if isinstance(models, str) else models)))
     if not names:
@@ -129,7 +130,7 @@ def resolve_extractors(models: ModelsArg, extractors: Sequence[Extractor] | None
 
 def run_provenance(extractors: Sequence[Extractor], device: torch.device, *,
                    preprocess: Mapping[str, Mapping[str, Any]] | None = None, **parts: Any) -> dict[str, Any]:
-    """The ``provenance`` document of a result: :func:`fd_eval.provenance.result_provenance`, the one schema of
+    """The ``provenance`` document of a result: :func:`fd_eval.run.provenance.result_provenance`, the one schema of
     every result (compute, FDMetric, ceiling, copies)."""
     return result_provenance(extractors, device, preprocess=preprocess, **parts)
 
@@ -266,7 +267,7 @@ def open_reference(ref: Any, skip_bad: bool = False) -> Any:
     unknown format) and returned as the :class:`ImageSource` to pass on to :func:`resolve_reference`."""
     kind = reference_kind(ref)
     if kind == "registry":
-        from .references import get_reference
+        from .outputs.references import get_reference
 
         get_reference(os.fspath(ref))
     elif kind == "source" and not isinstance(ref, ImageSource):
@@ -311,16 +312,16 @@ def resolve_reference(
         return _Ref({resolve_name(k): v for k, v in ref.items()}, {"kind": "stats"})
     spec = ref.spec if isinstance(ref, ImageSource) else os.fspath(ref)
     if kind == "file":
-        from .io_utils import sha256_file_cached
+        from .util.io_utils import sha256_file_cached
 
         return _Ref({n: load_stats(spec, model=n, features=features_of[n]) for n in names},
                     {"kind": "file", "path": spec, "sha256": sha256_file_cached(spec)})
     if kind == "registry":
-        from .references import get_reference, load_reference
+        from .outputs.references import get_reference, load_reference
 
         entry = get_reference(spec)  # raises UnknownReferenceError listing the known names
         stats = {n: load_reference(spec, n, offline=offline, features=features_of[n]) for n in names}
-        from .references import cached_path
+        from .outputs.references import cached_path
 
         _note(opts, f"reference {spec} ({', '.join(names)}): statistics file {cached_path(spec) or entry.location}")
         return _Ref(stats, {"kind": "registry", **stats[names[0]].metadata.get("reference", {"name": entry.name})},
@@ -350,7 +351,7 @@ def resolve_reference(
     if world_size > 1:
         # the computation below is collective: run it on every rank unless every rank found the cache entry
         # (nodes may not share a cache directory)
-        from .distributed import all_true
+        from .run.distributed import all_true
 
         hits = all_true(hits)
     for ex, f, hit in zip(extractors, files, hits):
@@ -361,7 +362,7 @@ def resolve_reference(
         computed = compute_stats(src, extractors=[ex for ex, _ in todo], image_transform=tf, keep_features=features,
                                  label=progress_label("reference", spec, [ex for ex, _ in todo]),
                                  options=opts.replace(precision=None, compile=None))
-        from .distributed import local_rank
+        from .run.distributed import local_rank
 
         for ex, f in todo:
             out[ex.name] = computed[ex.name]
@@ -386,7 +387,7 @@ def _recorded_spec(stats: Mapping[str, Stats], ex: Extractor) -> dict[str, Any]:
 def _floor(ref: _Ref, model: str, n: int) -> Any:
     if ref.registry_name is None:
         return None
-    from .references import floor_for
+    from .outputs.references import floor_for
 
     return floor_for(ref.registry_name, model, n)
 
@@ -394,7 +395,7 @@ def _floor(ref: _Ref, model: str, n: int) -> Any:
 def _floor_model(ref: _Ref, model: str) -> Any:
     if ref.registry_name is None:
         return None
-    from .references import get_reference
+    from .outputs.references import get_reference
 
     return get_reference(ref.registry_name).floor_model(model)
 
@@ -419,7 +420,7 @@ def evaluate_stats(gen: Mapping[str, Stats], ref: _Ref, *, allow_mismatch: bool 
             "floor_independent_estimate": fm.independent(g.n) if fm else None,
             "diagnostics": {k: v for k, v in res.to_dict().items() if k not in {"fd", "fd_mean", "fd_cov"}},
         }
-        if g.metadata.get("metrics"):  # registered consumer metrics (fd_eval.consumers.ConsumerMetric)
+        if g.metadata.get("metrics"):  # registered consumer metrics (fd_eval.core.consumers.ConsumerMetric)
             results[name]["metrics"] = g.metadata["metrics"]
         if ref.registry_name and ref.registry_name.startswith("gpic") and g.n != PROTOCOL_N:
             side = "below" if g.n < PROTOCOL_N else "above"
@@ -512,7 +513,7 @@ def check_planned(gen: Any, exs: Sequence[Extractor], reference: _Ref) -> None:
 
 
 def _check_planned(gen: ImageSource, exs: Sequence[Extractor], reference: _Ref) -> None:
-    """:func:`fd_eval.stats.check_compatible` of the statistics the extraction would make (the extractors'
+    """:func:`fd_eval.outputs.stats.check_compatible` of the statistics the extraction would make (the extractors'
     metadata, the generated source as their origin) against a reference already read: StatsMismatchError before
     any image is decoded, naming both files. The decode used (``--decode gpu``) is only known afterwards."""
     for ex in exs:

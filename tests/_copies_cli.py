@@ -7,8 +7,8 @@ import os
 import signal
 import sys
 
-import fd_eval.engine as engine
 import fd_eval.extractors.dinov2 as dv
+import fd_eval.run.engine as engine
 
 dv._build_extractor = functools.partial(dv._build_extractor, _depth=int(sys.argv.pop(1)))
 if os.environ.get("FD_EVAL_TEST_KILL_AFTER_COPIES_UNITS"):

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 import fd_eval
-from fd_eval.distributed import get_rank, get_world_size, init_distributed, merge_accumulators
-from fd_eval.metric import FDMetric, evaluate_generator
-from fd_eval.moments import MomentAccumulator
+from fd_eval.core.moments import MomentAccumulator
+from fd_eval.metrics.metric import FDMetric, evaluate_generator
+from fd_eval.run.distributed import get_rank, get_world_size, init_distributed, merge_accumulators
 
 
 def noise_sampler(calls: list):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fd_eval.consumers import Consumer, ConsumerMetric, register_consumer_metric, unregister_consumer_metric
+from fd_eval.core.consumers import Consumer, ConsumerMetric, register_consumer_metric, unregister_consumer_metric
 
 NAME = "norms"
 

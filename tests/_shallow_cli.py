@@ -9,9 +9,9 @@ import os
 import signal
 import sys
 
-import fd_eval.engine as engine
 import fd_eval.extractors.clip as cl
 import fd_eval.extractors.dinov2 as dv
+import fd_eval.run.engine as engine
 
 dv._build_extractor = functools.partial(dv._build_extractor, _depth=int(sys.argv.pop(1)))
 cl._build = functools.partial(cl._build, _depth=dv._build_extractor.keywords["_depth"])

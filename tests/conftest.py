@@ -15,7 +15,7 @@ for _var, _sub in {"FD_EVAL_CACHE": "cache", "FD_EVAL_CONFIG": "config", "HF_HOM
                    "XDG_CACHE_HOME": "xdg_cache", "MPLCONFIGDIR": "matplotlib"}.items():
     os.environ[_var] = str(_SESSION_HOME / _sub)
 os.environ["HF_HUB_OFFLINE"] = os.environ["FD_EVAL_OFFLINE"] = "1"
-# The FD step's thread count follows the machine's load (fd_eval.threads), and a different count may change an FD's
+# The FD step's thread count follows the machine's load (fd_eval.util.threads), and a different count may change an FD's
 # last bits; tests that compare two FDs exactly must not depend on the load between them (the rule has its own
 # tests, which set this variable themselves).
 os.environ["FD_EVAL_LINALG_THREADS"] = "1"
@@ -108,7 +108,7 @@ def _stat_all(paths: list[Path]) -> dict[str, tuple[int, int]]:
 
 def _real_cache_guard(root: Path) -> None:
     """Fail at once when fd_eval resolves its cache to the user's real one (a test that cleared FD_EVAL_CACHE)."""
-    import fd_eval.io_utils as io
+    import fd_eval.util.io_utils as io
 
     real = io.cache_root
 

@@ -21,7 +21,7 @@ import fd_eval.api as api
 from _images import photo_crops, save_images
 from fd_eval.cli import main
 from fd_eval.extractors.base import Extractor
-from fd_eval.preprocess import PreprocessSpec
+from fd_eval.extractors.preprocess import PreprocessSpec
 from fd_eval.sources import InputAccounting, open_source
 
 IMGS = photo_crops(6, 24, 32, seed=5)

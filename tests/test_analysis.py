@@ -11,9 +11,9 @@ from click.testing import CliRunner
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops, save_images
-from fd_eval.analysis import AnalysisSpec, analyze, check_reference_features
 from fd_eval.cli import main
 from fd_eval.errors import MissingFeaturesError
+from fd_eval.metrics.analysis import AnalysisSpec, analyze, check_reference_features
 
 MODEL = "dinov2-vits14"
 N_GEN, N_REF = 14, 12
@@ -117,7 +117,7 @@ def test_prdc_after_a_plain_run_recomputes_the_reference_features(world, ref_sta
     still compare against the reference's rows (recomputed), not fail or use anything else."""
     common = ("-m", MODEL, "--weights", world["ckpt"], "-q", "--num-workers", 0)
     _cli("compute", world["gen"], "--ref", world["ref"], *common)
-    (cached,) = fd_eval.io_utils.cache_dir("ref_stats").glob("*.safetensors")  # this test's own cache (conftest)
+    (cached,) = fd_eval.util.io_utils.cache_dir("ref_stats").glob("*.safetensors")  # this test's own cache (conftest)
     assert fd_eval.load_stats(cached).features is None  # the premise: cached without feature rows
     out, saved = tmp_path / "r.json", tmp_path / "gen.safetensors"
     _cli("compute", world["gen"], "--ref", world["ref"], *common, "--prdc", "--json", out, "--save-stats", saved)
@@ -171,7 +171,7 @@ def test_analyze_errors_name_the_missing_rows(ref_stats):
 def test_analyze_result_uses_the_reference_compute_fd_compared_against(world, ref_stats, tmp_path):
     """compute_fd keeps the reference it used (ref_stats), with rows only when asked: the bootstrap needs none,
     PRDC refuses without them, and with ref_features=True analyze_result equals analyze on the same rows."""
-    from fd_eval.analysis import analyze_result
+    from fd_eval.metrics.analysis import analyze_result
 
     no_rows = tmp_path / "ref_no_rows.safetensors"
     fd_eval.save_stats(no_rows, [dataclasses.replace(ref_stats, features=None)])

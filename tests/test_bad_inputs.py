@@ -27,7 +27,7 @@ from fd_eval.errors import (
     InputError,
     SourceError,
 )
-from fd_eval.preprocess import pil_to_tensor
+from fd_eval.extractors.preprocess import pil_to_tensor
 from fd_eval.sources import ExtractorDataset, collate, decode_image, open_source
 
 IMG = photo_crops(1, 24, 32, seed=11)[0]

@@ -15,15 +15,15 @@ import torchvision.transforms as T
 from click.testing import CliRunner
 
 import fd_eval
-import fd_eval.build as build
-import fd_eval.engine as engine
 import fd_eval.extractors.dinov2 as dv
+import fd_eval.metrics.build as build
+import fd_eval.run.engine as engine
 from _checkpoints import save_dinov2_checkpoint
 from _gpic_shards import gpic_sample, make_shards, write_shard
 from _images import photo_crops
-from fd_eval.build import build_stats, plan_units
 from fd_eval.cli import main
 from fd_eval.errors import BadImageError, CheckpointError
+from fd_eval.metrics.build import build_stats, plan_units
 
 N_SHARDS, PER_SHARD = 4, 3
 N = N_SHARDS * PER_SHARD
@@ -114,7 +114,7 @@ def test_build_from_gpic_shards_matches_independent_features(world, serial):
 
 def test_loader_items_smaller_than_the_model_batch_give_the_same_units(world, serial, tmp_path, monkeypatch):
     """1-image loader items (GPU-style items smaller than the model batch) joined per unit: same bits."""
-    monkeypatch.setattr(fd_eval.pipeline, "loader_chunk", lambda bs, dev: 1)
+    monkeypatch.setattr(fd_eval.run.pipeline, "loader_chunk", lambda bs, dev: 1)
     _same(_build(world, tmp_path / "s.safetensors")[MODEL], serial)
 
 
@@ -241,7 +241,7 @@ def test_torchrun_gloo_resume_equals_serial(world, serial, tmp_path):
     script.write_text(
         "import functools, sys, torch.distributed as dist\n"
         "import fd_eval.extractors.dinov2 as dv\n"
-        "from fd_eval.build import build_stats\n"
+        "from fd_eval.metrics.build import build_stats\n"
         f"dv._build_extractor = functools.partial(dv._build_extractor, _depth={DEPTH})\n"
         "dist.init_process_group('gloo')\n"
         "res = build_stats(sys.argv[1], sys.argv[2], 'dinov2-vits14', weights=sys.argv[3], batch_size=2,\n"
@@ -347,12 +347,12 @@ def test_changed_shard_not_yet_computed_is_used(world, serial, resume):
 
 
 def test_unit_file_equals_pipeline_extract_of_the_unit(world, partial):
-    """A unit's saved triple is exactly what fd_eval.pipeline.extract gives for the unit alone."""
+    """A unit's saved triple is exactly what fd_eval.run.pipeline.extract gives for the unit alone."""
     from safetensors.torch import load_file
 
     src = fd_eval.open_source(str(partial["shards"] / "gpic_test_{00000..00003}.tar"))
     unit = plan_units(src).units[0]
-    ext = fd_eval.pipeline.extract(fd_eval.sources.SubsetSource(src, unit.indices), [world["ex"]], batch_size=BS,
+    ext = fd_eval.run.pipeline.extract(fd_eval.sources.SubsetSource(src, unit.indices), [world["ex"]], batch_size=BS,
                                    num_workers=0, progress=False)
     saved = load_file(partial["ck"] / "unit-000000.safetensors")
     assert torch.equal(saved[f"{MODEL}.mean"], ext.accumulators[0].mean)

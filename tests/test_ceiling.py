@@ -12,8 +12,8 @@ from PIL import Image
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops, save_images
-from fd_eval import references as refs
 from fd_eval.cli import main
+from fd_eval.outputs import references as refs
 
 N_REAL, N_REF = 14, 12
 MODEL = "dinov2-vits14"
@@ -106,7 +106,7 @@ def test_split_half_is_the_fd_between_two_disjoint_halves(world, tmp_path):
     assert (real["n"], real["n_a"], real["n_b"], real["seed"], real["total"]) == (n, n, n, 4, N_REAL)
     assert "FD half a vs b" in r.stdout
     # half a is what `--num n --seed s` selects elsewhere in fd-eval
-    from fd_eval.ceiling import split_indices
+    from fd_eval.metrics.ceiling import split_indices
 
     ia, ib = split_indices(N_REAL, n, 4)
     src = fd_eval.open_source(world["real_dir"])

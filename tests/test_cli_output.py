@@ -13,8 +13,8 @@ from click.testing import CliRunner
 import fd_eval.cli.compute_cmds as compute_cmds
 from fd_eval.api import EvalResult, _Ref, evaluate_stats
 from fd_eval.cli import main
-from fd_eval.references import get_reference
-from fd_eval.stats import Stats
+from fd_eval.outputs.references import get_reference
+from fd_eval.outputs.stats import Stats
 
 MODEL = "dinov2-vitl14"
 C_DINO = 7.44 / (1 / 50_000 - 1 / 1_000_000)  # c fitted to GPIC's subset floor (Test-50K of Test-1M)
@@ -98,7 +98,7 @@ def test_compute_report_writes_html(monkeypatch, tmp_path):
 
 
 def test_compute_report_without_matplotlib_fails_before_extracting(monkeypatch, tmp_path):
-    from fd_eval.report import ReportDependencyError
+    from fd_eval.outputs.report import ReportDependencyError
 
     def missing():
         raise ReportDependencyError("the HTML report needs matplotlib: pip install 'fd-eval[report]'")
@@ -110,8 +110,8 @@ def test_compute_report_without_matplotlib_fails_before_extracting(monkeypatch, 
 
 
 def test_fd_infinity_prints_the_reference_bias(capsys):
-    from fd_eval.analysis import AnalysisSpec
     from fd_eval.cli.analysis_cmds import echo_analysis, reference_biases
+    from fd_eval.metrics.analysis import AnalysisSpec
 
     bias = reference_biases(_result(50_000))
     assert bias == {MODEL: pytest.approx(C_DINO / 1_000_000)} and round(bias[MODEL], 2) == 0.39
@@ -127,7 +127,7 @@ def test_fd_infinity_prints_the_reference_bias(capsys):
 
 def test_sample_overlap_by_keys_and_fingerprint(tmp_path):
     from _images import photo_crops, save_images
-    from fd_eval.ceiling import sample_overlap
+    from fd_eval.metrics.ceiling import sample_overlap
     from fd_eval.sources import open_source
 
     d = save_images(photo_crops(6, 32, 32, seed=1), tmp_path / "real")  # 000.png ... 005.png
@@ -171,7 +171,7 @@ def test_fd_prints_unknown_n_for_files_without_one(tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(50, 3)), rng.normal(size=(40, 3)) + 1
     np.savez(tmp_path / "a.npz", mu=x.mean(0), sigma=np.cov(x, rowvar=False))  # pytorch-fid layout: no N
-    from fd_eval.stats import save_stats
+    from fd_eval.outputs.stats import save_stats
 
     save_stats(tmp_path / "b.safetensors", [Stats(y.mean(0), np.cov(y, rowvar=False), 40, {"extractor": "x"})])
     r = CliRunner().invoke(main, ["fd", str(tmp_path / "a.npz"), str(tmp_path / "b.safetensors"), "--allow-mismatch"])
@@ -179,7 +179,7 @@ def test_fd_prints_unknown_n_for_files_without_one(tmp_path):
     header, _, row = r.stdout.splitlines()[:3]
     cols = dict(zip(header.split("  "), [c for c in row.split("  ") if c]))
     assert row.split()[3:6] == ["unknown", "40", "3"], r.stdout
-    from fd_eval.frechet import frechet_distance
+    from fd_eval.core.frechet import frechet_distance
 
     fd = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
     assert float(row.split()[0]) == pytest.approx(fd, abs=1e-4) and "FD" in cols
@@ -244,7 +244,7 @@ def test_ref_list_marks_a_local_file(tmp_path):
 
 
 def test_floor_model_ignores_a_subset_floor_of_the_whole_reference():
-    from fd_eval.references import Floor, FloorModel
+    from fd_eval.outputs.references import Floor, FloorModel
 
     whole = Floor("m", 100, 5.0, relation="subset")  # n = M: 1/n - 1/M = 0, nothing to fit
     assert FloorModel.fit([whole], 100) is None
@@ -271,7 +271,7 @@ def test_progress_is_labelled_by_side_and_notes_the_cached_reference(tmp_path, m
     assert "reference B/ (dinov2-vits14): 100%" in first.stderr and "4/4" in first.stderr
     assert "generated gen (dinov2-vits14): 100%" in first.stderr and "img/s" in first.stderr
     second = CliRunner().invoke(main, args)
-    from fd_eval.io_utils import cache_dir
+    from fd_eval.util.io_utils import cache_dir
 
     (cached,) = cache_dir("ref_stats").glob("*.safetensors")  # the test's own cache (conftest)
     assert f"reference B/ (dinov2-vits14): from the cache, {cached}" in second.stderr

@@ -15,7 +15,7 @@ from PIL import Image
 from _clip_models import open_clip_vision, save_hf_vision, save_safetensors
 from fd_eval.errors import FDEvalError, WeightsError
 from fd_eval.extractors import clip as c
-from fd_eval.preprocess import CLIP_MEAN, CLIP_STD, tensor_to_pil
+from fd_eval.extractors.preprocess import CLIP_MEAN, CLIP_STD, tensor_to_pil
 
 DEPTH = 2  # the full 24-block tower is in the slow test
 

@@ -17,8 +17,8 @@ from PIL import Image
 import fd_eval
 from _clip_models import save_hf_clip
 from _images import photo_crops
-from fd_eval.clipscore import ClipDependencyError, clip_score, image_key, tokenize
 from fd_eval.errors import InputError
+from fd_eval.metrics.clipscore import ClipDependencyError, clip_score, image_key, tokenize
 
 LAYERS = 2
 LONG = " ".join(["a very long caption about a red bicycle leaning on a wall"] * 12)  # > 77 tokens
@@ -120,7 +120,7 @@ def test_index_named_images_and_errors(world, tmp_path):
 def test_cli_writes_the_json(world, tmp_path, monkeypatch):
     import functools
 
-    import fd_eval.clipscore as cs
+    import fd_eval.metrics.clipscore as cs
     from fd_eval.cli import main
 
     monkeypatch.setattr(cs, "TEXT_LAYERS", LAYERS)
@@ -153,7 +153,7 @@ def test_missing_extra_is_one_line(monkeypatch):
 
 
 def test_numbers_closed_form():
-    from fd_eval.clipscore import score
+    from fd_eval.metrics.clipscore import score
 
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     b = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])

@@ -21,14 +21,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 import fd_eval
-import fd_eval.build as build
 import fd_eval.extractors.clip as cl
 import fd_eval.extractors.dinov2 as dv
+import fd_eval.metrics.build as build
 from _checkpoints import save_dinov2_checkpoint
 from _clip_models import save_hf_vision
 from _images import photo_crops, save_images
 from fd_eval.cli import main
-from fd_eval.cmmd import cmmd, kernel_sum
+from fd_eval.metrics.cmmd import cmmd, kernel_sum
 
 DEPTH = 2
 TESTS = Path(__file__).parent
@@ -125,7 +125,7 @@ def test_stats_and_compute_report_fd_and_cmmd_from_one_pass(world, shallow, tmp_
     # the saved generated set carries its own self-term (computed once, during compute)
     assert gen.metadata["cmmd"]["kernel_sum"] == kernel_sum(gen.features)
     assert "cmmd" not in doc["results"]["dinov2-vits14"] and np.isfinite(doc["results"]["dinov2-vits14"]["fd"])
-    from fd_eval.report import _num, build_report
+    from fd_eval.outputs.report import _num, build_report
 
     page = build_report([doc])  # the HTML report shows CMMD beside FD
     assert "<th>CMMD</th>" in page.replace(' class="num"', "") or "CMMD" in page

@@ -86,7 +86,7 @@ def test_cli_matches_independent_reference_computation(world, expected_fd, ref_s
     assert r["fd"] == pytest.approx(r["fd_mean"] + r["fd_cov"], rel=1e-12)
     assert (r["n"], r["n_ref"]) == (N, N)
     prov = doc["provenance"]
-    assert prov["extractors"]["dinov2-vits14"]["weights_sha256"] == fd_eval.io_utils.sha256_file(world["ckpt"])
+    assert prov["extractors"]["dinov2-vits14"]["weights_sha256"] == fd_eval.util.io_utils.sha256_file(world["ckpt"])
     assert prov["extractors"]["dinov2-vits14"]["preprocess"]["resize_library"] == "pil"
     assert prov["reference"]["kind"] == "source" and prov["versions"]["torch"] == torch.__version__
     assert any("not above the feature dimension" in w for w in doc["warnings"])
@@ -126,7 +126,7 @@ def test_loader_items_smaller_than_the_model_batch_are_joined_exactly(world, mon
         return real(x)
 
     monkeypatch.setattr(ex, "forward_input", spy)
-    monkeypatch.setattr(fd_eval.pipeline, "loader_chunk", lambda bs, dev: 5)
+    monkeypatch.setattr(fd_eval.run.pipeline, "loader_chunk", lambda bs, dev: 5)
     joined = fd_eval.compute_stats(world["gen_dir"], **kw)["dinov2-vits14"]
     assert sizes == [8, N - 8]
     assert joined.n == whole.n == N

@@ -16,7 +16,7 @@ import torch
 import _norm_metric
 import fd_eval
 from _images import photo_crops, save_images
-from fd_eval import engine
+from fd_eval.run import engine
 from test_copies import PixelExtractor
 
 TESTS = Path(__file__).parent

@@ -1,11 +1,11 @@
-"""fd_eval.consumers: declared states get reset, fresh copies, state dicts and exact merges from the base; the
+"""fd_eval.core.consumers: declared states get reset, fresh copies, state dicts and exact merges from the base; the
 ported consumers (moments, top-K, C_T cells) merge exactly as one pass over all the data."""
 import pytest
 import torch
 
-from fd_eval import copies as cp
-from fd_eval.consumers import Consumer, state_header
-from fd_eval.moments import MomentAccumulator
+from fd_eval.core.consumers import Consumer, state_header
+from fd_eval.core.moments import MomentAccumulator
+from fd_eval.metrics import copies as cp
 
 
 class Stats4(Consumer):

@@ -20,10 +20,10 @@ from torch import nn
 
 import fd_eval
 from _images import photo_crops, save_images
-from fd_eval import copies as cp
 from fd_eval.errors import EmptySourceError, InputError
 from fd_eval.extractors import Extractor
-from fd_eval.preprocess import PreprocessSpec
+from fd_eval.extractors.preprocess import PreprocessSpec
+from fd_eval.metrics import copies as cp
 
 
 # --- helpers -------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`fd-eval copies` runs: resumable per unit (an interrupted run resumes to the identical result), the same result
 for any unit size and for 2 torchrun processes (gloo, CPU) as for 1, the CLI's table and JSON.
 
-The interruption is deterministic: ``fd_eval.engine.save_unit_file`` raises KeyboardInterrupt once K training
+The interruption is deterministic: ``fd_eval.run.engine.save_unit_file`` raises KeyboardInterrupt once K training
 units are saved (no timing). The equality checks are exact (==), not approximate: the top-K lists and the C_T
 distances of a partition of the training set merge exactly, and a unit's features depend only on its images and
 the batch size.
@@ -24,10 +24,10 @@ import fd_eval
 import fd_eval.extractors.dinov2 as dv
 from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops, save_images
-from fd_eval import copies as cp
-from fd_eval import engine
 from fd_eval.cli import main
 from fd_eval.errors import CheckpointError, InputError
+from fd_eval.metrics import copies as cp
+from fd_eval.run import engine
 from test_copies import PixelExtractor, jpeg75
 
 TESTS = Path(__file__).parent

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import fd_eval.pipeline as pl
+import fd_eval.run.pipeline as pl
 from _images import photo_crops
 from fd_eval import RunOptions
-from fd_eval import copies as cp
 from fd_eval.errors import WeightsError
 from fd_eval.extractors.weights import load_state_dict
+from fd_eval.metrics import copies as cp
 from fd_eval.sources import open_source
 from test_copies import PixelExtractor
 

@@ -385,7 +385,7 @@ def test_download_from_loopback_server(tmp_path, monkeypatch, vits14, sets, vits
     finally:
         server.shutdown()
         server.server_close()
-    cached = fd_eval.io_utils.cache_dir("weights") / "dinov2_vits14_pretrain.pth"
+    cached = fd_eval.util.io_utils.cache_dir("weights") / "dinov2_vits14_pretrain.pth"
     assert cached.read_bytes() == src.read_bytes()
     assert ex.weights_sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
     assert rel_diff(our_features(ex, sets[0]), vits14_ref_feats[0]) <= TOL
@@ -396,7 +396,7 @@ def test_download_from_loopback_server(tmp_path, monkeypatch, vits14, sets, vits
 def test_weights_sha256_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
     import os
 
-    from fd_eval import io_utils
+    from fd_eval.util import io_utils
 
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc" * 1000)

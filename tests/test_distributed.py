@@ -20,10 +20,10 @@ import fd_eval
 from _checkpoints import save_dinov2_checkpoint
 from _dist_worker import noise_sampler
 from _images import photo_crops, save_images
-from fd_eval.distributed import resolve_world
+from fd_eval.core.moments import MomentAccumulator
 from fd_eval.errors import FDEvalError
-from fd_eval.metric import FDMetric, batch_seed, evaluate_generator, generator_batches
-from fd_eval.moments import MomentAccumulator
+from fd_eval.metrics.metric import FDMetric, batch_seed, evaluate_generator, generator_batches
+from fd_eval.run.distributed import resolve_world
 
 N = 8  # per set; blocks of 4 per rank = two batches of 2, as in the single-process run
 GEN_N, GEN_BS = 7, 2  # evaluate_generator: batches 0..3, the last of size 1

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from _fake_hub import FakeHub, point_hf_at
-from fd_eval.download import HfLocation, download_hf, download_url
 from fd_eval.errors import ChecksumError, DownloadError, GatedRepoError
+from fd_eval.util.download import HfLocation, download_hf, download_url
 
 DATA = os.urandom(700_000)  # ~11 chunks of 64 KiB
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -18,10 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import fd_eval.io_utils as io
+import fd_eval.util.io_utils as io
 from _fake_hub import FakeHub, point_hf_at
-from fd_eval import references as refs
-from fd_eval.download import download_hf, offline_scope
 from fd_eval.errors import (
     CacheError,
     DownloadError,
@@ -32,7 +30,9 @@ from fd_eval.errors import (
     UnknownReferenceError,
 )
 from fd_eval.extractors.weights import WeightsSource, resolve_weights
-from fd_eval.stats import Stats, compare_stats, load_all_stats, load_stats, save_stats
+from fd_eval.outputs import references as refs
+from fd_eval.outputs.stats import Stats, compare_stats, load_all_stats, load_stats, save_stats
+from fd_eval.util.download import download_hf, offline_scope
 
 STATS_ERRORS = (StatsFormatError, InvalidStatsError)
 
@@ -190,7 +190,7 @@ def test_weights_with_unusable_cache(tmp_path, monkeypatch):
 
 
 def test_disk_full_during_weights_download(monkeypatch):
-    import fd_eval.download as dl
+    import fd_eval.util.download as dl
 
     monkeypatch.delenv("FD_EVAL_OFFLINE")
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -676,8 +676,8 @@ def test_safetensors_disk_full_is_one_output_error(tmp_path, monkeypatch, writer
     import safetensors.torch as stt
     import torch
 
-    from fd_eval.build import save_unit_file
-    from fd_eval.copies import FeatureShardWriter
+    from fd_eval.metrics.build import save_unit_file
+    from fd_eval.metrics.copies import FeatureShardWriter
 
     monkeypatch.setattr(stn, "save_file", _safetensors_full)
     monkeypatch.setattr(stt, "save_file", _safetensors_full)
@@ -724,7 +724,7 @@ def test_report_refuses_json_nested_deeper_than_results(tmp_path):
 
     from fd_eval.cli import main
     from fd_eval.errors import InputError
-    from fd_eval.report import MAX_JSON_DEPTH, read_input
+    from fd_eval.outputs.report import MAX_JSON_DEPTH, read_input
 
     deep = tmp_path / "deep.json"
     deep.write_text('{"results": {"m": ' + "[" * 100_000 + "]" * 100_000 + "}}")
@@ -742,7 +742,7 @@ def test_report_refuses_json_nested_deeper_than_results(tmp_path):
 def test_choose_threads_rules(monkeypatch):
     import torch
 
-    from fd_eval import threads as th
+    from fd_eval.util import threads as th
 
     monkeypatch.delenv("FD_EVAL_LINALG_THREADS", raising=False)
     monkeypatch.setattr(th, "usable_cores", lambda: 8)
@@ -767,8 +767,8 @@ def test_choose_threads_rules(monkeypatch):
 def test_fd_runs_at_the_chosen_count_and_restores_torch(monkeypatch):
     import torch
 
-    from fd_eval import frechet
-    from fd_eval import threads as th
+    from fd_eval.core import frechet
+    from fd_eval.util import threads as th
 
     seen = []
     real = frechet.factor_covariance

@@ -18,8 +18,8 @@ from _inception_utils import random_inception_state_dict, save_inception_checkpo
 from fd_eval.errors import ChecksumError, DownloadError, FDEvalError, InputRangeError, WeightsError
 from fd_eval.extractors import inception as inc
 from fd_eval.extractors.inception import resize_bilinear_tf1, resize_bilinear_torch
-from fd_eval.io_utils import sha256_file
-from fd_eval.preprocess import PreprocessSpec
+from fd_eval.extractors.preprocess import PreprocessSpec
+from fd_eval.util.io_utils import sha256_file
 
 SIZES = [(224, 224), (256, 256), (299, 299), (512, 384), (333, 517)]  # (H, W); the last one odd on both axes
 # FD on 2048-d features costs two 2048x2048 eigendecompositions (~4 s of CPU): checked at GPIC's 256x256 and at
@@ -223,7 +223,7 @@ def test_registry_specs_and_metadata(models):
     sha = sha256_file(models["weights"])
     assert tf.weights_sha256 == pt.weights_sha256 == sha and tf.metadata()["weights_sha256"] == sha
     # prepare() leaves the image alone: the resize happens on the device.
-    img = fd_eval.preprocess.tensor_to_pil(_nchw(photo_crops(1, 40, 60, seed=0))[0])
+    img = fd_eval.extractors.preprocess.tensor_to_pil(_nchw(photo_crops(1, 40, 60, seed=0))[0])
     assert tf.prepare(img).shape == (3, 40, 60)
 
 
@@ -334,7 +334,7 @@ def test_offline_without_cached_weights_names_url_and_weights_flag():
 
 
 def test_offline_uses_the_cached_file(tmp_path):
-    dest = fd_eval.io_utils.cache_dir("weights") / inc.INCEPTION_WEIGHTS.filename
+    dest = fd_eval.util.io_utils.cache_dir("weights") / inc.INCEPTION_WEIGHTS.filename
     save_inception_checkpoint(dest)
     e = fd_eval.load_extractor("inception-v3-pt")
     assert e.weights_sha256 == sha256_file(dest)
@@ -382,7 +382,7 @@ def test_download_once_verify_and_record_sha(tmp_path, monkeypatch):
         e1 = fd_eval.load_extractor("inception-v3-tf")
         e2 = fd_eval.load_extractor("inception-v3-pt")
         assert srv.hits == 1 and e1.weights_sha256 == e2.weights_sha256 == digest
-        cached = fd_eval.io_utils.cache_dir("weights") / "pt_inception-test.pth"
+        cached = fd_eval.util.io_utils.cache_dir("weights") / "pt_inception-test.pth"
         assert cached.read_bytes() == f.read_bytes()
         assert not list(cached.parent.glob("*.part"))
         # A server handing out other bytes: ChecksumError, and nothing is left in the cache.
@@ -398,10 +398,10 @@ def test_download_once_verify_and_record_sha(tmp_path, monkeypatch):
 def test_weights_digest_is_cached_and_follows_file_changes(tmp_path, monkeypatch):
     path = save_inception_checkpoint(tmp_path / "w.pth")
     calls = []
-    real = fd_eval.io_utils.sha256_file
-    monkeypatch.setattr(fd_eval.io_utils, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = fd_eval.util.io_utils.sha256_file
+    monkeypatch.setattr(fd_eval.util.io_utils, "sha256_file", lambda p: calls.append(p) or real(p))
     a = fd_eval.load_extractor("inception-v3-tf", weights=path).weights_sha256
-    fd_eval.io_utils._SHA256_MEMO.clear()  # a new process: only the on-disk record remains
+    fd_eval.util.io_utils._SHA256_MEMO.clear()  # a new process: only the on-disk record remains
     b = fd_eval.load_extractor("inception-v3-tf", weights=path).weights_sha256
     assert a == b == real(path) and len(calls) == 1  # hashed once; the second load read the record
     sd = random_inception_state_dict()

@@ -18,14 +18,14 @@ import torch
 from click.testing import CliRunner
 
 import fd_eval
-import fd_eval.build as fb
+import fd_eval.metrics.build as fb
 from _images import photo_crops, save_images
-from fd_eval import copies as cp
 from fd_eval.cli import main
 from fd_eval.errors import InputError
+from fd_eval.extractors.preprocess import PreprocessSpec
 from fd_eval.index import ExactScan, open_index
 from fd_eval.index.build import index_from_features
-from fd_eval.preprocess import PreprocessSpec
+from fd_eval.metrics import copies as cp
 from test_copies import PixelExtractor, brute_topk, jpeg75, tied_features
 
 TESTS = Path(__file__).parent

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import fd_eval.build as build
 import fd_eval.extractors.dinov2 as dv
+import fd_eval.metrics.build as build
 from _checkpoints import save_dinov2_checkpoint
 from _gpic_shards import make_shards
 from _images import photo_crops, save_images

@@ -14,7 +14,7 @@ from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops, save_images
 from fd_eval.cli import main
 from fd_eval.errors import InputError, InputRangeError, StatsMismatchError
-from fd_eval.metric import FDMetric, to_uint8
+from fd_eval.metrics.metric import FDMetric, to_uint8
 
 N = 8  # generated and reference images; most tests use the first 4 (ViT-S/14 on 2 CPU cores is the cost)
 MODEL = "dinov2-vits14"

@@ -13,10 +13,10 @@ import fd_eval.extractors.dinov2 as dv
 from _checkpoints import save_dinov2_checkpoint
 from _gpic_shards import make_shards
 from _images import photo_crops, save_images
-from fd_eval import pipeline
 from fd_eval.cli import main
 from fd_eval.errors import FDEvalError
-from fd_eval.options import OPTION_FIELDS, RunOptions, make_options
+from fd_eval.run import pipeline
+from fd_eval.run.options import OPTION_FIELDS, RunOptions, make_options
 
 N, BS, DEPTH = 7, 3, 2
 

@@ -83,7 +83,7 @@ def test_items_keys_and_row_groups(world):
     assert [src.read_encoded(i) for i in range(len(src))] == [r["bytes"] for r in rows]
     assert src.meta(3) == {"key": "id4"} and src.describe(3) == f"{world['path']}:row 4"
     assert src.shard_starts.tolist() == [0, 3, 5, 7]  # row groups of 3, 3 (one null), 2 rows
-    plan = fd_eval.build.plan_units(src)
+    plan = fd_eval.metrics.build.plan_units(src)
     assert plan.kind == "row-groups" and [len(u) for u in plan.units] == [3, 2, 2]
     acc = InputAccounting.build(src, [], len(src))
     assert "1 ignored (null image: 1)" in acc.summary()
@@ -91,7 +91,7 @@ def test_items_keys_and_row_groups(world):
 
 def test_build_units_are_row_groups(world, tmp_path):
     out = tmp_path / "s.safetensors"
-    res = fd_eval.build.build_stats(str(world["path"]), out, extractors=[world["ex"]], batch_size=BS,
+    res = fd_eval.metrics.build.build_stats(str(world["path"]), out, extractors=[world["ex"]], batch_size=BS,
                                     num_workers=0, progress=False)[MODEL]
     single = _stats(world, str(world["path"]))
     assert res.metadata["source"]["build"]["units"] == 3 and res.n == N_ROWS - 1

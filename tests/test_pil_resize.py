@@ -1,4 +1,4 @@
-"""The device Pillow resize (fd_eval.pil_resize): bit-identical to Pillow, and where the pipeline uses it.
+"""The device Pillow resize (fd_eval.extractors.pil_resize): bit-identical to Pillow, and where the pipeline uses it.
 
 Pillow itself is the reference: every case compares against ``Image.resize`` on the same uint8 pixels.
 """
@@ -12,8 +12,8 @@ from PIL import Image
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops, save_images
-from fd_eval import pil_resize as pr
 from fd_eval.errors import FDEvalError
+from fd_eval.extractors import pil_resize as pr
 from fd_eval.extractors.base import load_extractor
 
 PIL_FILTER = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
@@ -120,7 +120,7 @@ def test_placement_policy(ckpt, monkeypatch):
 
 
 def test_the_metric_resizes_on_a_gpu_unless_told_otherwise(ckpt):
-    from fd_eval.pipeline import place_pil_resize
+    from fd_eval.run.pipeline import place_pil_resize
 
     auto, host = (load_extractor("dinov2-vits14", weights=ckpt) for _ in range(2))
     host.set_pil_resize_on("host")

@@ -9,8 +9,8 @@ import torch
 from prdc import compute_prdc
 from scipy.spatial.distance import cdist
 
+from fd_eval.core.feature_metrics import mmd, mmd_subsets, prdc
 from fd_eval.errors import InputError
-from fd_eval.feature_metrics import mmd, mmd_subsets, prdc
 
 KEYS = ("precision", "recall", "density", "coverage")
 

@@ -23,10 +23,12 @@ from PIL import Image
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops, save_images
-from fd_eval import gpu_decode, pipeline, precision
 from fd_eval.cli import main
 from fd_eval.errors import BadImageError, FDEvalError, StatsMismatchError
-from fd_eval.precision import LazyCompiled, Precision, exact_numerics, fast_numerics, tf32_state
+from fd_eval.extractors import precision
+from fd_eval.extractors.precision import LazyCompiled, Precision, exact_numerics, fast_numerics, tf32_state
+from fd_eval.run import pipeline
+from fd_eval.sources import gpu_decode
 
 MODEL = "dinov2-vits14"
 N = 6
@@ -423,7 +425,7 @@ def test_metric_and_build_carry_the_mode(world, tmp_path):
                                 precision="fast", num_workers=0, progress=False)[MODEL]
     assert built.metadata["precision"]["mode"] == "fast"
     np.testing.assert_allclose(built.mu, st[("gen", "fast")].mu, rtol=0, atol=1e-6)
-    from fd_eval import build
+    from fd_eval.metrics import build
 
     src = fd_eval.open_source(world["gen"])
     plan = build.plan_units(src)

@@ -168,7 +168,7 @@ def test_unusable_cache_warns_and_the_run_finishes(data, pixels, monkeypatch, fm
     cache = tmp / "cache"
     cache.write_text("not a folder")
     monkeypatch.setenv("FD_EVAL_CACHE", str(cache))
-    import fd_eval.io_utils as io_utils
+    import fd_eval.util.io_utils as io_utils
 
     monkeypatch.setattr(io_utils, "_WARNED_CACHES", set())
     with warnings.catch_warnings(record=True) as w:
@@ -198,7 +198,7 @@ def test_write_failure_still_prints_the_result(data, pixels, monkeypatch):
 def test_offline_reaches_the_weights(data, monkeypatch, offline):
     """``offline=`` (``--offline``) is in force while the extractors load, in every entry point."""
     tmp, gen, ref = data
-    from fd_eval.download import offline_mode
+    from fd_eval.util.download import offline_mode
 
     seen = []
 

@@ -11,7 +11,7 @@ from _fake_hub import FakeHub, point_hf_at
 from _gpic_shards import gpic_sample, write_shard
 from fd_eval.cli import main
 from fd_eval.errors import SourceError, StatsFormatError
-from fd_eval.prompts import evaluation_prompts, read_prompts, write_prompts
+from fd_eval.outputs.prompts import evaluation_prompts, read_prompts, write_prompts
 
 N_SHARDS, PER_SHARD = 3, 4
 # (shard, position in shard) of the evaluation samples, in the reference file's (deliberately unsorted) order

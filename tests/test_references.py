@@ -1,4 +1,4 @@
-"""The reference registry, verified fetching and loading (fd_eval.references) and `fd-eval ref`.
+"""The reference registry, verified fetching and loading (fd_eval.outputs.references) and `fd-eval ref`.
 
 A loopback server stands in for the Hub; it serves fake official-format GPIC statistics files made here.
 """
@@ -17,7 +17,6 @@ import pytest
 from click.testing import CliRunner
 
 from _fake_hub import FakeHub, point_hf_at
-from fd_eval import references as refs
 from fd_eval.cli import main
 from fd_eval.errors import (
     ChecksumError,
@@ -27,8 +26,9 @@ from fd_eval.errors import (
     StatsMismatchError,
     UnknownReferenceError,
 )
-from fd_eval.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from fd_eval.stats import Stats, compare_stats
+from fd_eval.extractors.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from fd_eval.outputs import references as refs
+from fd_eval.outputs.stats import Stats, compare_stats
 
 REPO = "stanford-vision-lab/gpic"
 TEST_FILE = "reference_stats/test_stats.npz"
@@ -284,7 +284,7 @@ def test_model_missing_from_reference(official, hub):
 
 
 def _fetch_in_child(barrier, queue) -> None:
-    from fd_eval import references
+    from fd_eval.outputs import references
 
     barrier.wait()
     try:

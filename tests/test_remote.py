@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 import fd_eval
-import fd_eval.build as build
-import fd_eval.engine as engine
 import fd_eval.extractors.dinov2 as dv
+import fd_eval.metrics.build as build
+import fd_eval.run.engine as engine
 from _checkpoints import save_dinov2_checkpoint
 from _fake_hub import FakeHub, point_hf_at
 from _gpic_shards import gpic_sample, make_shards, write_shard
 from _images import photo_crops
-from fd_eval.build import build_stats
 from fd_eval.errors import BadImageError, CheckpointError, SourceError
+from fd_eval.metrics.build import build_stats
 from fd_eval.sources import open_source
 from fd_eval.sources.remote import RemoteTarSource
 

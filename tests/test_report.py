@@ -23,7 +23,7 @@ from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops, save_images
 from fd_eval.cli import main
 from fd_eval.errors import InputError
-from fd_eval.report import CSP, ReportDependencyError, build_report, read_input, sample_thumbnails, write_report
+from fd_eval.outputs.report import CSP, ReportDependencyError, build_report, read_input, sample_thumbnails, write_report
 
 N = 16
 DEPTH = 2  # the real ViT-S architecture, two blocks deep: the report reads the numbers, not their quality

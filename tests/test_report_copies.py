@@ -15,7 +15,7 @@ from PIL import Image
 
 import fd_eval.extractors.dinov2 as dv
 from fd_eval.cli import main
-from fd_eval.report import build_report, write_report
+from fd_eval.outputs.report import build_report, write_report
 from test_copies_run import DEPTH, sets, vit  # noqa: F401 - fixtures
 
 
@@ -60,7 +60,7 @@ def test_contact_sheet_is_a_grid_with_whole_captions(copies_json):
 
 
 def test_contact_sheet_wraps_long_paths_without_dropping_a_character():
-    from fd_eval.contact_sheet import wrap
+    from fd_eval.outputs.contact_sheet import wrap
 
     text = "train: /very/long/" + "x" * 200 + "/000123.png"
     lines = wrap(text, 100, lambda s: 6 * len(s))

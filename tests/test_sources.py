@@ -20,7 +20,7 @@ from PIL import Image
 from _images import photo_crops
 from fd_eval import sources
 from fd_eval.errors import InputError
-from fd_eval.preprocess import pil_resize, pil_to_tensor
+from fd_eval.extractors.preprocess import pil_resize, pil_to_tensor
 from fd_eval.sources import (
     ArraySource,
     Batch,

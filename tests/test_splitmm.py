@@ -1,4 +1,4 @@
-"""Matmul paths (fd_eval.splitmm) and the DINOv2 runner: TF32 rounding bit for bit, 3xTF32 against IEEE float32,
+"""Matmul paths (fd_eval.core.splitmm) and the DINOv2 runner: TF32 rounding bit for bit, 3xTF32 against IEEE float32,
 the CLS-only last block against the hub model, fp8 emulation and its refusal against exact statistics.
 
 The GPU paths (cuBLAS TF32, torch._scaled_mm) are exercised by benchmarks/bench_gpu.py; on a CPU the same
@@ -13,10 +13,10 @@ import torch
 import fd_eval
 from _checkpoints import save_dinov2_checkpoint
 from _images import photo_crops
-from fd_eval import precision
+from fd_eval.core.splitmm import PreparedLinear, quantize_fp8_rows, round_tf32, split_tf32, trunc_tf32
 from fd_eval.errors import FDEvalError, StatsMismatchError
 from fd_eval.extractors import dinov2 as d
-from fd_eval.splitmm import PreparedLinear, quantize_fp8_rows, round_tf32, split_tf32, trunc_tf32
+from fd_eval.extractors import precision
 
 
 # --- TF32 rounding ------------------------------------------------------------------------------------------

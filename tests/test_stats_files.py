@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import fd_eval
 from fd_eval import Stats, StatsFormatError, StatsMismatchError, compare_stats, load_all_stats, load_stats, save_stats
 from fd_eval.cli import main
-from fd_eval.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from fd_eval.extractors.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
 SPEC = PreprocessSpec("pil", "bicubic", True, (224, 224), 255.0, IMAGENET_MEAN, IMAGENET_STD)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fd_eval import Stats, frechet_distance
+from fd_eval.core.uncertainty import _fd_against, _prepare_reference, bootstrap_fd, default_ns, fd_infinity
 from fd_eval.errors import InputError
-from fd_eval.uncertainty import _fd_against, _prepare_reference, bootstrap_fd, default_ns, fd_infinity
 
 # Thousands of FDs of 8- to 128-d matrices: on 2 busy cores thread hand-offs cost more than the work.
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,14 +6,14 @@ from typing import Any, Mapping
 
 import click
 
-from ..preflight import check_outputs
+from ..run.preflight import check_outputs
 from ..sources import InputAccounting
 
 MAX_LISTED = 20  # skipped items printed per side; the rest are in --json
 
 
 def check_paths(*inputs: Any, folders: Mapping[str, Any] | None = None, **outputs: str | os.PathLike | None) -> None:
-    """Before any work, the one output rule (:func:`fd_eval.preflight.check_outputs`): every output
+    """Before any work, the one output rule (:func:`fd_eval.run.preflight.check_outputs`): every output
     (``json="r.json"`` is shown as ``--json``) writable, not a folder, not an input nor inside an input folder,
     not shared with another output. ``inputs``: specs, or ``{label: spec}`` mappings (``{"--weights": ...}``);
     ``folders``: ``{option: folder}`` outputs (checkpoint folders). Raises the one-line

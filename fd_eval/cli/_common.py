@@ -14,11 +14,11 @@ from typing import Any, Callable
 import click
 
 from .._version import __version__
-from ..distributed import destroy, get_rank, init_distributed
-from ..download import offline_scope
 from ..errors import FDEvalError
-from ..io_utils import atomic_write
-from ..options import CLI_FLAGS, OPTION_HELP, CliFlag, RunOptions
+from ..run.distributed import destroy, get_rank, init_distributed
+from ..run.options import CLI_FLAGS, OPTION_HELP, CliFlag, RunOptions
+from ..util.download import offline_scope
+from ..util.io_utils import atomic_write
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's status for a run stopped by Ctrl-C
 
@@ -158,7 +158,7 @@ def warn(msg: str) -> None:
 
 
 def _click_option(flag: CliFlag) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The click option of one :data:`fd_eval.options.CLI_FLAGS` row; its parameter is named after the field."""
+    """The click option of one :data:`fd_eval.run.options.CLI_FLAGS` row; its parameter is named after the field."""
     kw: dict[str, Any] = {"help": OPTION_HELP[flag.field], "default": flag.default}
     if flag.show_default:
         kw["show_default"] = True
@@ -173,7 +173,7 @@ def _click_option(flag: CliFlag) -> Callable[[Callable[..., Any]], Callable[...,
 
 def run_options(offline: bool = False, fields: tuple[str, ...] | None = None
                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The one decorator that gives a command the run options, generated from :data:`fd_eval.options.CLI_FLAGS`
+    """The one decorator that gives a command the run options, generated from :data:`fd_eval.run.options.CLI_FLAGS`
     (``--device``, ``--batch-size``, ``--num-workers``, ``--resize``, ``--precision``, ``--compile/--no-compile``,
     ``--decode``, ``--skip-bad``, ``--quiet``, and ``--offline`` when ``offline``; only ``fields`` when given), and
     hands it ``options``: a validated :class:`fd_eval.RunOptions` (a bad value is the usual one-line ``Error:``)."""

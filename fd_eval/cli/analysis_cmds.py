@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
-from ..analysis import AnalysisSpec, analyze_result
-from ..ceiling import ceiling as real_ceiling
-from ..ceiling import split_half as real_split_half
-from ..options import RunOptions
-from ..preprocess import SOURCE_TRANSFORMS
+from ..extractors.preprocess import SOURCE_TRANSFORMS
+from ..metrics.analysis import AnalysisSpec, analyze_result
+from ..metrics.ceiling import ceiling as real_ceiling
+from ..metrics.ceiling import split_half as real_split_half
+from ..run.options import RunOptions
 from ._checks import check_paths, render_accounting
 from ._common import (
     echo_table,
@@ -61,7 +61,8 @@ def analysis_spec(ci: float | None = None, n_boot: int | None = None, fd_infinit
 
 
 def run_analysis(res: Any, spec: AnalysisSpec, device: str | None = None) -> dict[str, dict[str, Any]]:
-    """Analyses of a `compute` result (see :func:`fd_eval.analysis.analyze_result`), printed as a compact table."""
+    """Analyses of a `compute` result (see :func:`fd_eval.metrics.analysis.analyze_result`), printed as a compact
+    table."""
     analyses = analyze_result(res, spec, device=device)
     for a in analyses.values():
         for w in a["warnings"]:
@@ -76,7 +77,7 @@ def reference_biases(res: Any) -> dict[str, float | None]:
     if ref.get("kind") != "registry" or not ref.get("name"):
         return {}
     from ..errors import UnknownReferenceError
-    from ..references import get_reference
+    from ..outputs.references import get_reference
 
     try:
         entry = get_reference(ref["name"])

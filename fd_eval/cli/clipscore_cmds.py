@@ -5,10 +5,10 @@ import json
 
 import click
 
-from ..clipscore import clip_score
-from ..io_utils import atomic_write
-from ..options import RunOptions
-from ..pipeline import default_batch_size
+from ..metrics.clipscore import clip_score
+from ..run.options import RunOptions
+from ..run.pipeline import default_batch_size
+from ..util.io_utils import atomic_write
 from ._checks import check_paths
 from ._common import main, run_options
 

@@ -7,14 +7,14 @@ from typing import Any
 
 import click
 
-from ..analysis import check_reference_features
 from ..api import compute_fd
-from ..build import DEFAULT_BLOCK, build_stats, default_checkpoint_dir
-from ..options import RunOptions
-from ..preprocess import SOURCE_TRANSFORMS
-from ..report import require_matplotlib, write_report
+from ..extractors.preprocess import SOURCE_TRANSFORMS
+from ..metrics.analysis import check_reference_features
+from ..metrics.build import DEFAULT_BLOCK, build_stats, default_checkpoint_dir
+from ..outputs.report import require_matplotlib, write_report
+from ..outputs.stats import save_stats
+from ..run.options import RunOptions
 from ..sources import open_source
-from ..stats import save_stats
 from ._checks import check_paths, render_accounting
 from ._common import (
     TABLE_FORMATS,
@@ -209,7 +209,7 @@ def stats_cmd(source: str, output: str, models: tuple[str, ...], weights: tuple[
 
 def _gpic_models() -> dict[str, list[str]]:
     """{model: [built-in GPIC references holding its statistics ("?" when the file may lack them)]}."""
-    from ..references import list_references
+    from ..outputs.references import list_references
 
     out: dict[str, list[str]] = {}
     for r in list_references():
@@ -226,7 +226,7 @@ def models_cmd(urls: bool) -> None:
     """List the extractors: * marks the default, aliases name the same extractor, and the GPIC column says which
     built-in references hold statistics for it."""
     from ..extractors import ALIASES, DEFAULT_EXTRACTOR, extractor_entry, list_extractors
-    from ..io_utils import cache_root
+    from ..util.io_utils import cache_root
 
     names = list_extractors()
     if urls:

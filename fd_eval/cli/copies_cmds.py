@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..copies import DEFAULT_MODELS, find_copies
-from ..options import RunOptions
+from ..metrics.copies import DEFAULT_MODELS, find_copies
+from ..run.options import RunOptions
 from ._checks import check_paths, render_accounting
 from ._common import (
     echo_table,

@@ -7,7 +7,7 @@ import click
 
 from ..index import build_index, open_index
 from ..index.build import DEFAULT_INDEX_MODELS
-from ..options import RunOptions
+from ..run.options import RunOptions
 from ._checks import check_paths
 from ._common import echo_table, main, model_option, run_distributed, run_options, weights_arg, weights_option
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..options import RunOptions
-from ..prompts import write_prompts
+from ..outputs.prompts import write_prompts
+from ..run.options import RunOptions
 from ._checks import check_paths
 from ._common import main, run_options
 

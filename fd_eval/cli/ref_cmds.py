@@ -1,4 +1,4 @@
-"""`fd-eval ref list|download|add|remove|info`: the reference-statistics registry (fd_eval.references)."""
+"""`fd-eval ref list|download|add|remove|info`: the reference-statistics registry (fd_eval.outputs.references)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .. import references as refs
+from ..outputs import references as refs
 from ._common import echo_table, main
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..report import write_report
+from ..outputs.report import write_report
 from ._checks import check_paths
 from ._common import main
 

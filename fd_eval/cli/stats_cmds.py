@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from ..io_utils import sha256_file
-from ..stats import compare_stats, load_all_stats, load_stats
+from ..outputs.stats import compare_stats, load_all_stats, load_stats
+from ..util.io_utils import sha256_file
 from ._checks import check_paths
 from ._common import echo_table, fmt_num, main, warn, write_json
 

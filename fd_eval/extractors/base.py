@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import FDEvalError, InputRangeError
-from ..pil_resize import pil_resize_checked, pil_resize_host
-from ..precision import LazyCompiled, Precision, resolve_precision
-from ..preprocess import HostPrepare, PreprocessSpec, crop_tensor
+from .pil_resize import pil_resize_checked, pil_resize_host
+from .precision import LazyCompiled, Precision, resolve_precision
+from .preprocess import HostPrepare, PreprocessSpec, crop_tensor
 
 PIL_RESIZE_ON = ("auto", "host", "device")
 RESIZE_LIBRARIES = ("pil", "torch", "tf1")
@@ -36,8 +36,8 @@ def apply_spec(x: torch.Tensor, spec: PreprocessSpec, name: str = "extractor") -
 
     In the reference pipelines' op order, so each registered spec reproduces its reference bit for bit:
 
-    * ``crop`` (:data:`fd_eval.preprocess.CROPS`; a no-op when the host already cropped);
-    * ``pil``: Pillow's integer resize (:func:`fd_eval.pil_resize.pil_resize_checked`; skipped when the host
+    * ``crop`` (:data:`fd_eval.extractors.preprocess.CROPS`; a no-op when the host already cropped);
+    * ``pil``: Pillow's integer resize (:func:`fd_eval.extractors.pil_resize.pil_resize_checked`; skipped when the host
       resized), then ``float32 / scale`` (ToTensor);
     * ``torch``: ``F.interpolate(resize_filter, align_corners, antialias)`` on float32, with ``/ scale`` before
       it (pytorch-fid: on an NCHW-contiguous batch, as its collate makes) or after it (EDM2) as
@@ -95,7 +95,8 @@ class Extractor:
 
     ``extractor(images)`` runs both on a uint8 (N, 3, H, W) tensor of any size.
 
-    Precision (:mod:`fd_eval.precision`): ``exact`` (default; float32 with TF32 off, the caller's flags restored
+    Precision (:mod:`fd_eval.extractors.precision`): ``exact`` (default; float32 with TF32 off, the caller's flags
+    restored
     after each forward) or ``fast`` (the family's ``fast_compute``: ``"bfloat16"`` autocast or ``"tf32"``;
     optional ``torch.compile``); :meth:`set_precision`. The network is called through ``self.forward_model``
     (``self.model``, or its :class:`LazyCompiled` wrapper).
@@ -109,7 +110,7 @@ class Extractor:
         device: where ``model`` lives.
     """
 
-    fast_compute = "bfloat16"  # what --precision fast means for this family (see fd_eval.precision)
+    fast_compute = "bfloat16"  # what --precision fast means for this family (see fd_eval.extractors.precision)
     compile_regions: str | None = None  # a Sequential of identical blocks to compile one by one (LazyCompiled)
 
     def __init__(self, name: str, feature_dim: int, preprocess_spec: PreprocessSpec, model: torch.nn.Module,
@@ -137,7 +138,7 @@ class Extractor:
         """Switch between ``"exact"`` (default) and ``"fast"``; returns self.
 
         Updates ``preprocess_spec.model_dtype`` (``"float32"``, or ``fast_compute`` in fast mode), which
-        statistics record and comparisons check. ``compile``: see :class:`fd_eval.precision.Precision`.
+        statistics record and comparisons check. ``compile``: see :class:`fd_eval.extractors.precision.Precision`.
         """
         self.precision = resolve_precision(precision, compile)
         dtype = self.precision.model_dtype(self.fast_compute)
@@ -152,7 +153,7 @@ class Extractor:
     def plan_run(self, n_images: int | None) -> None:
         """Called before a pass over ``n_images`` images (None: unknown, e.g. a training-loop metric); resolves
         ``compile=None`` (auto: on a GPU for passes of at least ``COMPILE_AUTO_MIN_IMAGES``)."""
-        from ..precision import COMPILE_AUTO_MIN_IMAGES
+        from .precision import COMPILE_AUTO_MIN_IMAGES
 
         p = self.precision
         # --compile compiles any mode; auto compiles only the reduced-precision modes (exact's compile cost is
@@ -186,7 +187,8 @@ class Extractor:
 
     def set_pil_resize_on(self, where: str) -> "Extractor":
         """Where a Pillow-resizing protocol resizes: ``"host"`` (Pillow, in the DataLoader workers), ``"device"``
-        (:mod:`fd_eval.pil_resize`: the same integers as Pillow, computed on the model's device) or ``"auto"``
+        (:mod:`fd_eval.extractors.pil_resize`: the same integers as Pillow, computed on the model's device) or
+        ``"auto"``
         (default; ``$FD_EVAL_PIL_RESIZE_ON`` overrides it): the device in fast mode on a GPU, where host resizing
         would cost ~40% of each decode worker's time, else the host. The pixels, and so the features, are
         the same either way. Returns self."""
@@ -325,7 +327,7 @@ def load_extractor(name: str = DEFAULT_EXTRACTOR, weights: str | None = None,
             first use into ``$FD_EVAL_CACHE``.
         device: torch device for the model (default CPU).
         precision: ``"exact"`` (default: float32, TF32 off; the protocol's numbers) or ``"fast"`` (DINOv2:
-            bfloat16 autocast; Inception: TF32); see :mod:`fd_eval.precision`. ``compile``: torch.compile in
+            bfloat16 autocast; Inception: TF32); see :mod:`fd_eval.extractors.precision`. ``compile``: torch.compile in
             fast mode (None: auto).
         options: family-specific options, e.g. ``resize="pil"|"torch"`` for DINOv2.
     """

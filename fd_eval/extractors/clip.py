@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FDEvalError, WeightsError
-from ..io_utils import sha256_file_cached
-from ..preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
+from ..util.io_utils import sha256_file_cached
 from .base import Extractor, register_extractor
+from .preprocess import CLIP_MEAN, CLIP_STD, PreprocessSpec
 from .vit_runner import ROW_PAD, ViTRunner
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
 
@@ -249,7 +249,7 @@ class CLIPExtractor(Extractor):
         if self.precision.mode == "fp8":
             from dataclasses import replace
 
-            from ..precision import Precision
+            from .precision import Precision
 
             self.precision = Precision()
             self.preprocess_spec = replace(self.preprocess_spec, model_dtype="float32")

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import precision as precision_modes
 from ..errors import FDEvalError, WeightsError
-from ..io_utils import sha256_file_cached
-from ..precision import LazyCompiled, exact_matmul_path, split3_form, split_numerics
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from ..util.io_utils import sha256_file_cached
+from . import precision as precision_modes
 from .base import Extractor, apply_spec, register_extractor
+from .precision import LazyCompiled, exact_matmul_path, split3_form, split_numerics
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from .vit_runner import ViTRunner
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
 
@@ -332,7 +332,7 @@ class DINOv2Extractor(Extractor):
 
     ``resize="pil"``: Pillow's bicubic resize to exactly 224x224 (no crop), by :meth:`prepare` on the host or,
     with :meth:`set_pil_resize_on` (default: in fast mode on a GPU), by :meth:`forward_prepared` on the device
-    with the same integer arithmetic (:mod:`fd_eval.pil_resize`; bit-identical pixels). ``resize="torch"``:
+    with the same integer arithmetic (:mod:`fd_eval.extractors.pil_resize`; bit-identical pixels). ``resize="torch"``:
     images of any size go to the device and are resized there in float (EDM2).
 
     Precision: :meth:`forward_prepared` = :meth:`forward_input` (``self.forward_model`` in the precision mode's
@@ -342,7 +342,7 @@ class DINOv2Extractor(Extractor):
     ``ieee`` forces IEEE float32), elsewhere IEEE float32; ``fp32``: IEEE float32 with TF32 off everywhere;
     ``fast``: bfloat16 autocast, fused SDPA attention; ``fp8``: fast with e4m3 Linear layers. Optionally
     ``torch.compile`` of each transformer block (``forward_model`` is then a
-    :class:`fd_eval.precision.LazyCompiled` with ``regions="blocks"``). The output is float32 in any case.
+    :class:`fd_eval.extractors.precision.LazyCompiled` with ``regions="blocks"``). The output is float32 in any case.
 
     Speed paths: ``resize="torch"`` resizes on the device (no Pillow resize in the workers) and is what GPU JPEG
     decoding (``decode="gpu"``) requires; it is EDM2's protocol, not GPIC's: with random ViT-S/14 weights its
@@ -407,7 +407,7 @@ class DINOv2Extractor(Extractor):
 
     def forward_input(self, x: torch.Tensor) -> torch.Tensor:
         """float32 (N, 3, 224, 224) on ``self.device`` -> float32 (N, D), in the mode's numerics (the 3xTF32
-        path on CUDA: :func:`fd_eval.precision.split_numerics`)."""
+        path on CUDA: :func:`fd_eval.extractors.precision.split_numerics`)."""
         if self.matmul_path() == "split3" and self.device.type == "cuda":
             ctx = split_numerics("cuda")
         else:
@@ -426,7 +426,8 @@ class DINOv2Extractor(Extractor):
 
         ``pil``: torchvision's ToTensor + Normalize op for op (``x.float().div(255).sub(mean).div(std)``), so
         the input is bit-identical to the reference pipeline's; images not yet 224x224 are first resized here
-        with :func:`fd_eval.pil_resize.pil_resize_checked` (Pillow's integers, on the device). ``torch``: EDM2's
+        with :func:`fd_eval.extractors.pil_resize.pil_resize_checked` (Pillow's integers, on the device). ``torch``:
+        EDM2's
         ``F.interpolate(x.float(), (224, 224), bicubic, antialias=True) / 255``, then the same normalisation (no
         clamping, as EDM2). Size, library, filter, antialias, scale, mean and std are read from
         ``self.preprocess_spec`` (the record saved with the statistics is what ran, by construction).

@@ -26,10 +26,10 @@ from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
 from ..errors import FDEvalError, InputRangeError, WeightsError
-from ..io_utils import sha256_file_cached
-from ..precision import Precision
-from ..preprocess import PreprocessSpec
+from ..util.io_utils import sha256_file_cached
 from .base import Extractor, apply_spec, register_extractor
+from .precision import Precision
+from .preprocess import PreprocessSpec
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
 
 FEATURE_DIM = 2048

@@ -26,9 +26,9 @@ from torch import nn
 from torchvision.models import resnet50
 
 from ..errors import FDEvalError
-from ..io_utils import sha256_file_cached
-from ..preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from ..util.io_utils import sha256_file_cached
 from .base import Extractor, register_extractor
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from .weights import WeightsSource, check_keys, load_state_dict, resolve_weights
 
 FEATURE_DIM = 512

@@ -7,7 +7,7 @@ build_model` and computes ``model(x)`` (final-norm CLS token) with two differenc
   still for every token): its query/projection/MLP work on 1 of 257 tokens saves ~3% of ViT-L's FLOPs
   (~2/3 of one block of 24), in every precision mode;
 * every Linear layer (and, on the split path, the patch embedding as a matmul over 14x14x3 patches) goes through
-  a :class:`fd_eval.splitmm.PreparedLinear` of one matmul path: ``ieee`` (``F.linear``, what the model's
+  a :class:`fd_eval.core.splitmm.PreparedLinear` of one matmul path: ``ieee`` (``F.linear``, what the model's
   modules compute), ``split3`` (float32-accurate 3xTF32) or ``fp8``.
 
 Attention is ``F.scaled_dot_product_attention`` on float32 (or autocast bfloat16) q, k, v as in timm. On CUDA,
@@ -15,7 +15,8 @@ float32 SDPA has no flash or cuDNN kernel (both are 16-bit only): PyTorch picks 
 (xformers' CUTLASS FMHA), whose ``DefaultGemmType`` for float on sm80+ is ``OpClassTensorOp`` with
 ``OpMultiplyAddFastF32`` -- CUTLASS's 3xTF32, float32-accurate, independent of the TF32 flags (PyTorch's
 ``aten/src/ATen/native/transformers/cuda/mem_eff_attention/gemm_kernel_utils.h``). The split path's numerics
-context (:func:`fd_eval.precision.split_numerics`) allows TF32 for cuBLAS and therefore restricts SDPA to that
+context (:func:`fd_eval.extractors.precision.split_numerics`) allows TF32 for cuBLAS and therefore restricts SDPA to
+that
 kernel, so the math fallback (plain matmuls, which would then be TF32) cannot run silently. To be confirmed on a
 GPU with the profiler (``benchmarks/bench_gpu.py`` records the kernel names).
 """
@@ -26,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..splitmm import PreparedLinear
+from ..core.splitmm import PreparedLinear
 
 ROW_PAD = 16  # the CLS-only last block runs its B rows padded to a multiple of this (see RunBlock.forward)
 QUERY_ROWS = 32  # ... and attends with this many queries (the CLS token's row is kept; see RunBlock.forward)
@@ -89,12 +90,12 @@ class ViTRunner(torch.nn.Module):
 
     Args:
         model: the timm ``VisionTransformer`` (shared, not copied: its parameters are read, never written).
-        path: matmul path of every Linear (``"ieee"``, ``"split3"``, ``"fp8"``; see :mod:`fd_eval.splitmm`).
+        path: matmul path of every Linear (``"ieee"``, ``"split3"``, ``"fp8"``; see :mod:`fd_eval.core.splitmm`).
         emulate: split3/fp8 by float32 CPU arithmetic (tests and CPU runs).
         form: split3 as one concatenated matmul (``"cat"``) or three (``"sum"``).
 
     ``blocks`` is a ``Sequential`` of all blocks but the last (identical graphs: compiled one by one by
-    :class:`fd_eval.precision.LazyCompiled` with ``regions="blocks"``); ``last`` is the CLS-only last block.
+    :class:`fd_eval.extractors.precision.LazyCompiled` with ``regions="blocks"``); ``last`` is the CLS-only last block.
     On the split path the patch embedding is a matmul over (B, 256, 588) patches, so it is split too; on the
     others it is the model's own convolution.
     """

@@ -8,10 +8,10 @@ from typing import Iterable
 
 import torch
 
-from ..download import download_url, offline_mode
 from ..errors import CacheError, DownloadError, WeightsError
-from ..io_utils import cache_dir
-from ..stats import sniff_format
+from ..outputs.stats import sniff_format
+from ..util.download import download_url, offline_mode
+from ..util.io_utils import cache_dir
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ def resolve_weights(weights: str | os.PathLike | None, source: WeightsSource, na
     """A local weights file: ``weights`` if given, else the official file, downloaded once into the cache.
 
     Args:
-        offline: refuse network access (default: :func:`fd_eval.download.offline_mode`, i.e. ``--offline`` through
-            :func:`~fd_eval.download.offline_scope`, ``FD_EVAL_OFFLINE`` or ``HF_HUB_OFFLINE``).
+        offline: refuse network access (default: :func:`fd_eval.util.download.offline_mode`, i.e. ``--offline`` through
+            :func:`~fd_eval.util.download.offline_scope`, ``FD_EVAL_OFFLINE`` or ``HF_HUB_OFFLINE``).
 
     Raises:
         WeightsError: ``weights`` is not a file.

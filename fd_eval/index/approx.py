@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..copies import CopiesConsumer, TopKState, pack, unpack
 from ..errors import InputError
-from ..io_utils import atomic_path, atomic_write
+from ..metrics.copies import CopiesConsumer, TopKState, pack, unpack
+from ..util.io_utils import atomic_path, atomic_write
 from .scan import scan_index
 from .store import TrainingIndex
 

@@ -1,7 +1,8 @@
 """``fd-eval index build``: the training images' features, extracted once, stored for every later copy check.
 
-One pass over the training images through the extraction loop (:func:`fd_eval.pipeline.run_units`) over the
-units of :func:`fd_eval.build.plan_units` (one per tar shard, else blocks of ``checkpoint_every`` images): as soon
+One pass over the training images through the extraction loop (:func:`fd_eval.run.pipeline.run_units`) over the
+units of :func:`fd_eval.metrics.build.plan_units` (one per tar shard, else blocks of ``checkpoint_every`` images): as
+soon
 as a unit's last image is in, its rows are written atomically as ``units/unit-{k:06d}.safetensors``
 (:mod:`fd_eval.index.store`). A killed build resumes: the same command keeps every unit file whose settings and
 data fingerprint match and computes the rest. Under torchrun each rank takes every W-th unit left (rank 0's view
@@ -25,9 +26,9 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..errors import EmptySourceError, InputError
 from ..extractors import Extractor
-from ..io_utils import atomic_write
-from ..options import RunOptions, make_options
+from ..run.options import RunOptions, make_options
 from ..sources import ImageSource, SkippedItem, open_source
+from ..util.io_utils import atomic_write
 from .store import (
     DTYPES,
     INDEX_FORMAT,
@@ -42,7 +43,7 @@ from .store import (
 )
 
 DEFAULT_INDEX_MODELS = ("sscd-disc-mixup",)
-MAX_KEY = 2**32 - 2  # the packed top-K keys of fd_eval.copies
+MAX_KEY = 2**32 - 2  # the packed top-K keys of fd_eval.metrics.copies
 
 
 class RowCollector:
@@ -157,9 +158,9 @@ def build_index(
         The opened :class:`TrainingIndex` on rank 0; None on the other ranks.
     """
     from ..api import resolve_extractors
-    from ..build import plan_units
-    from ..distributed import barrier
-    from ..engine import carry_error, scan_units, share_units
+    from ..metrics.build import plan_units
+    from ..run.distributed import barrier
+    from ..run.engine import carry_error, scan_units, share_units
     from .store import open_index
 
     opts = make_options(options, kw, "build_index")
@@ -232,14 +233,14 @@ def build_index(
                 raise
             error = e
     if world > 1:  # every rank returns once the manifest is complete (a scan may follow at once), or raises
-        from ..distributed import raise_first_error
+        from ..run.distributed import raise_first_error
 
         raise_first_error(error)
     return open_index(root) if rank == 0 else None
 
 
 def _save_unit(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    from ..build import save_unit_file
+    from ..metrics.build import save_unit_file
 
     save_unit_file(path, header, tensors, META_KEY)
 

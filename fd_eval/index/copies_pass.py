@@ -1,7 +1,7 @@
-"""``find_copies(train_index=...)``: the training pass and AuthPct's pass of :mod:`fd_eval.copies` as scans of a
+"""``find_copies(train_index=...)``: the training pass and AuthPct's pass of :mod:`fd_eval.metrics.copies` as scans of a
 stored index (:mod:`fd_eval.index.scan`), no training image decoded.
 
-The passes fill the same :class:`fd_eval.copies.CopiesConsumer` states as the live passes (packed top-K lists,
+The passes fill the same :class:`fd_eval.metrics.copies.CopiesConsumer` states as the live passes (packed top-K lists,
 top-1 training features, C_T's in-cell distances and cell counts), so everything after them (the summary, the
 JSON, the contact sheet, the merge over torchrun ranks) is shared. Under torchrun rank r scans units r, r + W, ...
 and the states are merged exactly.
@@ -14,14 +14,14 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..copies import CopiesConsumer, TopKState, unpack
+from ..metrics.copies import CopiesConsumer, TopKState, unpack
 from .scan import scan_index
 from .store import TrainingIndex
 
 
 @dataclass
 class IndexPlan:
-    """What :func:`fd_eval.copies.find_copies` records about the training units of an index."""
+    """What :func:`fd_eval.metrics.copies.find_copies` records about the training units of an index."""
 
     units: list[Any]
     n_items: int
@@ -30,7 +30,7 @@ class IndexPlan:
 
 
 class IndexTrain:
-    """The training side of :func:`fd_eval.copies.find_copies` when it is an index: keys, names and (for the
+    """The training side of :func:`fd_eval.metrics.copies.find_copies` when it is an index: keys, names and (for the
     contact sheet) the images, read from the source each part was built from while it is still reachable."""
 
     def __init__(self, index: TrainingIndex):
@@ -90,7 +90,7 @@ def _top1_rows(index: TrainingIndex, model: str, packed: torch.Tensor) -> torch.
 def index_training_pass(index: TrainingIndex, gen_features: Sequence[torch.Tensor], base: list[CopiesConsumer],
                         run: Any, *, keep_top1_features: bool) -> list[CopiesConsumer]:
     """The top-K (and C_T) pass over the index's rows for each extractor of ``run``; merged over ranks."""
-    from ..copies import _merge_ranks
+    from ..metrics.copies import _merge_ranks
 
     mine = index.units[run.rank::run.world]
     total = []
@@ -128,8 +128,8 @@ def index_authpct_pass(index: TrainingIndex, consumers: list[CopiesConsumer], ru
         sc = scan_index(index, ex.name, feats, 1, exclude=uniq, units=mine)
         packed = sc.state.packed
         if run.world > 1:
-            from ..copies import merge_topk
-            from ..distributed import comm_device
+            from ..metrics.copies import merge_topk
+            from ..run.distributed import comm_device
 
             cd = comm_device(prefer=run.device)
             merged = packed

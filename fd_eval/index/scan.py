@@ -1,5 +1,5 @@
 """The exact scan: queries against the stored training rows, a blocked matrix-product stream with the top-K of
-:mod:`fd_eval.copies` (the same packed (similarity, key) lists, so the same ranking and ties).
+:mod:`fd_eval.metrics.copies` (the same packed (similarity, key) lists, so the same ranking and ties).
 
 Similarity. A live ``copies --train`` pass compares the float64 unit query q with the training vector
 r = ``F.normalize(x.double()).float()`` (the float32 unit vector of the extractor's output x) as
@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..copies import EMPTY, TopKState, pack
+from ..metrics.copies import EMPTY, TopKState, pack
 from .store import IndexUnit, TrainingIndex
 
 EXTRA = 27  # float32 candidates beyond K per query and block (K + 27 = 32 for K = 5)
@@ -37,7 +37,7 @@ class ExactScan:
     """Exact top-K of ``queries`` over blocks of unit-vector rows (the float32 rows of an index).
 
     Args:
-        queries: (Q, D) features (normalised here in float64, as :class:`fd_eval.copies.TopKConsumer` does).
+        queries: (Q, D) features (normalised here in float64, as :class:`fd_eval.metrics.copies.TopKConsumer` does).
         k: neighbours kept per query.
         exclude: optional int64 (Q,) key per query never kept (AuthPct: a training row's own key).
         scan_dtype: float32 (the fast stage; exact after float64 re-scoring) or float64 (every product in float64).

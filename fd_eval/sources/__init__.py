@@ -31,7 +31,7 @@ one module per format (:mod:`.folder`, :mod:`.zip`, :mod:`.tar`, :mod:`.arrays`,
 :mod:`.remote` over :mod:`.remote_io`), :mod:`.discovery` (brace expansion, shard globs, the tar index cache),
 :mod:`.registry` (the source formats: a new format is one :func:`register_format` call) and :mod:`.opening`
 (:func:`open_source`, which asks the registry).
-The DataLoader glue (``ExtractorDataset``, ``Batch``, ``collate``) lives in :mod:`fd_eval.loader`.
+The DataLoader glue (``ExtractorDataset``, ``Batch``, ``collate``) lives in :mod:`fd_eval.sources.loader`.
 """
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # The DataLoader glue moved to fd_eval.loader (which imports this package): still importable from here.
+    # The DataLoader glue moved to fd_eval.sources.loader (which imports this package): still importable from here.
     if name in ("ExtractorDataset", "Batch", "collate"):
-        from .. import loader
+        from . import loader
 
         return getattr(loader, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

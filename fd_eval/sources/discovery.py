@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import OutputError, SourceError
-from ..io_utils import atomic_path, optional_cache_dir, warn_cache_unusable
+from ..util.io_utils import atomic_path, optional_cache_dir, warn_cache_unusable
 from .base import IMAGE_EXTENSIONS, MAX_BRACE_ITEMS, TAR_INDEX_VERSION, WDS_KEY, unsafe_member_name
 
 

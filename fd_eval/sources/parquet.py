@@ -197,7 +197,7 @@ class ParquetSource(ImageSource):
                             lambda h: None)
         return {"key": str(keys[r])}
 
-    # --- units: row groups (the shard API that fd_eval.build plans by) ---------------------------------------
+    # --- units: row groups (the shard API that fd_eval.metrics.build plans by) ---------------------------------------
     @property
     def shards(self) -> list[str]:
         return [f"{self.names[f]} (row group {g})" for f, g, _ in self._rg]

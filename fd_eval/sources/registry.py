@@ -21,7 +21,7 @@ class OpenOptions:
 
     ``common``: the :class:`ImageSource` keyword arguments (``skip_bad``, ``max_image_pixels``, ``max_item_bytes``);
     ``npz_key``: the array inside an ``.npz``; ``image_column``/``key_column``: Parquet columns (None: found by type
-    / name); ``offline``: refuse remote sources (None: :func:`fd_eval.download.offline_mode`).
+    / name); ``offline``: refuse remote sources (None: :func:`fd_eval.util.download.offline_mode`).
     """
 
     common: dict[str, Any] = field(default_factory=dict)

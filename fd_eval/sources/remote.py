@@ -40,7 +40,7 @@ INDEX_THREADS = 4  # shards indexed at once when opening (network-bound)
 
 
 def check_online(spec: str, offline: bool | None) -> None:
-    from ..download import offline_mode
+    from ..util.download import offline_mode
 
     if offline or (offline is None and offline_mode()):
         raise SourceError(one_line(f"{spec}: a remote source, but offline mode is on (--offline, FD_EVAL_OFFLINE or "

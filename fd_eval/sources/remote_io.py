@@ -186,7 +186,7 @@ def _head(fetch: str, url: str, hf: bool) -> tuple[Any, int | None]:
 
 
 def _hf_url(url: str, revision: str | None = None) -> str:
-    from ..download import DEFAULT_HF_ENDPOINT, HfLocation, hf_endpoint
+    from ..util.download import DEFAULT_HF_ENDPOINT, HfLocation, hf_endpoint
 
     loc = HfLocation.parse(url)
     prefix = {"dataset": "datasets/", "space": "spaces/"}.get(loc.repo_type, "")
@@ -260,7 +260,7 @@ def expand_remote(spec: str) -> list[str]:
         if sch == "hf":
             from huggingface_hub import HfFileSystem
 
-            from ..download import hf_endpoint
+            from ..util.download import hf_endpoint
 
             fs = HfFileSystem(token=hf_token(), endpoint=hf_endpoint())  # HF_ENDPOINT read now, not at import
             path = pat[len("hf://"):]
