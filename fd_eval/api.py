@@ -508,7 +508,7 @@ def registry_reference_first(ref: Any, models: ModelsArg | None, opts: RunOption
 
 
 def check_planned(gen: Any, exs: Sequence[Extractor], reference: _Ref) -> None:
-    """Public name of :func:`_check_planned` (used by :mod:`fd_eval.ceiling`)."""
+    """Public name of :func:`_check_planned` (used by :mod:`fd_eval.metrics.ceiling`)."""
     _check_planned(gen, exs, reference)
 
 
