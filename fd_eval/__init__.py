@@ -12,7 +12,7 @@ Entry points::
 """
 import sys as _sys
 
-from . import _compat
+from . import _compat  # first: installs the finder for the old flat module paths
 from ._version import __version__
 from .api import EvalResult, compute_fd, compute_stats, load_extractors
 from .core.feature_metrics import mmd, mmd_subsets, prdc
@@ -68,7 +68,6 @@ from .run.pipeline import FeatureConsumer
 from .sources import ImageSource, SkippedItem, open_source
 
 # The flat layout's module paths (fd_eval.moments, fd_eval.build, ...) stay importable: docs/development.md.
-_compat.install()
 _compat.bind_loaded(_sys.modules[__name__])
 
 __all__ = [

@@ -66,6 +66,9 @@ def install() -> None:
         sys.meta_path.append(_AliasFinder())
 
 
+install()  # on import: fd_eval/__init__.py imports this module first, before any other submodule
+
+
 def bind_loaded(package: ModuleType) -> None:
     """Give ``package`` (fd_eval) its old attributes for the moved modules already imported, as the flat layout
     had them after ``import fd_eval`` (``fd_eval.stats.load_stats(...)`` without importing ``fd_eval.stats``)."""

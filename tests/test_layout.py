@@ -83,3 +83,25 @@ def test_no_module_over_the_size_rule():
     sizes = {str(p.relative_to(PACKAGE.parent)): len(p.read_text(encoding="utf-8").splitlines())
              for p in PACKAGE.rglob("*.py")}
     assert not {p: n for p, n in sizes.items() if n > MAX_LINES}
+
+
+def test_package_code_imports_the_real_paths():
+    # The old paths are for users' code; fd_eval's own modules (a merge from an older branch included) import
+    # the new ones, so that the layer map says what really depends on what.
+    import ast
+    old = {f"fd_eval.{m}" for m in MOVED}
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                targets = [module] + [f"{module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            found += [f"{path.name}:{node.lineno} {t}" for t in targets
+                      if any(t == o or t.startswith(o + ".") for o in old)]
+    assert not found
