@@ -129,8 +129,10 @@ def rescore(index: TrainingIndex, model: str, queries: torch.Tensor, cand: np.nd
         c = torch.from_numpy(np.ascontiguousarray(cand[a:a + step])).to(torch.int64).sort(dim=1).values
         ok = c >= 0
         ok[:, 1:] &= c[:, 1:] != c[:, :-1]  # a key listed twice counts once
-        rows = torch.zeros(*c.shape, d, dtype=torch.float64)
-        if bool(ok.any()):
+        if bool(ok.all()):  # the usual case: no padding, no repeats
+            rows = index.rows(model, c.flatten()).view(*c.shape, d).double()
+        else:
+            rows = torch.zeros(*c.shape, d, dtype=torch.float64)
             rows[ok] = index.rows(model, c[ok]).double()
         sims = torch.einsum("qd,qcd->qc", q64[a:a + step], rows).float().masked_fill(~ok, float("-inf"))
         packed = pack(sims, c.clamp(min=0)).masked_fill(~ok, torch.iinfo(torch.int64).min)

@@ -110,6 +110,7 @@ class TrainingIndex:
         self._filled = [u for u in self.units if u.n_rows]  # key ranges ascend over the units that hold rows
         self._starts = [u.first_key for u in self._filled]
         self._names: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self._layout: dict[int, dict[str, tuple[int, int, str, tuple[int, ...]]]] = {}  # unit: tensor offsets
 
     # --- reading ------------------------------------------------------------------------------------------
     def path(self, unit: IndexUnit) -> Path:
@@ -190,18 +191,21 @@ class TrainingIndex:
     def mapped(self, unit: IndexUnit, name: str) -> np.ndarray:
         """Tensor ``name`` of one unit file as a read-only numpy memory map (no read until rows are indexed):
         a safetensors file is an 8-byte header length, the JSON header, then each tensor's bytes at its
-        ``data_offsets``."""
+        ``data_offsets``. Headers are parsed once per unit (they hold the row names: large)."""
         p = self.path(unit)
         try:
-            with open(p, "rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                info = json.loads(f.read(n))[name]
-            dtype = _NP_DTYPES[info["dtype"]]
-            a, b = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if b - a != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-                raise ValueError(f"{name} holds {b - a} bytes for shape {shape}")
-            return np.memmap(p, dtype=dtype, mode="r", offset=8 + n + a, shape=shape)
+            if unit.number not in self._layout:
+                with open(p, "rb") as f:
+                    n = struct.unpack("<Q", f.read(8))[0]
+                    head = json.loads(f.read(n))
+                self._layout[unit.number] = {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] -
+                                                 v["data_offsets"][0], v["dtype"], tuple(v["shape"]))
+                                             for k, v in head.items() if k != "__metadata__"}
+            off, size, dt, shape = self._layout[unit.number][name]
+            dtype = _NP_DTYPES[dt]
+            if size != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                raise ValueError(f"{name} holds {size} bytes for shape {shape}")
+            return np.memmap(p, dtype=dtype, mode="r", offset=off, shape=shape)
         except (OSError, ValueError, KeyError, struct.error) as e:
             raise InputError(f"{p}: damaged or missing index unit ({type(e).__name__}: {e}); rebuild it with "
                              "`fd-eval index build` (the same command resumes)") from None
@@ -213,7 +217,7 @@ class TrainingIndex:
         re-scoring C candidates of Q queries costs Q x C rows, not a pass over the index."""
         d = self.models[model]["feature_dim"]
         k = keys.cpu().numpy().astype(np.int64, copy=False).reshape(-1)
-        out = np.zeros((len(k), d), dtype=np.float32)
+        out = np.empty((len(k), d), dtype=np.float32)  # every row is filled below, or an error raised
         if not len(k):
             return torch.from_numpy(out)
         starts = np.asarray(self._starts, dtype=np.int64)
@@ -226,11 +230,14 @@ class TrainingIndex:
         bounds = np.flatnonzero(np.diff(which[order])) + 1
         for js in np.split(order, bounds):
             u = self._filled[int(which[js[0]])]
-            ukeys = self.mapped(u, "index")
-            pos = np.searchsorted(ukeys, k[js])
-            if (pos >= len(ukeys)).any() or (ukeys[np.minimum(pos, len(ukeys) - 1)] != k[js]).any():
-                raise InputError(f"{self.root}: a requested key is not in {self.path(u).name} (skipped when the "
-                                 "index was built?)")
+            if u.last_key - u.first_key + 1 == u.n_rows:  # no image skipped in the unit: keys are consecutive
+                pos = k[js] - u.first_key
+            else:
+                ukeys = self.mapped(u, "index")
+                pos = np.searchsorted(ukeys, k[js])
+                if (pos >= len(ukeys)).any() or (ukeys[np.minimum(pos, len(ukeys) - 1)] != k[js]).any():
+                    raise InputError(f"{self.root}: a requested key is not in {self.path(u).name} (skipped when "
+                                     "the index was built?)")
             feats = self.mapped(u, f"{model}.features")
             if feats.shape != (u.n_rows, d):
                 raise InputError(f"{self.path(u)}: holds {feats.shape} features, the manifest says "
