@@ -74,7 +74,8 @@ from .topk import (  # noqa: F401 - re-exported: fd_eval.copies is where these w
     unpack,
 )
 
-COPY_DETECTORS = {"sscd-disc-mixup": 0.75}  # name -> published copy threshold (SSCD README, 90% precision DISC)
+# name -> published copy threshold (SSCD README, 90% precision DISC)
+COPY_DETECTORS = {"sscd-disc-mixup": 0.75, "sscd-disc-mixup-short288": 0.75}
 DEFAULT_MODELS = ("sscd-disc-mixup",)
 
 
