@@ -3,7 +3,9 @@
     python benchmarks/bench_index.py --part make   --dir /tmp/idx1m --rows 1000000     # random 512-d unit rows
     python benchmarks/bench_index.py --part exact  --dir /tmp/idx1m --queries 50000 --scan-rows 20000
     python benchmarks/bench_index.py --part memory --dir /tmp/idx1m --queries 1000
-    python benchmarks/bench_index.py --part faiss  --dir /tmp/idx1m --queries 50000
+    python benchmarks/bench_index.py --part make   --dir /tmp/idx1m_c --rows 1000000 --clusters 4096
+    python benchmarks/bench_index.py --part faiss  --dir /tmp/idx1m_c --queries 5000 --candidates 64 \
+        --recall-sample 1000 --exact-rows-per-s 372.4
     python benchmarks/bench_index.py --part exact  --dir /tmp/idx1m --device cuda --queries 50000   # a GPU
 
 Part ``make``: an index folder of ``--rows`` seeded random unit vectors (float32, 10,000 rows per unit file), as
@@ -17,8 +19,8 @@ query count and extrapolates linearly in the rows (the scan's cost is Q x N x D)
 Part ``memory``: resident memory (VmRSS) after 1%, 10% and 100% of the index's rows are scanned with
 ``--queries`` queries: flat = the scan holds one block, never the rows.
 
-Part ``faiss``: the ``--approximate`` search (IVF trained on a sample, SQ8 codes, ``--nprobe`` cells, 32
-candidates re-scored exactly) of ``--queries`` queries, half of them planted near-copies of random rows (cosine
+Part ``faiss``: the ``--approximate`` search (IVF trained on a sample, SQ8 codes, ``--nprobe`` cells,
+``--candidates`` per query re-scored exactly from their gathered rows) of ``--queries`` queries, half of them planted near-copies of random rows (cosine
 0.5..0.95), half random; recall@1 against an exact scan of ``--recall-sample`` queries (overall and for pairs above
 0.5), the FAISS index's memory, and the speed-up against the exact scan's measured rows/s (extrapolated).
 """
@@ -189,7 +191,7 @@ def main() -> None:
     ap.add_argument("--scan-rows", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--nlist", type=int, default=None)
-    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--codec", default="sq8")
     ap.add_argument("--candidates", type=int, default=32, help="faiss: candidates per query re-scored exactly")
     ap.add_argument("--recall-sample", type=int, default=1000)

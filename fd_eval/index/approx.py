@@ -2,10 +2,11 @@
 ``fd-eval[faiss]``, ``faiss-cpu`` from PyPI).
 
 An inverted-file index (IVF, inner product on the stored unit vectors) is trained on a random sample of the
-stored rows, filled with every row (8-bit scalar-quantised codes by default: D bytes per row, a quarter of the
-float32 index), and saved beside the index (``DIR/approx/``) for the next run. A search visits ``nprobe`` of the
-``nlist`` cells and returns ``candidates`` rows per query, which are re-scored exactly (float64, as the exact scan)
-and ranked with the same packed top-K: the similarities reported are exact, only a neighbour the IVF missed can be
+stored rows (``nlist`` = 4 sqrt(N) cells, 16 sample rows per cell), filled with every row (8-bit
+scalar-quantised codes by default: D bytes per row, a quarter of the float32 index), and saved beside the index
+(``DIR/approx/``) for the next run. A search visits ``nprobe`` (16) of the cells and returns ``candidates``
+(max(8K, 64)) rows per query, which are re-scored exactly (float64, as the exact scan) from rows gathered out of
+memory maps of the unit files (Q x C rows read, never the whole index) and ranked with the same packed top-K: the similarities reported are exact, only a neighbour the IVF missed can be
 missing. The JSON says so (``search``: method, parameters, memory) and gives recall@1 measured against an exact
 scan of a random sample of the queries (overall, and for pairs above similarity 0.5).
 """
@@ -142,7 +143,7 @@ def rescore(index: TrainingIndex, model: str, queries: torch.Tensor, cand: np.nd
 
 
 def approximate_pass(index: TrainingIndex, gen_features: Sequence[torch.Tensor], base: list[CopiesConsumer],
-                     run: Any, *, keep_top1_features: bool, nprobe: int = 32, candidates: int | None = None,
+                     run: Any, *, keep_top1_features: bool, nprobe: int = 16, candidates: int | None = None,
                      codec: str = "sq8", seed: int = 0) -> tuple[list[CopiesConsumer], dict[str, Any]]:
     """The training pass of :func:`fd_eval.find_copies` with FAISS; every rank runs it whole (same result)."""
     from .copies_pass import _top1_rows
@@ -152,7 +153,7 @@ def approximate_pass(index: TrainingIndex, gen_features: Sequence[torch.Tensor],
         ivf = load_or_build(index, ex.name, codec=codec, log=run.log)
         ivf.nprobe = min(nprobe, ivf.nlist)
         k = b.topk.k
-        n_cand = candidates or max(4 * k, 32)
+        n_cand = candidates or max(8 * k, 64)  # re-scoring is cheap (gathered rows): room for SQ8's errors
         qn = F.normalize(q.double().cpu(), dim=1).float().numpy()
         _, cand = ivf.search(np.ascontiguousarray(qn), min(n_cand, index.n_rows))
         packed = rescore(index, ex.name, q, cand, k).to(q.device)
