@@ -1,14 +1,15 @@
 """``--approximate``: FAISS search of a training index for CPU-only users at 100M scale (optional extra
 ``fd-eval[faiss]``, ``faiss-cpu`` from PyPI).
 
-An inverted-file index (IVF, inner product on the stored unit vectors) is trained on a random sample of the
-stored rows (``nlist`` = 4 sqrt(N) cells, 16 sample rows per cell), filled with every row (8-bit
-scalar-quantised codes by default: D bytes per row, a quarter of the float32 index), and saved beside the index
-(``DIR/approx/``) for the next run. A search visits ``nprobe`` (16) of the cells and returns ``candidates``
-(max(8K, 64)) rows per query, which are re-scored exactly (float64, as the exact scan) from rows gathered out of
-memory maps of the unit files (Q x C rows read, never the whole index) and ranked with the same packed top-K:
-the similarities reported are exact, only a neighbour the IVF missed can be missing. The JSON says so (``search``: method, parameters, memory) and gives recall@1 measured against an exact
-scan of a random sample of the queries (overall, and for pairs above similarity 0.5).
+An inverted-file index (IVF, inner product on the stored unit vectors) is trained on a random sample of the stored
+rows (``nlist`` = 4 sqrt(N) cells, 16 sample rows per cell), filled with every row (8-bit scalar-quantised codes by
+default: D bytes per row, a quarter of the float32 index), and saved beside the index (``DIR/approx/``) for the
+next run. A search visits ``nprobe`` (16) of the cells and returns ``candidates`` (max(8K, 64)) rows per query,
+which are re-scored exactly (float64, as the exact scan) from rows gathered out of memory maps of the unit files (Q
+x C rows read, never the whole index) and ranked with the same packed top-K: the similarities reported are exact,
+only a neighbour the IVF missed can be missing. The JSON says so (``search``: method, parameters, memory) and gives
+recall@1 measured against an exact scan of a random sample of the queries (overall, and for pairs above similarity
+0.5).
 """
 from __future__ import annotations
 
