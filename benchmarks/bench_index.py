@@ -23,7 +23,9 @@ Part ``faiss``: the ``--approximate`` search (IVF trained on a sample, SQ8 codes
 ``--candidates`` per query re-scored exactly from their gathered rows) of ``--queries`` queries, half of them
 planted near-copies of random rows (cosine 0.5..0.95), half random; recall@1 against an exact scan of
 ``--recall-sample`` queries (overall and for pairs above 0.5), the FAISS index's memory, and the speed-up against
-the exact scan's measured rows/s (extrapolated). """ from __future__ import annotations
+the exact scan's measured rows/s (extrapolated).
+"""
+from __future__ import annotations
 
 import argparse
 import json
