@@ -3,7 +3,9 @@
     python benchmarks/bench_index.py --part make   --dir /tmp/idx1m --rows 1000000     # random 512-d unit rows
     python benchmarks/bench_index.py --part exact  --dir /tmp/idx1m --queries 50000 --scan-rows 20000
     python benchmarks/bench_index.py --part memory --dir /tmp/idx1m --queries 1000
-    python benchmarks/bench_index.py --part faiss  --dir /tmp/idx1m --queries 50000
+    python benchmarks/bench_index.py --part make   --dir /tmp/idx1m_c --rows 1000000 --clusters 4096
+    python benchmarks/bench_index.py --part faiss  --dir /tmp/idx1m_c --queries 5000 --candidates 64 \
+        --recall-sample 1000 --exact-rows-per-s 372.4
     python benchmarks/bench_index.py --part exact  --dir /tmp/idx1m --device cuda --queries 50000   # a GPU
 
 Part ``make``: an index folder of ``--rows`` seeded random unit vectors (float32, 10,000 rows per unit file), as
@@ -17,10 +19,11 @@ query count and extrapolates linearly in the rows (the scan's cost is Q x N x D)
 Part ``memory``: resident memory (VmRSS) after 1%, 10% and 100% of the index's rows are scanned with
 ``--queries`` queries: flat = the scan holds one block, never the rows.
 
-Part ``faiss``: the ``--approximate`` search (IVF trained on a sample, SQ8 codes, ``--nprobe`` cells, 32
-candidates re-scored exactly) of ``--queries`` queries, half of them planted near-copies of random rows (cosine
-0.5..0.95), half random; recall@1 against an exact scan of ``--recall-sample`` queries (overall and for pairs above
-0.5), the FAISS index's memory, and the speed-up against the exact scan's measured rows/s (extrapolated).
+Part ``faiss``: the ``--approximate`` search (IVF trained on a sample, SQ8 codes, ``--nprobe`` cells,
+``--candidates`` per query re-scored exactly from their gathered rows) of ``--queries`` queries, half of them
+planted near-copies of random rows (cosine 0.5..0.95), half random; recall@1 against an exact scan of
+``--recall-sample`` queries (overall and for pairs above 0.5), the FAISS index's memory, and the speed-up against
+the exact scan's measured rows/s (extrapolated).
 """
 from __future__ import annotations
 
@@ -135,7 +138,7 @@ def part_memory(d: Path, n_q: int, dev: torch.device) -> dict:
 
 
 def part_faiss(d: Path, n_q: int, nlist: int | None, nprobe: int, sample: int, exact_rate: float | None,
-               codec: str, exact_queries: int = 50_000) -> dict:
+               codec: str, exact_queries: int = 50_000, n_cand: int = 32) -> dict:
     from fd_eval.index.approx import load_or_build, recall_at_1, rescore
     from fd_eval.metrics.copies import unpack
 
@@ -156,7 +159,7 @@ def part_faiss(d: Path, n_q: int, nlist: int | None, nprobe: int, sample: int, e
     ivf.nprobe = nprobe
     t0 = time.perf_counter()
     qn = F.normalize(q.double(), dim=1).float().numpy()
-    _, cand = ivf.search(np.ascontiguousarray(qn), 32)  # the candidates --approximate re-scores
+    _, cand = ivf.search(np.ascontiguousarray(qn), n_cand)  # the candidates --approximate re-scores
     t_search = time.perf_counter() - t0
     t0 = time.perf_counter()
     packed = rescore(idx, MODEL, q, cand, 5)
@@ -167,7 +170,8 @@ def part_faiss(d: Path, n_q: int, nlist: int | None, nprobe: int, sample: int, e
     planted_hit = float((unpack(packed[:half, :1])[1][:, 0] == src).double().mean())
     total = t_search + t_rescore
     out = {"queries": n_q, "planted": half, "rows": idx.n_rows, "nlist": int(ivf.nlist), "nprobe": nprobe,
-           "codec": codec, "build_seconds": t_build, "search_seconds": t_search, "rescore_seconds": t_rescore,
+           "codec": codec, "candidates": n_cand, "load_average": open("/proc/loadavg").read().split()[:3],
+           "build_seconds": t_build, "search_seconds": t_search, "rescore_seconds": t_rescore,
            "recall_seconds": t_recall, **rec, "planted_recall_at_1": planted_hit,
            "faiss_code_bytes": int(ivf.sa_code_size() * ivf.ntotal), "rss_mib_before": rss0,
            "rss_mib_after_build": rss_built, "rss_mib_end": rss_mib()}
@@ -188,8 +192,9 @@ def main() -> None:
     ap.add_argument("--scan-rows", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--nlist", type=int, default=None)
-    ap.add_argument("--nprobe", type=int, default=32)
+    ap.add_argument("--nprobe", type=int, default=16)
     ap.add_argument("--codec", default="sq8")
+    ap.add_argument("--candidates", type=int, default=32, help="faiss: candidates per query re-scored exactly")
     ap.add_argument("--recall-sample", type=int, default=1000)
     ap.add_argument("--exact-rows-per-s", type=float, default=None,
                     help="faiss part: the exact scan's rows/s at --exact-queries queries, for the speed-up")
@@ -206,7 +211,7 @@ def main() -> None:
         res = part_memory(d, a.queries, dev)
     else:
         res = part_faiss(d, a.queries, a.nlist, a.nprobe, a.recall_sample, a.exact_rows_per_s, a.codec,
-                         a.exact_queries)
+                         a.exact_queries, a.candidates)
     out = {"part": a.part, "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
            else platform.processor() or platform.machine(), "torch": torch.__version__, "result": res,
            "argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

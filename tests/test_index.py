@@ -321,3 +321,39 @@ def test_cli_build_then_copies_train_index_equals_copies_train(tmp_path):
         assert "approximate search (faiss IVF1,sq8 inner product, nprobe 1): recall@1 1.000 on 10 queries" in r.output
     assert outs[0]["results"] == outs[1]["results"]
     assert outs[1]["results"]["dinov2-vits14"]["authpct"] is not None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_rows_gathered_from_memory_maps_equal_the_unit_files(tmp_path, dtype):
+    """rows(keys) (any order, repeats) == the units' stored features, read whole with safetensors."""
+    g = torch.Generator().manual_seed(3)
+    ex = PixelExtractor()
+    idx = index_from_features(tmp_path / "g", "pixels-16", {**ex.metadata(), "feature_dim": 24},
+                              torch.randn(1000, 24, generator=g), unit_rows=130, dtype=dtype)
+    whole = torch.cat([f.float() for _, f, _, _ in idx.iter_units("pixels-16")])
+    keys = torch.cat([torch.randint(0, 1000, (500,), generator=g), torch.tensor([999, 0, 0, 129, 130])])
+    assert torch.equal(idx.rows("pixels-16", keys), whole[keys])
+    assert idx.rows("pixels-16", keys[:0]).shape == (0, 24)
+    with pytest.raises(InputError, match="key 1000 is not in the index"):
+        idx.rows("pixels-16", torch.tensor([3, 1000]))
+
+
+def test_rescore_gathers_candidates_and_equals_the_exact_scan(tmp_path, monkeypatch):
+    """The re-scored top-K of candidate lists holding the exact top-K (shuffled, with other rows and -1 padding)
+    equals the exact scan's packed top-K bit for bit, and reads no unit whole (no pass over the index)."""
+    from fd_eval.index import scan_index
+    from fd_eval.index.approx import rescore
+
+    g = torch.Generator().manual_seed(4)
+    ex = PixelExtractor()
+    idx = index_from_features(tmp_path / "s", "pixels-16", {**ex.metadata(), "feature_dim": 48},
+                              torch.randn(3000, 48, generator=g), unit_rows=400)
+    q = torch.randn(300, 48, generator=g)
+    exact = scan_index(idx, "pixels-16", q, 5).state.packed
+    top = cp.unpack(exact)[1]
+    cand = torch.cat([top, torch.randint(0, 3000, (300, 20), generator=g), torch.full((300, 3), -1)], 1)
+    cand = cand[:, torch.randperm(cand.shape[1], generator=g)].numpy()
+    monkeypatch.setattr(type(idx), "read", lambda *a, **k: pytest.fail("rescore read a whole unit"))
+    import fd_eval.index.approx as ap
+    monkeypatch.setattr(ap, "RESCORE_WORK", 48 * 28 * 7)  # blocks of 7 queries
+    assert torch.equal(rescore(idx, "pixels-16", q, cand, 5), exact)

@@ -97,3 +97,23 @@ def test_inception_spec_fields_drive_the_input(tmp_path):
                 ex(x)
         ex.preprocess_spec = spec
         assert torch.equal(ex(x), base_f)
+
+
+def test_resize_mode_short_edge_comes_from_the_spec():
+    """resize_mode "short-edge": torchvision Resize(S)'s output size and Pillow's pixels; "exact": size; the
+    short-edge mode with a torch resize fails with one line; the default is not written into the record."""
+    from fd_eval.extractors.base import apply_spec
+    from fd_eval.extractors.sscd import preprocess_spec
+
+    spec = preprocess_spec(288, short_edge=True)
+    assert spec.target_size(200, 300) == (288, 432) and spec.target_size(301, 203) == (427, 288)
+    assert spec.target_size(288, 432) == (288, 432)  # a resized image maps to itself
+    assert spec.to_dict()["resize_mode"] == "short-edge" and "resize_mode" not in preprocess_spec(288).to_dict()
+    flat = replace(spec, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale=1.0)
+    x = _imgs(200, 300, 1)
+    pil = Image.fromarray(x[0].permute(1, 2, 0).numpy()).resize((432, 288), Image.BILINEAR)
+    want = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1).float()[None]
+    assert torch.equal(apply_spec(x, flat), want)
+    assert apply_spec(x, replace(flat, resize_mode="exact")).shape == (1, 3, 288, 288)
+    with pytest.raises(FDEvalError, match="short-edge' is implemented for Pillow resizes only"):
+        apply_spec(x, replace(spec, resize_library="torch"))

@@ -143,3 +143,68 @@ def test_registered():
     assert extractor_entry("sscd-disc-mixup").feature_dim == 512
     assert SSCD_COPY_THRESHOLD == 0.75
     assert set(SSCDNet().state_dict()) == set(RefModel().state_dict())
+
+
+# --- sscd-disc-mixup-short288: the README's Resize(288) for every image (short edge to 288, aspect kept) -------
+def _hwc(h: int, w: int, seed: int):
+    return photo_crops(1, h, w, seed=seed)[0]
+
+
+def test_short288_equals_the_readme_transform_on_non_square_images(ref_and_path, one_thread):
+    """A landscape and a portrait image: features == the reference model on SMALL_288 (torchvision Resize(288) on
+    PIL, ToTensor, Normalize) to 1e-5; the squashing default differs on the same image."""
+    ref, path = ref_and_path
+    ex = fd_eval.load_extractor("sscd-disc-mixup-short288", weights=path)
+    sq = fd_eval.load_extractor("sscd-disc-mixup", weights=path)
+    assert ex.metadata()["preprocess"]["resize_mode"] == "short-edge"
+    assert "resize_mode" not in sq.metadata()["preprocess"]  # the default's record is unchanged
+    for h, w, seed in ((200, 300, 5), (301, 203, 6)):
+        a = _hwc(h, w, seed)
+        t = SMALL_288(Image.fromarray(a))
+        assert min(t.shape[1:]) == 288 and t.shape[1] != t.shape[2]
+        with torch.no_grad():
+            want = ref(t[None])
+        x = torch.from_numpy(a).permute(2, 0, 1)[None].contiguous()
+        assert (ex(x) - want).abs().max().item() <= 1e-5
+        assert (sq(x) - want).abs().max().item() > 1e-3
+
+
+def test_short288_pipeline_mixed_sizes_any_batch_size(ref_and_path, tmp_path, one_thread):
+    """A folder of square, landscape and portrait images (interleaved): every batch size gives each image the
+    reference transform's features, in the source order (runs of one size go through the network separately)."""
+    from _images import save_images
+
+    ref, path = ref_and_path
+    ex = fd_eval.load_extractor("sscd-disc-mixup-short288", weights=path)
+    sizes = [(200, 300), (256, 256), (301, 203), (200, 300), (200, 300), (256, 256)]
+    imgs = [_hwc(h, w, 10 + i) for i, (h, w) in enumerate(sizes)]
+    folder = tmp_path / "mixed"
+    for i, a in enumerate(imgs):
+        save_images(a[None], folder / f"{i}")  # folder/i/000.png: sorted paths keep this order
+    with torch.no_grad():
+        want = torch.cat([ref(SMALL_288(Image.fromarray(a))[None]) for a in imgs]).numpy()
+    got = {}
+    for b in (1, 2, 4):
+        st = fd_eval.compute_stats(folder, extractors=[ex], keep_features=True, batch_size=b, num_workers=0,
+                                   progress=False)
+        got[b] = st["sscd-disc-mixup-short288"].features
+        assert abs(got[b] - want).max() <= 1e-5
+    assert abs(got[1] - got[4]).max() <= 1e-5 and abs(got[2] - got[4]).max() <= 1e-5
+
+
+def test_index_of_the_other_sscd_preprocessing_is_refused(ref_and_path, tmp_path):
+    """An index made with the squashing default is refused for short288 (one line naming both), and the
+    preprocessing record alone tells them apart."""
+    from fd_eval.errors import InputError
+    from fd_eval.index.build import index_from_features
+
+    _, path = ref_and_path
+    sq = fd_eval.load_extractor("sscd-disc-mixup", weights=path)
+    short = fd_eval.load_extractor("sscd-disc-mixup-short288", weights=path)
+    idx = index_from_features(tmp_path / "i", "sscd-disc-mixup", sq.metadata(),
+                              torch.nn.functional.normalize(torch.randn(10, 512), dim=1), unit_rows=5)
+    with pytest.raises(InputError, match="holds sscd-disc-mixup features, not sscd-disc-mixup-short288"):
+        idx.check_extractor("sscd-disc-mixup-short288", short.metadata())
+    with pytest.raises(InputError, match="preprocessing .*resize_mode=None \\(index\\) vs .*'short-edge'"):
+        idx.check_extractor("sscd-disc-mixup", {**short.metadata(), "extractor": "sscd-disc-mixup"})
+    idx.check_extractor("sscd-disc-mixup", sq.metadata())  # the same preprocessing: accepted

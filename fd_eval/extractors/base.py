@@ -32,7 +32,8 @@ def _mean_std(mean: tuple[float, ...], std: tuple[float, ...],
 
 
 def apply_spec(x: torch.Tensor, spec: PreprocessSpec, name: str = "extractor") -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float32 (N, 3, *spec.size) model input: every step read from ``spec``.
+    """uint8 (N, 3, H, W) -> float32 (N, 3, *spec.target_size(H, W)) model input: every step read from ``spec``
+    (``spec.size``, or with ``resize_mode="short-edge"`` the short edge to ``size[0]``, aspect ratio kept).
 
     In the reference pipelines' op order, so each registered spec reproduces its reference bit for bit:
 
@@ -50,8 +51,10 @@ def apply_spec(x: torch.Tensor, spec: PreprocessSpec, name: str = "extractor") -
     if len(spec.mean) != 3 or len(spec.std) != 3 or not spec.scale:
         raise FDEvalError(f"{name}: preprocess needs 3 means, 3 stds and a non-zero scale, got {spec}")
     x = crop_tensor(x, spec.crop)
-    size = tuple(spec.size)
+    size = spec.target_size(*x.shape[-2:])
     lib = spec.resize_library
+    if spec.resize_mode != "exact" and lib != "pil":
+        raise FDEvalError(f"{name}: resize mode {spec.resize_mode!r} is implemented for Pillow resizes only")
     if lib == "pil":
         if not spec.antialias:
             raise FDEvalError(f"{name}: Pillow resizes with antialiasing only; set antialias=True or resize 'torch'")
@@ -215,7 +218,8 @@ class Extractor:
     def host_transform(self) -> HostPrepare:
         """:meth:`prepare` as a small picklable callable (DataLoader workers must not carry the model)."""
         spec = self.preprocess_spec
-        return HostPrepare(tuple(spec.size) if self.resizes_on_host else None, spec.resize_filter, spec.crop)
+        return HostPrepare(tuple(spec.size) if self.resizes_on_host else None, spec.resize_filter, spec.crop,
+                           spec.resize_mode == "short-edge")
 
     def prepare(self, img: Image.Image) -> torch.Tensor:
         """PIL RGB image -> uint8 (3, H', W'); Pillow resize for host-resizing protocols, else unchanged."""
@@ -239,8 +243,9 @@ class Extractor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputRangeError(f"{self.name}: expects shape (N, 3, H, W) RGB, got {tuple(images.shape)}")
         images = crop_tensor(images, self.preprocess_spec.crop)
-        if self.resizes_on_host and tuple(images.shape[-2:]) != tuple(self.preprocess_spec.size):
-            images = pil_resize_host(images, tuple(self.preprocess_spec.size), self.preprocess_spec.resize_filter)
+        target = self.preprocess_spec.target_size(*images.shape[-2:])
+        if self.resizes_on_host and tuple(images.shape[-2:]) != target:
+            images = pil_resize_host(images, target, self.preprocess_spec.resize_filter)
         return self.forward_prepared(images.to(self.device, non_blocking=True))
 
     # --- provenance ---------------------------------------------------------------------------------------

@@ -47,6 +47,17 @@ class PreprocessSpec:
     model_dtype: str = "float32"
     reference: str = ""
     scale_first: bool | None = None
+    resize_mode: str = "exact"  # "exact": to ``size``; "short-edge": short edge to size[0], aspect kept
+
+    def target_size(self, h: int, w: int) -> tuple[int, int]:
+        """(H, W) the resize makes of an ``h x w`` image: ``size`` (``resize_mode`` "exact"), or with
+        "short-edge" torchvision ``Resize(S)``'s size (S = ``size[0]``): the short edge to S, the long one to
+        ``int(S * long / short)`` (so a resized image maps to itself)."""
+        if self.resize_mode == "exact":
+            return tuple(self.size)  # type: ignore[return-value]
+        if self.resize_mode != "short-edge":
+            raise ValueError(f"unknown resize mode {self.resize_mode!r}; choose one of {RESIZE_MODES}")
+        return short_edge_size(h, w, int(self.size[0]))
 
     @property
     def scales_before_resize(self) -> bool:
@@ -59,6 +70,8 @@ class PreprocessSpec:
         d = asdict(self)
         if d["scale_first"] is None:  # the default rule: not written, so records made before the field agree
             del d["scale_first"]
+        if d["resize_mode"] == "exact":  # likewise: records made before the field agree
+            del d["resize_mode"]
         d["size"] = list(self.size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
@@ -101,6 +114,15 @@ def pil_resize(img: Image.Image, size: tuple[int, int], resize_filter: str = "bi
 
 
 CROPS = ("none", "center-square", "center-square-floor")
+RESIZE_MODES = ("exact", "short-edge")
+
+
+def short_edge_size(h: int, w: int, s: int) -> tuple[int, int]:
+    """(H, W) of torchvision ``Resize(s)`` (an int) on an ``h x w`` image: the short edge to s, the long edge to
+    ``int(s * long / short)`` (truncated, as torchvision does)."""
+    if h <= w:
+        return (s, int(s * w / h))
+    return (int(s * h / w), s)
 
 
 def crop_box(w: int, h: int, crop: str) -> tuple[int, int, int, int] | None:
@@ -152,12 +174,17 @@ class HostPrepare:
     size: tuple[int, int] | None
     resize_filter: str = "bicubic"
     crop: str = "none"
+    short_edge: bool = False  # size[0] is the short edge's length, the aspect ratio is kept (Resize(S))
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.crop != "none":
             img = center_crop_square(img, self.crop)
         if self.size is not None:
-            img = pil_resize(img, self.size, self.resize_filter)
+            size = self.size
+            if self.short_edge:
+                w, h = img.size
+                size = short_edge_size(h, w, self.size[0])
+            img = pil_resize(img, size, self.resize_filter)
         return pil_to_tensor(img)
 
 

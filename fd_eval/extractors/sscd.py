@@ -12,6 +12,8 @@ DISC/Copydays evaluation default) or ``Resize([320, 320])``, then ``ToTensor`` a
 batched pass needs one input size, so fd-eval resizes to exactly ``size x size`` (default 288) with Pillow's
 bilinear filter (torchvision's ``Resize`` on a PIL image): for square images (GPIC's 256x256 images, generated
 images) this is exactly ``Resize(288)``; other aspect ratios are squashed, as the README's square variant does.
+``sscd-disc-mixup-short288`` is the README's ``Resize(288)`` for every image (short edge to 288, aspect ratio
+kept; the pipeline runs each input size through the network separately).
 
 Copy threshold: "For the ``sscd_disc_mixup`` model, DISC image pairs with embedding cosine similarity greater than
 ``0.75`` are copies with 90% precision" (SSCD README, "Using SSCD descriptors"): :data:`SSCD_COPY_THRESHOLD`.
@@ -44,13 +46,19 @@ SSCD_WEIGHTS = WeightsSource(
 )
 
 
-def preprocess_spec(size: int = DEFAULT_SIZE) -> PreprocessSpec:
-    """The SSCD input: Pillow bilinear to (size, size), ToTensor, ImageNet Normalize."""
+def preprocess_spec(size: int = DEFAULT_SIZE, short_edge: bool = False) -> PreprocessSpec:
+    """The SSCD input: Pillow bilinear to (size, size) (``short_edge``: the short edge to ``size``, the aspect
+    ratio kept: the README's ``Resize(size)`` exactly, for any image), ToTensor, ImageNet Normalize."""
+    if short_edge:
+        ref = (f"SSCD README 'Preprocessing': torchvision Resize({size}) on PIL (short edge to {size}, aspect ratio "
+               "kept, no crop), ToTensor, Normalize(ImageNet)")
+    else:
+        ref = (f"SSCD README 'Preprocessing': torchvision Resize({size}) on PIL (= Resize(({size}, {size})) for "
+               f"square images; non-square images are resized to {size}x{size}), ToTensor, Normalize(ImageNet)")
     return PreprocessSpec(
         resize_library="pil", resize_filter="bilinear", antialias=True, size=(size, size), scale=255.0,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        reference=f"SSCD README 'Preprocessing': torchvision Resize({size}) on PIL (= Resize(({size}, {size})) for "
-                  f"square images; non-square images are resized to {size}x{size}), ToTensor, Normalize(ImageNet)",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, reference=ref,
+        resize_mode="short-edge" if short_edge else "exact",
     )
 
 
@@ -116,15 +124,16 @@ class SSCDExtractor(Extractor):
     fast_compute = "tf32"
 
     def __init__(self, model: SSCDNet, size: int, weights_sha256: str | None,
-                 device: str | torch.device | None = None):
-        super().__init__("sscd-disc-mixup", FEATURE_DIM, preprocess_spec(size), model, weights_sha256, device)
+                 device: str | torch.device | None = None, *, short_edge: bool = False,
+                 name: str = "sscd-disc-mixup"):
+        super().__init__(name, FEATURE_DIM, preprocess_spec(size, short_edge), model, weights_sha256, device)
 
     def _apply_precision(self) -> None:
         self.channels_last = self.precision.fast
         self.model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     # model_input: the base interpreter of the spec (ToTensor + Normalize op for op; Pillow's resize on the device
-    # first when the host did not resize)
+    # first when the host did not resize). GeM pools any spatial size, so short-edge inputs of any aspect run.
 
 
 @register_extractor("sscd-disc-mixup", FEATURE_DIM,
@@ -138,3 +147,19 @@ def sscd_disc_mixup(weights: str | os.PathLike | None = None, device: str | torc
         raise FDEvalError(f"sscd-disc-mixup takes only the option 'size', got {', '.join(sorted(options))}")
     path = resolve_weights(weights, SSCD_WEIGHTS, "sscd-disc-mixup")
     return SSCDExtractor(load_sscd(path), int(size), sha256_file_cached(path), device)
+
+
+@register_extractor("sscd-disc-mixup-short288", FEATURE_DIM,
+                    "SSCD sscd_disc_mixup with the README's Resize(288): short edge to 288, aspect ratio kept",
+                    weights=SSCD_WEIGHTS)
+def sscd_disc_mixup_short288(weights: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                             **options: Any) -> SSCDExtractor:
+    """SSCD ``sscd_disc_mixup`` on inputs resized as the README's ``Resize(288)`` (no squash of non-square
+    images: each image keeps its aspect ratio, so a batch runs one network pass per input size). Same weights
+    and copy threshold as ``sscd-disc-mixup``; its features differ for non-square images, so an index or
+    statistics made with one are refused for the other."""
+    if options:
+        raise FDEvalError(f"sscd-disc-mixup-short288 takes no options, got {', '.join(sorted(options))}")
+    path = resolve_weights(weights, SSCD_WEIGHTS, "sscd-disc-mixup")
+    return SSCDExtractor(load_sscd(path), DEFAULT_SIZE, sha256_file_cached(path), device, short_edge=True,
+                         name="sscd-disc-mixup-short288")

@@ -26,10 +26,12 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -39,6 +41,7 @@ MANIFEST = "index.json"
 UNITS = "units"
 META_KEY = "fd_eval_index"
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_NP_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8"}  # safetensors: little-endian
 IDENTITY_KEYS = ("extractor", "feature_dim", "weights_sha256", "preprocess", "precision")
 
 
@@ -107,6 +110,7 @@ class TrainingIndex:
         self._filled = [u for u in self.units if u.n_rows]  # key ranges ascend over the units that hold rows
         self._starts = [u.first_key for u in self._filled]
         self._names: dict[int, tuple[torch.Tensor, list[str]]] = {}
+        self._layout: dict[int, dict[str, tuple[int, int, str, tuple[int, ...]]]] = {}  # unit: tensor offsets
 
     # --- reading ------------------------------------------------------------------------------------------
     def path(self, unit: IndexUnit) -> Path:
@@ -184,20 +188,63 @@ class TrainingIndex:
             raise InputError(f"{self.root}: key {key} is not in the index (skipped when it was built?)")
         return names[pos]
 
+    def mapped(self, unit: IndexUnit, name: str) -> np.ndarray:
+        """Tensor ``name`` of one unit file as a read-only numpy memory map (no read until rows are indexed):
+        a safetensors file is an 8-byte header length, the JSON header, then each tensor's bytes at its
+        ``data_offsets``. Headers are parsed once per unit (they hold the row names: large)."""
+        p = self.path(unit)
+        try:
+            if unit.number not in self._layout:
+                with open(p, "rb") as f:
+                    n = struct.unpack("<Q", f.read(8))[0]
+                    head = json.loads(f.read(n))
+                self._layout[unit.number] = {k: (8 + n + v["data_offsets"][0], v["data_offsets"][1] -
+                                                 v["data_offsets"][0], v["dtype"], tuple(v["shape"]))
+                                             for k, v in head.items() if k != "__metadata__"}
+            off, size, dt, shape = self._layout[unit.number][name]
+            dtype = _NP_DTYPES[dt]
+            if size != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                raise ValueError(f"{name} holds {size} bytes for shape {shape}")
+            return np.memmap(p, dtype=dtype, mode="r", offset=off, shape=shape)
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            raise InputError(f"{p}: damaged or missing index unit ({type(e).__name__}: {e}); rebuild it with "
+                             "`fd-eval index build` (the same command resumes)") from None
+
     def rows(self, model: str, keys: torch.Tensor) -> torch.Tensor:
-        """The stored features (N, D) of rows ``keys`` (int64 (N,)), as float32; one read per unit touched."""
+        """The stored features (N, D) of rows ``keys`` (int64 (N,), any order, repeats allowed), as float32.
+
+        Gathered from memory maps of the unit files: only the pages holding the requested rows are read, so
+        re-scoring C candidates of Q queries costs Q x C rows, not a pass over the index."""
         d = self.models[model]["feature_dim"]
-        out = torch.zeros(len(keys), d, dtype=torch.float32)
-        flat = keys.cpu().tolist()
-        by_unit: dict[int, list[int]] = {}
-        for j, k in enumerate(flat):
-            by_unit.setdefault(self.unit_of(int(k)).number, []).append(j)
-        lookup = {u.number: u for u in self.units}
-        for num, js in by_unit.items():
-            feats, ukeys, _ = self.read(lookup[num], model)
-            pos = torch.searchsorted(ukeys, torch.tensor([flat[j] for j in js], dtype=torch.int64))
-            out[js] = feats[pos].float()
-        return out
+        k = keys.cpu().numpy().astype(np.int64, copy=False).reshape(-1)
+        out = np.empty((len(k), d), dtype=np.float32)  # every row is filled below, or an error raised
+        if not len(k):
+            return torch.from_numpy(out)
+        starts = np.asarray(self._starts, dtype=np.int64)
+        which = np.searchsorted(starts, k, side="right") - 1
+        lasts = np.asarray([u.last_key for u in self._filled], dtype=np.int64)
+        bad = (which < 0) | (k > lasts[np.clip(which, 0, None)])
+        if bad.any():
+            raise InputError(f"{self.root}: key {int(k[bad][0])} is not in the index")
+        order = np.argsort(which, kind="stable")
+        bounds = np.flatnonzero(np.diff(which[order])) + 1
+        for js in np.split(order, bounds):
+            u = self._filled[int(which[js[0]])]
+            if u.last_key - u.first_key + 1 == u.n_rows:  # no image skipped in the unit: keys are consecutive
+                pos = k[js] - u.first_key
+            else:
+                ukeys = self.mapped(u, "index")
+                pos = np.searchsorted(ukeys, k[js])
+                if (pos >= len(ukeys)).any() or (ukeys[np.minimum(pos, len(ukeys) - 1)] != k[js]).any():
+                    raise InputError(f"{self.root}: a requested key is not in {self.path(u).name} (skipped when "
+                                     "the index was built?)")
+            feats = self.mapped(u, f"{model}.features")
+            if feats.shape != (u.n_rows, d):
+                raise InputError(f"{self.path(u)}: holds {feats.shape} features, the manifest says "
+                                 f"({u.n_rows}, {d}); rebuild the index")
+            srt = np.argsort(pos, kind="stable")  # ascending offsets: sequential page reads
+            out[js[srt]] = feats[pos[srt]]
+        return torch.from_numpy(out)
 
     def skipped(self) -> list[dict[str, Any]]:
         return [s for p in self.parts for s in p.get("skipped", [])]

@@ -74,7 +74,8 @@ from .copy_metrics import (  # noqa: F401 - re-exported: fd_eval.metrics.copies 
     pair_distances,
 )
 
-COPY_DETECTORS = {"sscd-disc-mixup": 0.75}  # name -> published copy threshold (SSCD README, 90% precision DISC)
+# name -> published copy threshold (SSCD README, 90% precision DISC)
+COPY_DETECTORS = {"sscd-disc-mixup": 0.75, "sscd-disc-mixup-short288": 0.75}
 DEFAULT_MODELS = ("sscd-disc-mixup",)
 
 

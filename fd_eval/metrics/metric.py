@@ -345,7 +345,7 @@ class FDMetric:
         start = self._accs[0].n
         index, on_device = torch.arange(start, start + x.shape[0], dtype=torch.int64), None
         for ex, acc, mets in zip(self.extractors, self._accs, self._metrics):
-            if ex.resizes_on_host and tuple(x.shape[-2:]) != tuple(ex.preprocess_spec.size):
+            if ex.resizes_on_host and tuple(x.shape[-2:]) != ex.preprocess_spec.target_size(*x.shape[-2:]):
                 feats = ex.forward_prepared(self._host_prepare(ex, x).to(self.device, non_blocking=True))
             else:
                 feats = ex(x)  # resizes on the device (or already at the model size); no host sync

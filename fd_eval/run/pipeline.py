@@ -160,12 +160,15 @@ def make_loader(ds: ExtractorDataset, collate_fn: Callable, device: torch.device
 
 # --- the device side ----------------------------------------------------------------------------------------
 def model_input(ex: Extractor, x: torch.Tensor | list[torch.Tensor], device: torch.device,
-                 stream: "torch.cuda.Stream | None" = None) -> torch.Tensor:
-    """The float32 network input (B, 3, H, W) of one collated input on ``device``. A list (mixed image sizes,
-    resized on the device) is converted run by run of equal size, then concatenated."""
+                stream: "torch.cuda.Stream | None" = None) -> list[torch.Tensor]:
+    """The float32 network inputs of one collated input on ``device``: runs (B_i, 3, H_i, W_i) in image order.
+    A list (mixed image sizes) is converted run by run of equal size; runs whose network inputs come out one
+    size (a resize to a fixed size) are joined, so with fixed-size preprocessing there is one run. A
+    preprocessing that keeps the aspect ratio (SSCD's short-edge resize) leaves several sizes: the network
+    then runs them one by one (:meth:`BatchRunner._run`)."""
     with torch.inference_mode():
         if isinstance(x, torch.Tensor):
-            return ex.model_input(h2d(x, device, stream))
+            return [ex.model_input(h2d(x, device, stream))]
         runs, run = [], [x[0]]
         for t in x[1:]:
             if t.shape == run[0].shape:
@@ -174,7 +177,31 @@ def model_input(ex: Extractor, x: torch.Tensor | list[torch.Tensor], device: tor
                 runs.append(run)
                 run = [t]
         runs.append(run)
-        return torch.cat([ex.model_input(h2d(torch.stack(r), device, stream)) for r in runs])
+        return _join([ex.model_input(h2d(torch.stack(r), device, stream)) for r in runs])
+
+
+def _join(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive tensors of one shape (but the batch dimension) concatenated: the fewest runs, in order."""
+    out: list[list[torch.Tensor]] = []
+    for x in xs:
+        if out and out[-1][0].shape[1:] == x.shape[1:]:
+            out[-1].append(x)
+        else:
+            out.append([x])
+    return [r[0] if len(r) == 1 else torch.cat(r) for r in out]
+
+
+def _take(queue: list[torch.Tensor], m: int) -> list[torch.Tensor]:
+    """The first ``m`` images of ``queue`` (runs of network inputs), removed from it."""
+    taken, n = [], 0
+    while n < m:
+        x = queue.pop(0)
+        if x.shape[0] > m - n:
+            queue.insert(0, x[m - n:])
+            x = x[:m - n]
+        taken.append(x)
+        n += x.shape[0]
+    return taken
 
 
 def loader_chunk(batch_size: int, device: torch.device) -> int:
@@ -231,7 +258,7 @@ class BatchRunner:
             n, inputs = len(batch), batch.inputs
         if n:
             for q, ex, x in zip(self.queued, self.extractors, inputs):
-                q.append(model_input(ex, x, self.device, self.stream))
+                q.extend(model_input(ex, x, self.device, self.stream))
             self.queued_index.append(positions if self.index_map is None else self.index_map[positions])
             self.n_queued += n
             while self.n_queued >= (self.batch_size or self.n_queued):
@@ -249,10 +276,9 @@ class BatchRunner:
         self.queued_index = [idx[m:]] if idx.shape[0] > m else []
         idx, on_device = idx[:m], None
         for j, (ex, cs) in enumerate(zip(self.extractors, consumers)):
-            q = self.queued[j]
-            x = q[0] if len(q) == 1 else torch.cat(q)
-            on_device = feed(cs, ex.forward_input(x[:m]), idx, self.device, on_device)
-            self.queued[j] = [x[m:]] if x.shape[0] > m else []
+            runs = _join(_take(self.queued[j], m))  # one run unless the inputs differ in size (see model_input)
+            feats = ex.forward_input(runs[0]) if len(runs) == 1 else torch.cat([ex.forward_input(r) for r in runs])
+            on_device = feed(cs, feats, idx, self.device, on_device)
         self.n_queued -= m
         if self.bar is not None:
             self.bar.update(m)
