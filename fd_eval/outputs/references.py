@@ -7,13 +7,7 @@ a user's own entries in ``{config_dir()}/references.json`` (same schema, written
 local path), its format, which extractors' statistics it holds and with which preprocessing, N, the split, its
 sha256 when known, and the published real-vs-real floors by model and sample size.
 
-Integrity policy: a file is verified against the registry's sha256 when the entry has one. When it has none (the
-official GPIC files: their digests are not published), the digest of the first download is *pinned* in a record in
-``{cache_dir()}/references/`` and every later download or re-read of the file must match it, so a changed or
-damaged file is never used silently (``fd-eval ref download NAME --repin`` accepts a new upstream file). For Hub LFS
-files the Hub's own sha256 (the file's ETag) is checked on every download as well. The record also stores size
-and mtime, so loading a verified file costs a ``stat`` (no re-hash, no network): after the first download
-:func:`load_reference` works offline.
+Integrity policy (verification, pinning of first downloads): :mod:`fd_eval.outputs.reference_fetch`.
 """
 from __future__ import annotations
 
