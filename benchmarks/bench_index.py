@@ -7,6 +7,7 @@
     python benchmarks/bench_index.py --part faiss  --dir /tmp/idx1m_c --queries 5000 --candidates 64 \
         --recall-sample 1000 --exact-rows-per-s 372.4
     python benchmarks/bench_index.py --part exact  --dir /tmp/idx1m --device cuda --queries 50000   # a GPU
+    python benchmarks/bench_index.py --part float16 --dir /tmp/unused --queries 2000 --rows 10000  # float16 error
 
 Part ``make``: an index folder of ``--rows`` seeded random unit vectors (float32, 10,000 rows per unit file), as
 ``fd-eval index build`` writes it (:func:`fd_eval.index.build.index_from_features`), made block by block.
@@ -181,9 +182,25 @@ def part_faiss(d: Path, n_q: int, nlist: int | None, nprobe: int, sample: int, e
     return out
 
 
+def part_float16(n_q: int, rows: int, dim: int = 512, seed: int = 0) -> dict:
+    """The similarity error a float16 index introduces: random unit rows (rows, dim) stored as float16 vs float32,
+    against n_q queries (half near-copies of rows, half random), every pair, in float64; top-1 changes counted."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.nn.functional.normalize(torch.randn(rows, dim, generator=g, dtype=torch.float64), dim=1)
+    near = t[: n_q // 2] + 0.05 * torch.randn(n_q // 2, dim, generator=g, dtype=torch.float64)
+    q = torch.nn.functional.normalize(torch.cat([near, torch.randn(n_q - n_q // 2, dim, generator=g,
+                                                                    dtype=torch.float64)]), dim=1)
+    s32 = q @ t.float().double().T  # (n_q, rows) float64 products of the stored rows
+    s16 = q @ t.half().double().T
+    err = (s32 - s16).abs()
+    return {"pairs": int(err.numel()), "dim": dim, "max_abs_error": float(err.max()),
+            "mean_abs_error": float(err.mean()), "top1_changed": int((s32.argmax(1) != s16.argmax(1)).sum()),
+            "bound": 2.0 ** -11}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["make", "exact", "memory", "faiss"], required=True)
+    ap.add_argument("--part", choices=["make", "exact", "memory", "faiss", "float16"], required=True)
     ap.add_argument("--dir", required=True)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--unit", type=int, default=10_000)
@@ -209,6 +226,8 @@ def main() -> None:
         res = part_exact(d, a.queries, a.scan_rows, dev)
     elif a.part == "memory":
         res = part_memory(d, a.queries, dev)
+    elif a.part == "float16":
+        res = part_float16(a.queries, a.rows)
     else:
         res = part_faiss(d, a.queries, a.nlist, a.nprobe, a.recall_sample, a.exact_rows_per_s, a.codec,
                          a.exact_queries, a.candidates)
