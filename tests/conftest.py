@@ -40,8 +40,42 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# --- disk: a full run writes several GB of checkpoints and shards in all, so what a passing test wrote goes at once --
+# (pyproject sets tmp_path_retention_policy = "failed" for tmp_path; the two fixtures below do the same for the
+# per-test cache folders and for module fixtures' tmp_path_factory folders). FD_EVAL_TESTS_KEEP_TMP=1 keeps all.
+_KEEP_TMP = os.environ.get("FD_EVAL_TESTS_KEEP_TMP") == "1"
+_FAILED_IN: dict[str, bool] = {}
+_FAILED_KEY = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        item.stash[_FAILED_KEY] = True
+        module = getattr(item, "module", None)
+        _FAILED_IN[module.__name__ if module is not None else ""] = True
+    return report
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_temp_cleanup(request, tmp_path_factory):
+    """Remove the folders that this module's fixtures made with tmp_path_factory once the module is done, unless one
+    of its tests failed (they are kept for a look then). No session-scoped fixture makes a folder (it would go with
+    the first module that used it)."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    name = request.module.__name__
+    if _KEEP_TMP or _FAILED_IN.get(name):
+        return
+    for p in set(base.iterdir()) - before:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
+def _isolated_cache(request, tmp_path_factory, monkeypatch):
     """Every test gets its own cache/config dirs, and no network unless it turns offline mode off."""
     root = tmp_path_factory.mktemp("fd_eval_home")
     monkeypatch.setenv("FD_EVAL_CACHE", str(root / "cache"))
@@ -50,6 +84,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("FD_EVAL_OFFLINE", "1")
     yield root
+    if not _KEEP_TMP and not request.node.stash.get(_FAILED_KEY, False):
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # --- nothing outside the test folders may be written ----------------------------------------------------------------
