@@ -116,13 +116,15 @@ def test_each_shard_is_streamed_once_per_pass(world, hub):
     """The index comes from one sequential read of each shard (then cached); a pass with no workers reads each
     shard's members on one connection, never the whole file twice more."""
     src = open_source(_http(hub))
-    assert len(hub.body_gets(".tar")) == N_SHARDS  # the index reads: no etag, so indexed at every open
+    assert not hub.body_gets(".tar")  # opening reads no shard: a pass indexes them from its one read of each
+    assert len(src) == 12  # the count needs every index now: no etag, so indexed at every open (one read each)
+    assert len(hub.body_gets(".tar")) == N_SHARDS
     before = len(hub.body_gets(".tar"))
     for i in range(len(src)):
         src.read_encoded(i)
     assert len(hub.body_gets(".tar")) - before == N_SHARDS  # one request per shard
     reopened = open_source(HF)  # the Hub gives an ETag: indexed once, then from the cache
-    open_source(HF)
+    assert len(reopened) == 12 and len(open_source(HF)) == 12
     assert len([r for r in hub.body_gets(".tar") if "/resolve/" in r.path]) == N_SHARDS
     assert reopened.provenance()[0]["revision"] == "0123456789abcdef0123456789abcdef01234567"
 
@@ -144,7 +146,7 @@ def test_connection_that_keeps_failing_is_one_line_naming_shard_and_byte(world, 
     monkeypatch.setattr(fd_eval.sources.remote, "INDEX_THREADS", 1)  # shards indexed in order: the cuts hit shard 0
     hub.cuts = [4000, 0, 0]  # cut at byte 4,000, then twice no byte at all
     with pytest.raises(SourceError) as e:
-        open_source(f"{hub.url}/mirror/gpic_test_00000.tar")
+        len(open_source(f"{hub.url}/mirror/gpic_test_00000.tar"))  # (the count needs the index)
     msg = str(e.value)
     assert "\n" not in msg and "gpic_test_00000.tar" in msg and "at byte 4,000" in msg and "--skip-bad" in msg
     hub.cuts = [4000, 0, 0]
@@ -159,12 +161,14 @@ def test_connection_that_keeps_failing_is_one_line_naming_shard_and_byte(world, 
 def test_connection_lost_during_the_pass(world, hub, tmp_path, monkeypatch):
     monkeypatch.setenv("FD_EVAL_REMOTE_RETRIES", "1")
     src = open_source(_http(hub))
+    len(src)  # indexed now: the pass reads the members again (streamed first passes: test_streamed_first_pass_*)
     hub.cuts = [6000] * 50
     with pytest.raises(BadImageError, match=r"gpic_test_00000\.tar:.*remote shard unreadable .*at byte [\d,]+") as e:
         _build(world, src, tmp_path / "x.safetensors")
     assert "\n" not in str(e.value)
     hub.cuts = []
     src = open_source(_http(hub), skip_bad=True)
+    len(src)
     hub.cuts = [0, 0]  # shard 0's reader gets no byte twice: its items are skipped, the other shards are used
     res = _build(world, src, tmp_path / "y.safetensors", skip_bad=True)[MODEL]
     skipped = res.metadata["source"]["inputs"]["skipped"]
@@ -311,7 +315,7 @@ def test_a_reader_that_jumps_asks_for_windows_without_read_ahead(hub, tmp_path):
 def test_a_shard_that_is_not_a_tar_stops_the_open_in_one_line(world, hub):
     hub.mirror["gpic_test_00001.tar"] = b"\x1f\x8b" + bytes(5000)  # gzip magic
     with pytest.raises(SourceError, match=r"gpic_test_00001\.tar: gzip-compressed tar; .*decompress it") as e:
-        open_source(_http(hub))
+        len(open_source(_http(hub)))
     assert "\n" not in str(e.value)
 
 

@@ -73,6 +73,7 @@ from ..run.engine import (  # noqa: F401 - Unit, plan_units, DEFAULT_BLOCK: publ
 from ..run.options import ResolvedRun, RunOptions, make_options
 from ..run.pipeline import Extraction, UnitDone, check_decode, device_decode_spec, extraction_stats, feature_consumers
 from ..run.provenance import device_name
+from ..run.streamed import known_total
 from ..sources import SkippedItem, open_source
 from ..util.io_utils import atomic_write
 
@@ -100,8 +101,10 @@ def _identity(extractors: Sequence[Extractor], tf: SourceTransform | None, num: 
         "image_transform": tf.to_dict() if tf else None,
         "selection": {"num": num, "seed": seed},
         "decode": decode,
+        # (a streamed plan's item count is known only after its shards are read; every unit's fingerprint holds
+        # its shard's items)
         "plan": {"kind": plan.kind, "checkpoint_every": plan.checkpoint_every, "n_units": len(plan.units),
-                 "n_items": plan.n_items},
+                 "n_items": None if plan.streamed else plan.n_items},
     }
     metrics = sorted(CONSUMER_METRICS)
     if metrics:  # registered consumer metrics: their states are in the unit files too
@@ -374,7 +377,11 @@ def build_stats(
     keep_features = keep_features or any(wants_cmmd(ex.name) for ex in exs)
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
-    plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed)
+    if w > 1 and getattr(src, "pending", None):  # the ranks need every shard's items to share the units
+        say(f"rank {r} of {w}: indexing the {len(src.pending)} remote shard(s) not in the tar index cache first "
+            "(a multi-process first pass reads them twice; a single process reads each once)")
+        src.resolve()
+    plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed, streamed=True)
     identity = _identity(exs, tf, num, seed, plan, decode)
 
     files = _unit_files(ckpt, identity)
@@ -395,7 +402,7 @@ def build_stats(
 
     saved: list[Unit] = []
     try:
-        with tqdm(total=sum(len(u) for u in mine), unit="img", desc=f"{where}stats", smoothing=0.1,
+        with tqdm(total=known_total([u.indices for u in mine]), unit="img", desc=f"{where}stats", smoothing=0.1,
                   disable=not progress or r != 0) as bar:
             error = _compute_units(plan, mine, exs, tf, run, keep_features, files, bar, saved.append)
         carry_error(run, error)  # under a process group: every rank raises a failed unit's error

@@ -30,7 +30,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -53,26 +53,37 @@ _POLL_S = 1.0
 
 
 # --- the plan -----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
 class Unit:
     """One checkpointed piece of the work.
 
     Attributes:
         index: position in the plan (merge order).
-        indices: int64 (n,) ascending indices into the plan's ``source``.
+        indices: int64 (n,) ascending indices into the plan's ``source``; for a streamed plan a
+            :class:`fd_eval.run.streamed.ShardItems` (whole remote shards, resolved when the unit runs).
         label: how messages name it (a shard path, or a range of items).
         fingerprint: hex sha256 of the unit's data (a tar unit: the shard's size, modification time and member
             headers plus the unit's positions in it; a folder: each file's path, size and modification time; any
-            other source: the whole source's fingerprint plus the unit's indices).
+            other source: the whole source's fingerprint plus the unit's indices). A streamed unit's is computed
+            when first asked for (after the unit ran, or to check a finished unit's file: then its shard's index is
+            read if it is not known).
     """
 
-    index: int
-    indices: np.ndarray = field(repr=False)
-    label: str
-    fingerprint: str
+    __slots__ = ("index", "indices", "label", "_fingerprint")
+
+    def __init__(self, index: int, indices: Any, label: str, fingerprint: "str | Callable[[], str]"):
+        self.index, self.indices, self.label, self._fingerprint = index, indices, label, fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        if callable(self._fingerprint):
+            self._fingerprint = self._fingerprint()
+        return self._fingerprint
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def __repr__(self) -> str:
+        return f"Unit(index={self.index}, label={self.label!r})"
 
 
 @dataclass
@@ -84,6 +95,7 @@ class UnitPlan:
     units: list[Unit]
     kind: str  # "tar-shards" | "row-groups" | "blocks"
     checkpoint_every: int | None
+    streamed: bool = False  # one unit per remote shard, empty ones included, resolved as they run
 
     @property
     def n_items(self) -> int:
@@ -110,13 +122,20 @@ def _blocks(idx: np.ndarray, every: int | None) -> list[np.ndarray]:
 
 
 def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: int | None = None,
-               seed: int | None = None) -> UnitPlan:
+               seed: int | None = None, *, streamed: bool = False) -> UnitPlan:
     """Split ``source`` (or its ``num``/``seed`` subset, as :meth:`ImageSource.subset` picks it) into units.
 
     Tar shards (and other sharded sources: Parquet row groups): one unit per shard (empty shards have none), cut
     into blocks of at most ``checkpoint_every``
     images when given. Other sources: blocks of ``checkpoint_every`` (default :data:`DEFAULT_BLOCK`) images.
+
+    ``streamed`` (remote tar shards, whole shards only: no ``checkpoint_every``, ``num``): one unit per shard, empty
+    shards included, holding :class:`fd_eval.run.streamed.ShardItems`, so a pass reads a shard whose member index is
+    not cached once (:mod:`fd_eval.run.streamed`) instead of indexing every shard first. Otherwise pending remote
+    shards are indexed here (one read each, then the pass reads them again).
     """
+    if streamed and checkpoint_every is None and num is None and callable(getattr(source, "register", None)):
+        return _streamed_plan(source)
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or int(checkpoint_every) < 1):
         raise FDEvalError(f"--checkpoint-every must be a positive number of images, got {checkpoint_every!r}")
     every = int(checkpoint_every) if checkpoint_every is not None else None
@@ -154,6 +173,16 @@ def plan_units(source: ImageSource, checkpoint_every: int | None = None, num: in
             label = f"items {b[0]}..{b[-1]} of {source.spec} ({source.describe(int(b[0]))} ...)"
             units.append(Unit(len(units), b, label, fingerprint(b)))
     return UnitPlan(source, selection, units, kind, every)
+
+
+def _streamed_plan(source: Any) -> UnitPlan:
+    from .streamed import ShardItems
+
+    def fingerprint(s: int) -> Callable[[], str]:
+        return lambda: _sha(b"tar", source.shard_part(s), np.arange(source.shard_count(s), dtype=np.int64).tobytes())
+
+    units = [Unit(s, ShardItems(source, [s]), path, fingerprint(s)) for s, path in enumerate(source.shards)]
+    return UnitPlan(source, source, units, "tar-shards", None, streamed=True)
 
 
 # --- unit files ---------------------------------------------------------------------------------------------------

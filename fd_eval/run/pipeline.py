@@ -56,6 +56,7 @@ from .options import (  # noqa: F401 - re-exported: the machine-dependent defaul
     default_num_workers,
 )
 from .provenance import environment
+from .streamed import StreamedBatches, is_streamed, known_total, source_size_hint
 
 
 @runtime_checkable
@@ -374,15 +375,50 @@ def run_units(
     elif legacy:
         raise TypeError(f"run_units(): pass run= or the keywords {sorted(legacy)}, not both")
     device, batch_size, decode = run.device, run.batch_size, run.decode
-    units = [np.asarray(u, dtype=np.int64) for u in units]
     if not units:
         return []
-    all_idx = np.concatenate(units)
-    place_extractors(extractors, device, n_planned or len(all_idx))
-    whole = len(all_idx) == len(source) and bool(np.array_equal(all_idx, np.arange(len(source))))
-    ds, collate_fn = make_dataset(source if whole else SubsetSource(source, all_idx), extractors, device,
-                                  decode=decode, skip_bad=run.skip_bad, image_transform=image_transform)
     chunk = loader_chunk(batch_size, device)
+    if is_streamed(units):  # remote shards indexed as they are read (fd_eval.run.streamed): source indices
+        plan: Any = StreamedBatches(source, units, chunk)
+        all_idx, whole = None, True
+        n_pass = n_planned or known_total(units) or source_size_hint(source)
+    else:
+        units = [np.asarray(u, dtype=np.int64) for u in units]
+        all_idx = np.concatenate(units)
+        whole = len(all_idx) == len(source) and bool(np.array_equal(all_idx, np.arange(len(source))))
+        plan, n_pass = _planned_batches(units, chunk), n_planned or len(all_idx)
+    try:
+        place_extractors(extractors, device, n_pass)
+        ds, collate_fn = make_dataset(source if whole else SubsetSource(source, all_idx), extractors, device,
+                                      decode=decode, skip_bad=run.skip_bad, image_transform=image_transform)
+        loader = make_loader(ds, collate_fn, device, run.num_workers, batch_sampler=plan)
+        runner = BatchRunner(ds, extractors, device, decode, batch_size=batch_size,
+                             index_map=None if whole else all_idx)
+        runner.bar = bar
+        return _loop(loader, runner, plan, consumers, on_unit, bar, None if whole else all_idx, len(units))
+    finally:
+        if isinstance(plan, StreamedBatches):
+            plan.close()
+
+
+@dataclass
+class _Planned:
+    """The DataLoader items of planned units (lists of dataset positions), each item's unit, each unit's last."""
+
+    batches: list[list[int]]
+    owner: list[int]
+    last: dict[int, int]
+    empty: list[int] = field(default_factory=list)
+    frees: list[list[int]] | None = None
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _planned_batches(units: Sequence[np.ndarray], chunk: int) -> _Planned:
     batches: list[list[int]] = []  # DataLoader items (loader_chunk images); the runner joins them
     owner: list[int] = []  # the unit of each item
     off = 0
@@ -391,33 +427,56 @@ def run_units(
             batches.append(list(range(off + s, off + min(s + chunk, len(u)))))
             owner.append(k)
         off += len(u)
-    last = {k: i for i, k in enumerate(owner)}  # index of each unit's final item
-    loader = make_loader(ds, collate_fn, device, run.num_workers, batch_sampler=batches)
-    runner = BatchRunner(ds, extractors, device, decode, batch_size=batch_size, index_map=None if whole else all_idx)
-    runner.bar = bar
+    empty = [k for k, u in enumerate(units) if not len(u)]
+    return _Planned(batches, owner, {k: i for i, k in enumerate(owner)}, empty)
+
+
+def _loop(loader: Any, runner: BatchRunner, plan: Any, consumers: Callable[[int], Sequence[Any]],
+          on_unit: Callable[[UnitDone], None] | None, bar: Any, index_map: np.ndarray | None,
+          n_units: int) -> list[UnitDone]:
+    """The loop of :func:`run_units`: batches in, each unit's :class:`UnitDone` out as its last batch is in (and a
+    unit with no items in its place in the order)."""
     done: list[UnitDone] = []
     cs: list[list[FeatureConsumer]] = []
     skipped: list[SkippedItem] = []
     n = decoded_before = 0
     t0 = time.perf_counter()
+    emitted = 0  # units before this one are done (empty units included)
+
+    def finish(unit: UnitDone) -> None:
+        done.append(unit)
+        if on_unit is not None:
+            on_unit(unit)
+
+    def empties(upto: int) -> None:
+        nonlocal emitted
+        for k in sorted(e for e in plan.empty if emitted <= e < upto):
+            finish(UnitDone(k, _per_extractor(consumers(k)), [], 0, 0, 0.0))
+        emitted = max(emitted, upto)
+
     for i, batch in enumerate(loader):
-        k = owner[i]
+        k = plan.owner[i]
         if not cs:
+            empties(k)
             cs = _per_extractor(consumers(k))
         took, bad = runner(batch, cs)  # raises the one-line BadImageError unless skip_bad
         n += took
-        skipped += [s if whole or s.index is None else replace(s, index=int(all_idx[s.index])) for s in bad]
+        skipped += [s if index_map is None or s.index is None else replace(s, index=int(index_map[s.index]))
+                    for s in bad]
         if bar is not None:  # images embedded are counted when the network has run (BatchRunner); the rest now
             bar.update(len(batch) + len(batch.skipped) - took)
-        if i != last[k]:
+        if plan.frees is not None:
+            for s in plan.frees[i]:  # every item of these shards is in: their spool files go
+                plan.source.release(s)
+        if i != plan.last.get(k):
             continue
         runner.flush(cs)  # the unit's last, partial model batch
         unit = UnitDone(k, cs, skipped, n, runner.device_decoded - decoded_before, time.perf_counter() - t0)
         decoded_before = runner.device_decoded
-        done.append(unit)
-        if on_unit is not None:
-            on_unit(unit)
+        finish(unit)
+        emitted = k + 1
         cs, skipped, n, t0 = [], [], 0, time.perf_counter()
+    empties(n_units)
     return done
 
 
@@ -458,11 +517,19 @@ def extract(
                          skip_bad=source.skip_bad if skip_bad is None else bool(skip_bad), progress=progress,
                          rank=rank, world_size=world_size).resolve()
     dev, world_size = run.device, run.world_size
-    place_extractors(extractors, dev, len(source))
     check_decode(run.decode, extractors, image_transform)
-    if len(source) == 0:
-        raise EmptySourceError(f"{source.spec}: no images to evaluate")
-    mine = shard_indices(len(source), run.rank, world_size)
+    mine: Any
+    if world_size == 1 and getattr(source, "pending", None):  # remote shards, indexed as they are read
+        from .streamed import ShardItems
+
+        mine = ShardItems(source, range(len(source.shards)))  # one unit: batches as over the items of a list
+        n_source, total = source_size_hint(source), None
+    else:
+        if len(source) == 0:
+            raise EmptySourceError(f"{source.spec}: no images to evaluate")
+        mine = shard_indices(len(source), run.rank, world_size)
+        n_source, total = len(source), len(mine)
+    place_extractors(extractors, dev, n_source)
     accs, mets = feature_consumers(extractors, dev, keep_features)
     extra = [list(c) for c in consumers] if consumers is not None else [[] for _ in extractors]
     if len(extra) != len(extractors):
@@ -472,12 +539,12 @@ def extract(
     t0 = time.perf_counter()
     error: FDEvalError | None = None
     device_decoded = 0
-    with tqdm(total=len(mine), unit="img", desc=desc, disable=not run.progress or not run.is_main,
+    with tqdm(total=total, unit="img", desc=desc, disable=not run.progress or not run.is_main,
               smoothing=0.1) as bar:
         try:
             # skipped indices come back as indices into the source (also under a rank's block)
             for u in run_units(source, extractors, [mine], lambda k: every, run,
-                               image_transform=image_transform, bar=bar, n_planned=len(source)):
+                               image_transform=image_transform, bar=bar, n_planned=n_source):
                 result.skipped += u.skipped
                 result.n_images += u.n_images
                 device_decoded += u.device_decoded

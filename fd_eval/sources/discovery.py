@@ -181,26 +181,57 @@ def tar_index(path: str) -> dict[str, Any]:
 
 def cached_index(key: str, scan: Any) -> dict[str, Any]:
     """The tar index cached under ``key`` in ``$FD_EVAL_CACHE/tar_index``, else ``scan()`` (then cached)."""
+    idx = load_cached_index(key)
+    if idx is None:
+        idx = scan()
+        store_cached_index(key, idx)
+    return idx
+
+
+def _cache_file(key: str) -> Any:
     folder = optional_cache_dir("tar_index")  # None (after one warning) when $FD_EVAL_CACHE is unusable
-    cache_file = None if folder is None else folder / f"{key}.npz"
-    if cache_file is not None and cache_file.exists():
-        try:
-            with np.load(cache_file, allow_pickle=False) as z:
-                idx = {k: z[k] for k in z.files}
-            idx["info"] = json.loads(bytes(idx.pop("info_json")).decode("utf-8", "surrogateescape"))
-            idx["empty"] = bool(idx["empty"])
-            return idx
-        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
-            pass
-    idx = scan()
+    return None if folder is None else folder / f"{key}.npz"
+
+
+def load_cached_index(key: str) -> dict[str, Any] | None:
+    """The tar index cached under ``key``, or None (not cached, damaged, or no usable cache)."""
+    cache_file = _cache_file(key)
+    if cache_file is None or not cache_file.exists():
+        return None
+    try:
+        return load_index(cache_file)
+    except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt
+        return None
+
+
+def store_cached_index(key: str, idx: dict[str, Any]) -> None:
+    """Cache a (non-empty) tar index under ``key`` (a full disk: a warning, and the next open scans again)."""
+    cache_file = _cache_file(key)
     if cache_file is not None and not idx["empty"]:
-        info_json = json.dumps(idx["info"], ensure_ascii=True).encode()
-        arrays = {k: v for k, v in idx.items() if k not in ("info",)}
-        arrays["info_json"] = np.frombuffer(info_json, dtype=np.uint8)
         try:
-            with atomic_path(cache_file, what="tar index cache entry") as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, **arrays)
-        except OutputError as e:  # disk full: the next open scans the shard again
+            save_index(cache_file, idx, what="tar index cache entry")
+        except OutputError as e:
             warn_cache_unusable(str(e))
+
+
+def save_index(path: Any, idx: dict[str, Any], what: str = "tar index") -> None:
+    """Write a tar index (its arrays, ``info`` as JSON) to ``path`` atomically, as a compressed .npz (no pickle)."""
+    info_json = json.dumps(idx.get("info", {}), ensure_ascii=True).encode()
+    arrays = {k: np.asarray(v) for k, v in idx.items() if k not in ("info", "unreadable", "why")}
+    arrays["info_json"] = np.frombuffer(info_json, dtype=np.uint8)
+    if idx.get("unreadable"):
+        arrays["unreadable_json"] = np.frombuffer(json.dumps(idx["unreadable"]).encode(), dtype=np.uint8)
+    with atomic_path(path, what=what) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def load_index(path: Any) -> dict[str, Any]:
+    """Inverse of :func:`save_index`."""
+    with np.load(path, allow_pickle=False) as z:
+        idx: dict[str, Any] = {k: z[k] for k in z.files}
+    idx["info"] = json.loads(bytes(idx.pop("info_json")).decode("utf-8", "surrogateescape"))
+    if "unreadable_json" in idx:
+        idx["unreadable"] = json.loads(bytes(idx.pop("unreadable_json")).decode())
+    idx["empty"] = bool(idx["empty"])
     return idx

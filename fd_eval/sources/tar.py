@@ -38,27 +38,9 @@ class TarSource(ImageSource):
         blob_base = 0
         for path in self.shards:
             idx = self._index(path)
+            counts.append(self._take_index(path, idx))
             if idx["empty"]:
-                self.warnings.append(one_line(idx.get("why") or f"{path}: empty file (0 bytes), no samples"))
-                counts.append(0)
-                self._shard_info.append({"header_digest": "", "file_size": 0})
                 continue
-            info = idx["info"]
-            self._shard_info.append(info)
-            if info["end_problem"]:
-                msg = one_line(f"{path}: {info['end_problem']}; later members are unreadable")
-                if not self.skip_bad:
-                    raise SourceError(f"{msg}; re-download the shard, {SKIP_HINT}")
-                self.ignored.append(SkippedItem(None, one_line(path), "unreadable rest of a damaged shard",
-                                                info["end_problem"]))
-                self.warnings.append(f"{msg}; the members before it are used (--skip-bad)")
-            for name, reason in info["ignored"]:
-                self.ignored.append(SkippedItem(None, one_line(f"{path}:{name}"), reason))
-            if info["n_unsafe"]:
-                self.warnings.append(one_line(
-                    f"{path}: {info['n_unsafe']} member(s) with an absolute or '..' path (e.g. {info['unsafe'][0]}); "
-                    "read in memory only, never extracted"))
-            counts.append(len(idx["img_off"]))
             blobs.append(idx["names_blob"])
             ends.append(idx["name_ends"] + blob_base)
             blob_base += len(idx["names_blob"])
@@ -73,6 +55,29 @@ class TarSource(ImageSource):
         self._name_ends = np.concatenate(ends)
         for k, v in cols.items():
             setattr(self, "_" + k, np.concatenate(v))
+
+    def _take_index(self, path: str, idx: dict[str, Any]) -> int:
+        """Record shard ``path``'s index (its info, warnings, ignored members); return its number of items."""
+        if idx["empty"]:
+            self.warnings.append(one_line(idx.get("why") or f"{path}: empty file (0 bytes), no samples"))
+            self._shard_info.append({"header_digest": "", "file_size": 0})
+            return 0
+        info = idx["info"]
+        self._shard_info.append(info)
+        if info["end_problem"]:
+            msg = one_line(f"{path}: {info['end_problem']}; later members are unreadable")
+            if not self.skip_bad:
+                raise SourceError(f"{msg}; re-download the shard, {SKIP_HINT}")
+            self.ignored.append(SkippedItem(None, one_line(path), "unreadable rest of a damaged shard",
+                                            info["end_problem"]))
+            self.warnings.append(f"{msg}; the members before it are used (--skip-bad)")
+        for name, reason in info["ignored"]:
+            self.ignored.append(SkippedItem(None, one_line(f"{path}:{name}"), reason))
+        if info["n_unsafe"]:
+            self.warnings.append(one_line(
+                f"{path}: {info['n_unsafe']} member(s) with an absolute or '..' path (e.g. {info['unsafe'][0]}); "
+                "read in memory only, never extracted"))
+        return len(idx["img_off"])
 
     def _index(self, path: str) -> dict[str, Any]:
         """The member index of one shard (:func:`fd_eval.sources.discovery.tar_index`; remote shards override)."""
@@ -152,15 +157,19 @@ class TarSource(ImageSource):
         s, name = self._locate(i)
         item = one_line(f"{self.shards[s]}:{name}'s .json sidecar")
         read_capped(item, size, self.max_item_bytes)
-        data = self._pread(s, int(self._json_off[i]), size, item)
-        try:
-            value = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise InputError(one_line(f"{item}: not valid UTF-8 JSON ({e}); re-create the sample's .json")) from None
-        return value if isinstance(value, dict) else {"value": value}
+        return parse_sidecar(item, self._pread(s, int(self._json_off[i]), size, item))
 
     def _fingerprint_parts(self, content: bool) -> Iterable[bytes]:
         rels = relative_names(self.shards)
         for rel, path, info in zip(rels, self.shards, self._shard_info):
             yield (content_part if content else stat_part)(rel, path)
             yield info["header_digest"].encode()
+
+
+def parse_sidecar(item: str, data: bytes) -> dict[str, Any]:
+    """A sample's ``.json`` sidecar as a dict (a non-object value as ``{"value": ...}``); InputError if not JSON."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(one_line(f"{item}: not valid UTF-8 JSON ({e}); re-create the sample's .json")) from None
+    return value if isinstance(value, dict) else {"value": value}
