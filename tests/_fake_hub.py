@@ -58,6 +58,7 @@ class FakeHub:
     throttle: float = 0.0  # seconds to sleep per 64 KiB of body
     tamper: bool = False  # flip the first byte of bodies (headers still describe the true file)
     requests: list[Request] = field(default_factory=list)
+    served: dict[str, int] = field(default_factory=dict)  # body bytes written, by file name (last path segment)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -262,8 +263,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self.hub.tamper and send:
             send = bytes([send[0] ^ 0xFF]) + send[1:]
         step = 1 << 16
+        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
         for i in range(0, len(send), step):
             self.wfile.write(send[i:i + step])
+            with self.hub._lock:
+                self.hub.served[name] = self.hub.served.get(name, 0) + len(send[i:i + step])
             if self.hub.throttle:
                 self.wfile.flush()
                 time.sleep(self.hub.throttle)

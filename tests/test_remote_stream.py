@@ -1,0 +1,135 @@
+"""A first pass over remote tar shards whose member index is not cached reads each shard once (fd_eval.run.streamed):
+counted at the loopback server, statistics bit-identical to the shards on disk and to a cached-index pass, a dropped
+connection resumed, a failing one named in one line (or its shard listed), spool files gone after the pass and after
+an error, ranks that share a folder."""
+import hashlib
+
+import numpy as np
+import pytest
+
+import fd_eval
+import fd_eval.metrics.build as build
+import fd_eval.run.engine as engine
+from _gpic_shards import gpic_sample, write_shard
+from _images import photo_crops
+from fd_eval.errors import CheckpointError, RemoteReadError
+from fd_eval.sources.remote import RemoteTarSource
+from test_remote import HF, MODEL, N_SHARDS, PER_SHARD, _build, _http, _interrupt_after, _same, hub, on_disk, world
+
+__all__ = ["hub", "on_disk", "world"]  # fixtures shared with test_remote.py
+
+
+@pytest.fixture()
+def spool(tmp_path, monkeypatch):
+    d = tmp_path / "spool"
+    monkeypatch.setenv("FD_EVAL_SPOOL_DIR", str(d))
+    return d
+
+
+def _sizes(world):
+    return {name: len(d) for name, d in world["data"].items()}
+
+
+@pytest.mark.parametrize("where,workers", [("http", 0), ("http", 2), ("hf", 1)])
+def test_first_pass_reads_each_shard_once(world, on_disk, hub, tmp_path, spool, monkeypatch, where, workers):
+    spec = _http(hub) if where == "http" else HF
+    alive: list[int] = []  # spool files present as each shard is registered
+    real = RemoteTarSource.register
+
+    def register(self, s, idx, path):
+        real(self, s, idx, path)
+        alive.append(len([p for p in spool.rglob("*.tar")]))
+
+    monkeypatch.setattr(RemoteTarSource, "register", register)
+    res = _build(world, spec, tmp_path / "a.safetensors", num_workers=workers)[MODEL]
+    _same(res, on_disk)
+    assert hub.served == _sizes(world)  # every byte of every shard sent once in all (index and data)
+    gets = hub.body_gets(".tar")
+    assert len(gets) == N_SHARDS and {r.range for r in gets} <= {None, "bytes=0-"}
+    # without workers: this shard and the one read ahead, at most (workers' prefetch may span more shards)
+    assert len(alive) == N_SHARDS and max(alive) <= (2 if workers == 0 else N_SHARDS)
+    assert list(spool.iterdir()) == []  # the spool files went with the pass
+    src = res.metadata["source"]
+    assert src["inputs"]["used"] == 12 and src["build"]["units"] == N_SHARDS
+    assert [f["sha256"] for f in src["files"]] == [hashlib.sha256(d).hexdigest() for d in world["data"].values()]
+
+    hub.served.clear()  # a second pass: Hub shards have their index cached now (http ones have no validator)
+    again = _build(world, spec, tmp_path / "b.safetensors", num_workers=workers)[MODEL]
+    _same(again, res)
+    assert len(hub.body_gets(".tar")) == 2 * N_SHARDS
+    assert all(0 < hub.served[n] <= len(d) for n, d in world["data"].items())
+    assert list(spool.iterdir()) == []
+
+
+def test_first_pass_of_compute_stats_reads_each_shard_once(world, hub, spool):
+    """compute_stats (one unit over every shard: batches that straddle shards) from the streamed shards, bit-identical
+    to the same call over the shards on disk."""
+    kw = {"extractors": [world["ex"]], "batch_size": 3, "num_workers": 0, "progress": False}
+    disk = fd_eval.compute_stats(str(world["root"] / "shards" / "gpic_test_{00000..00002}.tar"), **kw)[MODEL]
+    res = fd_eval.compute_stats(_http(hub), **kw)[MODEL]
+    assert res.n == disk.n == 12 and np.array_equal(res.mu, disk.mu) and np.array_equal(res.sigma, disk.sigma)
+    assert hub.served == _sizes(world) and list(spool.iterdir()) == []
+    assert res.metadata["source"]["fingerprint"] == fd_eval.open_source(_http(hub)).fingerprint()
+
+
+def test_first_pass_dropped_connection_resumes_to_identical_statistics(world, on_disk, hub, tmp_path, spool):
+    hub.cuts = [5000, 700]  # the first shard's stream is cut twice
+    res = _build(world, _http(hub), tmp_path / "c.safetensors", num_workers=1)[MODEL]
+    _same(res, on_disk)
+    ranges = [r.range for r in hub.body_gets("gpic_test_00000.tar")]
+    assert ranges == ["bytes=0-", "bytes=5000-", "bytes=5700-"]  # continued from the byte reached, never from the start
+    assert hub.served == _sizes(world) and list(spool.iterdir()) == []
+
+
+def test_first_pass_connection_that_keeps_failing(world, hub, tmp_path, spool, monkeypatch):
+    monkeypatch.setenv("FD_EVAL_REMOTE_RETRIES", "2")
+    hub.cuts = [4000, 0, 0]  # shard 0: cut at byte 4,000, then twice no byte at all
+    with pytest.raises(RemoteReadError) as e:
+        _build(world, _http(hub), tmp_path / "x.safetensors")
+    msg = str(e.value)
+    assert "\n" not in msg and "gpic_test_00000.tar" in msg and "at byte 4,000" in msg and "--skip-bad" in msg
+    assert list(spool.iterdir()) == []  # the spool goes after an error too
+    hub.cuts = [4000, 0, 0]
+    res = _build(world, _http(hub), tmp_path / "y.safetensors", skip_bad=True)[MODEL]
+    inputs = res.metadata["source"]["inputs"]  # the shard is listed, the others are used
+    assert res.n == 8 and inputs["found"] == 9 and inputs["used"] == 8
+    assert [(p["found"], p["used"], p["skipped"], p["ignored"]) for p in inputs["per_shard"]] == [
+        (1, 0, 0, 1), (4, 4, 0, 0), (4, 4, 0, 0)]
+    assert list(spool.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["http", "hf"])
+def test_interrupted_first_pass_resumes_and_refuses_a_changed_shard(world, on_disk, hub, tmp_path, spool,
+                                                                    monkeypatch, where):
+    spec = _http(hub) if where == "http" else HF
+    out = tmp_path / "r.safetensors"
+    real = engine.save_unit_file
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        _build(world, spec, out)
+    monkeypatch.setattr(engine, "save_unit_file", real)
+    assert list(spool.iterdir()) == []
+    assert all(hub.served.get(n, 0) <= len(d) for n, d in world["data"].items())  # each shard read once at most
+    other = write_shard(tmp_path / "new.tar", [gpic_sample(i, im) for i, im in
+                                               enumerate(photo_crops(PER_SHARD, 64, 64, seed=99))]).read_bytes()
+    hub.mirror["gpic_test_00000.tar"] = other
+    hub.files["datasets/org/gpic/test/gpic_test_00000.tar"] = other
+    with pytest.raises(CheckpointError, match="data of unit 0 .*gpic_test_00000.tar. changed since it was"):
+        _build(world, spec, out)
+    hub.mirror["gpic_test_00000.tar"] = world["data"]["gpic_test_00000.tar"]
+    hub.files["datasets/org/gpic/test/gpic_test_00000.tar"] = world["data"]["gpic_test_00000.tar"]
+    res = _build(world, spec, out)[MODEL]
+    _same(res, on_disk)
+    assert res.metadata["source"]["build"]["resumed_units"] == 1 and list(spool.iterdir()) == []
+
+
+def test_ranks_sharing_a_folder_index_first_and_match(world, on_disk, hub, tmp_path, spool):
+    """Two ranks (no process group) over never-indexed shards: each indexes the shards first (the documented
+    limit), the merged statistics are the single process's bits."""
+    out = tmp_path / "w.safetensors"
+    notes: list[str] = []
+    assert _build(world, _http(hub), out, rank=1, world_size=2, log=notes.append) is None
+    res = _build(world, _http(hub), out, rank=0, world_size=2, log=notes.append)[MODEL]
+    _same(res, on_disk)
+    assert any("indexing the 3 remote shard(s) not in the tar index cache first" in n for n in notes)
+    assert not build.default_checkpoint_dir(out).exists() and not spool.exists()  # (nothing streamed in a pass)
