@@ -1,6 +1,6 @@
 """Streamed tar shards (the loopback HTTP server the tests use as the Hub) against the same shards on disk.
 
-    python benchmarks/bench_remote.py                  # ~1-2 minutes on a 2-core CPU
+    python benchmarks/bench_remote.py                  # ~2 minutes on a 2-core CPU
     python benchmarks/bench_remote.py --quick          # seconds
 
 Parts (one JSON, default ``benchmarks/results/remote_cpu.json``):
@@ -12,11 +12,18 @@ Parts (one JSON, default ``benchmarks/results/remote_cpu.json``):
    rounds (disk, remote, disk, remote, ...) so a busy shared CPU slows both alike; the median round of each. Also
    the read alone (bytes, no decode) to show the transport's own cost. The goal: streamed within 10% of disk
    when decoding (the model then only widens the margin).
-2. **Indexing**: opening the streamed shards the first time (each read once for its index) and again (from
-   the index cache).
+2. **Indexing**: opening the streamed shards (one HEAD request each, nothing read) and counting their items
+   (``len()``: each shard read once for its index, as a pass that needs the counts up front does).
 3. **Memory flat in shard count**: the resident memory (sampled every 5 ms) above its level after the imports, of
-   a fresh process that opens S streamed shards and reads and decodes every image, for 8 and 32 shards
-   of 40 images (the first 8 warm up the allocator and code paths; flat means 32 costs what 8 does).
+   a fresh process that runs a streamed first pass (:func:`engine_pass`: every shard read once into a spool,
+   indexed from the stream, every image decoded) over S shards, for 8 and 32 shards of 40 images (the first 8
+   warm up the allocator and code paths; flat means 32 costs what 8 does).
+4. **Passes of the engine's data path** (:func:`engine_pass`: the DataLoader of
+   :func:`fd_eval.run.pipeline.run_units` with two decode workers, the model left out): the same shards on disk,
+   streamed from the loopback "Hub" (``hf://`` with ETags) on a first pass (cold tar index cache: each shard streamed once into a spool, indexed
+   from the stream), on a cached pass (index cached: members streamed once), and the way a pass that needs the
+   counts first goes (``len()`` first: index read, then members read again); images/s (median of interleaved
+   rounds) and the bytes the server sent per pass, over the shards' total size.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,8 +93,8 @@ def rss_mib() -> float:
 
 
 def child_memory(url_spec: str) -> None:
-    """Run in a fresh process: open the streamed shards, read + decode every image, print the RSS figures (the
-    resident memory sampled every 5 ms, above what it was after the imports)."""
+    """Run in a fresh process: a streamed first pass over the shards (spooled, indexed from the stream, every image
+    decoded), print the RSS figures (the resident memory sampled every 5 ms, above what it was after the imports)."""
     import threading
 
     import fd_eval  # noqa: F401 - imported before the baseline
@@ -102,24 +110,111 @@ def child_memory(url_spec: str) -> None:
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     src = open_source(url_spec)
-    for i in range(len(src)):
-        src.load(i)
+    n = engine_pass(src, workers=0)
     done.set()
     t.join()
-    print(json.dumps({"n": len(src), "baseline_rss_mib": round(base, 1), "peak_rss_mib": round(peak[0], 1),
+    print(json.dumps({"n": n, "baseline_rss_mib": round(base, 1), "peak_rss_mib": round(peak[0], 1),
                       "growth_mib": round(peak[0] - base, 1),
                       "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+class _Decode:
+    """A map-style dataset: item i decoded (what the engine's workers do before the model's host transform)."""
+
+    def __init__(self, src):
+        self.src = src
+
+    def __getitem__(self, i: int) -> int:
+        return self.src.load(i).size[0]
+
+
+def engine_pass(src, workers: int = 2, chunk: int = 32) -> int:
+    """The data path of one pass of :func:`fd_eval.run.pipeline.run_units` over every shard of ``src`` (one unit
+    per shard), without the model: the same batch plan (streamed: :class:`fd_eval.run.streamed.StreamedBatches`,
+    spooling and releasing shards), DataLoader and decode. Returns the number of images decoded."""
+    import numpy as np
+    import torch
+
+    from fd_eval.run.streamed import ShardItems, StreamedBatches
+
+    if getattr(src, "pending", None) is not None:
+        units: list = [ShardItems(src, [s]) for s in range(len(src.shards))]
+    else:
+        units = [np.arange(a, b) for a, b in zip(src.shard_starts[:-1], src.shard_starts[1:])]
+    plan = StreamedBatches(src, units, chunk)
+    n = 0
+    try:
+        loader = torch.utils.data.DataLoader(_Decode(src), batch_sampler=plan, num_workers=workers,
+                                             collate_fn=len, prefetch_factor=4 if workers else None)
+        for i, m in enumerate(loader):
+            n += m
+            for s in plan.frees[i]:
+                src.release(s)
+    finally:
+        plan.close()
+    return n
+
+
 def serve(folder: Path) -> None:
-    """Run in a separate process (so its threads never hold the benchmark's GIL): serve ``folder``'s shards."""
+    """Run in a separate process (so its threads never hold the benchmark's GIL): serve ``folder``'s shards (as
+    mirror files and as an ``hf://datasets/bench/shards`` repository with ETags); a line ``served`` on stdin is
+    answered with the body bytes sent so far."""
     from _fake_hub import FakeHub
 
     with FakeHub() as hub:
         for p in sorted(folder.rglob("*.tar")):
-            hub.add_mirror(p.relative_to(folder).as_posix(), p.read_bytes())
+            data = p.read_bytes()
+            hub.add_mirror(p.relative_to(folder).as_posix(), data)
+            hub.add_file("bench/shards", p.relative_to(folder).as_posix(), data)
         print(hub.url, flush=True)
-        sys.stdin.read()  # until the parent closes our stdin
+        for line in sys.stdin:  # until the parent closes our stdin
+            if line.strip() == "served":
+                print(sum(hub.served.values()), flush=True)
+
+
+def passes(url: str, disk_spec: str, n_shards: int, paths: list[Path], server, rounds: int) -> dict:
+    """Part 4: engine passes over the shards on disk, streamed first (cold index cache), streamed cached, and
+    indexed first (``len()``, then the pass); img/s (median of interleaved rounds) and bytes sent per pass."""
+    from fd_eval.sources import open_source
+
+    os.environ["HF_ENDPOINT"] = url
+    hf_spec = f"hf://datasets/bench/shards/shard_{{00000..{n_shards - 1:05d}}}.tar"
+    total = sum(p.stat().st_size for p in paths)
+    cache = os.environ["FD_EVAL_CACHE"]
+
+    def served() -> int:
+        server.stdin.write("served\n")
+        server.stdin.flush()
+        return int(server.stdout.readline())
+
+    def first() -> object:
+        os.environ["FD_EVAL_CACHE"] = tempfile.mkdtemp(prefix="cold_", dir=cache)  # a cold tar index cache
+        return open_source(hf_spec)
+
+    def counted_first() -> object:
+        src = first()
+        len(src)  # (what a pass that needs the counts up front does: every shard indexed first)
+        return src
+
+    kinds = {"disk": lambda: open_source(disk_spec), "streamed_first_pass": first,
+             "streamed_cached_pass": lambda: open_source(hf_spec), "streamed_indexed_first": counted_first}
+    engine_pass(kinds["streamed_first_pass"]())  # warm up (and cache the index for the cached pass)
+    res: dict[str, list[float]] = {k: [] for k in kinds}
+    sent: dict[str, list[int]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        for k in list(kinds)[::1 if r % 2 == 0 else -1]:
+            b0, t0 = served(), time.perf_counter()
+            src = kinds[k]()
+            n = engine_pass(src)
+            res[k].append(n / (time.perf_counter() - t0))
+            sent[k].append(served() - b0)
+    os.environ["FD_EVAL_CACHE"] = cache
+    med = {k: statistics.median(v) for k, v in res.items()}
+    return {"images": n, "shards_total_bytes": total, "decode_workers": 2, "rounds": rounds,
+            "images_per_s": {k: round(v, 1) for k, v in med.items()},
+            "over_disk": {k: round(v / med["disk"], 3) for k, v in med.items()},
+            "bytes_sent_over_shard_bytes": {k: round(statistics.median(v) / total, 3) for k, v in sent.items()},
+            "rounds_images_per_s": {k: [round(x, 1) for x in v] for k, v in res.items()}}
 
 
 def main() -> None:
@@ -164,13 +259,13 @@ def main() -> None:
         remote = open_source(url_spec)
         first_open = time.perf_counter() - t0
         t0 = time.perf_counter()
-        open_source(url_spec)  # no ETag from this server: indexed again; the Hub's ETag makes it a cache hit
-        second_open = time.perf_counter() - t0
+        len(remote)  # the counts: each shard read once for its index (no ETag here: not cached)
+        first_count = time.perf_counter() - t0
         disk = open_source(disk_spec)
         t0 = time.perf_counter()
         open_source(disk_spec)
         disk_open = time.perf_counter() - t0
-        out["indexing_s"] = {"streamed_first_open": first_open, "streamed_reopen_without_etag": second_open,
+        out["indexing_s"] = {"streamed_open": first_open, "streamed_len_indexes_every_shard": first_count,
                              "disk_open_cached": disk_open}
         res: dict[str, list[tuple[float, float]]] = {f"{w}_{m}": [] for m in ("read", "decode")
                                                      for w in ("disk", "remote")}
@@ -189,6 +284,7 @@ def main() -> None:
             "decode_images_per_s": round(med["remote_decode"] / med["disk_decode"], 3),
             "decode_cpu_per_image": round(cpu["remote_decode"] / cpu["disk_decode"], 3),
             "read_only_images_per_s": round(med["remote_read"] / med["disk_read"], 3)}
+        out["engine_pass"] = passes(url, disk_spec, large, paths, server, max(3, a.rounds // 3))
         mem = {}
         for s in mem_counts:
             spec = f"{url}/mirror/mem/shard_{{00000..{s - 1:05d}}}.tar"
@@ -201,11 +297,12 @@ def main() -> None:
     finally:
         server.stdin.close()
         server.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
     out["load_average_after"] = list(os.getloadavg())
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: out[k] for k in ("images_per_s", "cpu_ms_per_image", "remote_over_disk", "indexing_s",
-                                          "memory_by_shard_count")}, indent=1))
+                                          "engine_pass", "memory_by_shard_count")}, indent=1))
 
 
 if __name__ == "__main__":

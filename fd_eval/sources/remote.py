@@ -4,20 +4,32 @@ How a streamed shard becomes an indexable source (the DataLoader asks for items 
 
 1. Opening stats every shard (one HEAD request each: size, ETag, the Hub's commit) and takes its member index
    (names, offsets, sizes; what :func:`fd_eval.sources.discovery.scan_tar` gives for a local shard) from the tar
-   index cache, keyed by URL, size, ETag and revision. A shard not in the cache is read once, sequentially, to
-   build its index from the stream (headers as they pass; its sha256 on the way, checked against the Hub's LFS
-   sha256), then cached; nothing but that index and hash is kept.
-2. A pass reads member bytes through one :class:`~fd_eval.sources.remote_io.StreamReader` per shard and process:
-   the items of a shard are asked for in order (units are shards; the DataLoader hands each worker runs of
-   consecutive items), so each worker's reads go forward through the shard on one connection, jumping ahead over
-   the other workers' runs with a new ``Range`` request (after its first jump, closed ranges of about its run
-   length, with no read-ahead: the bytes between its runs are not transferred); with no workers a shard is one
-   sequential read. A sequential reader reads ahead (``$FD_EVAL_REMOTE_READAHEAD`` bytes, default 8 MiB) in a
+   index cache, keyed by URL, size, ETag and revision; nothing else is read. A shard not in the cache (or with no
+   ETag or revision to key it by) is *pending*: a tar has no table of contents, so its item count is known only
+   once it has been read.
+2. A pass of the unit engine over whole shards (``stats``/:func:`fd_eval.build_stats` in one process,
+   ``compute``/:func:`fd_eval.compute_stats` without ``--num``) reads each pending shard once: a background thread
+   streams it into a local spool file (``$FD_EVAL_SPOOL_DIR``, else the temp folder) while building its index from
+   the stream (headers as they pass; its sha256 on the way, checked against the Hub's LFS sha256), the index is
+   cached, the shard's items get their indices, the decode workers read the members from the spool, and the spool
+   is deleted once the shard's last item is in. The next pending shard is streamed meanwhile (read-ahead of one
+   shard); the spool holds the shards of the DataLoader's prefetch window plus that one, whatever the number of
+   shards (:mod:`fd_eval.run.streamed`).
+3. A shard whose index is cached is read by member: one :class:`~fd_eval.sources.remote_io.StreamReader` per shard
+   and process; the items of a shard are asked for in order (units are shards; the DataLoader hands each worker
+   runs of consecutive items), so each worker's reads go forward through the shard on one connection, jumping
+   ahead over the other workers' runs with a new ``Range`` request (after its first jump, closed ranges of about
+   its run length, with no read-ahead: the bytes between its runs are not transferred); with no workers a shard is
+   one sequential read. A sequential reader reads ahead (``$FD_EVAL_REMOTE_READAHEAD`` bytes, default 8 MiB) in a
    background thread, and the DataLoader's prefetch crosses into the next shard before the current one is done.
 
-So the first pass over an uncached shard set reads every byte twice (index, then data); later passes, and every
-resume, read each member once. A connection that drops is resumed at the byte reached; one that keeps failing is
-one line naming the shard and the byte (or, with ``skip_bad``, its remaining items are listed as skipped).
+So every pass reads each shard once. Where the item count is needed before the pass (``len()``, ``--num``/
+``--seed`` subsets, ``--checkpoint-every`` blocks, ``torchrun`` ranks, which split the items up front, and the
+passes of ``ceiling --real``, ``copies --train`` and ``index build``), the pending shards are indexed first
+(:meth:`RemoteTarSource.resolve`: one read each, four at a time) and the pass then reads their members again:
+those first passes transfer every byte twice. A connection that drops is resumed at the byte reached; one that
+keeps failing is one line naming the shard and the byte (or, with ``skip_bad``, the shard is listed as
+unreadable, or its remaining items as skipped when it fails after its index was read).
 """
 from __future__ import annotations
 
@@ -67,12 +79,11 @@ class _SpoolingReader(StreamReader):
         self._fd = fd
 
     def _net_read(self, n: int) -> bytes:
-        at = self.net
+        at = self.net  # (pwrite at the offset: a reconnect after a seek back rewrites the same bytes)
         b = super()._net_read(n)
-        view = memoryview(b)
-        while view:  # (a short write only on a full disk, which raises)
-            view = view[os.pwrite(self._fd, view, at):]
-            at += len(b) - len(view) if view else 0
+        view, done = memoryview(b), 0
+        while done < len(b):
+            done += os.pwrite(self._fd, view[done:], at + done)
         return b
 
 
