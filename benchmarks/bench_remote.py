@@ -20,10 +20,10 @@ Parts (one JSON, default ``benchmarks/results/remote_cpu.json``):
    warm up the allocator and code paths; flat means 32 costs what 8 does).
 4. **Passes of the engine's data path** (:func:`engine_pass`: the DataLoader of
    :func:`fd_eval.run.pipeline.run_units` with two decode workers, the model left out): the same shards on disk,
-   streamed from the loopback "Hub" (``hf://`` with ETags) on a first pass (cold tar index cache: each shard streamed once into a spool, indexed
-   from the stream), on a cached pass (index cached: members streamed once), and the way a pass that needs the
-   counts first goes (``len()`` first: index read, then members read again); images/s (median of interleaved
-   rounds) and the bytes the server sent per pass, over the shards' total size.
+   streamed from the loopback "Hub" (``hf://`` with ETags) on a first pass (cold tar index cache: each shard
+   streamed once into a spool, indexed from the stream), on a cached pass (index cached: members streamed once),
+   and the way a pass that needs the counts first goes (``len()`` first: index read, then members read again);
+   images/s (median of interleaved rounds) and the bytes the server sent per pass, over the shards' total size.
 """
 from __future__ import annotations
 
