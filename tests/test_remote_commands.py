@@ -29,6 +29,9 @@ MODEL, DEPTH = "dinov2-vits14", 2
 N_SHARDS, PER_SHARD = 3, 3
 RANGE = "{00000..00002}"
 NULL_ROW = 4  # the Parquet copy of the training set has a null image in this row (row groups of 4)
+# hf:// and http:// differ below the source layer only (tests/test_remote.py runs both): the fast tier runs each
+# command over one of them, and hf:// in the slow tier
+HF_SLOW = pytest.param("hf", marks=pytest.mark.slow)
 
 
 def _jpeg(a):
@@ -99,12 +102,13 @@ def _remote(hub, where):
             "hf-parquet": "hf://datasets/org/pq/data/train-00000.parquet"}[where]
 
 
-def _as_local(doc, world, hub, where):
+def _as_local(doc, world, hub):
     """``doc`` with every remote item name mapped to the same item on disk (URL prefix -> local folder)."""
     text = json.dumps(doc)
-    prefix = _remote(hub, where).rsplit("/", 1)[0] + "/"
-    folder = world["parquet"].parent if where == "hf-parquet" else world["shards"]
-    return json.loads(text.replace(prefix, f"{folder}/"))
+    for where in ("http", "hf", "hf-parquet"):
+        folder = world["parquet"].parent if where == "hf-parquet" else world["shards"]
+        text = text.replace(_remote(hub, where).rsplit("/", 1)[0] + "/", f"{folder}/")
+    return json.loads(text)
 
 
 def _counts(acc):
@@ -124,7 +128,7 @@ def local_ceiling(world, tmp_path_factory):
     return {kind: _run(_ceiling_args(world, _local(world, kind)), tmp, kind)[1] for kind in ("tar", "parquet")}
 
 
-@pytest.mark.parametrize("where", ["http", "hf", "hf-parquet"])
+@pytest.mark.parametrize("where", ["http", HF_SLOW, "hf-parquet"])
 def test_ceiling_real_streamed_equals_on_disk(world, hub, local_ceiling, tmp_path, where):
     kind = "parquet" if where == "hf-parquet" else "tar"
     _, doc = _run(_ceiling_args(world, _remote(hub, where)), tmp_path, "c")
@@ -132,7 +136,7 @@ def test_ceiling_real_streamed_equals_on_disk(world, hub, local_ceiling, tmp_pat
     res, ref_res = doc["results"][MODEL], want["results"][MODEL]
     assert res["n"] == N_SHARDS * PER_SHARD and res["fd"] > 0
     assert {k: v for k, v in res.items() if k != "real"} == {k: v for k, v in ref_res.items() if k != "real"}
-    got = _as_local(doc, world, hub, where)["inputs"]["real"]
+    got = _as_local(doc, world, hub)["inputs"]["real"]
     assert _counts(got) == _counts(want["inputs"]["real"])
     if kind == "tar":
         assert [(s["found"], s["used"]) for s in got["per_shard"]] == [(PER_SHARD, PER_SHARD)] * N_SHARDS
@@ -145,23 +149,42 @@ def _copies_args(world, *train):
     return ["copies", world["gen"], *train, "--top", "2", "--threshold", "0.9", "--no-authpct", *_common(world)]
 
 
+@pytest.mark.parametrize("where", ["http", HF_SLOW])
+def test_compute_ref_streamed_equals_on_disk(world, hub, tmp_path, where):
+    """An image-source ``--ref`` may be remote too (its statistics are computed from the stream)."""
+    docs = [_run(["compute", world["gen"], "--ref", ref, *_common(world)], tmp_path, name)[1]
+            for name, ref in (("local", _local(world, "tar")), ("remote", _remote(hub, where)))]
+    assert docs[1]["results"] == docs[0]["results"] and docs[1]["results"][MODEL]["n_ref"] == N_SHARDS * PER_SHARD
+    got, want = _as_local(docs[1], world, hub)["inputs"]["reference"], docs[0]["inputs"]["reference"]
+    assert _counts(got) == _counts(want) and docs[1]["inputs"]["reference"]["spec"] == _remote(hub, where)
+
+
 @pytest.fixture(scope="module")
 def local_copies(world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("copies_local")
-    return {kind: (_run(_copies_args(world, "--train", _local(world, kind), "--sheet", tmp / f"{kind}.png"), tmp,
-                        kind)[1], tmp / f"{kind}.png") for kind in ("tar", "parquet")}
+    out = {kind: (_run(_copies_args(world, "--train", _local(world, kind), "--sheet", tmp / f"{kind}.png"), tmp,
+                       kind)[1], tmp / f"{kind}.png") for kind in ("tar", "parquet")}
+    out["test"] = _run(_copies_args(world, "--train", _local(world, "tar"), "--test", _local(world, "parquet")), tmp,
+                       "test")[1]
+    return out
 
 
-@pytest.mark.parametrize("where", ["http", "hf"])
+@pytest.mark.parametrize("where", ["http", HF_SLOW])
 def test_copies_train_streamed_equals_on_disk(world, hub, local_copies, tmp_path, where):
-    out, doc = _run(_copies_args(world, "--train", _remote(hub, where)), tmp_path, "c")
-    want = local_copies["tar"][0]
-    got = _as_local(doc, world, hub, where)
+    """``--train`` streamed (and ``--test``, held-out images for C_T, from a Parquet file on the Hub; too few
+    generated images here for C_T itself, so the test side is checked by its accounting)."""
+    out, doc = _run(_copies_args(world, "--train", _remote(hub, where), "--test", _remote(hub, "hf-parquet")),
+                    tmp_path, "c")
+    want = local_copies["test"]
+    got = _as_local(doc, world, hub)
     assert got["results"] == want["results"]  # per-image nearest (names, keys, similarities), quantiles, copies
     res = got["results"][MODEL]
     assert [p["nearest"][0]["index"] for p in res["per_image"][:3]] == [0, 1, 2]  # the planted re-encodes
-    assert _counts(got["inputs"]["train"]) == _counts(want["inputs"]["train"])
+    assert doc["provenance"]["test"]["spec"] == _remote(hub, "hf-parquet") and doc["provenance"]["test"]["n"] == 9
+    for side in ("train", "test"):
+        assert _counts(got["inputs"][side]) == _counts(want["inputs"][side])
     assert f"{_remote(hub, where)}: 9 found, 9 used" in out
+    assert f"{_remote(hub, 'hf-parquet')}: 10 found, 9 used, 1 skipped (null image)" in out
 
 
 @pytest.mark.parametrize("where", ["hf", "hf-parquet"])
@@ -182,7 +205,7 @@ def test_index_build_streamed_then_train_index_equals_copies_on_disk(world, hub,
     sheet = tmp_path / "sheet.png"
     _, doc = _run(_copies_args(world, "--train-index", idx, "--sheet", sheet), tmp_path, "c")
     want, want_sheet = local_copies[kind]
-    got = _as_local(doc, world, hub, where)
+    got = _as_local(doc, world, hub)
     assert got["results"] == want["results"]
     acc, want_acc = got["inputs"]["train"], want["inputs"]["train"]
     assert (acc["used"], [s["name"] for s in acc["skipped"]]) == (want_acc["used"],
