@@ -133,3 +133,18 @@ def test_ranks_sharing_a_folder_index_first_and_match(world, on_disk, hub, tmp_p
     _same(res, on_disk)
     assert any("indexing the 3 remote shard(s) not in the tar index cache first" in n for n in notes)
     assert not build.default_checkpoint_dir(out).exists() and not spool.exists()  # (nothing streamed in a pass)
+
+
+def test_a_spool_that_cannot_be_written_is_one_line(world, hub, tmp_path, spool, monkeypatch):
+    import errno
+    import os
+
+    from fd_eval.errors import OutputError
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OutputError, match=r"cannot write the spool of .*gpic_test_00000\.tar .*FD_EVAL_SPOOL_DIR") as e:
+        _build(world, _http(hub), tmp_path / "f.safetensors")
+    assert "\n" not in str(e.value) and e.value.errno == errno.ENOSPC and list(spool.iterdir()) == []

@@ -56,7 +56,7 @@ from .options import (  # noqa: F401 - re-exported: the machine-dependent defaul
     default_num_workers,
 )
 from .provenance import environment
-from .streamed import StreamedBatches, is_streamed, known_total, source_size_hint
+from .streamed import PlannedBatches, StreamedBatches, is_streamed, known_total, source_size_hint
 
 
 @runtime_checkable
@@ -386,7 +386,7 @@ def run_units(
         units = [np.asarray(u, dtype=np.int64) for u in units]
         all_idx = np.concatenate(units)
         whole = len(all_idx) == len(source) and bool(np.array_equal(all_idx, np.arange(len(source))))
-        plan, n_pass = _planned_batches(units, chunk), n_planned or len(all_idx)
+        plan, n_pass = PlannedBatches.of(units, chunk), n_planned or len(all_idx)
     try:
         place_extractors(extractors, device, n_pass)
         ds, collate_fn = make_dataset(source if whole else SubsetSource(source, all_idx), extractors, device,
@@ -399,36 +399,6 @@ def run_units(
     finally:
         if isinstance(plan, StreamedBatches):
             plan.close()
-
-
-@dataclass
-class _Planned:
-    """The DataLoader items of planned units (lists of dataset positions), each item's unit, each unit's last."""
-
-    batches: list[list[int]]
-    owner: list[int]
-    last: dict[int, int]
-    empty: list[int] = field(default_factory=list)
-    frees: list[list[int]] | None = None
-
-    def __iter__(self) -> Any:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def _planned_batches(units: Sequence[np.ndarray], chunk: int) -> _Planned:
-    batches: list[list[int]] = []  # DataLoader items (loader_chunk images); the runner joins them
-    owner: list[int] = []  # the unit of each item
-    off = 0
-    for k, u in enumerate(units):
-        for s in range(0, len(u), chunk):
-            batches.append(list(range(off + s, off + min(s + chunk, len(u)))))
-            owner.append(k)
-        off += len(u)
-    empty = [k for k, u in enumerate(units) if not len(u)]
-    return _Planned(batches, owner, {k: i for i, k in enumerate(owner)}, empty)
 
 
 def _loop(loader: Any, runner: BatchRunner, plan: Any, consumers: Callable[[int], Sequence[Any]],
@@ -517,19 +487,21 @@ def extract(
                          skip_bad=source.skip_bad if skip_bad is None else bool(skip_bad), progress=progress,
                          rank=rank, world_size=world_size).resolve()
     dev, world_size = run.device, run.world_size
+    streamed = world_size == 1 and bool(getattr(source, "pending", None))  # remote shards indexed as they are read
+    n_source = source_size_hint(source) if streamed else len(source)
+    place_extractors(extractors, dev, n_source)
     check_decode(run.decode, extractors, image_transform)
     mine: Any
-    if world_size == 1 and getattr(source, "pending", None):  # remote shards, indexed as they are read
+    if streamed:
         from .streamed import ShardItems
 
         mine = ShardItems(source, range(len(source.shards)))  # one unit: batches as over the items of a list
-        n_source, total = source_size_hint(source), None
+        total = None
     else:
         if len(source) == 0:
             raise EmptySourceError(f"{source.spec}: no images to evaluate")
         mine = shard_indices(len(source), run.rank, world_size)
-        n_source, total = len(source), len(mine)
-    place_extractors(extractors, dev, n_source)
+        total = len(mine)
     accs, mets = feature_consumers(extractors, dev, keep_features)
     extra = [list(c) for c in consumers] if consumers is not None else [[] for _ in extractors]
     if len(extra) != len(extractors):

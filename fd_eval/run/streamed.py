@@ -1,4 +1,5 @@
-"""Streamed passes over remote tar shards whose member index is not known yet: one read per shard.
+"""The batch plans of a pass, and streamed passes over remote tar shards whose member index is not known yet: one
+read per shard.
 
 A tar shard has no table of contents: its item count is known only once it has been read. A pass of the unit engine
 over such *pending* shards (:attr:`fd_eval.sources.remote.RemoteTarSource.pending`) therefore does not plan item
@@ -27,7 +28,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["ShardItems", "ShardSpooler", "StreamedBatches", "is_streamed", "known_total", "source_size_hint"]
+__all__ = ["PlannedBatches", "ShardItems", "ShardSpooler", "StreamedBatches", "is_streamed", "known_total",
+           "source_size_hint"]
 
 
 class ShardItems:
@@ -158,6 +160,38 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+@dataclass
+class PlannedBatches:
+    """The DataLoader items of units planned up front (lists of dataset positions, ``chunk`` at most, never across
+    units), each item's unit (``owner``), each unit's last item (``last``), the units with no items (``empty``);
+    what :class:`StreamedBatches` records as it goes."""
+
+    batches: list[list[int]]
+    owner: list[int]
+    last: dict[int, int]
+    empty: list[int] = field(default_factory=list)
+    frees: list[list[int]] | None = None  # (nothing to release)
+
+    @classmethod
+    def of(cls, units: Sequence[np.ndarray], chunk: int) -> "PlannedBatches":
+        batches: list[list[int]] = []  # DataLoader items (loader_chunk images); the runner joins them
+        owner: list[int] = []  # the unit of each item
+        off = 0
+        for k, u in enumerate(units):
+            for s in range(0, len(u), chunk):
+                batches.append(list(range(off + s, off + min(s + chunk, len(u)))))
+                owner.append(k)
+            off += len(u)
+        empty = [k for k, u in enumerate(units) if not len(u)]
+        return cls(batches, owner, {k: i for i, k in enumerate(owner)}, empty)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 @dataclass

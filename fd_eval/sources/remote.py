@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import EmptySourceError, RemoteReadError, SourceError
+from ..errors import EmptySourceError, OutputError, RemoteReadError, SourceError
 from .base import TAR_INDEX_VERSION, ImageSource, SkippedItem, read_capped
 from .decode import bad_image, one_line
 from .discovery import load_cached_index, load_index, save_index, scan_tar_file, store_cached_index
@@ -82,8 +82,14 @@ class _SpoolingReader(StreamReader):
         at = self.net  # (pwrite at the offset: a reconnect after a seek back rewrites the same bytes)
         b = super()._net_read(n)
         view, done = memoryview(b), 0
-        while done < len(b):
-            done += os.pwrite(self._fd, view[done:], at + done)
+        try:
+            while done < len(b):
+                done += os.pwrite(self._fd, view[done:], at + done)
+        except OSError as e:  # (not a network error: no retry)
+            err = OutputError(one_line(f"cannot write the spool of {self.rf.url} ({e.strerror or e}); free disk space "
+                                       "or set FD_EVAL_SPOOL_DIR to a folder with room for two shards"))
+            err.errno = e.errno
+            raise err from None
         return b
 
 
