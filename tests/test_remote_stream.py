@@ -148,3 +148,23 @@ def test_a_spool_that_cannot_be_written_is_one_line(world, hub, tmp_path, spool,
     with pytest.raises(OutputError, match=r"cannot write the spool of .*gpic_test_00000\.tar .*FD_EVAL_SPOOL_DIR") as e:
         _build(world, _http(hub), tmp_path / "f.safetensors")
     assert "\n" not in str(e.value) and e.value.errno == errno.ENOSPC and list(spool.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_torchrun_stats_over_never_indexed_shards_equals_one_process_on_disk(world, hub, tmp_path, spool, one_thread):
+    """`torchrun --nproc_per_node 2 -m fd_eval stats URL`: the ranks index the shards first (a note says so), take
+    every other shard, and the statistics are one process's over the shards on disk, to the bit."""
+    from _checkpoints import save_dinov2_checkpoint
+    from test_distributed import _torchrun
+
+    ckpt, _ = save_dinov2_checkpoint(tmp_path / "dinov2_vits14_pretrain.pth", "vits14", "official", seed=5)
+    out = tmp_path / "t.safetensors"
+    p = _torchrun(["-m", "fd_eval", "stats", _http(hub), "-o", out, "-m", MODEL, "--weights", ckpt,
+                   "--batch-size", 3, "--num-workers", 0, "--device", "cpu", "-q"], cwd=tmp_path)
+    assert "indexing the 3 remote shard(s) not in the tar index cache first" in p.stderr
+    exs = fd_eval.load_extractors(MODEL, ckpt, "cpu")
+    disk = build.build_stats(str(world["root"] / "shards" / "gpic_test_{00000..00002}.tar"), tmp_path / "d.safetensors",
+                             extractors=exs, batch_size=3, num_workers=0, progress=False)[MODEL]
+    got = fd_eval.load_stats(out)
+    assert got.n == disk.n == 12 and np.array_equal(got.mu, disk.mu) and np.array_equal(got.sigma, disk.sigma)
+    assert got.metadata["source"]["build"]["world_size"] == 2 and not spool.exists()
