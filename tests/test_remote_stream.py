@@ -168,3 +168,35 @@ def test_torchrun_stats_over_never_indexed_shards_equals_one_process_on_disk(wor
     got = fd_eval.load_stats(out)
     assert got.n == disk.n == 12 and np.array_equal(got.mu, disk.mu) and np.array_equal(got.sigma, disk.sigma)
     assert got.metadata["source"]["build"]["world_size"] == 2 and not spool.exists()
+
+
+def test_index_build_first_pass_reads_each_shard_once(world, hub, tmp_path, spool):
+    """`index build` over never-indexed shards: each shard streamed once, every unit's keys and vectors those of the
+    same build over the shards on disk, the part's count and fingerprint filled in when it completes."""
+    from safetensors.torch import load_file
+
+    from fd_eval.index.build import build_index
+    from fd_eval.index.store import unit_path
+
+    kw = {"extractors": [world["ex"]], "batch_size": 3, "num_workers": 0, "progress": False}
+    disk = build_index(str(world["root"] / "shards" / "gpic_test_{00000..00002}.tar"), tmp_path / "d", **kw)
+    remote = build_index(_http(hub), tmp_path / "r", **kw)
+    assert hub.served == _sizes(world) and list(spool.iterdir()) == []
+    with pytest.MonkeyPatch.context() as mp:  # interrupted after its first unit, then resumed
+        _interrupt_after(mp, 1)
+        with pytest.raises(KeyboardInterrupt):
+            build_index(_http(hub), tmp_path / "i", **kw)
+    assert list(spool.iterdir()) == []
+    resumed = build_index(_http(hub), tmp_path / "i", **kw)
+    assert resumed.n_items == 12 and resumed.parts[0]["fingerprint"] == remote.parts[0]["fingerprint"]
+    for k in range(N_SHARDS):
+        a, b = load_file(unit_path(tmp_path / "d", k)), load_file(unit_path(tmp_path / "i", k))
+        assert all(np.array_equal(a[t].numpy(), b[t].numpy()) for t in a)
+    assert (remote.n_items, remote.n_rows, len(remote.units)) == (disk.n_items, disk.n_rows, len(disk.units)) == (
+        12, 12, N_SHARDS)
+    for k in range(N_SHARDS):
+        a, b = load_file(unit_path(tmp_path / "d", k)), load_file(unit_path(tmp_path / "r", k))
+        assert a.keys() == b.keys() and all(np.array_equal(a[t].numpy(), b[t].numpy()) for t in a)
+    part = remote.parts[0]
+    assert part["complete"] and part["n_items"] == 12
+    assert part["fingerprint"] == fd_eval.open_source(_http(hub)).fingerprint()

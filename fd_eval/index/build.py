@@ -77,7 +77,7 @@ def _part_identity(exs: Sequence[Extractor], dtype: str, spec: str, plan: Any, o
         "format": INDEX_FORMAT, "dtype": dtype, "extractors": [extractor_identity(ex.metadata()) for ex in exs],
         "source": spec, "offset": offset,
         "plan": {"kind": plan.kind, "checkpoint_every": plan.checkpoint_every, "n_units": len(plan.units),
-                 "n_items": plan.n_items}}))
+                 "n_items": None if plan.streamed else plan.n_items}}))
 
 
 def _read_unit_header(path: Path) -> dict[str, Any] | None:
@@ -161,6 +161,7 @@ def build_index(
     from ..metrics.build import plan_units
     from ..run.distributed import barrier
     from ..run.engine import carry_error, scan_units, share_units
+    from ..run.streamed import known_total
     from .store import open_index
 
     opts = make_options(options, kw, "build_index")
@@ -171,17 +172,25 @@ def build_index(
     rank, world, dev = resolved.rank, resolved.world_size, resolved.device
     root = Path(out)
     src = open_source(train, skip_bad=opts.skip_bad, offline=opts.offline)
-    if len(src) == 0:
+    # remote shards not indexed yet: indexed from the one read of the pass (fd_eval.run.streamed); ranks need the
+    # counts first
+    streamed = world == 1 and checkpoint_every is None and bool(getattr(src, "pending", None))
+    if world > 1 and getattr(src, "pending", None):
+        say(f"rank {rank} of {world}: indexing the {len(src.pending)} remote shard(s) not in the tar index cache "
+            "first (a multi-process first pass reads them twice; a single process reads each once)")
+        src.resolve()
+    if not streamed and len(src) == 0:
         raise EmptySourceError(f"{src.spec}: no training images to index")
     exs = resolve_extractors(models, extractors, weights, resolved, dev)
     manifest, part_no = _start_part(root, read_manifest(root), exs, dtype, str(src.spec), append)
     offset = sum(p["n_items"] for p in manifest["parts"][:part_no])
-    if offset + len(src) > MAX_KEY + 1:
+    if not streamed and offset + len(src) > MAX_KEY + 1:
         raise InputError(f"{root}: {offset + len(src)} images; an index holds at most {MAX_KEY + 1}; start another")
     first_unit = sum(p["n_units"] for p in manifest["parts"][:part_no])
-    plan = plan_units(src, checkpoint_every=checkpoint_every)
+    plan = plan_units(src, checkpoint_every=checkpoint_every, streamed=True)
     ident = _part_identity(exs, dtype, str(src.spec), plan, offset)
-    part = {"source": str(src.spec), "fingerprint": src.fingerprint(), "offset": offset, "n_items": len(src),
+    part = {"source": str(src.spec), "fingerprint": None if streamed else src.fingerprint(), "offset": offset,
+            "n_items": None if streamed else len(src),  # (a streamed part's: when it is complete)
             "n_units": len(plan.units), "first_unit": first_unit, "unit_kind": plan.kind,
             "checkpoint_every": plan.checkpoint_every, "complete": False}
     if rank == 0:
@@ -213,10 +222,10 @@ def build_index(
         _save_unit(unit_path(root, first_unit + u.index), header, tensors)
 
     try:
-        with tqdm(total=sum(len(u) for u in mine), unit="img", desc="index", smoothing=0.1,
+        with tqdm(total=known_total([u.indices for u in mine]), unit="img", desc="index", smoothing=0.1,
                   disable=not opts.progress or rank != 0) as bar:
             error = scan_units(src, exs, mine, resolved, fresh=lambda u: [RowCollector() for _ in exs],
-                               on_unit=save, bar=bar, n_planned=plan.n_items)
+                               on_unit=save, bar=bar, n_planned=None if streamed else plan.n_items)
         carry_error(resolved, error)  # a failed unit's error reaches every rank (none waits at the barrier)
     except BaseException:
         if rank == 0:
@@ -266,6 +275,12 @@ def _finish_part(root: Path, manifest: dict[str, Any], part_no: int, plan: Any, 
                                int(keys[0]) if n else -1, int(keys[-1]) if n else -1).to_dict())
         skipped += h.get("skipped", [])
     part = manifest["parts"][part_no]
+    if part.get("n_items") is None:  # a streamed part: its images are counted now that every shard was read
+        n_items = len(plan.source)
+        if part["offset"] + n_items > MAX_KEY + 1:
+            raise InputError(f"{root}: {part['offset'] + n_items} images; an index holds at most {MAX_KEY + 1}; "
+                             "start another")
+        part.update(n_items=n_items, fingerprint=plan.source.fingerprint())
     part.update(complete=True, n_rows=sum(u["n_rows"] for u in units), skipped=skipped,
                 finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     manifest["units"] = [u for u in manifest["units"] if u["part"] != part_no] + units

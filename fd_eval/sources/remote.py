@@ -7,8 +7,9 @@ How a streamed shard becomes an indexable source (the DataLoader asks for items 
    index cache, keyed by URL, size, ETag and revision; nothing else is read. A shard not in the cache (or with no
    ETag or revision to key it by) is *pending*: a tar has no table of contents, so its item count is known only
    once it has been read.
-2. A pass of the unit engine over whole shards (``stats``/:func:`fd_eval.build_stats` in one process,
-   ``compute``/:func:`fd_eval.compute_stats` without ``--num``) reads each pending shard once: a background thread
+2. A pass of the unit engine over whole shards in one process (``stats``/:func:`fd_eval.build_stats`,
+   ``compute``/:func:`fd_eval.compute_stats` and ``index build``/``build_index`` without ``--num`` or
+   ``--checkpoint-every``) reads each pending shard once: a background thread
    streams it into a local spool file (``$FD_EVAL_SPOOL_DIR``, else the temp folder) while building its index from
    the stream (headers as they pass; its sha256 on the way, checked against the Hub's LFS sha256), the index is
    cached, the shard's items get their indices, the decode workers read the members from the spool, and the spool
@@ -25,7 +26,7 @@ How a streamed shard becomes an indexable source (the DataLoader asks for items 
 
 So every pass reads each shard once. Where the item count is needed before the pass (``len()``, ``--num``/
 ``--seed`` subsets, ``--checkpoint-every`` blocks, ``torchrun`` ranks, which split the items up front, and the
-passes of ``ceiling --real``, ``copies --train`` and ``index build``), the pending shards are indexed first
+passes of ``ceiling --real`` and ``copies --train``), the pending shards are indexed first
 (:meth:`RemoteTarSource.resolve`: one read each, four at a time) and the pass then reads their members again:
 those first passes transfer every byte twice. A connection that drops is resumed at the byte reached; one that
 keeps failing is one line naming the shard and the byte (or, with ``skip_bad``, the shard is listed as
