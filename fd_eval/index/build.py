@@ -159,7 +159,6 @@ def build_index(
     """
     from ..api import resolve_extractors
     from ..metrics.build import plan_units
-    from ..run.distributed import barrier
     from ..run.engine import carry_error, scan_units, share_units
     from .store import open_index
 
@@ -168,7 +167,7 @@ def build_index(
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if opts.progress else (lambda m: None))
     resolved = opts.resolve()
-    rank, world, dev = resolved.rank, resolved.world_size, resolved.device
+    rank, dev = resolved.rank, resolved.device
     root = Path(out)
     src = open_source(train, skip_bad=opts.skip_bad, offline=opts.offline)
     if len(src) == 0:
@@ -222,21 +221,29 @@ def build_index(
         if rank == 0:
             say(f"the units finished so far are saved in {root}; run the same command again to resume")
         raise
+    _complete_part(root, manifest, part_no, plan, first_unit, ident, resolved)
+    return open_index(root) if rank == 0 else None
+
+
+def _complete_part(root: Path, manifest: dict[str, Any], part_no: int, plan: Any, first_unit: int,
+                   ident: dict[str, Any], run: Any) -> None:
+    """After every rank's share: rank 0 checks the units and marks the part complete; every rank returns once the
+    manifest is complete (a scan may follow at once), or raises rank 0's error."""
+    from ..run.distributed import barrier, raise_first_error
+
+    world = run.world_size
     if world > 1:
-        barrier(dev)
+        barrier(run.device)
     error = None
-    if rank == 0:
+    if run.rank == 0:
         try:
             _finish_part(root, manifest, part_no, plan, first_unit, ident)
         except InputError as e:
             if world == 1:
                 raise
             error = e
-    if world > 1:  # every rank returns once the manifest is complete (a scan may follow at once), or raises
-        from ..run.distributed import raise_first_error
-
+    if world > 1:
         raise_first_error(error)
-    return open_index(root) if rank == 0 else None
 
 
 def _save_unit(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
