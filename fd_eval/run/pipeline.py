@@ -44,7 +44,7 @@ from ..sources.gpu_decode import (  # noqa: F401 - re-exported: the pipeline's p
     device_decode_spec,
     device_decodes,
 )
-from ..sources.loader import Batch, ExtractorDataset, collate, h2d
+from ..sources.loader import Batch, ExtractorDataset, collate, h2d, worker_init
 from .options import (  # noqa: F401 - re-exported: the machine-dependent defaults live with the options
     DECODES,
     ResolvedRun,
@@ -153,7 +153,8 @@ def make_loader(ds: ExtractorDataset, collate_fn: Callable, device: torch.device
         "batch_size": batch_size, "shuffle": False}
     return torch.utils.data.DataLoader(
         ds, num_workers=num_workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
-        prefetch_factor=(4 if num_workers < 8 else 2) if num_workers > 0 else None, **kw)
+        prefetch_factor=(4 if num_workers < 8 else 2) if num_workers > 0 else None, **kw,
+        worker_init_fn=worker_init)  # a SIGTERM sent to every process of a job ends the workers quietly
 
 
 # --- the device side ----------------------------------------------------------------------------------------
