@@ -246,7 +246,6 @@ def near_constant_warning(s: Stats, rel: float = NEAR_ZERO_VARIANCE) -> str | No
             f"{scale:.3g}); the extractor's weights are probably broken or wrong, so this FD is meaningless")
 
 
-
 # --- from a finished pass -------------------------------------------------------------------------------------
 def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], source: ImageSource,
                      source_info: dict[str, Any] | None = None) -> dict[str, Stats]:

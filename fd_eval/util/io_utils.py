@@ -1,4 +1,5 @@
-"""Atomic writes, checksums, cache locations and cross-process locks.
+"""Atomic writes, checksums, cache locations, cross-process locks and what kind of file a path holds
+(:func:`sniff_format`, shared by statistics and weights files).
 
 Failure policy: an output that cannot be written (disk full, read-only folder, a file where a folder should be) is
 one :class:`~fd_eval.errors.OutputError` line naming the path, and nothing partial is left behind. The cache is
@@ -215,6 +216,7 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
 _SHA256_MEMO: dict[tuple[str, int, int, int], str] = {}
 
 
+# --- what a file is (statistics and weights files alike) -------------------------------------------------
 def sniff_format(path: str | os.PathLike) -> str:
     """"safetensors", "npz", "npy", "pickle" or "unknown", from the file's first bytes (not its name)."""
     with open(path, "rb") as f:
