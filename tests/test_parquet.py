@@ -1,6 +1,6 @@
 """Parquet image datasets (Hugging Face layout: an image column of struct<bytes, path>): statistics bit-identical to
-the same images in a folder, a null image listed, row-group units, keys, columns, a missing pyarrow in one line;
-and the source-format registry."""
+the same images in a folder, a null image listed as skipped, row-group units, keys, columns, a missing pyarrow in
+one line; and the source-format registry."""
 import io
 import sys
 
@@ -57,7 +57,7 @@ def world(tmp_path_factory):
         if row is not None:
             (folder / f"{k:03d}.{row['path'].split('.')[1]}").write_bytes(row["bytes"])
     ex = dv._build_extractor("vits14", False, weights=ckpt, _depth=2)
-    return {"root": root, "path": path, "folder": folder, "ex": ex, "table": table}
+    return {"root": root, "path": path, "folder": folder, "ex": ex, "table": table, "ckpt": ckpt}
 
 
 def _stats(world, spec, **kw):
@@ -71,9 +71,49 @@ def test_parquet_equals_the_same_images_in_a_folder(world):
     assert res.n == folder.n == N_ROWS - 1
     assert np.array_equal(res.mu, folder.mu) and np.array_equal(res.sigma, folder.sigma)
     inputs = res.metadata["source"]["inputs"]
-    assert inputs["found"] == N_ROWS and inputs["used"] == N_ROWS - 1
-    assert inputs["ignored"] == {"null image": 1}
-    assert inputs["ignored_items"]["null image"] == [f"{world['path']}:row {NULL_ROW}"]
+    assert inputs["found"] == N_ROWS and inputs["used"] == N_ROWS - 1 and inputs["not_selected"] == 0
+    assert inputs["ignored"] == {} and inputs["ignored_items"] == {}  # a null image is skipped, not ignored
+    (null,) = inputs["skipped"]
+    assert null["name"] == f"{world['path']}:row {NULL_ROW}" and null["reason"] == "null image"
+    assert null["index"] is None and null["message"].startswith(f"{world['path']}:row {NULL_ROW}: the image column")
+    assert "\n" not in null["message"]
+    # the open-time skip is not a --skip-bad skip: the legacy keys count decode failures only, so a strict run can
+    # still use this entry from the reference cache
+    assert res.metadata["source"]["skipped"] == 0 and res.metadata["source"]["skipped_items"] == []
+    assert InputAccounting.from_dict(inputs).summary() == f"{world['path']}: 8 found, 7 used, 1 skipped (null image)"
+
+
+def test_null_image_is_skipped_in_every_output(world, tmp_path, monkeypatch):
+    """``compute --json`` and the console: the null row is listed as skipped (name and reason) without --skip-bad;
+    ``--num`` draws from the rows with an image and still lists it."""
+    import functools
+    import json
+
+    from click.testing import CliRunner
+
+    from fd_eval.cli import main
+
+    monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=2))
+    ref = tmp_path / "folder.safetensors"
+    fd_eval.compute_stats(str(world["folder"]), extractors=[world["ex"]], batch_size=BS, num_workers=0,
+                          progress=False)[MODEL].save(ref)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["compute", str(world["path"]), "--ref", str(ref), "--model", MODEL,
+                                  "--weights", f"{MODEL}={world['ckpt']}", "--batch-size", str(BS),
+                                  "--num-workers", "0", "--json", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    name = f"{world['path']}:row {NULL_ROW}"
+    assert f"{world['path']}: 8 found, 7 used, 1 skipped (null image)" in r.output
+    assert f"skipped {name}: null image" in r.output
+    doc = json.loads(out.read_text())
+    gen = doc["inputs"]["generated"]
+    assert (gen["found"], gen["used"], gen["ignored"]) == (N_ROWS, N_ROWS - 1, {})
+    assert [(s["name"], s["reason"]) for s in gen["skipped"]] == [(name, "null image")]
+    res = doc["results"][MODEL]  # the same images as the folder reference: FD 0, N 7 on both sides
+    assert (res["n"], res["n_ref"]) == (N_ROWS - 1, N_ROWS - 1) and res["fd"] == pytest.approx(0.0, abs=1e-6)
+    sub = fd_eval.sources.InputAccounting.build(open_source(str(world["path"])).subset(4, seed=0), [], 4)
+    assert (sub.found, sub.used, sub.not_selected, len(sub.skipped)) == (N_ROWS, 4, N_ROWS - 1 - 4, 1)
+    assert sub.found == sub.used + len(sub.skipped) + sum(sub.ignored.values()) + sub.not_selected
 
 
 def test_items_keys_and_row_groups(world):
@@ -86,7 +126,8 @@ def test_items_keys_and_row_groups(world):
     plan = fd_eval.metrics.build.plan_units(src)
     assert plan.kind == "row-groups" and [len(u) for u in plan.units] == [3, 2, 2]
     acc = InputAccounting.build(src, [], len(src))
-    assert "1 ignored (null image: 1)" in acc.summary()
+    assert acc.summary().endswith("8 found, 7 used, 1 skipped (null image)") and not acc.ignored
+    assert acc.listing() == [f"skipped {world['path']}:row {NULL_ROW}: null image"]
 
 
 def test_build_units_are_row_groups(world, tmp_path):

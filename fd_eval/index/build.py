@@ -254,9 +254,10 @@ def _save_unit(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tens
 
 def _finish_part(root: Path, manifest: dict[str, Any], part_no: int, plan: Any, first_unit: int,
                  ident: dict[str, Any]) -> None:
-    """Rank 0: check every unit file of the part, list them (and the skipped images) in the manifest, mark the
-    part complete and write the manifest atomically."""
-    units, skipped = [], []
+    """Rank 0: check every unit file of the part, list them (and the skipped images: the source's open-time skips,
+    e.g. null Parquet images, then the units') in the manifest, mark the part complete and write the manifest
+    atomically."""
+    units, skipped = [], [s.to_dict() for s in getattr(plan.source, "skipped_at_open", [])]
     for u in plan.units:
         p = unit_path(root, first_unit + u.index)
         h = _read_unit_header(p)

@@ -1,4 +1,5 @@
-"""What happened to every candidate entry of an image source: used, skipped (bad image) or ignored (never indexed).
+"""What happened to every candidate entry of an image source: used, skipped (no usable image: a bad image, a null
+Parquet image) or ignored (never indexed: not an image entry).
 
 Invariant: ``found == used + len(skipped) + sum(ignored.values()) + not_selected``. Every run records one
 :class:`InputAccounting` per image source (statistics metadata ``["source"]["inputs"]``, ``EvalResult.to_dict()
@@ -24,8 +25,9 @@ class InputAccounting:
         spec: the source as given.
         found: candidate entries: indexed images plus ignored entries (files, members, folders).
         used: images whose features entered the statistics.
-        skipped: indexed images that did not decode (``--skip-bad``), one dict per item
-            (``index``, ``name``, ``reason``, ``message``).
+        skipped: entries with no usable image, one dict per item (``index``, ``name``, ``reason``, ``message``):
+            the source's ``skipped_at_open`` (a null Parquet image, ``index`` None; listed with or without
+            ``--skip-bad``), then the indexed images that did not decode (``--skip-bad``).
         ignored: entries never indexed, counted by reason (e.g. ``"not an image file extension": 3``).
         ignored_items: the first :data:`MAX_LISTED` entry names per reason.
         not_selected: indexed images left out by ``num`` (a subset), not a loss.
@@ -59,9 +61,10 @@ class InputAccounting:
             lst = items.setdefault(s.reason, [])
             if len(lst) < MAX_LISTED:
                 lst.append(s.name)
-        sk = [s.to_dict() if isinstance(s, SkippedItem) else dict(s) for s in skipped]
-        return cls(str(source.spec), indexed + len(source.ignored), int(used), sk, ignored, items,
-                   indexed - len(source), list(source.warnings), shard_counts(source, sk))
+        at_open = list(getattr(source, "skipped_at_open", []))
+        sk = [s.to_dict() if isinstance(s, SkippedItem) else dict(s) for s in [*at_open, *skipped]]
+        return cls(str(source.spec), indexed + len(source.ignored) + len(at_open), int(used), sk, ignored, items,
+                   indexed - len(source), list(source.warnings), shard_counts(source, sk[len(at_open):]))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "InputAccounting":
@@ -113,8 +116,9 @@ def short_reason(reason: str) -> str:
 
 
 def shard_counts(source: ImageSource, skipped: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """Per tar shard of ``source`` (or of its parent, for a subset): found, used, skipped, ignored, not selected;
-    items are matched to shards by name (``shard.tar:member``, or the shard itself when it was unreadable)."""
+    """Per tar shard of ``source`` (or of its parent, for a subset): found, used, skipped (the extraction's
+    ``skipped`` plus the source's ``skipped_at_open``), ignored, not selected; items are matched to shards by name
+    (``shard.tar:member``, or the shard itself when it was unreadable)."""
     parent = getattr(source, "parent", None) or source
     shards, starts = getattr(parent, "shards", None), getattr(parent, "shard_starts", None)
     if not isinstance(shards, list) or starts is None or not all(str(x).lower().endswith(".tar") for x in shards):
@@ -128,15 +132,14 @@ def shard_counts(source: ImageSource, skipped: list[dict[str, Any]]) -> list[dic
     indexed = np.diff(np.asarray(starts)).astype(np.int64)
     selection = getattr(source, "indices", None) if parent is not source else None
     selected = indexed.copy() if selection is None else np.bincount(parent.shard_of(selection), minlength=len(shards))
-    n_skipped, n_ignored = np.zeros(len(shards), np.int64), np.zeros(len(shards), np.int64)
-    for s in skipped:
-        k = shard(str(s.get("name", "")))
-        if k is not None:
-            n_skipped[k] += 1
-    for s in parent.ignored:
-        k = shard(s.name)
-        if k is not None:
-            n_ignored[k] += 1
-    return [{"shard": str(x), "found": int(indexed[k] + n_ignored[k]), "used": int(selected[k] - n_skipped[k]),
-             "skipped": int(n_skipped[k]), "ignored": int(n_ignored[k]), "not_selected": int(indexed[k] - selected[k])}
-            for k, x in enumerate(shards)]
+    n_skipped, n_ignored, n_open = (np.zeros(len(shards), np.int64) for _ in range(3))
+    for counts, names in ((n_skipped, [str(s.get("name", "")) for s in skipped]),
+                          (n_ignored, [s.name for s in parent.ignored]),
+                          (n_open, [s.name for s in getattr(parent, "skipped_at_open", [])])):
+        for name in names:
+            k = shard(name)
+            if k is not None:
+                counts[k] += 1
+    return [{"shard": str(x), "found": int(indexed[k] + n_ignored[k] + n_open[k]),
+             "used": int(selected[k] - n_skipped[k]), "skipped": int(n_skipped[k] + n_open[k]),
+             "ignored": int(n_ignored[k]), "not_selected": int(indexed[k] - selected[k])} for k, x in enumerate(shards)]

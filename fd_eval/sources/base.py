@@ -74,6 +74,10 @@ class ImageSource:
             header stops with an error or is listed in ``ignored``).
         ignored: files and members that were not indexed (non-image files, hidden files, symlinks in tars,
             samples without an image), as :class:`SkippedItem` with ``index=None``. Report them.
+        skipped_at_open: entries found at open time to hold no image although they are image entries (a Parquet
+            row whose image is null), as :class:`SkippedItem` with ``index=None``: not items (never read), listed
+            as *skipped* in the accounting whether or not ``skip_bad`` is set (the dataset itself records that the
+            row has no image; it is not a file that failed to decode).
         warnings: one-line notes about odd but usable input (e.g. a tar member with an absolute path).
         max_image_pixels, max_item_bytes: the limits (see the module docstring).
     """
@@ -90,6 +94,7 @@ class ImageSource:
         # None: the default; 0: no limit (as the messages and docs say)
         self.max_item_bytes = DEFAULT_MAX_ITEM_BYTES if limit is None else (int(limit) or NO_LIMIT)
         self.ignored: list[SkippedItem] = []
+        self.skipped_at_open: list[SkippedItem] = []
         self.warnings: list[str] = []
         self._handles: OrderedDict[Any, Any] = OrderedDict()
         self._handles_pid = os.getpid()

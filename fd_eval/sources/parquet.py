@@ -5,7 +5,8 @@ Needs pyarrow (``pip install 'fd-eval[parquet]'``). Items are the rows with an i
 given, a folder's sorted), then row order. Rows are read one row group at a time (a process keeps one row
 group's image bytes), so memory is bounded by the largest row group; under ``fd-eval stats`` the units are row
 groups, so a run resumes and spreads over ranks by row group. A row whose image is null is not an item: it is
-listed in ``ignored`` (``"null image"``), so the accounting names it.
+listed as *skipped* (``"null image"``, named ``file.parquet:row N``) in the accounting, with or without
+``--skip-bad`` (the dataset itself says the row has no image: there is nothing to decode or to stop on).
 """
 from __future__ import annotations
 
@@ -93,7 +94,10 @@ class ParquetSource(ImageSource):
                 n = pf.metadata.row_group(g).num_rows
                 valid = self._valid_rows(pf, g, n)
                 for r in np.flatnonzero(~valid).tolist():
-                    self.ignored.append(SkippedItem(None, one_line(f"{self.names[f]}:row {row0 + r}"), "null image"))
+                    name = one_line(f"{self.names[f]}:row {row0 + r}")
+                    self.skipped_at_open.append(SkippedItem(None, name, "null image", (
+                        f"{name}: the image column {col!r} is null in this row (the dataset stores no image "
+                        "there); the row is skipped, not used")))
                 rows = np.flatnonzero(valid).astype(np.int64)
                 item_rg.append(np.full(len(rows), len(rg_labels), np.int32))
                 item_row.append(rows)
@@ -108,8 +112,8 @@ class ParquetSource(ImageSource):
         self._rg_rows = rg_rows
         self._starts = np.asarray(rg_starts, dtype=np.int64)
         if not len(self._item_row):
-            raise EmptySourceError(f"{self.spec}: no rows with an image ({len(self.ignored)} null images); check the "
-                                   "dataset and --image-column")
+            raise EmptySourceError(f"{self.spec}: no rows with an image ({len(self.skipped_at_open)} null images); "
+                                   "check the dataset and --image-column")
 
     # --- pyarrow plumbing -----------------------------------------------------------------------------------------
     def _file(self, f: int) -> Any:

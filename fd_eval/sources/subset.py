@@ -20,7 +20,7 @@ class SubsetSource(ImageSource):
                          max_item_bytes=parent.max_item_bytes)
         self.parent = parent
         self.indices = np.asarray(indices, dtype=np.int64)
-        self.ignored, self.warnings = parent.ignored, parent.warnings
+        self.ignored, self.skipped_at_open, self.warnings = parent.ignored, parent.skipped_at_open, parent.warnings
 
     def __len__(self) -> int:
         return len(self.indices)
