@@ -27,9 +27,17 @@ from .extractors import DEFAULT_EXTRACTOR, Extractor, extractor_entry, load_extr
 from .extractors.precision import resolve_precision
 from .extractors.preprocess import source_transform
 from .metrics.cmmd import cmmd_between, wants_cmmd
-from .outputs.stats import Stats, check_compatible, compare_stats, load_stats, save_stats, sniff_format
+from .outputs.stats import (
+    Stats,
+    check_compatible,
+    compare_stats,
+    extraction_stats,
+    load_stats,
+    save_stats,
+    sniff_format,
+)
 from .run.options import RunOptions, make_options
-from .run.pipeline import check_decode, extract, extraction_stats
+from .run.pipeline import check_decode, extract
 from .run.provenance import result_provenance
 from .sources import ImageSource, open_source
 from .util.download import offline_scope

@@ -7,6 +7,7 @@ makes each image ~6x cheaper on a 2-core CPU.
 import functools
 import os
 import signal
+import subprocess
 import sys
 
 import fd_eval.extractors.clip as cl
@@ -21,18 +22,26 @@ def _signal_after_units(spec: str) -> None:
     """``FD_EVAL_TEST_SIGNAL_AFTER_UNITS=K:SIGNAME``: once K unit files are saved, the process sends itself SIGNAME
     from the main thread as it starts saving the next one, so the interruption lands at the same point on any
     machine (no timing): K units done (and recorded as saved by build_stats), the next one computed but not written.
+
+    ``K:SIGNAME:job``: instead, another process sends SIGNAME to every process of this one's process group (start
+    it in a session of its own), as a job scheduler (SLURM) stops a job: the DataLoader workers get the signal from a
+    process that is not their parent. The process waits for that one, so the signal has arrived when it returns.
     """
-    k, name = spec.split(":")
+    k, name, *job = spec.split(":")
     real, calls = engine.save_unit_file, []
 
     def save(*args, **kwargs):
         calls.append(1)
         if len(calls) == int(k) + 1:
-            os.kill(os.getpid(), getattr(signal, name))
+            sig = getattr(signal, name)
+            if job:
+                code = f"import os; os.killpg({os.getpgid(0)}, {int(sig)})"
+                subprocess.run([sys.executable, "-c", code], check=False)
+            else:
+                os.kill(os.getpid(), sig)
         real(*args, **kwargs)
 
     engine.save_unit_file = save  # the unit engine writes every unit file (stats and copies)
-
 
 if os.environ.get("FD_EVAL_TEST_SIGNAL_AFTER_UNITS"):
     _signal_after_units(os.environ["FD_EVAL_TEST_SIGNAL_AFTER_UNITS"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -65,8 +66,9 @@ def same(a, b):
         assert a["pixels-16"][k] == b["pixels-16"][k], k
 
 
-def interrupt_after(monkeypatch, kind, k):
-    """KeyboardInterrupt right after the k-th ``kind`` unit file is saved; returns the saved file names."""
+def interrupt_after(monkeypatch, kind, k, sig=None):
+    """KeyboardInterrupt (or the signal ``sig``, sent to this process) right after the k-th ``kind`` unit file is
+    saved; returns the saved file names."""
     real, saved = engine.save_unit_file, []
 
     def save(path, header, tensors, *meta_key):
@@ -74,7 +76,10 @@ def interrupt_after(monkeypatch, kind, k):
         if Path(path).name.startswith(kind + "-"):
             saved.append(Path(path).name)
             if len(saved) == k:
-                raise KeyboardInterrupt
+                if sig is None:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), sig)  # delivered at once (os.kill checks pending signals on return)
+                raise AssertionError(f"{sig.name} did not stop the command")
 
     monkeypatch.setattr(engine, "save_unit_file", save)
     return saved
@@ -203,14 +208,22 @@ def test_cli_table_and_json(cli_reference):
     assert (out / "a.png").exists() and not (out / "a.json.partial").exists()  # checkpoints removed when done
 
 
-def test_cli_interrupted_then_resumed(sets, vit, cli_reference, tmp_path, monkeypatch, one_thread):
-    """Ctrl-C after 1 of 5 units (in process), then the same command: the identical JSON results."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_interrupted_then_resumed(sets, vit, cli_reference, tmp_path, monkeypatch, one_thread, sig):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM after 1 of 5 units (in process), then the same command: the identical
+    JSON results."""
     monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
-    interrupt_after(monkeypatch, "train", 1)
-    r = CliRunner().invoke(main, cli_args(sets, vit, tmp_path / "b.json"))
-    assert r.exit_code == 130 and "Error: interrupted (SIGINT)" in r.output and "Aborted" not in r.output
+    interrupt_after(monkeypatch, "train", 1, sig)
+    previous = signal.signal(sig, signal.SIG_IGN)  # a SIGTERM the CLI failed to catch must not end pytest
+    try:
+        r = CliRunner().invoke(main, cli_args(sets, vit, tmp_path / "b.json"))
+    finally:
+        signal.signal(sig, previous)
+    assert r.exit_code == 128 + sig and "Aborted" not in r.output, r.output + repr(r.exception)
+    assert r.output.strip().splitlines()[-1] == f"Error: interrupted ({sig.name}); nothing half-written was left"
     assert "run the same command again to resume" in r.output and (tmp_path / "b.json.partial").is_dir()
     assert not (tmp_path / "b.json").exists()
+    assert not [q for q in tmp_path.rglob("*") if q.name.endswith(".tmp")]
     monkeypatch.undo()
     monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
     r = CliRunner().invoke(main, cli_args(sets, vit, tmp_path / "b.json"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -321,6 +322,56 @@ def test_cli_build_then_copies_train_index_equals_copies_train(tmp_path):
         assert "approximate search (faiss IVF1,sq8 inner product, nprobe 1): recall@1 1.000 on 10 queries" in r.output
     assert outs[0]["results"] == outs[1]["results"]
     assert outs[1]["results"]["dinov2-vits14"]["authpct"] is not None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_index_build_stopped_by_a_signal_resumes_bit_identically(tmp_path, monkeypatch, sig):
+    """`fd-eval index build` stopped by Ctrl-C (SIGINT) or a scheduler's SIGTERM after its first unit file: exit
+    status 128 + the signal, one line, no temp file; the same command resumes to the rows of an uninterrupted build."""
+    import functools
+
+    import fd_eval.extractors.dinov2 as dv
+    from _checkpoints import save_dinov2_checkpoint
+    from test_copies_run import DEPTH
+
+    train = save_images(photo_crops(9, 32, 32, seed=1), tmp_path / "train")
+    w, _ = save_dinov2_checkpoint(tmp_path / "dinov2_vits14_pretrain.pth", "vits14", "official", seed=3, depth=DEPTH)
+    monkeypatch.setattr(dv, "_build_extractor", functools.partial(dv._build_extractor, _depth=DEPTH))
+
+    def index_build(out):
+        return CliRunner().invoke(main, ["index", "build", str(train), "-o", str(out), "-m", "dinov2-vits14",
+                                         "--weights", str(w), "--checkpoint-every", "3", "--batch-size", "2",
+                                         "--num-workers", "0", "--device", "cpu", "-q"])
+
+    r = index_build(tmp_path / "whole")
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    real, calls = fb.save_unit_file, []
+
+    def save(*a, **kw):
+        real(*a, **kw)
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), sig)  # delivered at once (os.kill checks pending signals on return)
+            raise AssertionError(f"{sig.name} did not stop the command")
+
+    monkeypatch.setattr(fb, "save_unit_file", save)
+    previous = signal.signal(sig, signal.SIG_IGN)  # a SIGTERM the CLI failed to catch must not end pytest
+    try:
+        r = index_build(tmp_path / "idx")
+    finally:
+        signal.signal(sig, previous)
+    assert r.exit_code == 128 + sig, r.output + repr(r.exception)
+    assert r.output.strip().splitlines()[-1] == f"Error: interrupted ({sig.name}); nothing half-written was left"
+    assert "run the same command again to resume" in r.output and "Traceback" not in r.output
+    assert not [q for q in tmp_path.rglob("*") if q.name.endswith(".tmp")]
+    monkeypatch.setattr(fb, "save_unit_file", real)
+    r = index_build(tmp_path / "idx")
+    assert r.exit_code == 0 and "1 of 3 units already done" in r.output, r.output + repr(r.exception)
+    idx, whole = open_index(tmp_path / "idx"), open_index(tmp_path / "whole")
+    assert len(idx.units) == len(whole.units) == 3
+    for u, v in zip(idx.units, whole.units):
+        assert all(torch.equal(x, y) for x, y in zip(idx.read(u, "dinov2-vits14", norm=True),
+                                                    whole.read(v, "dinov2-vits14", norm=True)))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -105,3 +105,98 @@ def test_package_code_imports_the_real_paths():
             found += [f"{path.name}:{node.lineno} {t}" for t in targets
                       if any(t == o or t.startswith(o + ".") for o in old)]
     assert not found
+
+
+# --- the layer map of docs/development.md ------------------------------------------------------------------------
+# Bottom up; a module imports only from its own layer or the ones below. errors/_version sit below every layer (every
+# layer raises the error classes); api.py is an entry point beside metrics/ and index/ (the training index shares
+# their layer: copies reads an index, an index build plans units like stats).
+LAYERS = [("errors", "_version", "_compat"), ("util",), ("core",), ("sources",), ("extractors",), ("run",),
+          ("outputs",), ("metrics", "index", "api"), ("cli", "__main__"), ("__init__",)]
+# The deliberate exceptions docs/development.md names: a lazy import inside a function, each with why.
+UPWARD_ALLOWED = {
+    ("fd_eval.core.consumers", "fd_eval.run.distributed"),  # merge_over_ranks: the collectives live with the rank glue
+}
+MAX_FUNCTION_LINES = 100  # the rule: no function over ~100 lines, its signature and docstring included
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else "__init__"
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def _imports(text: str, me: str, modules: set[str]) -> list[tuple[int, str]]:
+    """(line, fd_eval module) for every import in the source ``text`` of module ``me``, at module level or inside a
+    function: ``from X import Y`` counts as ``X.Y`` when that is a module (``from .. import errors``), else ``X``."""
+    import ast
+
+    package = me.split(".")[:-1]
+    out = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            out += [(node.lineno, f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module)
+                    for a in node.names]
+        elif isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+    return [(line, m) for line, m in out if m == "fd_eval" or m.startswith("fd_eval.")]
+
+
+def _upward(text: str, me: str, modules: set[str]) -> list[str]:
+    """The imports of module ``me`` (``fd_eval.x.y``; a package's ``__init__`` named ``fd_eval.x.__init__``) that
+    go up the layers and are not a listed exception."""
+    return [f"{line} {target}" for line, target in _imports(text, me, modules)
+            if _layer(target) > _layer(me) and (me.removesuffix(".__init__"), target) not in UPWARD_ALLOWED]
+
+
+def test_every_import_goes_down_the_layers():
+    modules = {m.name for m in pkgutil.walk_packages(fd_eval.__path__, "fd_eval.")}
+    upward = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if found := _upward(path.read_text(encoding="utf-8"), me, modules):
+            upward[str(path.relative_to(PACKAGE.parent))] = found
+    assert not upward, ("imports that go up the layers of docs/development.md (move the shared piece down, or "
+                        f"register it from above): {upward}")
+
+
+def test_the_layer_check_sees_lazy_and_package_imports():
+    modules = {m.name for m in pkgutil.walk_packages(fd_eval.__path__, "fd_eval.")}
+    probe = ("from .. import errors\nfrom ..util.io_utils import atomic_write\nimport fd_eval.outputs.stats\n"
+             "def f():\n    from ..metrics import cmmd\n    from ..run.distributed import barrier\n")
+    assert _imports(probe, "fd_eval.core.probe", modules) == [
+        (1, "fd_eval.errors"), (2, "fd_eval.util.io_utils"), (3, "fd_eval.outputs.stats"), (5, "fd_eval.metrics.cmmd"),
+        (6, "fd_eval.run.distributed")]
+    assert _upward(probe, "fd_eval.core.probe", modules) == [
+        "3 fd_eval.outputs.stats", "5 fd_eval.metrics.cmmd", "6 fd_eval.run.distributed"]
+    assert _upward(probe, "fd_eval.cli.probe", modules) == []
+    assert _upward("from .. import api\n", "fd_eval.outputs.__init__", modules) == ["1 fd_eval.api"]
+
+
+def test_layer_map_is_the_documented_one():
+    text = (PACKAGE.parent / "docs" / "development.md").read_text(encoding="utf-8")
+    tree = text.split("```text", 1)[1].split("```", 1)[0]
+    folders = [line.split()[0].rstrip("/") for line in tree.splitlines()
+               if line.startswith("  ") and line.split()[0].endswith("/")]
+    packages = [name for names in LAYERS for name in names if (PACKAGE / name).is_dir()]
+    assert folders == packages
+    assert sorted(folders) == sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+
+
+def _long_functions() -> dict[str, int]:
+    import ast
+
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    out[f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}"] = n
+    return out
+
+
+def test_no_function_over_the_size_rule():
+    assert not _long_functions()  # split a long one into named steps (find_copies, build_stats show how)

@@ -23,33 +23,52 @@ from ..util.io_utils import atomic_write
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's status for a run stopped by Ctrl-C
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and torchrun's agent send to stop a job), raised in the main thread as Ctrl-C
+    raises KeyboardInterrupt: a subclass, so every path that stops on Ctrl-C (the unit files finished so far kept,
+    temp files removed, the DataLoader workers shut down) stops on it too. ``signum``: the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
 @contextlib.contextmanager
-def _sigint_stops() -> Any:
-    """SIGINT raises KeyboardInterrupt in this process for the duration, whatever the parent set.
+def _signals_stop() -> Any:
+    """SIGINT raises KeyboardInterrupt and SIGTERM :class:`Stopped` in this process for the duration, whatever the
+    parent set.
 
     Why: a process started as a background job of a non-interactive shell (``cmd &`` in a script, CI runners, test
     harnesses) inherits SIGINT *ignored*, and Python then keeps it ignored: a Ctrl-C or ``kill -INT`` was silently
-    lost and an hours-long build ran to the end. A command of this tool is always stoppable: the handler is
-    installed explicitly (main thread only; the previous one is restored afterwards, for callers such as
-    ``CliRunner``).
+    lost and an hours-long build ran to the end. SIGTERM's default action kills the process on the spot (no resume
+    note, temp files left). A command of this tool is always stoppable, in order: the handlers are installed
+    explicitly (main thread only; the previous ones are restored afterwards, for callers such as ``CliRunner``).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_stopped}
+    previous = {sig: signal.getsignal(sig) for sig in handlers}
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class _Group(click.Group):
-    """Turns every :class:`FDEvalError` into a one-line ``Error: ...`` and exit status 1, Ctrl-C (SIGINT) into one
-    line and exit status 130, and every Python warning into one ``warning: ...`` line."""
+    """Turns every :class:`FDEvalError` into a one-line ``Error: ...`` and exit status 1, Ctrl-C (SIGINT) and SIGTERM
+    into one line and exit status 128 + the signal (130, 143), and every Python warning into one ``warning: ...``
+    line."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        with _sigint_stops(), _warnings_as_lines():
+        with _signals_stop(), _warnings_as_lines():
             return super().main(*args, **kwargs)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -62,13 +81,15 @@ class _Group(click.Group):
 
                 render_listing(inputs)
             raise click.ClickException(str(e)) from e
-        except KeyboardInterrupt:
-            # click would print "Aborted!" and exit 1; a stopped run is 130 with one line. Every writer is atomic
-            # (temp file + rename), so nothing half-written is left; unit files already saved stay for a resume.
+        except KeyboardInterrupt as e:
+            # click would print "Aborted!" and exit 1; a stopped run is 128 + the signal with one line. Every writer
+            # is atomic (temp file + rename), so nothing half-written is left; unit files already saved stay for a
+            # resume (the command said so on the line before).
+            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
-            click.echo("Error: interrupted (SIGINT); nothing half-written was left", err=True)
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+            click.echo(f"Error: interrupted ({signal.Signals(signum).name}); nothing half-written was left", err=True)
+            raise click.exceptions.Exit(128 + signum) from None
 
 
 @contextlib.contextmanager

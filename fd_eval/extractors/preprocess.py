@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
+
+from ..sources.decode import DECODE_PIL_RGB, pil_to_tensor  # noqa: F401 - re-exported: decoding is the inputs' layer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -18,7 +19,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-DECODE_PIL_RGB = "PIL.Image.open(f).convert('RGB')"
 
 _PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -96,11 +96,6 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """uint8 RGB (3, H, W) tensor -> PIL RGB image (copies to host memory)."""
     arr = x.detach().to("cpu").permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(arr, mode="RGB")
-
-
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> uint8 (3, H, W) tensor."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def pil_resize(img: Image.Image, size: tuple[int, int], resize_filter: str = "bicubic") -> Image.Image:

@@ -9,9 +9,8 @@ from typing import Iterable
 import torch
 
 from ..errors import CacheError, DownloadError, WeightsError
-from ..outputs.stats import sniff_format
 from ..util.download import download_url, offline_mode
-from ..util.io_utils import cache_dir
+from ..util.io_utils import cache_dir, sniff_format
 
 
 @dataclass(frozen=True)

@@ -159,9 +159,8 @@ def build_index(
     """
     from ..api import resolve_extractors
     from ..metrics.build import plan_units
-    from ..run.distributed import barrier
     from ..run.engine import carry_error, scan_units, share_units
-    from ..run.streamed import known_total
+    from ..run.streamed import index_first_for_ranks, known_total
     from .store import open_index
 
     opts = make_options(options, kw, "build_index")
@@ -169,16 +168,11 @@ def build_index(
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if opts.progress else (lambda m: None))
     resolved = opts.resolve()
-    rank, world, dev = resolved.rank, resolved.world_size, resolved.device
+    rank, dev = resolved.rank, resolved.device
     root = Path(out)
     src = open_source(train, skip_bad=opts.skip_bad, offline=opts.offline)
-    # remote shards not indexed yet: indexed from the one read of the pass (fd_eval.run.streamed); ranks need the
-    # counts first
-    streamed = world == 1 and checkpoint_every is None and bool(getattr(src, "pending", None))
-    if world > 1 and getattr(src, "pending", None):
-        say(f"rank {rank} of {world}: indexing the {len(src.pending)} remote shard(s) not in the tar index cache "
-            "first (a multi-process first pass reads them twice; a single process reads each once)")
-        src.resolve()
+    # remote shards not indexed yet: indexed from the pass's one read of each (fd_eval.run.streamed)
+    streamed = index_first_for_ranks(src, rank, resolved.world_size, say) and checkpoint_every is None
     if not streamed and len(src) == 0:
         raise EmptySourceError(f"{src.spec}: no training images to index")
     exs = resolve_extractors(models, extractors, weights, resolved, dev)
@@ -231,21 +225,29 @@ def build_index(
         if rank == 0:
             say(f"the units finished so far are saved in {root}; run the same command again to resume")
         raise
+    _complete_part(root, manifest, part_no, plan, first_unit, ident, resolved)
+    return open_index(root) if rank == 0 else None
+
+
+def _complete_part(root: Path, manifest: dict[str, Any], part_no: int, plan: Any, first_unit: int,
+                   ident: dict[str, Any], run: Any) -> None:
+    """After every rank's share: rank 0 checks the units and marks the part complete; every rank returns once the
+    manifest is complete (a scan may follow at once), or raises rank 0's error."""
+    from ..run.distributed import barrier, raise_first_error
+
+    world = run.world_size
     if world > 1:
-        barrier(dev)
+        barrier(run.device)
     error = None
-    if rank == 0:
+    if run.rank == 0:
         try:
             _finish_part(root, manifest, part_no, plan, first_unit, ident)
         except InputError as e:
             if world == 1:
                 raise
             error = e
-    if world > 1:  # every rank returns once the manifest is complete (a scan may follow at once), or raises
-        from ..run.distributed import raise_first_error
-
+    if world > 1:
         raise_first_error(error)
-    return open_index(root) if rank == 0 else None
 
 
 def _save_unit(path: Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -53,7 +53,7 @@ from ..core.moments import MomentAccumulator
 from ..errors import CheckpointError, EmptySourceError, FDEvalError
 from ..extractors import DEFAULT_EXTRACTOR, Extractor
 from ..extractors.preprocess import DECODE_PIL_RGB, SourceTransform, source_transform
-from ..outputs.stats import Stats, save_stats
+from ..outputs.stats import Stats, extraction_stats, save_stats
 from ..run import engine
 from ..run.distributed import barrier
 from ..run.engine import (  # noqa: F401 - Unit, plan_units, DEFAULT_BLOCK: public here since 0.x
@@ -71,9 +71,9 @@ from ..run.engine import (  # noqa: F401 - Unit, plan_units, DEFAULT_BLOCK: publ
     wait_for_units,
 )
 from ..run.options import ResolvedRun, RunOptions, make_options
-from ..run.pipeline import Extraction, UnitDone, check_decode, device_decode_spec, extraction_stats, feature_consumers
+from ..run.pipeline import Extraction, UnitDone, check_decode, device_decode_spec, feature_consumers
 from ..run.provenance import device_name
-from ..run.streamed import known_total
+from ..run.streamed import index_first_for_ranks, known_total
 from ..sources import SkippedItem, open_source
 from ..util.io_utils import atomic_write
 
@@ -367,20 +367,14 @@ def build_stats(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     check_outputs({"SOURCE": source, "--weights": weights}, {"-o/--output": out}, {"--checkpoint-dir": ckpt})
     run = opts.resolve(collectives=False)  # ranks share the checkpoint folder; a process group is optional
-    r, w, dist_on, dev = run.rank, run.world_size, run.group, run.device
+    r, w, dev = run.rank, run.world_size, run.device
     # a missing or unknown source (or a remote one offline) fails before any weights load
     src = open_source(source, skip_bad=skip_bad, offline=opts.offline)
     exs = resolve_extractors(models, extractors, weights, run, dev)  # under opts.offline
-    from .cmmd import wants_cmmd
-
-    # a CMMD reference (CLIP) is its embeddings: kept whatever keep_features says (and resumed as such)
-    keep_features = keep_features or any(wants_cmmd(ex.name) for ex in exs)
+    keep_features = _keeps_features(keep_features, exs)
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
-    if w > 1 and getattr(src, "pending", None):  # the ranks need every shard's items to share the units
-        say(f"rank {r} of {w}: indexing the {len(src.pending)} remote shard(s) not in the tar index cache first "
-            "(a multi-process first pass reads them twice; a single process reads each once)")
-        src.resolve()
+    index_first_for_ranks(src, r, w, say)  # (one process: remote shards are indexed from the pass's one read)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed, streamed=True)
     identity = _identity(exs, tf, num, seed, plan, decode)
 
@@ -388,12 +382,7 @@ def build_stats(
     done = files.scan(plan.units, skip_bad=skip_bad, check=_features_check(
         keep_features, f"rerun with the original settings, or delete {ckpt} to start over"))
     ckpt.mkdir(parents=True, exist_ok=True)
-    remote = src.provenance() if callable(getattr(src, "provenance", None)) else None  # remote: ETag, revision
-    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units], "files": remote,
-                "note": "fd-eval stats checkpoint: run the same command again to resume; removed when done"}
-    if not (ckpt / MANIFEST).exists() or not done:
-        with atomic_write(ckpt / MANIFEST, "w") as fh:
-            json.dump(manifest, fh, indent=1)
+    _write_manifest(ckpt, identity, src, plan, rewrite=not done)
     done_set, mine = share_units(plan.units, set(done), run)
     where = f"rank {r} of {w}: " if w > 1 else ""
     if done_set:
@@ -412,20 +401,48 @@ def build_stats(
                 "command again to resume")
         raise
 
-    if w > 1:
-        if dist_on:
-            barrier(dev)
-        if r != 0:
-            say(f"rank {r} of {w}: computed {len(saved)} unit(s); rank 0 merges them into {out}")
-            return None
-        wait_for_units(files, plan.units, wait_timeout if wait_timeout is not None else (600.0 if dist_on else None),
-                       say, after_barrier=dist_on)
+    if w > 1 and not _meet_ranks(files, plan, run, out, len(saved), wait_timeout, say):
+        return None  # not rank 0: its units are saved for rank 0 to merge
     build = {"units": len(plan.units), "kind": plan.kind, "checkpoint_every": plan.checkpoint_every,
              "resumed_units": len(done_set), "world_size": w, "batch_size": run.batch_size}
     stats = _write_result(files, plan, exs, out, keep_features, skip_bad, say, build,
                           {"num": num, "seed": seed, "image_transform": tf.to_dict() if tf else None})
     files.cleanup()
     return stats
+
+
+def _keeps_features(keep_features: bool, exs: Sequence[Extractor]) -> bool:
+    """Whether unit files keep feature rows: asked for, or a CMMD extractor's (a CMMD reference (CLIP) is its
+    embeddings: kept whatever ``keep_features`` says, and resumed as such)."""
+    from .cmmd import wants_cmmd
+
+    return keep_features or any(wants_cmmd(ex.name) for ex in exs)
+
+
+def _write_manifest(ckpt: Path, identity: dict[str, Any], src: Any, plan: UnitPlan, rewrite: bool) -> None:
+    """The checkpoint folder's manifest (what is being built, from which files); written when missing, or
+    ``rewrite`` (no unit done yet)."""
+    remote = src.provenance() if callable(getattr(src, "provenance", None)) else None  # remote: ETag, revision
+    manifest = {"identity": identity, "source": str(src.spec), "units": [u.label for u in plan.units], "files": remote,
+                "note": "fd-eval stats checkpoint: run the same command again to resume; removed when done"}
+    if not (ckpt / MANIFEST).exists() or rewrite:
+        with atomic_write(ckpt / MANIFEST, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+
+
+def _meet_ranks(files: UnitFiles, plan: UnitPlan, run: ResolvedRun, out: Path, n_saved: int,
+                wait_timeout: float | None, say: Callable[[str], None]) -> bool:
+    """Several ranks, after this one's share: True on rank 0 once every unit file is there (it merges them), False
+    on the others."""
+    dist_on = run.group
+    if dist_on:
+        barrier(run.device)
+    if run.rank != 0:
+        say(f"rank {run.rank} of {run.world_size}: computed {n_saved} unit(s); rank 0 merges them into {out}")
+        return False
+    wait_for_units(files, plan.units, wait_timeout if wait_timeout is not None else (600.0 if dist_on else None),
+                   say, after_barrier=dist_on)
+    return True
 
 
 def _write_result(files: UnitFiles, plan: UnitPlan, exs: Sequence[Extractor], out: Path, keep_features: bool,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..outputs.stats import register_save_hook
 
 SIGMA = 10.0  # cmmd/distance.py _SIGMA
 SCALE = 1000.0  # cmmd/distance.py _SCALE: "to make the metric more human readable"
@@ -124,6 +125,7 @@ def wants_cmmd(model: str) -> bool:
         return False
 
 
+@register_save_hook  # fd_eval.save_stats calls it: a reference file carries its self-term
 def annotate_reference(stats: Any, sigma: float = SIGMA, block: int = BLOCK) -> bool:
     """Store the self-term of ``stats.features`` in ``stats.metadata["cmmd"]`` (done by :func:`fd_eval.save_stats`
     for CMMD extractors, so a reference file carries it). Returns True when it computed one."""

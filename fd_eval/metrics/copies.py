@@ -57,6 +57,7 @@ from .copies_result import (  # noqa: F401 - re-exported: fd_eval.metrics.copies
     QUANTILES,
     CopiesResult,
     _model_result,
+    _model_results,
     _provenance_and_inputs,
     _summary,
 )
@@ -511,19 +512,13 @@ def find_copies(
         message says how much is needed), :class:`CheckpointError` when ``checkpoint_dir`` belongs to other
         settings or data.
     """
-    from ..api import resolve_extractors
-    from ..run.distributed import barrier
-
     opts = make_options(options, kw, "find_copies")
     from ..run.preflight import check_outputs
 
     check_outputs({"GEN": gen, "--train": train, "--train-index": train_index, "--test": test, "--weights": weights},
                   {"--json": json_path, "--sheet": sheet},
                   {"--save-features": save_features, "--checkpoint-dir": checkpoint_dir})  # before any work
-    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
-        raise InputError(f"--top must be a positive integer, got {top_k!r}")
-    if threshold is not None and not -1 <= threshold <= 1:
-        raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {threshold!r}")
+    _check_limits(top_k, threshold)
     say = log or ((lambda m: print(m, file=sys.stderr, flush=True)) if opts.progress else (lambda m: None))
     resolved = opts.resolve()
     _check_training_args(train, train_index, save_features, approximate)
@@ -535,6 +530,42 @@ def find_copies(
             else train_src.plan())
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     feats_dir = _features_folder(save_features, ckpt)
+    run = _start_run(models, extractors, weights, resolved, index, gen_src, test_src, train_src, plan, top_k,
+                     compute_authpct, ckpt, say)
+    exs = run.extractors
+    q = _queries(gen_src, test_src, run)
+    gen_feats, gen_idx, test_feats = q["gen"], q["gen_idx"], q["test"]
+    base = _copies_consumers(gen_feats, test_feats, top_k, compute_authpct)
+    consumers, train_skipped, resumed, search, auth_sims = _train(index, train_src, plan, base, run, gen_feats,
+                                                                  feats_dir, compute_authpct, approximate)
+    n_train = consumers[0].topk.state.n_seen
+    results, arrays = _model_results(exs, consumers, auth_sims, test_feats, gen_src, gen_idx, train_src, thresholds,
+                                     top_k, n_train, search)
+    n = {"gen": len(gen_idx), "train": int(n_train), "test": int(test_feats[0].shape[0]) if test_feats else 0}
+    prov, inputs = _provenance_and_inputs(exs, run, {"gen": gen_src, "train": train_src, "test": test_src}, q, n,
+                                          train_skipped, plan, resumed, compute_authpct)
+    if index is not None:
+        prov["train_index"] = train_src.provenance()
+    out = CopiesResult(results, prov, arrays, inputs)
+    _finish(out, run, gen_src, train_src, json_path, sheet, sheet_rows)
+    return out
+
+
+def _check_limits(top_k: Any, threshold: float | None) -> None:
+    """``--top`` and ``--threshold`` before any work."""
+    if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1:
+        raise InputError(f"--top must be a positive integer, got {top_k!r}")
+    if threshold is not None and not -1 <= threshold <= 1:
+        raise InputError(f"--threshold is a cosine similarity in [-1, 1], got {threshold!r}")
+
+
+def _start_run(models: Any, extractors: Sequence[Extractor] | None, weights: Any, resolved: ResolvedRun,
+               index: Any, gen_src: ImageSource, test_src: ImageSource | None, train_src: Any,
+               plan: engine.UnitPlan, top_k: int, compute_authpct: bool, ckpt: Path | None, say: Any) -> _Run:
+    """The extractors (checked against a training index before any image is decoded), the run's identity and its
+    checkpoint folder (created by rank 0)."""
+    from ..api import resolve_extractors
+
     exs = resolve_extractors(models, extractors, weights, resolved, resolved.device)
     for ex in exs if index is not None else []:  # before any image is decoded
         index.check_extractor(ex.name, ex.metadata())
@@ -542,38 +573,33 @@ def find_copies(
     run = _Run(exs, resolved, ckpt, identity, say if resolved.is_main else (lambda m: None))
     if ckpt is not None and resolved.is_main:
         ckpt.mkdir(parents=True, exist_ok=True)
-    q = _queries(gen_src, test_src, run)
-    gen_feats, gen_idx, test_feats = q["gen"], q["gen_idx"], q["test"]
-    base = [CopiesConsumer(gen_feats[j], top_k, keep_top1_features=compute_authpct,
+    return run
+
+
+def _copies_consumers(gen_feats: list[torch.Tensor], test_feats: list[torch.Tensor] | None, top_k: int,
+                      compute_authpct: bool) -> list[CopiesConsumer]:
+    """Per extractor: the top-K search of the generated features (and C_T's cells when a test set is given)."""
+    return [CopiesConsumer(gen_feats[j], top_k, keep_top1_features=compute_authpct,
                            cells=None if test_feats is None else CellNNConsumer(
                                fit_cells(test_feats[j]), torch.cat([test_feats[j], gen_feats[j]])))
-            for j in range(len(exs))]
-    consumers, train_skipped, resumed, search, auth_sims = _train(index, train_src, plan, base, run, gen_feats,
-                                                                  feats_dir, compute_authpct, approximate)
-    n_train = consumers[0].topk.state.n_seen
-    results, arrays = {}, {}
-    for j, (ex, c) in enumerate(zip(exs, consumers)):
-        results[ex.name], arrays[ex.name] = _model_result(
-            c, auth_sims[j], test_feats[j] if test_feats is not None else None, gen_src, gen_idx, train_src,
-            thresholds[ex.name], top_k, n_train)
-        if search is not None and search.get(ex.name) is not None:
-            results[ex.name]["search"] = search[ex.name]  # only an approximate search says so
-    n = {"gen": len(gen_idx), "train": int(n_train), "test": int(test_feats[0].shape[0]) if test_feats else 0}
-    prov, inputs = _provenance_and_inputs(exs, run, {"gen": gen_src, "train": train_src, "test": test_src}, q, n,
-                                          train_skipped, plan, resumed, compute_authpct)
-    if index is not None:
-        prov["train_index"] = train_src.provenance()
-    out = CopiesResult(results, prov, arrays, inputs)
+            for j in range(len(gen_feats))]
+
+
+def _finish(out: CopiesResult, run: _Run, gen_src: ImageSource, train_src: Any, json_path: Any, sheet: Any,
+            sheet_rows: int) -> None:
+    """Rank 0 writes the JSON and the contact sheet and removes the checkpoint folder (after every rank is done
+    with it)."""
+    from ..run.distributed import barrier
+
     if run.world > 1:
         barrier(run.device)  # every rank is past the checkpoint files before rank 0 removes them
-    if resolved.is_main:
+    if run.opts.is_main:
         if json_path is not None:
             out.save_json(json_path)
         if sheet is not None:
-            contact_sheet(out, gen_src, train_src, sheet, model=exs[0].name, rows=sheet_rows)
-        if ckpt is not None:
-            _cleanup(ckpt)
-    return out
+            contact_sheet(out, gen_src, train_src, sheet, model=run.extractors[0].name, rows=sheet_rows)
+        if run.ckpt is not None:
+            _cleanup(run.ckpt)
 
 
 def contact_sheet(result: CopiesResult, gen: ImageSource, train: Any, path: str | os.PathLike, *,

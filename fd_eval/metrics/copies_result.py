@@ -77,6 +77,21 @@ def _model_result(c: CopiesConsumer, auth: torch.Tensor | None, test_feats: torc
     return r, {"similarity": sims.cpu().numpy(), "key": keys.cpu().numpy(), "gen_index": gen_idx}
 
 
+def _model_results(exs: Sequence[Extractor], consumers: list[CopiesConsumer], auth_sims: list[Any],
+                   test_feats: list[torch.Tensor] | None, gen_src: ImageSource, gen_idx: Any, train_src: Any,
+                   thresholds: dict[str, float], top_k: int, n_train: int,
+                   search: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per extractor name: the result document and its arrays."""
+    results, arrays = {}, {}
+    for j, (ex, c) in enumerate(zip(exs, consumers)):
+        results[ex.name], arrays[ex.name] = _model_result(
+            c, auth_sims[j], test_feats[j] if test_feats is not None else None, gen_src, gen_idx, train_src,
+            thresholds[ex.name], top_k, n_train)
+        if search is not None and search.get(ex.name) is not None:
+            results[ex.name]["search"] = search[ex.name]  # only an approximate search says so
+    return results, arrays
+
+
 def _provenance_and_inputs(exs: Sequence[Extractor], run: Any, srcs: dict[str, ImageSource | None],
                            q: dict[str, Any], n: dict[str, int], train_skipped: list[SkippedItem],
                            plan: UnitPlan, resumed: int, compute_authpct: bool

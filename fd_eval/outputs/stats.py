@@ -10,14 +10,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from ..core.frechet import FDResult, frechet_distance_breakdown
 from ..errors import InvalidStatsError, StatsMismatchError
-from ..extractors.preprocess import PreprocessSpec
+from ..extractors.preprocess import DECODE_PIL_RGB, PreprocessSpec
+from ..run.provenance import environment
+from ..sources import ImageSource, InputAccounting
+
+if TYPE_CHECKING:
+    from ..extractors import Extractor
+    from ..run.pipeline import Extraction
 
 _UNKNOWN = "unknown"
 # Metadata fields that must agree before two statistics are compared; "reference" in the spec is a label.
@@ -240,6 +246,47 @@ def near_constant_warning(s: Stats, rel: float = NEAR_ZERO_VARIANCE) -> str | No
             f"{scale:.3g}); the extractor's weights are probably broken or wrong, so this FD is meaningless")
 
 
+# --- from a finished pass -------------------------------------------------------------------------------------
+def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], source: ImageSource,
+                     source_info: dict[str, Any] | None = None) -> dict[str, Stats]:
+    """Statistics per extractor name, with full provenance metadata (``preprocess.decode``: the decoder used)."""
+    env = environment(extractors[0].device if extractors else None)
+    src = {"spec": source.spec, "n": extraction.n_images, "skipped": len(extraction.skipped),
+           **(source_info or {})}
+    # what happened to every candidate entry (found / used / skipped / ignored): no input is dropped unlisted
+    acc_in = InputAccounting.build(source, extraction.skipped, extraction.n_images)
+    src["inputs"] = acc_in.to_dict()
+    files = getattr(getattr(source, "parent", None) or source, "provenance", None)
+    if callable(files):  # remote files: URL, size, ETag, revision (the Hub commit), sha256 when read
+        src["files"] = files()
+    if extraction.n_images < 2 and extractors:  # before the covariance's bare "needs at least 2 samples"
+        from ..errors import TooFewImagesError
+
+        fix = "fix or replace the skipped files listed with this error" if extraction.skipped else "add images"
+        raise TooFewImagesError(f"{acc_in.summary()}; statistics need at least 2 images: {fix}",
+                                {str(source.spec): src["inputs"]})
+    out = {}
+    metrics = extraction.metrics or [{} for _ in extractors]
+    for ex, acc, mets in zip(extractors, extraction.accumulators, metrics):
+        meta = {**ex.metadata(), "source": src, **env}
+        if extraction.decode != DECODE_PIL_RGB:
+            meta["preprocess"] = {**meta["preprocess"], "decode": extraction.decode}
+        if mets:
+            from ..core.consumers import metric_results
+
+            meta["metrics"] = metric_results(mets)
+        if not (bool(torch.isfinite(acc.mean).all()) and bool(torch.isfinite(acc.m2).all())):
+            from ..errors import InvalidStatsError
+
+            raise InvalidStatsError(f"{source.spec}: the {ex.name} features of these images hold NaN or Inf; the "
+                                    "weights or the precision mode are at fault, not the images: check --weights "
+                                    "and use --precision exact")
+        st = Stats.from_accumulator(acc, meta)
+        st.origin = str(source.spec)  # mismatch messages name the images, not "<memory>"
+        out[ex.name] = st
+    return out
+
+
 # The file formats live in stats_files (imported last: it builds Stats objects); re-exported for old callers.
 from .stats_files import (  # noqa: E402
     DEFAULT_MAX_STATS_DIM,  # noqa: F401
@@ -250,6 +297,7 @@ from .stats_files import (  # noqa: E402
     load_stats,
     max_stats_dim,  # noqa: F401
     npz_members,  # noqa: F401
+    register_save_hook,  # noqa: F401
     save_stats,
     sniff_format,  # noqa: F401
     valid_n,  # noqa: F401

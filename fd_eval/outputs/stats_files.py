@@ -18,16 +18,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from ..errors import InvalidStatsError, StatsFormatError, StatsMismatchError
 from ..extractors.preprocess import PreprocessSpec
-from ..util.io_utils import atomic_path
+from ..util.io_utils import atomic_path, sniff_format  # noqa: F401 - re-exported: fd_eval.stats.sniff_format
 from .stats import _UNKNOWN, Stats
 
 FORMAT = "fd-eval-stats/1"
@@ -51,21 +50,34 @@ _DEFLATE_MAX_RATIO = 1032
 _STORAGE_DTYPES = ("float16", "float32", "float64")
 
 
+# Called on each Stats saved with its feature rows, before it is written: a metric that stores something with a
+# reference (CMMD's self-term) registers here, so this file layer never imports the metrics above it.
+_SAVE_HOOKS: list[Callable[[Stats], Any]] = []
+
+
+def register_save_hook(hook: Callable[[Stats], Any]) -> Callable[[Stats], Any]:
+    """Run ``hook(stats)`` on each :class:`Stats` that :func:`save_stats` writes with feature rows (it may add to
+    ``stats.metadata``). Registered once per function; returns it (usable as a decorator)."""
+    if hook not in _SAVE_HOOKS:
+        _SAVE_HOOKS.append(hook)
+    return hook
+
+
 # --- writing ------------------------------------------------------------------------------------------
 def save_stats(path: str | os.PathLike, stats: Iterable[Stats] | Mapping[str, Stats],
                include_features: bool = True) -> Path:
     """Write several statistics (one section per extractor) to one safetensors file, atomically.
 
-    Sections of CMMD extractors (CLIP) saved with feature rows also get CMMD's reference self-term
-    (:func:`fd_eval.metrics.cmmd.annotate_reference`, metadata ``cmmd``; N² kernel evaluations, once per file)."""
+    Sections saved with feature rows first go through every :func:`register_save_hook` hook: CMMD's
+    (:func:`fd_eval.metrics.cmmd.annotate_reference`) stores the reference self-term of CLIP sections in metadata
+    ``cmmd`` (N² kernel evaluations, once per file)."""
     from safetensors.numpy import save_file
-
-    from ..metrics.cmmd import annotate_reference
 
     items = list(stats.values()) if isinstance(stats, Mapping) else list(stats)
     if include_features:
         for s in items:
-            annotate_reference(s)
+            for hook in _SAVE_HOOKS:
+                hook(s)
     tensors: dict[str, np.ndarray] = {}
     sections: dict[str, Any] = {}
     string_extras: set[str] = set()
@@ -99,23 +111,6 @@ def save_stats(path: str | os.PathLike, stats: Iterable[Stats] | Mapping[str, St
 
 
 # --- reading ------------------------------------------------------------------------------------------
-def sniff_format(path: str | os.PathLike) -> str:
-    """"safetensors", "npz", "npy", "pickle" or "unknown", from the file's first bytes (not its name)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
-        return "npz"
-    if head.startswith(b"\x93NUMPY"):
-        return "npy"
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 0 < n < 100_000_000 and head[8:9] == b"{":
-            return "safetensors"
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
-        return "pickle"
-    return "unknown"
-
-
 def load_all_stats(path: str | os.PathLike, features: bool = True) -> dict[str, Stats]:
     """Every section of a statistics file, by name. Never unpickles.
 

@@ -36,8 +36,7 @@ from ..core.moments import MomentAccumulator
 from ..errors import EmptySourceError, FDEvalError
 from ..extractors import Extractor
 from ..extractors.preprocess import DECODE_PIL_RGB
-from ..outputs.stats import Stats
-from ..sources import ImageSource, InputAccounting, SkippedItem, SubsetSource
+from ..sources import ImageSource, SkippedItem, SubsetSource
 from ..sources.gpu_decode import (  # noqa: F401 - re-exported: the pipeline's public GPU-decode names
     DeviceDecoder,
     EncodedDataset,
@@ -45,7 +44,7 @@ from ..sources.gpu_decode import (  # noqa: F401 - re-exported: the pipeline's p
     device_decode_spec,
     device_decodes,
 )
-from ..sources.loader import Batch, ExtractorDataset, collate, h2d
+from ..sources.loader import Batch, ExtractorDataset, collate, h2d, worker_init
 from .options import (  # noqa: F401 - re-exported: the machine-dependent defaults live with the options
     DECODES,
     ResolvedRun,
@@ -55,7 +54,6 @@ from .options import (  # noqa: F401 - re-exported: the machine-dependent defaul
     default_batch_size,
     default_num_workers,
 )
-from .provenance import environment
 from .streamed import PlannedBatches, StreamedBatches, is_streamed, known_total, source_size_hint
 
 
@@ -156,7 +154,8 @@ def make_loader(ds: ExtractorDataset, collate_fn: Callable, device: torch.device
         "batch_size": batch_size, "shuffle": False}
     return torch.utils.data.DataLoader(
         ds, num_workers=num_workers, collate_fn=collate_fn, pin_memory=device.type == "cuda",
-        prefetch_factor=(4 if num_workers < 8 else 2) if num_workers > 0 else None, **kw)
+        prefetch_factor=(4 if num_workers < 8 else 2) if num_workers > 0 else None, **kw,
+        worker_init_fn=worker_init)  # a SIGTERM sent to every process of a job ends the workers quietly
 
 
 # --- the device side ----------------------------------------------------------------------------------------
@@ -539,43 +538,3 @@ def extract(
     if result.n_images == 0:
         raise EmptySourceError(f"{source.spec}: every image was skipped as unreadable ({len(result.skipped)})")
     return result
-
-
-def extraction_stats(extraction: Extraction, extractors: Sequence[Extractor], source: ImageSource,
-                     source_info: dict[str, Any] | None = None) -> dict[str, Stats]:
-    """Statistics per extractor name, with full provenance metadata (``preprocess.decode``: the decoder used)."""
-    env = environment(extractors[0].device if extractors else None)
-    src = {"spec": source.spec, "n": extraction.n_images, "skipped": len(extraction.skipped),
-           **(source_info or {})}
-    # what happened to every candidate entry (found / used / skipped / ignored): no input is dropped unlisted
-    acc_in = InputAccounting.build(source, extraction.skipped, extraction.n_images)
-    src["inputs"] = acc_in.to_dict()
-    files = getattr(getattr(source, "parent", None) or source, "provenance", None)
-    if callable(files):  # remote files: URL, size, ETag, revision (the Hub commit), sha256 when read
-        src["files"] = files()
-    if extraction.n_images < 2 and extractors:  # before the covariance's bare "needs at least 2 samples"
-        from ..errors import TooFewImagesError
-
-        fix = "fix or replace the skipped files listed with this error" if extraction.skipped else "add images"
-        raise TooFewImagesError(f"{acc_in.summary()}; statistics need at least 2 images: {fix}",
-                                {str(source.spec): src["inputs"]})
-    out = {}
-    metrics = extraction.metrics or [{} for _ in extractors]
-    for ex, acc, mets in zip(extractors, extraction.accumulators, metrics):
-        meta = {**ex.metadata(), "source": src, **env}
-        if extraction.decode != DECODE_PIL_RGB:
-            meta["preprocess"] = {**meta["preprocess"], "decode": extraction.decode}
-        if mets:
-            from ..core.consumers import metric_results
-
-            meta["metrics"] = metric_results(mets)
-        if not (bool(torch.isfinite(acc.mean).all()) and bool(torch.isfinite(acc.m2).all())):
-            from ..errors import InvalidStatsError
-
-            raise InvalidStatsError(f"{source.spec}: the {ex.name} features of these images hold NaN or Inf; the "
-                                    "weights or the precision mode are at fault, not the images: check --weights "
-                                    "and use --precision exact")
-        st = Stats.from_accumulator(acc, meta)
-        st.origin = str(source.spec)  # mismatch messages name the images, not "<memory>"
-        out[ex.name] = st
-    return out

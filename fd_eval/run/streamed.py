@@ -28,8 +28,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["PlannedBatches", "ShardItems", "ShardSpooler", "StreamedBatches", "is_streamed", "known_total",
-           "source_size_hint"]
+__all__ = ["PlannedBatches", "ShardItems", "ShardSpooler", "StreamedBatches", "index_first_for_ranks", "is_streamed",
+           "known_total", "source_size_hint"]
 
 
 class ShardItems:
@@ -67,6 +67,19 @@ class ShardItems:
 
     def __repr__(self) -> str:
         return f"ShardItems(shards {self.shards[0]}..{self.shards[-1]})" if self.shards else "ShardItems()"
+
+
+def index_first_for_ranks(source: Any, rank: int, world: int, say: Any) -> bool:
+    """Whether ``source`` still has pending remote shards for a pass to index from its one read of each. Ranks
+    (``world > 1``) split the work up front, so they need every shard's item count: the pending shards are indexed
+    here first (a multi-process first pass reads them twice), with a note through ``say``."""
+    pending = bool(getattr(source, "pending", None))
+    if pending and world > 1:
+        say(f"rank {rank} of {world}: indexing the {len(source.pending)} remote shard(s) not in the tar index cache "
+            "first (a multi-process first pass reads them twice; a single process reads each once)")
+        source.resolve()
+        return False
+    return pending
 
 
 def is_streamed(units: Sequence[Any]) -> bool:

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from ..errors import BadImageError
-from ..extractors.preprocess import DECODE_PIL_RGB, pil_to_tensor
 from . import SkippedItem, decode_image
+from .decode import DECODE_PIL_RGB, pil_to_tensor
 from .loader import Batch, ExtractorDataset, collate, h2d
 
 # Device types on which decode="gpu" decodes JPEGs in the main process (tests add "cpu" to exercise the path

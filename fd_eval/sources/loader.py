@@ -2,6 +2,8 @@
 :class:`Batch` and :func:`collate`. GPU decoding's dataset and collate live in :mod:`fd_eval.sources.gpu_decode`."""
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -101,3 +103,17 @@ def h2d(x: torch.Tensor, device: torch.device, stream: "torch.cuda.Stream | None
     y.record_stream(current)
     return y
 
+
+def worker_init(worker_id: int) -> None:
+    """``DataLoader(worker_init_fn=...)``: a decode worker ends quietly (exit status 0) on any SIGTERM, as torch ends
+    one on its main process's SIGTERM.
+
+    Why: a job scheduler (SLURM) stops a job by signalling each of its processes. torch's worker handler lets a
+    SIGTERM from anyone but the main process kill the worker, and the main process, stopping in order on its own
+    SIGTERM, then failed with "DataLoader worker ... is killed by signal: Terminated" instead of its one line.
+    """
+    signal.signal(signal.SIGTERM, _worker_exit)
+
+
+def _worker_exit(signum: int, frame: Any) -> None:
+    os._exit(0)  # what torch's own handler does on the main process's SIGTERM: no cleanup, the main one shuts down

@@ -1,4 +1,5 @@
-"""Atomic writes, checksums, cache locations and cross-process locks.
+"""Atomic writes, checksums, cache locations, cross-process locks and what kind of file a path holds
+(:func:`sniff_format`, shared by statistics and weights files).
 
 Failure policy: an output that cannot be written (disk full, read-only folder, a file where a folder should be) is
 one :class:`~fd_eval.errors.OutputError` line naming the path, and nothing partial is left behind. The cache is
@@ -13,6 +14,7 @@ import errno as _errno
 import hashlib
 import json
 import os
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -212,3 +214,21 @@ def sha256_file_cached(path: str | os.PathLike) -> str:
 
 
 _SHA256_MEMO: dict[tuple[str, int, int, int], str] = {}
+
+
+# --- what a file is (statistics and weights files alike) -------------------------------------------------
+def sniff_format(path: str | os.PathLike) -> str:
+    """"safetensors", "npz", "npy", "pickle" or "unknown", from the file's first bytes (not its name)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "npz"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return "pickle"
+    return "unknown"
