@@ -144,10 +144,15 @@ def test_a_spool_that_cannot_be_written_is_one_line(world, hub, tmp_path, spool,
     def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "pwrite", full)
-    with pytest.raises(OutputError, match=r"cannot write the spool of .*gpic_test_00000\.tar .*FD_EVAL_SPOOL_DIR") as e:
-        _build(world, _http(hub), tmp_path / "f.safetensors")
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "pwrite", full)
+        with pytest.raises(OutputError, match=r"cannot write the spool of .*gpic_test_00000\.tar .*SPOOL_DIR") as e:
+            _build(world, _http(hub), tmp_path / "f.safetensors")
     assert "\n" not in str(e.value) and e.value.errno == errno.ENOSPC and list(spool.iterdir()) == []
+    (tmp_path / "a_file").write_bytes(b"")
+    monkeypatch.setenv("FD_EVAL_SPOOL_DIR", str(tmp_path / "a_file"))  # not a folder
+    with pytest.raises(OutputError, match=r"cannot make a spool folder .*a_file .*set FD_EVAL_SPOOL_DIR"):
+        _build(world, _http(hub), tmp_path / "g.safetensors")
 
 
 @pytest.mark.slow

@@ -28,6 +28,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import OutputError
+
 __all__ = ["PlannedBatches", "ShardItems", "ShardSpooler", "StreamedBatches", "index_first_for_ranks", "is_streamed",
            "known_total", "source_size_hint"]
 
@@ -229,9 +231,16 @@ class StreamedBatches:
         self.streamed = [s for u in self.units if isinstance(u, ShardItems) for s in u.shards if s in pending]
         if self.streamed:
             base = os.environ.get("FD_EVAL_SPOOL_DIR") or None
-            if base:
-                os.makedirs(base, exist_ok=True)
-            self.folder = tempfile.mkdtemp(prefix="fd-eval-spool-", dir=base)
+            try:
+                if base:
+                    os.makedirs(base, exist_ok=True)
+                self.folder = tempfile.mkdtemp(prefix="fd-eval-spool-", dir=base)
+            except OSError as e:
+                where = base or tempfile.gettempdir()
+                err = OutputError(f"cannot make a spool folder for the remote shards in {where} ({e.strerror or e}); "
+                                  "set FD_EVAL_SPOOL_DIR to a writable folder")
+                err.errno = e.errno
+                raise err from None
             self.source.spool_dir = self.folder  # before the DataLoader forks its workers
 
     def __iter__(self) -> Iterator[list[int]]:
