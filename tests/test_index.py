@@ -408,3 +408,29 @@ def test_rescore_gathers_candidates_and_equals_the_exact_scan(tmp_path, monkeypa
     import fd_eval.index.approx as ap
     monkeypatch.setattr(ap, "RESCORE_WORK", 48 * 28 * 7)  # blocks of 7 queries
     assert torch.equal(rescore(idx, "pixels-16", q, cand, 5), exact)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="PyTorch without the fp32_precision API")
+def test_scan_under_the_new_fp32_api_equals_and_restores(tmp_path):
+    """A caller who set TF32 through PyTorch's new ``fp32_precision`` API (where the legacy ``allow_tf32`` getter
+    raises) gets the same exact scan, and its settings back unchanged."""
+    from fd_eval.index import scan_index
+
+    g = torch.Generator().manual_seed(5)
+    ex = PixelExtractor()
+    idx = index_from_features(tmp_path / "s", "pixels-16", {**ex.metadata(), "feature_dim": 48},
+                              torch.randn(900, 48, generator=g), unit_rows=400)
+    q = torch.randn(40, 48, generator=g)
+    want = scan_index(idx, "pixels-16", q, 5).state.packed
+    b = torch.backends
+    levels = {"global": b, "matmul": b.cuda.matmul}
+    saved = {k: o.fp32_precision for k, o in levels.items()}
+    try:
+        b.fp32_precision, b.cuda.matmul.fp32_precision = "tf32", "tf32"
+        with pytest.raises(RuntimeError):  # the state the old code read through the legacy getter
+            _ = b.cuda.matmul.allow_tf32
+        assert torch.equal(scan_index(idx, "pixels-16", q, 5).state.packed, want)
+        assert (b.fp32_precision, b.cuda.matmul.fp32_precision) == ("tf32", "tf32")
+    finally:
+        for k, o in levels.items():
+            o.fp32_precision = saved[k]

@@ -259,6 +259,13 @@ def _set_fp32(want: dict[str, str]) -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = saved_conv
 
 
+def ieee_cuda_matmul() -> contextlib.AbstractContextManager:
+    """CUDA float32 matmuls in full precision (no TF32) for the block, the caller's flags restored after; through
+    the API that PyTorch's getters can read in any state the caller left (the legacy ``allow_tf32`` getter raises
+    once the new API holds a state it cannot express)."""
+    return _set_fp32({"cuda.matmul": "ieee"})
+
+
 def exact_numerics() -> contextlib.AbstractContextManager:
     """Float32 without TF32 for CUDA matmuls and cuDNN convolutions (and IEEE float32 for oneDNN on CPUs, where
     ``torch.set_float32_matmul_precision("medium")`` would otherwise allow bfloat16); restores the caller's

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..extractors.precision import ieee_cuda_matmul
 from ..metrics.copies import EMPTY, TopKState, pack
 from .store import IndexUnit, TrainingIndex
 
@@ -119,20 +120,19 @@ def scan_index(index: TrainingIndex, model: str, queries: torch.Tensor, k: int, 
     (torch's thread count is raised to the cores this process may use for the scan). ``on_unit(unit, features,
     keys, norms)`` sees each unit's rows too (C_T's cells)."""
     sc = ExactScan(queries, k, exclude=exclude, scan_dtype=scan_dtype, work=work)
-    threads, tf32 = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32
+    threads = torch.get_num_threads()
     if queries.device.type == "cpu":
         torch.set_num_threads(max(threads, _cpus()))
-    torch.backends.cuda.matmul.allow_tf32 = False  # TF32's 10-bit products would break the eps bound
     try:
-        for u, feats, keys, nrm in index.iter_units(model, units, norm=norm):
-            sc.update(feats, keys)
-            if on_unit is not None:
-                on_unit(u, feats, keys, nrm)
-            if bar is not None:
-                bar.update(u.n_rows)
+        with ieee_cuda_matmul():  # TF32's 10-bit products would break the eps bound
+            for u, feats, keys, nrm in index.iter_units(model, units, norm=norm):
+                sc.update(feats, keys)
+                if on_unit is not None:
+                    on_unit(u, feats, keys, nrm)
+                if bar is not None:
+                    bar.update(u.n_rows)
     finally:
         torch.set_num_threads(threads)
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return sc
 
 
