@@ -13,9 +13,9 @@ It serves what ``huggingface_hub.hf_hub_download`` (2.x) asks for:
   ``huggingface_hub.HfFileSystem`` lists with (globs in ``hf://`` paths); every other ``/api/...``: 404.
 
 Bodies honour ``Range: bytes=START-`` and ``bytes=START-END`` (206 + ``Content-Range``; 416 past the end).
-``cuts`` makes the next body responses drop the connection after that many bytes; ``throttle`` slows bodies down
-(to overlap two clients). Every response closes its connection, so a stopped server really is gone. ``requests``
-logs what arrived.
+``cuts`` makes the next body responses drop the connection after that many bytes (``broken``: every body of a
+file, by name); ``throttle`` slows bodies down (to overlap two clients). Every response closes its connection, so a
+stopped server really is gone. ``requests`` logs what arrived.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ class FakeHub:
     token: str | None = None  # the token that opens gated repositories
     lfs_redirect: bool = False
     cuts: list[int] = field(default_factory=list)  # drop the next body responses after this many bytes
+    broken: dict[str, int] = field(default_factory=dict)  # file name -> every body of it dropped after these bytes
     throttle: float = 0.0  # seconds to sleep per 64 KiB of body
     tamper: bool = False  # flip the first byte of bodies (headers still describe the true file)
     requests: list[Request] = field(default_factory=list)
@@ -257,13 +258,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
         with self.hub._lock:
-            cut = self.hub.cuts.pop(0) if self.hub.cuts else None
+            cut = self.hub.cuts.pop(0) if self.hub.cuts else self.hub.broken.get(name)
         send = chunk if cut is None else chunk[:cut]
         if self.hub.tamper and send:
             send = bytes([send[0] ^ 0xFF]) + send[1:]
         step = 1 << 16
-        name = self.path.split("?", 1)[0].rsplit("/", 1)[-1]
         for i in range(0, len(send), step):
             self.wfile.write(send[i:i + step])
             with self.hub._lock:

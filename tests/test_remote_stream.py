@@ -3,6 +3,10 @@ counted at the loopback server, statistics bit-identical to the shards on disk a
 connection resumed, a failing one named in one line (or its shard listed), spool files gone after the pass and after
 an error, ranks that share a folder."""
 import hashlib
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +18,22 @@ from _gpic_shards import gpic_sample, write_shard
 from _images import photo_crops
 from fd_eval.errors import CheckpointError, RemoteReadError
 from fd_eval.sources.remote import RemoteTarSource
-from test_remote import HF, MODEL, N_SHARDS, PER_SHARD, _build, _http, _interrupt_after, _same, hub, on_disk, world
+from test_remote import (
+    BS,
+    DEPTH,
+    HF,
+    MODEL,
+    N_SHARDS,
+    PER_SHARD,
+    RANGE,
+    _build,
+    _http,
+    _interrupt_after,
+    _same,
+    hub,
+    on_disk,
+    world,
+)
 
 __all__ = ["hub", "on_disk", "world"]  # fixtures shared with test_remote.py
 
@@ -205,3 +224,102 @@ def test_index_build_first_pass_reads_each_shard_once(world, hub, tmp_path, spoo
     part = remote.parts[0]
     assert part["complete"] and part["n_items"] == 12
     assert part["fingerprint"] == fd_eval.open_source(_http(hub)).fingerprint()
+
+
+# --- ranks with a process group: each pending shard indexed by one rank, the indexes exchanged ----------------------
+def test_indexes_travel_as_json_and_raw_arrays(world):
+    """What ranks exchange: every array's dtype, shape and bytes, the info and an unreadable mark, no pickle."""
+    from fd_eval.run.rank_index import decode_indexes, encode_indexes
+    from fd_eval.sources.discovery import scan_tar
+
+    idx = scan_tar(str(world["paths"][1]))
+    gone = {"empty": True, "unreadable": "connection reset at byte 4,000"}
+    back = decode_indexes(encode_indexes([(1, idx), (2, gone), (5, {"empty": True})]))
+    assert [s for s, _ in back] == [1, 2, 5] and back[1][1] == gone and back[2][1] == {"empty": True}
+    got = back[0][1]
+    assert got.keys() == idx.keys() and json.dumps(got["info"]) == json.dumps(idx["info"])
+    for k, v in idx.items():
+        if isinstance(v, np.ndarray):
+            assert got[k].dtype == v.dtype and np.array_equal(got[k], v)
+
+
+def _two_ranks(world, tmp_path, spec, *, skip_bad=False, index_spec=None):
+    """Two processes (gloo, a group of their own) running build_stats (then build_index) on ``spec``: their
+    rank{R}.json (notes, result or error)."""
+    from test_distributed import TESTS, _free_port
+
+    cfg = {"dir": str(tmp_path), "spec": spec, "out": str(tmp_path / "two.safetensors"), "depth": DEPTH, "ckpt":
+           str(world["root"] / "dinov2_vits14_pretrain.pth"), "batch_size": 3, "skip_bad": skip_bad,
+           "index_spec": index_spec, "index_out": str(tmp_path / "two_index")}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS), "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, str(TESTS / "_rank_index_worker.py"), str(tmp_path / "cfg.json")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in procs]  # (a guard against a hang, not a timing)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_ranks_index_each_shard_once_in_all(world, hub, tmp_path, spool, one_thread):
+    """A first pass of two ranks (process group) over never-indexed shards: each shard is indexed by one rank and
+    read once more by the pass, so the server sends at most twice its bytes (the index read is whole: more than
+    once), not three times; statistics equal one process's over the same URLs and over the shards on disk, to the
+    bit. `index build` likewise (shards under other names, counted apart), its units equal one process's."""
+    from safetensors.torch import load_file
+
+    from fd_eval.index.build import build_index
+    from fd_eval.index.store import unit_path
+
+    for name, data in world["data"].items():
+        hub.add_mirror("ix_" + name, data)
+    index_spec = f"{hub.url}/mirror/ix_gpic_test_{RANGE}.tar"
+    ranks = _two_ranks(world, tmp_path, _http(hub), index_spec=index_spec)
+    assert [r.get("error") for r in ranks] == [None, None] and [r["stats"] for r in ranks] == [True, False]
+    assert [r["index"] for r in ranks] == [True, False]
+    for name, size in _sizes(world).items():
+        for served in (hub.served[name], hub.served["ix_" + name]):
+            assert size < served <= 2 * size, (name, served, size)
+    for r, rank in enumerate(ranks):
+        assert any(f"rank {r} of 2: indexing the 3 remote shard(s) not in the tar index cache first, each read by one "
+                   "of the 2 ranks" in n for n in rank["notes"]), rank["notes"]
+    kw = {"extractors": [world["ex"]], "batch_size": BS, "num_workers": 0, "progress": False}
+    disk = build.build_stats(str(world["root"] / "shards" / f"gpic_test_{RANGE}.tar"), tmp_path / "d.safetensors",
+                             **kw)[MODEL]
+    one = build.build_stats(_http(hub), tmp_path / "o.safetensors", **kw)[MODEL]
+    two = fd_eval.load_stats(tmp_path / "two.safetensors")
+    _same(two, disk)
+    _same(two, one)
+    assert two.metadata["source"]["build"]["world_size"] == 2 and list(spool.iterdir()) == []
+    build_index(str(world["root"] / "shards" / f"gpic_test_{RANGE}.tar"), tmp_path / "d_index", **kw)
+    for k in range(N_SHARDS):
+        a, b = load_file(unit_path(tmp_path / "d_index", k)), load_file(unit_path(tmp_path / "two_index", k))
+        assert a.keys() == b.keys() and all(np.array_equal(a[t].numpy(), b[t].numpy()) for t in a)
+
+
+@pytest.mark.parametrize("skip_bad", [False, True], ids=["error", "skip-bad"])
+def test_an_indexing_failure_on_one_rank_is_the_same_line_on_both(world, hub, tmp_path, spool, monkeypatch, skip_bad):
+    """Shard 1 (indexed by rank 1) drops every connection: both ranks raise the same one-line RemoteReadError
+    naming it (no rank waits for the other); with --skip-bad it is listed as unreadable, the same for both."""
+    monkeypatch.setenv("FD_EVAL_REMOTE_RETRIES", "1")
+    hub.broken["gpic_test_00001.tar"] = 3000
+    ranks = _two_ranks(world, tmp_path, _http(hub), skip_bad=skip_bad)
+    if not skip_bad:
+        errors = [r["error"] for r in ranks]
+        assert errors[0][0] == errors[1][0] == "RemoteReadError", errors
+        lines = [e[1].removesuffix(" (on rank 1)") for e in errors]
+        assert lines[0] == lines[1] and "\n" not in lines[0] and "gpic_test_00001.tar" in lines[0], errors
+        assert " at byte " in lines[0] and not (tmp_path / "two.safetensors").exists()
+        return
+    assert [r.get("error") for r in ranks] == [None, None]
+    two = fd_eval.load_stats(tmp_path / "two.safetensors")
+    inputs = two.metadata["source"]["inputs"]
+    assert two.n == 8 and inputs["used"] == 8
+    assert [(p["found"], p["used"], p["skipped"], p["ignored"]) for p in inputs["per_shard"]] == [
+        (4, 4, 0, 0), (1, 0, 0, 1), (4, 4, 0, 0)]

@@ -172,7 +172,7 @@ def build_index(
     root = Path(out)
     src = open_source(train, skip_bad=opts.skip_bad, offline=opts.offline)
     # remote shards not indexed yet: indexed from the pass's one read of each (fd_eval.run.streamed)
-    streamed = index_first_for_ranks(src, rank, resolved.world_size, say) and checkpoint_every is None
+    streamed = index_first_for_ranks(src, resolved, say) and checkpoint_every is None
     if not streamed and len(src) == 0:
         raise EmptySourceError(f"{src.spec}: no training images to index")
     exs = resolve_extractors(models, extractors, weights, resolved, dev)

@@ -374,7 +374,7 @@ def build_stats(
     keep_features = _keeps_features(keep_features, exs)
     tf = source_transform(image_transform)
     check_decode(decode, exs, tf)
-    index_first_for_ranks(src, r, w, say)  # (one process: remote shards are indexed from the pass's one read)
+    index_first_for_ranks(src, run, say)  # (one process: remote shards are indexed from the pass's one read)
     plan = plan_units(src, checkpoint_every=checkpoint_every, num=num, seed=seed, streamed=True)
     identity = _identity(exs, tf, num, seed, plan, decode)
 

@@ -226,7 +226,8 @@ def raise_first_error(error: BaseException | None, group: Any = None) -> None:
     Only :class:`FDEvalError` subclasses are shipped; the class is recreated by name from :mod:`fd_eval.errors`.
     """
     me = get_rank(group)
-    mine = None if error is None else {"type": type(error).__name__, "message": str(error)}
+    mine = None if error is None else {"type": type(error).__name__, "message": str(error), "attrs": {
+        k: v for k, v in vars(error).items() if isinstance(v, (str, int, float, bool)) and not k.startswith("_")}}
     for r, info in enumerate(all_gather_json(mine, group)):
         if info is None:
             continue
@@ -235,7 +236,11 @@ def raise_first_error(error: BaseException | None, group: Any = None) -> None:
         cls = getattr(_errors, info["type"], None)
         if not (isinstance(cls, type) and issubclass(cls, FDEvalError)):
             cls = FDEvalError
-        raise cls(f"{info['message']} (on rank {r})")
+        err = cls.__new__(cls)  # (not cls(message): some take other arguments, e.g. RemoteReadError(url, ...))
+        FDEvalError.__init__(err, f"{info['message']} (on rank {r})")
+        for k, v in info.get("attrs", {}).items():
+            setattr(err, k, v)
+        raise err
 
 
 def merge_accumulators(accs: Sequence[MomentAccumulator], group: Any = None) -> list[MomentAccumulator]:

@@ -71,17 +71,32 @@ class ShardItems:
         return f"ShardItems(shards {self.shards[0]}..{self.shards[-1]})" if self.shards else "ShardItems()"
 
 
-def index_first_for_ranks(source: Any, rank: int, world: int, say: Any) -> bool:
+def index_first_for_ranks(source: Any, run: Any, say: Any) -> bool:
     """Whether ``source`` still has pending remote shards for a pass to index from its one read of each. Ranks
-    (``world > 1``) split the work up front, so they need every shard's item count: the pending shards are indexed
-    here first (a multi-process first pass reads them twice), with a note through ``say``."""
+    (``run.world_size > 1``) split the work up front, so they need every shard's item count: the pending shards are
+    indexed here first, with a note through ``say``. With a process group (the run's, or torchrun's joined for
+    this, :func:`fd_eval.run.rank_index.rank_group`) each shard is read by one rank and the indexes are exchanged
+    (:func:`fd_eval.run.rank_index.index_across_ranks`): with the pass's read, two transfers of each shard in all.
+    Ranks with no process group each read every pending shard."""
     pending = bool(getattr(source, "pending", None))
-    if pending and world > 1:
-        say(f"rank {rank} of {world}: indexing the {len(source.pending)} remote shard(s) not in the tar index cache "
-            "first (a multi-process first pass reads them twice; a single process reads each once)")
-        source.resolve()
-        return False
-    return pending
+    rank, world = run.rank, run.world_size
+    if not pending or world == 1:
+        return pending
+    from .rank_index import index_across_ranks, rank_group
+
+    n = len(source.pending)
+    with rank_group(run) as group:
+        if group:
+            say(f"rank {rank} of {world}: indexing the {n} remote shard(s) not in the tar index cache first, each "
+                f"read by one of the {world} ranks and the indexes shared (the pass then reads each shard once "
+                "more: two transfers in all; a single process reads each once)")
+            index_across_ranks(source, rank, world)
+            return False
+    say(f"rank {rank} of {world}: indexing the {n} remote shard(s) not in the tar index cache first (ranks with no "
+        f"process group each read every shard, then the pass reads them again: {world + 1} transfers in all; under "
+        "torchrun each is read by one rank, two transfers in all; a single process reads each once)")
+    source.resolve()
+    return False
 
 
 def is_streamed(units: Sequence[Any]) -> bool:
