@@ -1,6 +1,6 @@
-"""One rank of a two-process gloo job (tests/test_remote_stream.py): ``build_stats`` (and, with ``index``,
-``build_index``) over remote shards, with a process group of its own; writes ``rank{R}.json`` (result or the error
-class and message) to the config's folder."""
+"""One rank of a two-process gloo job (tests/test_remote_stream.py): ``build_stats`` (then, when given,
+``compute_stats`` and ``build_index``) over remote shards, with a process group of its own; writes ``rank{R}.json``
+(notes, results, or the error's class and message) to the config's folder."""
 import functools
 import json
 import sys
@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 import fd_eval.extractors.dinov2 as dv
+from fd_eval import compute_stats
 from fd_eval.errors import FDEvalError
 from fd_eval.index.build import build_index
 from fd_eval.metrics.build import build_stats
@@ -26,6 +27,9 @@ def main(cfg_path: str) -> None:
     try:
         res = build_stats(cfg["spec"], cfg["out"], "dinov2-vits14", log=out["notes"].append, **kw)
         out["stats"] = res is not None
+        if cfg.get("compute_spec"):
+            st = compute_stats(cfg["compute_spec"], "dinov2-vits14", **kw)["dinov2-vits14"]
+            out["compute"] = {"n": st.n, "mu": st.mu.tolist(), "sigma": st.sigma.tolist()}
         if cfg.get("index_spec"):
             idx = build_index(cfg["index_spec"], cfg["index_out"], "dinov2-vits14", log=out["notes"].append, **kw)
             out["index"] = idx is not None

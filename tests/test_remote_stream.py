@@ -243,14 +243,14 @@ def test_indexes_travel_as_json_and_raw_arrays(world):
             assert got[k].dtype == v.dtype and np.array_equal(got[k], v)
 
 
-def _two_ranks(world, tmp_path, spec, *, skip_bad=False, index_spec=None):
-    """Two processes (gloo, a group of their own) running build_stats (then build_index) on ``spec``: their
-    rank{R}.json (notes, result or error)."""
+def _two_ranks(world, tmp_path, spec, *, skip_bad=False, index_spec=None, compute_spec=None):
+    """Two processes (gloo, a group of their own) running build_stats on ``spec`` (then compute_stats and build_index
+    when given): their rank{R}.json (notes, results or error)."""
     from test_distributed import TESTS, _free_port
 
     cfg = {"dir": str(tmp_path), "spec": spec, "out": str(tmp_path / "two.safetensors"), "depth": DEPTH, "ckpt":
            str(world["root"] / "dinov2_vits14_pretrain.pth"), "batch_size": 3, "skip_bad": skip_bad,
-           "index_spec": index_spec, "index_out": str(tmp_path / "two_index")}
+           "index_spec": index_spec, "index_out": str(tmp_path / "two_index"), "compute_spec": compute_spec}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS), "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
@@ -271,7 +271,8 @@ def test_two_ranks_index_each_shard_once_in_all(world, hub, tmp_path, spool, one
     """A first pass of two ranks (process group) over never-indexed shards: each shard is indexed by one rank and
     read once more by the pass, so the server sends at most twice its bytes (the index read is whole: more than
     once), not three times; statistics equal one process's over the same URLs and over the shards on disk, to the
-    bit. `index build` likewise (shards under other names, counted apart), its units equal one process's."""
+    bit. `index build` likewise (shards under other names, counted apart), its units equal one process's; and
+    `compute_stats` (ranks take blocks of items) reads each shard whole once, for its index."""
     from safetensors.torch import load_file
 
     from fd_eval.index.build import build_index
@@ -279,11 +280,14 @@ def test_two_ranks_index_each_shard_once_in_all(world, hub, tmp_path, spool, one
 
     for name, data in world["data"].items():
         hub.add_mirror("ix_" + name, data)
-    index_spec = f"{hub.url}/mirror/ix_gpic_test_{RANGE}.tar"
-    ranks = _two_ranks(world, tmp_path, _http(hub), index_spec=index_spec)
+        hub.add_mirror("cx_" + name, data)
+    ranks = _two_ranks(world, tmp_path, _http(hub), index_spec=f"{hub.url}/mirror/ix_gpic_test_{RANGE}.tar",
+                       compute_spec=f"{hub.url}/mirror/cx_gpic_test_{RANGE}.tar")
     assert [r.get("error") for r in ranks] == [None, None] and [r["stats"] for r in ranks] == [True, False]
     assert [r["index"] for r in ranks] == [True, False]
-    for name, size in _sizes(world).items():
+    whole = [r.path.rsplit("/", 1)[-1] for r in hub.body_gets(".tar") if r.range in (None, "bytes=0-")]
+    assert sorted(whole) == sorted(p + n for p in ("", "ix_", "cx_") for n in world["data"])  # one index read each
+    for name, size in _sizes(world).items():  # (compute's rank blocks cut shard 1: both ranks read part of it)
         for served in (hub.served[name], hub.served["ix_" + name]):
             assert size < served <= 2 * size, (name, served, size)
     for r, rank in enumerate(ranks):
@@ -296,6 +300,10 @@ def test_two_ranks_index_each_shard_once_in_all(world, hub, tmp_path, spool, one
     two = fd_eval.load_stats(tmp_path / "two.safetensors")
     _same(two, disk)
     _same(two, one)
+    for rank in ranks:  # compute_stats (ranks' blocks merged exactly): the one process's result to rounding
+        got = rank["compute"]
+        assert got["n"] == 12 and np.allclose(got["mu"], disk.mu, rtol=0, atol=1e-12 * np.abs(disk.mu).max())
+        assert np.allclose(got["sigma"], disk.sigma, rtol=0, atol=1e-12 * np.abs(disk.sigma).max())
     assert two.metadata["source"]["build"]["world_size"] == 2 and list(spool.iterdir()) == []
     build_index(str(world["root"] / "shards" / f"gpic_test_{RANGE}.tar"), tmp_path / "d_index", **kw)
     for k in range(N_SHARDS):

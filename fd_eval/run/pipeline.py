@@ -54,7 +54,7 @@ from .options import (  # noqa: F401 - re-exported: the machine-dependent defaul
     default_batch_size,
     default_num_workers,
 )
-from .streamed import PlannedBatches, StreamedBatches, is_streamed, known_total, source_size_hint
+from .streamed import PlannedBatches, StreamedBatches, index_first_for_ranks, is_streamed, known_total, source_size_hint
 
 
 @runtime_checkable
@@ -486,6 +486,8 @@ def extract(
                          skip_bad=source.skip_bad if skip_bad is None else bool(skip_bad), progress=progress,
                          rank=rank, world_size=world_size).resolve()
     dev, world_size = run.device, run.world_size
+    if world_size > 1:  # ranks split the items up front: pending remote shards are indexed first, each by one rank
+        index_first_for_ranks(source, run, lambda msg: None)
     streamed = world_size == 1 and bool(getattr(source, "pending", None))  # remote shards indexed as they are read
     n_source = source_size_hint(source) if streamed else len(source)
     place_extractors(extractors, dev, n_source)
