@@ -176,8 +176,9 @@ def test_a_spool_that_cannot_be_written_is_one_line(world, hub, tmp_path, spool,
 
 @pytest.mark.slow
 def test_torchrun_stats_over_never_indexed_shards_equals_one_process_on_disk(world, hub, tmp_path, spool, one_thread):
-    """`torchrun --nproc_per_node 2 -m fd_eval stats URL`: the ranks index the shards first (a note says so), take
-    every other shard, and the statistics are one process's over the shards on disk, to the bit."""
+    """`torchrun --nproc_per_node 2 -m fd_eval stats URL`: the ranks index the shards first, each shard by one rank
+    over torchrun's group joined for it (a note says so), take every other shard, and the statistics are one
+    process's over the shards on disk, to the bit; the server sent each shard whole once and at most twice over."""
     from _checkpoints import save_dinov2_checkpoint
     from test_distributed import _torchrun
 
@@ -185,7 +186,11 @@ def test_torchrun_stats_over_never_indexed_shards_equals_one_process_on_disk(wor
     out = tmp_path / "t.safetensors"
     p = _torchrun(["-m", "fd_eval", "stats", _http(hub), "-o", out, "-m", MODEL, "--weights", ckpt,
                    "--batch-size", 3, "--num-workers", 0, "--device", "cpu", "-q"], cwd=tmp_path)
-    assert "indexing the 3 remote shard(s) not in the tar index cache first" in p.stderr
+    assert "indexing the 3 remote shard(s) not in the tar index cache first, each read by one of the 2 ranks" in (
+        p.stderr)
+    whole = [r.path.rsplit("/", 1)[-1] for r in hub.body_gets(".tar") if r.range in (None, "bytes=0-")]
+    assert sorted(whole) == sorted(world["data"])
+    assert all(len(d) < hub.served[n] <= 2 * len(d) for n, d in world["data"].items()), hub.served
     exs = fd_eval.load_extractors(MODEL, ckpt, "cpu")
     disk = build.build_stats(str(world["root"] / "shards" / "gpic_test_{00000..00002}.tar"), tmp_path / "d.safetensors",
                              extractors=exs, batch_size=3, num_workers=0, progress=False)[MODEL]

@@ -25,12 +25,14 @@ How a streamed shard becomes an indexable source (the DataLoader asks for items 
    background thread, and the DataLoader's prefetch crosses into the next shard before the current one is done.
 
 So every pass reads each shard once. Where the item count is needed before the pass (``len()``, ``--num``/
-``--seed`` subsets, ``--checkpoint-every`` blocks, ``torchrun`` ranks, which split the items up front, and the
-passes of ``ceiling --real`` and ``copies --train``), the pending shards are indexed first
-(:meth:`RemoteTarSource.resolve`: one read each, four at a time) and the pass then reads their members again:
-those first passes transfer every byte twice. A connection that drops is resumed at the byte reached; one that
-keeps failing is one line naming the shard and the byte (or, with ``skip_bad``, the shard is listed as
-unreadable, or its remaining items as skipped when it fails after its index was read).
+``--seed`` subsets, ``--checkpoint-every`` blocks, and the passes of ``ceiling --real`` and ``copies --train``), the
+pending shards are indexed first (:meth:`RemoteTarSource.resolve`: one read each, four at a time) and the pass then
+reads their members again: those first passes transfer every byte twice. ``torchrun`` ranks, which split the items
+up front, index each pending shard once in all: rank ``r`` reads its share and the ranks exchange the indexes over
+the process group (:mod:`fd_eval.run.rank_index`), then the pass reads the members: twice in all too, whatever the
+number of ranks (ranks with no process group each read every shard first). A connection that drops is resumed at
+the byte reached; one that keeps failing is one line naming the shard and the byte (or, with ``skip_bad``, the
+shard is listed as unreadable, or its remaining items as skipped when it fails after its index was read).
 """
 from __future__ import annotations
 
@@ -135,7 +137,7 @@ class RemoteTarSource(TarSource):
     Opened with ``lazy=True``, shards whose member index is not cached stay *pending* (:attr:`pending`): whatever
     needs the item count (``len``, :attr:`shard_starts`, ``subset``, ...) indexes them first (:meth:`resolve`: one
     read each, then a second read for the data), while a streamed pass of the unit engine indexes each one from
-    the single read that also spools it (:meth:`register`).
+    the single read that also spools it (:meth:`register`), and ranks register the indexes they exchanged.
     """
 
     kind = "remote-tar"
