@@ -3,6 +3,7 @@
 (notes, results, or the error's class and message) to the config's folder."""
 import functools
 import json
+import os
 import sys
 
 import torch
@@ -21,6 +22,8 @@ def main(cfg_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if cfg.get("caches"):  # one cache folder per rank (nodes that do not share one)
+        os.environ["FD_EVAL_CACHE"] = cfg["caches"][rank]
     kw = {"weights": cfg["ckpt"], "batch_size": cfg["batch_size"], "num_workers": 0, "progress": False,
           "skip_bad": cfg["skip_bad"]}
     out: dict = {"notes": []}

@@ -248,14 +248,15 @@ def test_indexes_travel_as_json_and_raw_arrays(world):
             assert got[k].dtype == v.dtype and np.array_equal(got[k], v)
 
 
-def _two_ranks(world, tmp_path, spec, *, skip_bad=False, index_spec=None, compute_spec=None):
+def _two_ranks(world, tmp_path, spec, *, skip_bad=False, index_spec=None, compute_spec=None, caches=None):
     """Two processes (gloo, a group of their own) running build_stats on ``spec`` (then compute_stats and build_index
     when given): their rank{R}.json (notes, results or error)."""
     from test_distributed import TESTS, _free_port
 
     cfg = {"dir": str(tmp_path), "spec": spec, "out": str(tmp_path / "two.safetensors"), "depth": DEPTH, "ckpt":
            str(world["root"] / "dinov2_vits14_pretrain.pth"), "batch_size": 3, "skip_bad": skip_bad,
-           "index_spec": index_spec, "index_out": str(tmp_path / "two_index"), "compute_spec": compute_spec}
+           "index_spec": index_spec, "index_out": str(tmp_path / "two_index"), "compute_spec": compute_spec,
+           "caches": caches}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS), "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
@@ -314,6 +315,21 @@ def test_two_ranks_index_each_shard_once_in_all(world, hub, tmp_path, spool, one
     for k in range(N_SHARDS):
         a, b = load_file(unit_path(tmp_path / "d_index", k)), load_file(unit_path(tmp_path / "two_index", k))
         assert a.keys() == b.keys() and all(np.array_equal(a[t].numpy(), b[t].numpy()) for t in a)
+
+
+def test_two_ranks_whose_caches_differ(world, on_disk, hub, tmp_path, spool, monkeypatch):
+    """Hub shards whose indexes rank 0's cache holds and rank 1's does not (two nodes): both ranks join the exchange,
+    rank 0 sends its cached indexes without reading, rank 1 reads only its share (shard 1); the result is exact."""
+    caches = [str(tmp_path / "cache0"), str(tmp_path / "cache1")]
+    monkeypatch.setenv("FD_EVAL_CACHE", caches[0])
+    _same(_build(world, HF, tmp_path / "one.safetensors")[MODEL], on_disk)  # fills rank 0's cache
+    hub.requests.clear()
+    ranks = _two_ranks(world, tmp_path, HF, caches=caches)
+    assert [r.get("error") for r in ranks] == [None, None]
+    whole = [r.path.rsplit("/", 1)[-1] for r in hub.body_gets(".tar") if r.range in (None, "bytes=0-")]
+    assert whole == ["gpic_test_00001.tar"], whole
+    assert not any("indexing" in n for n in ranks[0]["notes"]) and any("indexing the 3" in n for n in ranks[1]["notes"])
+    _same(fd_eval.load_stats(tmp_path / "two.safetensors"), on_disk)
 
 
 @pytest.mark.parametrize("skip_bad", [False, True], ids=["error", "skip-bad"])

@@ -78,24 +78,26 @@ def index_first_for_ranks(source: Any, run: Any, say: Any) -> bool:
     this, :func:`fd_eval.run.rank_index.rank_group`) each shard is read by one rank and the indexes are exchanged
     (:func:`fd_eval.run.rank_index.index_across_ranks`): with the pass's read, two transfers of each shard in all.
     Ranks with no process group each read every pending shard."""
-    pending = bool(getattr(source, "pending", None))
+    pending = getattr(source, "pending", None)
     rank, world = run.rank, run.world_size
-    if not pending or world == 1:
-        return pending
+    if pending is None or world == 1:
+        return bool(pending)
     from .rank_index import index_across_ranks, rank_group
 
-    n = len(source.pending)
     with rank_group(run) as group:
-        if group:
-            say(f"rank {rank} of {world}: indexing the {n} remote shard(s) not in the tar index cache first, each "
-                f"read by one of the {world} ranks and the indexes shared (the pass then reads each shard once "
-                "more: two transfers in all; a single process reads each once)")
+        if group:  # every rank joins, even with nothing pending here (another node's cache may lack a shard)
+            if pending:
+                say(f"rank {rank} of {world}: indexing the {len(pending)} remote shard(s) not in the tar index cache "
+                    f"first, each read by one of the {world} ranks and the indexes shared (the pass then reads each "
+                    "shard once more: two transfers in all; a single process reads each once)")
             index_across_ranks(source, rank, world)
             return False
-    say(f"rank {rank} of {world}: indexing the {n} remote shard(s) not in the tar index cache first (ranks with no "
-        f"process group each read every shard, then the pass reads them again: {world + 1} transfers in all; under "
-        "torchrun each is read by one rank, two transfers in all; a single process reads each once)")
-    source.resolve()
+    if pending:
+        say(f"rank {rank} of {world}: indexing the {len(pending)} remote shard(s) not in the tar index cache first "
+            f"(ranks with no process group each read every shard, then the pass reads them again: {world + 1} "
+            "transfers in all; under torchrun each is read by one rank, two transfers in all; a single process reads "
+            "each once)")
+        source.resolve()
     return False
 
 
