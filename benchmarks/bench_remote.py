@@ -1,6 +1,6 @@
 """Streamed tar shards (the loopback HTTP server the tests use as the Hub) against the same shards on disk.
 
-    python benchmarks/bench_remote.py                  # ~2 minutes on a 2-core CPU
+    python benchmarks/bench_remote.py                  # ~5 minutes on a 2-core CPU
     python benchmarks/bench_remote.py --quick          # seconds
 
 Parts (one JSON, default ``benchmarks/results/remote_cpu.json``):
@@ -24,6 +24,10 @@ Parts (one JSON, default ``benchmarks/results/remote_cpu.json``):
    streamed once into a spool, indexed from the stream), on a cached pass (index cached: members streamed once),
    and the way a pass that needs the counts first goes (``len()`` first: index read, then members read again);
    images/s (median of interleaved rounds) and the bytes the server sent per pass, over the shards' total size.
+5. **Statistics with the model** (what a user waits for): :func:`fd_eval.build_stats` with DINOv2 ViT-S/14
+   (random weights in the official format, float32, batch 32, two decode workers) over the first 4 shards on disk,
+   streamed on a first pass (cold index cache) and streamed with the index cached; images/s (median of
+   interleaved rounds), and whether the three statistics files are bit-identical.
 """
 from __future__ import annotations
 
@@ -217,6 +221,49 @@ def passes(url: str, disk_spec: str, n_shards: int, paths: list[Path], server, r
             "rounds_images_per_s": {k: [round(x, 1) for x in v] for k, v in res.items()}}
 
 
+def with_model(url: str, disk_spec: str, n_shards: int, tmp: Path, rounds: int) -> dict:
+    """Part 5: ``build_stats`` with DINOv2 ViT-S/14 on disk, streamed first (cold index cache), streamed cached."""
+    import hashlib
+
+    from _bench_utils import random_dinov2_official
+
+    import fd_eval
+
+    os.environ["HF_ENDPOINT"] = url
+    hf_spec = f"hf://datasets/bench/shards/shard_{{00000..{n_shards - 1:05d}}}.tar"
+    weights = random_dinov2_official("dinov2-vits14", tmp / "vits14.pth")
+    opts = fd_eval.RunOptions(device="cpu", batch_size=32, num_workers=2, progress=False)
+    cache = os.environ["FD_EVAL_CACHE"]
+    digests: dict[str, set[str]] = {}
+
+    def run(kind: str) -> float:
+        if kind == "streamed_first_pass":
+            os.environ["FD_EVAL_CACHE"] = tempfile.mkdtemp(prefix="cold_", dir=cache)
+        out = tmp / f"stats_{kind}.safetensors"
+        out.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        st = fd_eval.build_stats(disk_spec if kind == "disk" else hf_spec, out, "dinov2-vits14",
+                                 weights={"dinov2-vits14": str(weights)}, options=opts)
+        dt = time.perf_counter() - t0
+        os.environ["FD_EVAL_CACHE"] = cache
+        s = st["dinov2-vits14"]
+        digests.setdefault(kind, set()).add(hashlib.sha256(s.mu.tobytes() + s.sigma.tobytes()).hexdigest())
+        return s.n / dt
+
+    kinds = ["disk", "streamed_first_pass", "streamed_cached_pass"]
+    run("streamed_first_pass")  # warm up (model load paths; caches the index for the cached pass)
+    res: dict[str, list[float]] = {k: [] for k in kinds}
+    for r in range(rounds):
+        for k in kinds[::1 if r % 2 == 0 else -1]:
+            res[k].append(run(k))
+    med = {k: statistics.median(v) for k, v in res.items()}
+    return {"model": "dinov2-vits14 (random weights), float32, batch 32, 2 decode workers",
+            "images_per_s": {k: round(v, 2) for k, v in med.items()},
+            "over_disk": {k: round(v / med["disk"], 3) for k, v in med.items()},
+            "stats_bit_identical": len(set().union(*digests.values())) == 1,
+            "rounds_images_per_s": {k: [round(x, 2) for x in v] for k, v in res.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shards", type=int, default=8)
@@ -285,6 +332,9 @@ def main() -> None:
             "decode_cpu_per_image": round(cpu["remote_decode"] / cpu["disk_decode"], 3),
             "read_only_images_per_s": round(med["remote_read"] / med["disk_read"], 3)}
         out["engine_pass"] = passes(url, disk_spec, large, paths, server, max(3, a.rounds // 3))
+        m = min(4, large)  # the first shards: the network makes each pass ~20 s on a 2-core CPU
+        out["stats_with_model"] = with_model(url, str(tmp / "shards" / f"shard_{{00000..{m - 1:05d}}}.tar"), m, tmp,
+                                             1 if a.quick else 3)
         mem = {}
         for s in mem_counts:
             spec = f"{url}/mirror/mem/shard_{{00000..{s - 1:05d}}}.tar"
@@ -302,7 +352,7 @@ def main() -> None:
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: out[k] for k in ("images_per_s", "cpu_ms_per_image", "remote_over_disk", "indexing_s",
-                                          "engine_pass", "memory_by_shard_count")}, indent=1))
+                                          "engine_pass", "stats_with_model", "memory_by_shard_count")}, indent=1))
 
 
 if __name__ == "__main__":
