@@ -232,8 +232,9 @@ def test_index_build_first_pass_reads_each_shard_once(world, hub, tmp_path, spoo
 
 
 # --- ranks with a process group: each pending shard indexed by one rank, the indexes exchanged ----------------------
-def test_indexes_travel_as_json_and_raw_arrays(world):
-    """What ranks exchange: every array's dtype, shape and bytes, the info and an unreadable mark, no pickle."""
+def test_indexes_travel_as_npz_bytes(world):
+    """What ranks exchange (the tar index cache's .npz form, no pickle): every array's dtype, shape and bytes, the
+    info and an unreadable mark."""
     from fd_eval.run.rank_index import decode_indexes, encode_indexes
     from fd_eval.sources.discovery import scan_tar
 

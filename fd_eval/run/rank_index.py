@@ -9,9 +9,9 @@ every shard's index with its source (:meth:`fd_eval.sources.remote.RemoteTarSour
 loaded; cached in the tar index cache on every node). All ranks then hold identical indexes and plan identical units;
 the pass reads each shard once more: two transfers of each shard in all, whatever the number of ranks.
 
-An index travels as bytes (no pickle): an 8-byte little-endian header length, the UTF-8 JSON header (per shard: its
-number, ``empty``, ``info``, ``unreadable``, and each array's name, dtype and shape) and the arrays' raw bytes, in a
-uint8 tensor (:func:`fd_eval.run.distributed.all_gather_bytes`: sizes first). An indexing failure on one rank
+An index travels as bytes (no pickle): its shard number and length, then the index in the .npz form of the tar index
+cache (:func:`fd_eval.sources.discovery.index_bytes`: arrays, ``info`` as JSON), in a uint8 tensor
+(:func:`fd_eval.run.distributed.all_gather_bytes`: sizes first). An indexing failure on one rank
 (:class:`~fd_eval.errors.RemoteReadError`, a shard that is not a tar, ...) ends the exchange on every rank at the
 same round and every rank raises that one-line error (:func:`fd_eval.run.distributed.raise_first_error`); with
 ``skip_bad`` an unreadable shard's index says so and it is listed the same on every rank.
@@ -19,56 +19,33 @@ same round and every rank raises that one-line error (:func:`fd_eval.run.distrib
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
-import numpy as np
+from ..sources.discovery import index_bytes, index_from_bytes
 
 __all__ = ["decode_indexes", "encode_indexes", "index_across_ranks", "rank_group"]
 
-_NOT_ARRAYS = ("empty", "info", "unreadable", "why")
-
 
 def encode_indexes(items: Sequence[tuple[int, dict[str, Any]]]) -> bytes:
-    """``[(shard, index)]`` -> bytes: header length (8 bytes, little-endian), JSON header, raw arrays."""
-    head: list[dict[str, Any]] = []
-    raw: list[bytes] = []
+    """``[(shard, index)]`` -> bytes: per shard its number and its index's length (8 bytes each, little-endian),
+    then the index as .npz bytes (:func:`fd_eval.sources.discovery.index_bytes`, uncompressed)."""
+    out = []
     for s, idx in items:
-        entry: dict[str, Any] = {"shard": int(s), "empty": bool(idx["empty"]), "info": idx.get("info", {}),
-                                 "arrays": []}
-        if idx.get("unreadable"):
-            entry["unreadable"] = idx["unreadable"]
-        for k, v in idx.items():
-            if k in _NOT_ARRAYS:
-                continue
-            a = np.ascontiguousarray(v)
-            entry["arrays"].append([k, a.dtype.str, list(a.shape)])
-            raw.append(a.tobytes())
-        head.append(entry)
-    h = json.dumps(head, ensure_ascii=True).encode()
-    return len(h).to_bytes(8, "little") + h + b"".join(raw)
+        data = index_bytes(idx, compress=False)
+        out += [int(s).to_bytes(8, "little"), len(data).to_bytes(8, "little"), data]
+    return b"".join(out)
 
 
 def decode_indexes(data: bytes) -> list[tuple[int, dict[str, Any]]]:
-    """Inverse of :func:`encode_indexes` (arrays copied out of ``data``)."""
-    n = int.from_bytes(data[:8], "little")
-    head = json.loads(data[8:8 + n].decode())
-    at, out = 8 + n, []
-    for entry in head:
-        idx: dict[str, Any] = {"empty": bool(entry["empty"])}
-        if entry["info"] or not idx["empty"]:
-            idx["info"] = entry["info"]
-        if "unreadable" in entry:
-            idx["unreadable"] = entry["unreadable"]
-        for name, dtype, shape in entry["arrays"]:
-            dt = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            idx[name] = np.frombuffer(data, dtype=dt, count=count, offset=at).reshape(shape).copy()
-            at += count * dt.itemsize
-        out.append((int(entry["shard"]), idx))
+    """Inverse of :func:`encode_indexes`."""
+    at, out = 0, []
+    while at < len(data):
+        s, n = int.from_bytes(data[at:at + 8], "little"), int.from_bytes(data[at + 8:at + 16], "little")
+        out.append((s, index_from_bytes(data[at + 16:at + 16 + n])))
+        at += 16 + n
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -214,24 +215,40 @@ def store_cached_index(key: str, idx: dict[str, Any]) -> None:
             warn_cache_unusable(str(e))
 
 
-def save_index(path: Any, idx: dict[str, Any], what: str = "tar index") -> None:
-    """Write a tar index (its arrays, ``info`` as JSON) to ``path`` atomically, as a compressed .npz (no pickle)."""
+def index_bytes(idx: dict[str, Any], compress: bool = True) -> bytes:
+    """A tar index as .npz bytes: its arrays, ``info`` and ``unreadable`` as JSON (no pickle); the form of the tar
+    index cache, spooled shards' indexes and what ranks exchange (:mod:`fd_eval.run.rank_index`)."""
     info_json = json.dumps(idx.get("info", {}), ensure_ascii=True).encode()
     arrays = {k: np.asarray(v) for k, v in idx.items() if k not in ("info", "unreadable", "why")}
     arrays["info_json"] = np.frombuffer(info_json, dtype=np.uint8)
     if idx.get("unreadable"):
         arrays["unreadable_json"] = np.frombuffer(json.dumps(idx["unreadable"]).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    (np.savez_compressed if compress else np.savez)(buf, **arrays)
+    return buf.getvalue()
+
+
+def index_from_bytes(data: bytes) -> dict[str, Any]:
+    """Inverse of :func:`index_bytes`."""
+    return load_index(io.BytesIO(data))
+
+
+def save_index(path: Any, idx: dict[str, Any], what: str = "tar index") -> None:
+    """Write a tar index to ``path`` atomically, as a compressed .npz (:func:`index_bytes`)."""
+    data = index_bytes(idx)
     with atomic_path(path, what=what) as tmp:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            f.write(data)
 
 
 def load_index(path: Any) -> dict[str, Any]:
-    """Inverse of :func:`save_index`."""
+    """Inverse of :func:`save_index` (``path``: a file name or a binary file object)."""
     with np.load(path, allow_pickle=False) as z:
         idx: dict[str, Any] = {k: z[k] for k in z.files}
-    idx["info"] = json.loads(bytes(idx.pop("info_json")).decode("utf-8", "surrogateescape"))
+    info = json.loads(bytes(idx.pop("info_json")).decode("utf-8", "surrogateescape"))
     if "unreadable_json" in idx:
         idx["unreadable"] = json.loads(bytes(idx.pop("unreadable_json")).decode())
     idx["empty"] = bool(idx["empty"])
+    if info or not idx["empty"]:  # (an empty shard's index has no info)
+        idx["info"] = info
     return idx

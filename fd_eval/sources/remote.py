@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import EmptySourceError, OutputError, RemoteReadError, SourceError
+from ..errors import OutputError, RemoteReadError, SourceError
 from .base import TAR_INDEX_VERSION, ImageSource, SkippedItem, read_capped
 from .decode import bad_image, one_line
 from .discovery import load_cached_index, load_index, save_index, scan_tar_file, store_cached_index
@@ -193,9 +193,7 @@ class RemoteTarSource(TarSource):
                 self._starts_l.append(self._starts_l[-1] + n)
             self._starts_np = None
         if self.n_placed == len(self.shards) and self._starts_l[-1] == 0:
-            what = "the tar shard holds" if len(self.shards) == 1 else f"the {len(self.shards)} tar shards hold"
-            raise EmptySourceError(f"{self.spec}: {what} no images ({len(self.ignored)} members ignored); "
-                                   "expected image members such as {key}.jpg|png (+ {key}.json)")
+            raise self._no_images()
 
     def _store(self, s: int, idx: dict[str, Any]) -> None:
         rf = self.files[s]

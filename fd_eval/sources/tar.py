@@ -48,13 +48,16 @@ class TarSource(ImageSource):
                 cols[k].append(idx[k])
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         if self._starts[-1] == 0:
-            what = "the tar shard holds" if len(self.shards) == 1 else f"the {len(self.shards)} tar shards hold"
-            raise EmptySourceError(f"{self.spec}: {what} no images ({len(self.ignored)} members ignored); "
-                                   "expected image members such as {key}.jpg|png (+ {key}.json)")
+            raise self._no_images()
         self._names_blob = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
         self._name_ends = np.concatenate(ends)
         for k, v in cols.items():
             setattr(self, "_" + k, np.concatenate(v))
+
+    def _no_images(self) -> EmptySourceError:
+        what = "the tar shard holds" if len(self.shards) == 1 else f"the {len(self.shards)} tar shards hold"
+        return EmptySourceError(f"{self.spec}: {what} no images ({len(self.ignored)} members ignored); "
+                                "expected image members such as {key}.jpg|png (+ {key}.json)")
 
     def _take_index(self, path: str, idx: dict[str, Any]) -> int:
         """Record shard ``path``'s index (its info, warnings, ignored members); return its number of items."""
